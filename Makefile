@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -> creates .venv, installs, runs the whole job on the tiny embedded Krea 2
+#   make test   -> creates .venv, installs, runs the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU machines: torch 2.13.0 comes from the local wheel. GPU machines: the CUDA build from PyPI.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.6"; \
+	else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/krea2-train configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_step.py
+	$(BIN)/python scripts/bench_data.py
+
+clean:
+	rm -rf runs .cache tiny

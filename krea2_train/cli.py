@@ -1,0 +1,63 @@
+"""`krea2-train`: the whole job from one config, or each step as a subcommand.
+
+    krea2-train CONFIG [key=value ...]      check-data -> cache -> train -> export -> verify
+    krea2-train SUBCOMMAND ...              see `krea2-train --help`
+
+Each area registers its own subcommands (one module per concern); this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# Areas that contribute subcommands, in pipeline order. Each module has `register(subparsers)`.
+_AREAS = ["krea2_train.models.cli", "krea2_train.data.cli", "krea2_train.train.cli", "krea2_train.export.cli",
+          "krea2_train.inference_cli"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="krea2-train", description="LoRA fine-tuning for Krea 2: train on Raw, "
+                                     "deploy on Turbo. `krea2-train CONFIG.yaml` runs the whole job.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for area in _AREAS:
+        try:
+            module = importlib.import_module(area)
+        except ModuleNotFoundError as exc:
+            if exc.name == area:
+                continue  # area not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("KREA2_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = ["run", *argv]  # the bare config form runs the whole job
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .errors import UserError
+
+    try:
+        result = args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Load Krea 2 components from the files users actually have, with errors that name the file and the fix.
+
+Transformer sources (all end as diffusers' `Krea2Transformer2DModel`; the architecture is never re-implemented):
+    * the official single-file safetensors (original module names), also under a `model.diffusion_model.` prefix
+    * ComfyUI "fp8 scaled" single files (float8 weights + per-tensor `scale_weight`/`weight_scale`), dequantised
+    * a diffusers folder (`config.json` + weights)
+Text encoder: a Qwen3-VL folder in Hugging Face layout. VAE: a Qwen-Image VAE diffusers folder or single file.
+
+Single files are read lazily (safetensors mmap) into a model built on the meta device and assigned in place, so a
+12.9B checkpoint is never held twice in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .. import facts
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+FULL_ARCHITECTURE = dict(
+    in_channels=64,
+    num_layers=28,
+    attention_head_dim=128,
+    num_attention_heads=48,
+    num_key_value_heads=12,
+    intermediate_size=16384,
+    timestep_embed_dim=256,
+    text_hidden_dim=2560,
+    num_text_layers=12,
+    text_num_attention_heads=20,
+    text_num_key_value_heads=20,
+    text_intermediate_size=6912,
+    num_layerwise_text_blocks=2,
+    num_refiner_text_blocks=2,
+    axes_dims_rope=(32, 48, 48),
+)
+
+
+from ..errors import UserError
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A model file cannot be used. The message names the file and what to do."""
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of bfloat16, float16, float32")
+    return table[name]
+
+
+def _require_path(path, what: str, config_key: str | None = None) -> Path:
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        where = f" (config key `{config_key}`)" if config_key else ""
+        raise ModelLoadError(f"{what} not found: {p}{where}. Fix the path, or run `krea2-train make-tiny DIR` "
+                             "for the tiny test model.")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------- safetensors
+def open_safetensors(path: Path):
+    """Open a safetensors file lazily; turn the library's terse errors into a message a user can act on."""
+    from safetensors import safe_open
+
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a folder, expected a .safetensors file (or point at a diffusers folder "
+                             "that has config.json)")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        keys = list(handle.keys())
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError variants
+        size = path.stat().st_size
+        raise ModelLoadError(
+            f"{path} is not a readable safetensors file or is truncated ({size} bytes; {exc}). "
+            "Re-download or re-export it; .ckpt/.pt pickles are not accepted, convert them to safetensors."
+        ) from exc
+    return handle, keys
+
+
+def safetensors_metadata(path) -> dict:
+    handle, _ = open_safetensors(Path(path))
+    return handle.metadata() or {}
+
+
+def _strip_prefix(keys: list[str]) -> str:
+    for prefix in facts.ORIGINAL_PREFIXES:
+        if any(k.startswith(prefix + facts.KREA2_MARKER.split(".")[0]) for k in keys):
+            return prefix
+    return ""
+
+
+def read_original_state_dict(path: Path, dtype: torch.dtype) -> tuple[dict, dict]:
+    """Read an original-layout transformer file: strip prefixes, dequantise ComfyUI fp8, cast matmuls to `dtype`.
+
+    Returns (state_dict with original names, header metadata). Norms and modulation tables stay float32 (as stored).
+    """
+    handle, keys = open_safetensors(path)
+    prefix = _strip_prefix(keys)
+    names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    if facts.KREA2_MARKER not in names:
+        raise ModelLoadError(
+            f"{path} is not a Krea 2 transformer: it has no `{facts.KREA2_MARKER}` (the text-fusion projector). "
+            "Check that `model.transformer` points at the Krea 2 Raw/Turbo checkpoint, not a VAE, text encoder or "
+            "another model."
+        )
+    state = {}
+    for name, key in names.items():
+        if name.endswith(("scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant")):
+            continue  # ComfyUI quantisation side-tensors, folded in below
+        tensor = handle.get_tensor(key)
+        if tensor.dtype in FP8_DTYPES:
+            module = name[: -len(".weight")] if name.endswith(".weight") else name
+            scale_key = next((names[s] for s in (f"{module}.scale_weight", f"{module}.weight_scale") if s in names),
+                             None)
+            scale = handle.get_tensor(scale_key).float() if scale_key else torch.tensor(1.0)
+            tensor = tensor.float() * scale  # per-tensor scale (a 1-element or broadcastable tensor)
+            tensor = tensor.to(dtype if dtype != torch.float32 else torch.bfloat16)
+        keep_fp32 = tensor.ndim < 2 or name.endswith(("mod.lin", "modulation.lin"))
+        state[name] = tensor.to(torch.float32 if keep_fp32 else dtype)
+    return state, handle.metadata() or {}
+
+
+def infer_architecture(state: dict, path: Path) -> dict:
+    """Read the `Krea2Transformer2DModel` config off the tensor shapes of an original-layout state dict."""
+    try:
+        head_dim = state["blocks.0.attn.qknorm.qnorm.scale"].shape[0]
+        hidden = state["first.weight"].shape[0]
+        text_head_dim = state["txtfusion.refiner_blocks.0.attn.qknorm.qnorm.scale"].shape[0]
+        text_dim = state["txtfusion.refiner_blocks.0.attn.wq.weight"].shape[1]
+        config = dict(
+            in_channels=state["first.weight"].shape[1],
+            num_layers=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+            attention_head_dim=head_dim,
+            num_attention_heads=hidden // head_dim,
+            num_key_value_heads=state["blocks.0.attn.wk.weight"].shape[0] // head_dim,
+            intermediate_size=state["blocks.0.mlp.gate.weight"].shape[0],
+            timestep_embed_dim=state["tmlp.0.weight"].shape[1],
+            text_hidden_dim=text_dim,
+            num_text_layers=state["txtfusion.projector.weight"].shape[1],
+            text_num_attention_heads=state["txtfusion.refiner_blocks.0.attn.wq.weight"].shape[0] // text_head_dim,
+            text_num_key_value_heads=state["txtfusion.refiner_blocks.0.attn.wk.weight"].shape[0] // text_head_dim,
+            text_intermediate_size=state["txtfusion.refiner_blocks.0.mlp.gate.weight"].shape[0],
+            num_layerwise_text_blocks=len({k.split(".")[2] for k in state if k.startswith("txtfusion.layerwise_blocks.")}),
+            num_refiner_text_blocks=len({k.split(".")[2] for k in state if k.startswith("txtfusion.refiner_blocks.")}),
+            # Krea 2 splits each head 1/4 : 3/8 : 3/8 over the (t, h, w) rotary axes: (32, 48, 48) at head dim 128.
+            axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
+        )
+    except KeyError as exc:
+        raise ModelLoadError(f"{path} is missing tensor {exc.args[0]!r}: the checkpoint is incomplete or not a "
+                             "Krea 2 transformer. Re-download or re-export it.") from exc
+    return config
+
+
+def _check_declared(config: dict, declared: str, path: Path) -> None:
+    if declared in ("auto", None):
+        return
+    if declared == "tiny":
+        from .tiny import TINY_TRANSFORMER as expected
+    elif declared == "krea2":
+        expected = FULL_ARCHITECTURE
+    else:
+        raise ModelLoadError(f"model.architecture={declared!r} is not known; use krea2, tiny or auto")
+    wrong = {k: (config[k], expected[k]) for k in expected if tuple(np_list(config[k])) != tuple(np_list(expected[k]))}
+    if wrong:
+        detail = ", ".join(f"{k}={got} (expected {want})" for k, (got, want) in wrong.items())
+        raise ModelLoadError(f"{path} does not match model.architecture={declared!r}: {detail}. Point at the right "
+                             "checkpoint or set model.architecture: auto.")
+
+
+def np_list(v):
+    return v if isinstance(v, (list, tuple)) else [v]
+
+
+def detect_variant(path: Path, metadata: dict) -> str | None:
+    """'raw' / 'turbo' from header metadata or the file name; None when it cannot tell."""
+    text = " ".join([path.name.lower(), *(str(v).lower() for v in metadata.values())])
+    if any(w in text for w in ("turbo", "distill", "tdm")):
+        return "turbo"
+    if "raw" in text or "midtrain" in text:
+        return "raw"
+    return None
+
+
+def load_transformer(path, dtype="bfloat16", device="cpu", architecture: str = "auto", expect: str | None = None,
+                     allow_turbo: bool = False, config_key: str = "model.transformer"):
+    """Load a Krea 2 transformer (any supported on-disk format) into `Krea2Transformer2DModel`.
+
+    `expect="raw"` (training) errors on a file that looks like Turbo unless `allow_turbo`, which downgrades it to a
+    warning.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import Krea2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
+
+    path = _require_path(path, "Krea 2 transformer", config_key)
+    dtype = resolve_dtype(dtype)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a folder without config.json; point `{config_key}` at the transformer "
+                                 "single file or at a diffusers `transformer/` folder")
+        model = Krea2Transformer2DModel.from_pretrained(path, torch_dtype=dtype)
+        variant = detect_variant(path, {})
+    else:
+        state, metadata = read_original_state_dict(path, dtype)
+        config = infer_architecture(state, path)
+        _check_declared(config, architecture, path)
+        state = convert_krea2_transformer_checkpoint_to_diffusers(state)
+        with init_empty_weights():
+            model = Krea2Transformer2DModel(**config)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ModelLoadError(f"{path}: tensors do not fit Krea2Transformer2DModel (missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}). The file is incomplete or from another model.")
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ModelLoadError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, expected "
+                                     f"{tuple(expected[key].shape)} for the architecture read from the file. "
+                                     "The checkpoint is corrupt or mixes two models.")
+        model.load_state_dict(state, assign=True)  # tensors are used in place: no second copy
+        variant = detect_variant(path, metadata)
+    if expect == "raw" and variant == "turbo":
+        msg = (f"{path} looks like the Turbo (distilled) checkpoint, but training expects Raw: LoRAs trained on "
+               "Turbo do not transfer well. Point `model.transformer` at Raw, or set "
+               "`model.allow_turbo_training: true` to train on it anyway.")
+        if not allow_turbo:
+            raise ModelLoadError(msg)
+        log.warning(msg)
+    model.krea2_variant = variant
+    return model.to(device).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------- text encoder
+def load_text_encoder(path, dtype="bfloat16", device="cpu", config_key: str = "model.text_encoder"):
+    """Qwen3-VL model + tokenizer from a Hugging Face folder. Only the language model is used."""
+    from transformers import AutoTokenizer, Qwen3VLModel
+
+    path = _require_path(path, "Qwen3-VL text encoder folder", config_key)
+    if not (path.is_dir() and (path / "config.json").exists()):
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json). Point `{config_key}` at "
+                             "the Qwen3-VL-4B-Instruct folder that holds config.json, weights and tokenizer files.")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+    if not model_type.startswith("qwen3_vl"):
+        raise ModelLoadError(f"{path}/config.json says model_type={model_type!r}; Krea 2 needs a Qwen3-VL model "
+                             "(model_type qwen3_vl).")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot load the tokenizer ({exc}); the folder needs tokenizer.json and "
+                             "tokenizer_config.json") from exc
+    model = Qwen3VLModel.from_pretrained(path, torch_dtype=resolve_dtype(dtype))
+    return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------- VAE
+def load_vae(path, dtype="float32", device="cpu", config_key: str = "model.vae"):
+    """Qwen-Image VAE from a diffusers folder, or a single file in diffusers or original (Wan-style) names."""
+    from diffusers import AutoencoderKLQwenImage
+
+    path = _require_path(path, "Qwen-Image VAE", config_key)
+    dtype = resolve_dtype(dtype)
+    if path.is_dir():
+        sub = path / "vae" if (path / "vae" / "config.json").exists() else path
+        vae = AutoencoderKLQwenImage.from_pretrained(sub, torch_dtype=dtype)
+    else:
+        from accelerate import init_empty_weights
+        from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+        handle, keys = open_safetensors(path)
+        state = {k: handle.get_tensor(k) for k in keys}
+        if "encoder.conv1.weight" in state or "conv1.weight" in state:  # original Wan/Qwen-Image names (ComfyUI)
+            state = convert_wan_vae_to_diffusers(state)
+        if "encoder.conv_in.weight" not in state:
+            raise ModelLoadError(f"{path} is not a Qwen-Image VAE (no encoder.conv_in). Point `{config_key}` at the "
+                                 "VAE file or folder.")
+        # The real VAE's config is the class default; the tiny one differs only in width and depth.
+        base_dim = state["encoder.conv_in.weight"].shape[0]
+        meta = handle.metadata() or {}
+        config = json.loads(meta["config"]) if "config" in meta else {"base_dim": base_dim}
+        with init_empty_weights():
+            vae = AutoencoderKLQwenImage(**config)
+        vae.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    return vae.to(device).eval().requires_grad_(False)

@@ -1,0 +1,15 @@
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny embedded Krea 2 (Raw, Turbo, text encoder, VAE), written once per test session."""
+    from krea2_train.models.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
