@@ -1,0 +1,76 @@
+"""The `data:` section of a run config (OmegaConf structured-config compatible: plain types, Optional, List of
+dataclasses, defaults).
+
+    data:
+      datasets:
+        - path: datasets/demo          # folder of images + .txt, an imagefolder with metadata.jsonl, or save_to_disk
+          trigger_word: k2demo
+          repeats: 2
+      validation_images: 2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class DatasetConfig:
+    # Folder of images with same-name captions (searched recursively), an image folder with metadata.jsonl/.csv
+    # (Hugging Face `imagefolder`), or a dataset saved with `datasets`' save_to_disk.
+    path: str = "???"
+    # auto | folder | imagefolder | disk. auto: save_to_disk output -> disk, metadata.jsonl/.csv -> imagefolder,
+    # anything else -> folder.
+    type: str = "auto"
+    # How many times each image is seen per epoch (its weight relative to other datasets).
+    repeats: int = 1
+    # Added to every caption of this dataset (position: data.trigger_position); null for none.
+    trigger_word: Optional[str] = None
+    # Caption for images without one (missing or empty caption file / column). null: report and use "".
+    default_caption: Optional[str] = None
+    # Probability of training a sample on the empty caption (what CFG's unconditional branch sees).
+    caption_dropout: float = 0.0
+    # Caption file next to each image in `folder` datasets.
+    caption_extension: str = ".txt"
+    # Columns in `imagefolder` / `disk` datasets.
+    image_column: str = "image"
+    caption_column: str = "text"
+    # Split of a DatasetDict saved to disk / of an imagefolder.
+    split: str = "train"
+
+
+@dataclass
+class DataConfig:
+    datasets: List[DatasetConfig] = field(default_factory=list)
+    # Where the trigger word goes: prefix ("trigger, caption") or suffix ("caption, trigger").
+    trigger_position: str = "prefix"
+    trigger_separator: str = ", "
+    # Aspect-ratio buckets: width/height between these, sides multiples of 16, area about resolution^2.
+    min_aspect: float = 0.5
+    max_aspect: float = 2.0
+    # center | random. A random crop is drawn once per image (from `seed`) and recorded, so the cache stays valid.
+    crop: str = "center"
+    # Random horizontal flips: both variants are cached, the loader picks one per sample and epoch.
+    flip: bool = False
+    # Images smaller than their bucket are skipped for that resolution unless upscaling is allowed.
+    allow_upscale: bool = False
+    # Colour that transparent pixels are composited on: a name or #rrggbb.
+    background: str = "white"
+    # Decompression-bomb guard: images with more pixels than this are rejected without decoding.
+    max_image_pixels: int = 100_000_000
+    # Skip exact duplicate images (same bytes) inside a dataset; always reported.
+    skip_duplicates: bool = True
+    # Held-out images for the validation loss: a count (>= 1) or a fraction (< 1). 0: none.
+    validation_images: float = 0
+    # Loader worker processes (0: read in the training process).
+    num_workers: int = 2
+    # Keep the last, smaller batch of each bucket in an epoch.
+    drop_last: bool = False
+    # Batch sizes for the cache encoders.
+    text_batch_size: int = 8
+    vae_batch_size: int = 4
+    # Encoder dtype while caching: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.
+    encoder_dtype: str = "auto"
+    # Seed for held-out selection and random crops (the loader's order comes from the run seed).
+    seed: int = 0
