@@ -117,8 +117,9 @@ def read_original_state_dict(path: Path, dtype: torch.dtype) -> tuple[dict, dict
         )
     state = {}
     for name, key in names.items():
-        if name.endswith(("scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant")):
-            continue  # ComfyUI quantisation side-tensors, folded in below
+        if name == "scaled_fp8" or name.endswith(("scale_weight", "weight_scale", "scale_input", "input_scale",
+                                                  "comfy_quant")):
+            continue  # ComfyUI quantisation markers and side-tensors, folded in below
         tensor = handle.get_tensor(key)
         if tensor.dtype in FP8_DTYPES:
             module = name[: -len(".weight")] if name.endswith(".weight") else name
@@ -127,7 +128,8 @@ def read_original_state_dict(path: Path, dtype: torch.dtype) -> tuple[dict, dict
             scale = handle.get_tensor(scale_key).float() if scale_key else torch.tensor(1.0)
             tensor = tensor.float() * scale  # per-tensor scale (a 1-element or broadcastable tensor)
             tensor = tensor.to(dtype if dtype != torch.float32 else torch.bfloat16)
-        keep_fp32 = tensor.ndim < 2 or name.endswith(("mod.lin", "modulation.lin"))
+        # Norm scales stay float32 (diffusers' _keep_in_fp32_modules); everything else takes the compute dtype.
+        keep_fp32 = name.endswith(".scale")
         state[name] = tensor.to(torch.float32 if keep_fp32 else dtype)
     return state, handle.metadata() or {}
 
@@ -261,7 +263,16 @@ def load_text_encoder(path, dtype="bfloat16", device="cpu", config_key: str = "m
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot load the tokenizer ({exc}); the folder needs tokenizer.json and "
                              "tokenizer_config.json") from exc
-    model = Qwen3VLModel.from_pretrained(path, torch_dtype=resolve_dtype(dtype))
+    from transformers.utils import logging as hf_logging
+
+    # The HF checkpoint is Qwen3VLForConditionalGeneration; its lm_head is unused here and the load report about it
+    # is noise.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = Qwen3VLModel.from_pretrained(path, torch_dtype=resolve_dtype(dtype))
+    finally:
+        hf_logging.set_verbosity(previous)
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 

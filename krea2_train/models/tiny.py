@@ -134,8 +134,8 @@ def original_file_state(model) -> dict:
     state = diffusers_to_original_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
     out = {}
     for key, value in state.items():
-        is_matmul = value.ndim == 2 and not key.endswith("modulation.lin")
-        out[key] = value.to(torch.bfloat16 if is_matmul else torch.float32).contiguous()
+        is_norm_or_modulation = key.endswith((".scale", "mod.lin", "modulation.lin"))
+        out[key] = value.to(torch.float32 if is_norm_or_modulation else torch.bfloat16).contiguous()
     return out
 
 

@@ -1,0 +1,65 @@
+"""`krea2-train sample`: images from the command line through the shared inference core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _sample(args) -> int:
+    from .inference import Generator, SampleSettings, apply_lora
+    from .models.loading import load_transformer
+    from .models.text_encoder import TextEncoder
+    from .models.vae import VAE
+    from .utils.io import write_bytes_atomic
+
+    models = Path(args.models) if args.models else None
+    default = (lambda name: str(models / name) if models else None)
+    transformer = args.transformer or default(f"transformer_{args.variant}.safetensors")
+    text_encoder = args.text_encoder or default("text_encoder")
+    vae_path = args.vae or default("vae")
+    if not (transformer and text_encoder and vae_path):
+        raise SystemExit("give --models DIR, or all of --transformer, --text-encoder and --vae")
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    model = load_transformer(transformer, dtype=args.dtype, device=device)
+    for lora, strength in zip(args.lora, args.strength + [args.strength[-1] if args.strength else 1.0] * len(args.lora)):
+        apply_lora(model, lora, strength)
+    generator = Generator(model, TextEncoder.from_path(text_encoder, dtype=args.dtype, device=device),
+                          VAE.from_path(vae_path, device=device))
+    preset = SampleSettings.turbo if args.variant == "turbo" else SampleSettings.raw
+    overrides = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance).items() if v is not None}
+    settings = preset(height=args.height, width=args.width, seed=args.seed, **overrides)
+    images = generator(args.prompt, settings, negative_prompt=args.negative, progress=True)
+    out = Path(args.out)
+    for i, image in enumerate(images):
+        import io
+
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        path = write_bytes_atomic(out / f"sample_{settings.seed}_{i}.png", buf.getvalue())
+        print(path)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="generate images with Raw or Turbo, optionally with LoRAs")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
+    p.add_argument("--negative", default="", help="negative prompt (used when guidance > 0)")
+    p.add_argument("--variant", choices=["raw", "turbo"], default="turbo",
+                   help="schedule: turbo = 8 steps, mu 1.15, no guidance; raw = 28 steps, guidance 4.5, shifted")
+    p.add_argument("--models", help="folder with transformer_{raw,turbo}.safetensors, text_encoder/, vae/ "
+                   "(as written by make-tiny)")
+    p.add_argument("--transformer", help="transformer checkpoint (single file or diffusers folder)")
+    p.add_argument("--text-encoder", help="Qwen3-VL folder")
+    p.add_argument("--vae", help="Qwen-Image VAE folder or file")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--steps", type=int, help="default: 8 for turbo, 28 for raw")
+    p.add_argument("--guidance", type=float, help="Krea 2 convention: v = cond + g (cond - uncond); default 0 "
+                   "for turbo, 4.5 for raw")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", action="append", default=[], help="LoRA file (repeatable)")
+    p.add_argument("--strength", action="append", type=float, default=[], help="strength per --lora (default 1.0)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="samples", help="output folder for PNGs")
+    p.set_defaults(func=_sample)

@@ -1,0 +1,91 @@
+"""Krea 2 text encoding: Qwen3-VL hidden states from 12 tapped layers, per FACTS.md.
+
+Contract (pinned against diffusers' `Krea2Pipeline.get_text_hidden_states` in tests):
+    [system prefix | prompt | PAD ... | suffix], the prefix (34 tokens) dropped from the output,
+    hidden_states[i] for i in TEXT_TAP_LAYERS stacked per token -> (B, L, 12, D),
+    positions count valid tokens only (padding does not consume a position), at most 512 prompt tokens.
+
+diffusers pads every prompt to 512 tokens. Padded tokens are masked as keys and never read back, so we return only the
+valid tokens (the batch padded to its longest caption): same values, far fewer tokens for caches and training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .. import facts
+from .loading import load_text_encoder
+
+
+def files_fingerprint(path) -> str:
+    """Identify model files cheaply: names, sizes and mtimes (hashing 8 GB of weights would take minutes)."""
+    path = Path(path)
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(path) if path.is_dir() else p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+class TextEncoder:
+    def __init__(self, model, tokenizer, max_length: int = facts.MAX_PROMPT_TOKENS, source: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.taps = facts.TEXT_TAP_LAYERS
+        self.fingerprint = hashlib.sha256(
+            f"{source}|taps={self.taps}|max={max_length}|dtype={model.dtype}|{facts.PROMPT_PREFIX}".encode()
+        ).hexdigest()[:16]
+
+    @classmethod
+    def from_path(cls, path, dtype="float32", device="cpu", max_length: int = facts.MAX_PROMPT_TOKENS):
+        model, tokenizer = load_text_encoder(path, dtype=dtype, device=device)
+        return cls(model, tokenizer, max_length, source=files_fingerprint(path))
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def tokenize(self, prompts: list[str]):
+        """Token ids and mask in the Krea 2 layout, padded to the longest prompt in this batch (not to 512)."""
+        tok = self.tokenizer
+        body = tok([facts.PROMPT_PREFIX + p for p in prompts], truncation=True,
+                   max_length=self.max_length + facts.PREFIX_TOKENS - facts.SUFFIX_TOKENS,
+                   padding="longest", return_tensors="pt")
+        suffix = tok([facts.PROMPT_SUFFIX] * len(prompts), return_tensors="pt")
+        ids = torch.cat([body.input_ids, suffix.input_ids], dim=1)
+        mask = torch.cat([body.attention_mask, suffix.attention_mask], dim=1).bool()
+        return ids, mask
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str):
+        """(embeds (B, L, 12, D) in the model dtype, mask (B, L) bool); L = valid tokens of the longest prompt."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        # Positions count valid tokens only, so the suffix after the padding keeps its true mRoPE phase.
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        hidden = torch.stack([out.hidden_states[i] for i in self.taps], dim=2)
+        hidden, mask = hidden[:, facts.PREFIX_TOKENS:], mask[:, facts.PREFIX_TOKENS:]
+        return hidden, mask
+
+    def encode_one(self, prompt: str) -> torch.Tensor:
+        """Valid tokens only, (L, 12, D): the form the text cache stores."""
+        hidden, mask = self.encode([prompt])
+        return hidden[0, mask[0]]
+
+
+def pad_text_batch(items: list[torch.Tensor]):
+    """Stack per-caption (L_i, 12, D) tensors into (B, max L, 12, D) plus a bool mask (padding at the end)."""
+    longest = max(t.shape[0] for t in items)
+    out = items[0].new_zeros((len(items), longest, *items[0].shape[1:]))
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for i, t in enumerate(items):
+        out[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = True
+    return out, mask
