@@ -1,0 +1,8 @@
+"""LoRA export for Krea 2: file layouts (diffusers, ComfyUI, Civitai and peers), verification on Turbo, the
+Raw -> Turbo transfer report and LoRA tools (inspect, convert, resize, merge, extract).
+
+The one in-memory form is `TrainedAdapter` (diffusers module names, per-module A/B/alpha); every reader produces it
+and every writer consumes it, so the effective scale is handled in exactly one place.
+"""
+
+from .formats import FORMATS, LoraFile, LoraFormatError, TrainedAdapter, read_lora_file, write_lora_file  # noqa: F401

@@ -1,0 +1,592 @@
+"""Krea 2 LoRA file layouts: one in-memory form (`TrainedAdapter`), readers for every peer layout, writers.
+
+Layouts (key = `<prefix><module>.<weight>`):
+
+    diffusers   transformer.<diffusers module>.lora_A/lora_B.weight; alpha in the header `lora_adapter_metadata`
+                (the PEFT config, keys prefixed `transformer.`), never as tensors (diffusers' loader fails on them).
+    comfyui     diffusion_model.<original module>.lora_down/lora_up.weight + .alpha (scale = alpha / rank), the
+                layout of the Comfy-Org Krea 2 LoRAs. With style="baked": lora_A/lora_B with the scale folded into
+                the weights and no alpha anywhere -- that file also loads in diffusers.
+    civitai     the comfyui layout plus model-spec (`modelspec.*`) and kohya-style (`ss_*`) header metadata.
+    original    diffusion_model.<original module>.lora_A/lora_B.weight, scale baked (ai-toolkit / Krea reference).
+    musubi      lora_unet_<original module, dots as _>.lora_down/lora_up.weight + .alpha (musubi-tuner, kohya).
+
+Read also: PEFT files (no prefix or `base_model.model.`, with a sibling adapter_config.json), ai-toolkit's
+`base_model.model.<original>`, ComfyUI's `transformer.<diffusers>` with lora_down/lora_up, `lora_unet_<diffusers>`.
+
+The effective scale of a module is alpha / r (alpha / sqrt(r) with rsLoRA). Every writer carries it exactly once:
+in the header (diffusers), in `.alpha` tensors (comfyui/civitai/musubi) or baked into the weights (original,
+comfyui baked). q/k/v are never fused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..models.keys import _STANDALONE, diffusers_to_original_module, original_to_diffusers_module
+
+DIFFUSERS_META_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `load_lora_weights(folder)` looks for
+FORMATS = ("diffusers", "comfyui", "civitai", "original", "musubi")
+FORMAT_ALIASES = {"ai-toolkit": "original", "aitoolkit": "original", "kohya": "musubi", "comfy": "comfyui"}
+
+
+class LoraFormatError(UserError, ValueError):
+    """A LoRA file cannot be read or written as asked. The message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------- adapter
+@dataclass
+class TrainedAdapter:
+    """A Krea 2 LoRA in diffusers module names: delta W = scale * B @ A per module.
+
+    `down[m]` is A (r, in), `up[m]` is B (out, r), `alpha[m]` the LoRA alpha; scale = alpha / r, or alpha / sqrt(r)
+    when `use_rslora`. `info` is free-form training information (trigger words, steps, ...) for file headers.
+    """
+
+    down: dict[str, torch.Tensor]
+    up: dict[str, torch.Tensor]
+    alpha: dict[str, float]
+    use_rslora: bool = False
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for m in self.down:
+            if m not in self.up or m not in self.alpha:
+                raise LoraFormatError(f"adapter module {m} lacks lora_B or alpha")
+            if self.down[m].shape[0] != self.up[m].shape[1]:
+                raise LoraFormatError(f"adapter module {m}: lora_A has rank {self.down[m].shape[0]} but lora_B "
+                                      f"has rank {self.up[m].shape[1]}")
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.down, key=_module_sort_key)
+
+    def rank(self, module: str) -> int:
+        return int(self.down[module].shape[0])
+
+    def scale(self, module: str) -> float:
+        r = self.rank(module)
+        return float(self.alpha[module]) / (math.sqrt(r) if self.use_rslora else r)
+
+    def delta(self, module: str, dtype=torch.float32) -> torch.Tensor:
+        """The weight change this adapter makes to `module` at strength 1, shape (out, in)."""
+        return (self.up[module].to(dtype) @ self.down[module].to(dtype)) * self.scale(module)
+
+    def num_parameters(self) -> int:
+        return sum(self.down[m].numel() + self.up[m].numel() for m in self.down)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.down.values())).dtype
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_peft(cls, state_dict: dict, config, info: dict | None = None) -> "TrainedAdapter":
+        """From `peft.get_peft_model_state_dict(transformer)` and its `LoraConfig` (or the config as a dict).
+
+        Alphas follow PEFT's own rule: `alpha_pattern` entry matched by `peft.utils.other.get_pattern_key`, else
+        `lora_alpha`. Ranks come from the tensor shapes (so `rank_pattern` is honoured automatically).
+        """
+        from peft.utils.other import get_pattern_key
+
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        down, up = {}, {}
+        for key, value in state_dict.items():
+            m = _PEFT_KEY.match(_strip(key, ("base_model.model.", "transformer.")))
+            if m is None:
+                if key.endswith(".lora_B.bias") or "lora_magnitude_vector" in key:
+                    raise LoraFormatError(f"PEFT state has {key}: LoRA biases and DoRA cannot be exported to the "
+                                          "ComfyUI/Civitai layouts; train with lora_bias=False, use_dora=False")
+                raise LoraFormatError(f"PEFT state has an unexpected key {key}")
+            module, which = m.group(1), m.group(2)
+            (down if which == "A" else up)[module] = value.detach()
+        alpha_pattern = cfg.get("alpha_pattern") or {}
+        default_alpha = cfg.get("lora_alpha", cfg.get("r"))
+        alpha = {}
+        for module in down:
+            key = get_pattern_key(list(alpha_pattern), module) if alpha_pattern else module
+            alpha[module] = float(alpha_pattern.get(key, default_alpha if default_alpha is not None
+                                                    else down[module].shape[0]))
+        _check_pairs(down, up, "the PEFT state dict")
+        return cls(down, up, alpha, use_rslora=bool(cfg.get("use_rslora", False)), info=dict(info or {}))
+
+    @classmethod
+    def from_model(cls, transformer, adapter_name: str = "default", info: dict | None = None) -> "TrainedAdapter":
+        """From a transformer carrying a PEFT LoRA (diffusers `add_adapter` or peft `inject_adapter_in_model`)."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+        config = transformer.peft_config[adapter_name]
+        return cls.from_peft(state, config, info=info)
+
+    # ------------------------------------------------------------------ views
+    def peft_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Keys `<prefix><module>.lora_A.weight` / `.lora_B.weight` (what PEFT's set_peft_model_state_dict takes)."""
+        out = {}
+        for m in self.modules:
+            out[f"{prefix}{m}.lora_A.weight"] = self.down[m]
+            out[f"{prefix}{m}.lora_B.weight"] = self.up[m]
+        return out
+
+    def lora_config_dict(self) -> dict:
+        """`LoraConfig` kwargs reproducing every module's rank and scale (exact module names, anchored patterns)."""
+        from collections import Counter
+
+        ranks = {m: self.rank(m) for m in self.down}
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        lora_alpha = Counter(self.alpha.values()).most_common(1)[0][0]
+        # `^name` anchors the pattern at a whole module path (PEFT matches patterns as regex suffixes).
+        rank_pattern = {f"^{re.escape(m)}": v for m, v in ranks.items() if v != r}
+        alpha_pattern = {f"^{re.escape(m)}": a for m, a in self.alpha.items() if a != lora_alpha}
+        return dict(r=int(r), lora_alpha=_num(lora_alpha), use_rslora=self.use_rslora, target_modules=self.modules,
+                    rank_pattern=rank_pattern, alpha_pattern={k: _num(v) for k, v in alpha_pattern.items()},
+                    lora_dropout=0.0, bias="none", use_dora=False, lora_bias=False, init_lora_weights=True)
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(**self.lora_config_dict())
+
+    def baked(self) -> "TrainedAdapter":
+        """Same deltas with the scale folded into the weights (sqrt on each factor) and alpha = rank (scale 1)."""
+        down, up, alpha = {}, {}, {}
+        for m in self.down:
+            s = self.scale(m)
+            root = math.sqrt(abs(s))
+            down[m] = (self.down[m].float() * root).to(self.dtype)
+            up[m] = (self.up[m].float() * (root if s >= 0 else -root)).to(self.dtype)
+            alpha[m] = float(self.rank(m))
+        return TrainedAdapter(down, up, alpha, use_rslora=False, info=dict(self.info))
+
+    def kohya_alphas(self) -> dict[str, float]:
+        """Alphas for layouts whose loaders compute scale = alpha / rank (ComfyUI, kohya, musubi)."""
+        return {m: self.scale(m) * self.rank(m) for m in self.down}
+
+    def to(self, dtype) -> "TrainedAdapter":
+        from ..models.loading import resolve_dtype
+
+        dtype = resolve_dtype(dtype)
+        return TrainedAdapter({m: t.to(dtype) for m, t in self.down.items()},
+                              {m: t.to(dtype) for m, t in self.up.items()}, dict(self.alpha), self.use_rslora,
+                              dict(self.info))
+
+    def scaled(self, weight: float) -> "TrainedAdapter":
+        """The adapter at strength `weight` (folded into lora_B)."""
+        return TrainedAdapter(dict(self.down), {m: (t.float() * weight).to(t.dtype) for m, t in self.up.items()},
+                              dict(self.alpha), self.use_rslora, dict(self.info))
+
+
+def _num(v: float):
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def _module_sort_key(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+_PEFT_KEY = re.compile(r"^(.*)\.lora_([AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+
+
+def _strip(key: str, prefixes) -> str:
+    for p in prefixes:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def _check_pairs(down: dict, up: dict, source: str) -> None:
+    only_a = sorted(set(down) - set(up))
+    only_b = sorted(set(up) - set(down))
+    if only_a or only_b:
+        raise LoraFormatError(f"{source} is missing tensors: lora_B/lora_up absent for {only_a[:5]}, lora_A/lora_down "
+                              f"absent for {only_b[:5]}. The file is truncated or was not saved completely; "
+                              "re-export it from the training run.")
+    if not down:
+        raise LoraFormatError(f"{source} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up tensors).")
+
+
+# --------------------------------------------------------------------------------------------------- reading
+_WEIGHT = re.compile(r"^(?P<module>.+?)\.(?:(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[A-Za-z0-9_\-]+)?\.weight"
+                     r"|(?P<alpha>alpha))$")
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "lora_unet_",
+             "lora_transformer_")
+_FLAT_DIFF = re.compile(r"^(transformer_blocks|text_fusion_layerwise_blocks|text_fusion_refiner_blocks)_(\d+)_"
+                        r"(attn_to_q|attn_to_k|attn_to_v|attn_to_out_0|attn_to_gate|ff_gate|ff_up|ff_down)$")
+_FLAT_ORIG = re.compile(r"^(blocks|txtfusion_layerwise_blocks|txtfusion_refiner_blocks)_(\d+)_(attn|mlp)_"
+                        r"(wq|wk|wv|wo|gate|up|down)$")
+_FLAT_STANDALONE = {**{k.replace(".", "_"): k for k in _STANDALONE}, **{v.replace(".", "_"): v
+                                                                      for v in _STANDALONE.values()}}
+_UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_": "LoHa (LyCORIS)",
+                "lokr_": "LoKr (LyCORIS)", ".diff": "full-weight diff (LyCORIS)", "lora_B.bias": "LoRA bias",
+                "lora_mid": "LoCon mid weights"}
+
+
+def _unflatten(flat: str) -> str | None:
+    m = _FLAT_DIFF.match(flat)
+    if m:
+        group, idx, leaf = m.groups()
+        group = group.replace("text_fusion_", "text_fusion.")
+        leaf = {"attn_to_out_0": "attn.to_out.0"}.get(leaf, leaf.replace("_", ".", 1))
+        return f"{group}.{idx}.{leaf}"
+    m = _FLAT_ORIG.match(flat)
+    if m:
+        group, idx, kind, leaf = m.groups()
+        return f"{group.replace('txtfusion_', 'txtfusion.')}.{idx}.{kind}.{leaf}"
+    return _FLAT_STANDALONE.get(flat)
+
+
+def _resolve_module(name: str) -> tuple[str | None, str]:
+    """(diffusers module name or None, naming) for a module name with its prefix removed."""
+    if diffusers_to_original_module(name) is not None:
+        return name, "diffusers"
+    mapped = original_to_diffusers_module(name)
+    if mapped is not None:
+        return mapped, "original"
+    if "." not in name:
+        flat = _unflatten(name)
+        if flat is not None:
+            return _resolve_module(flat)
+    return None, "unknown"
+
+
+@dataclass
+class LoraFile:
+    """A LoRA read from disk (or a dict): the adapter plus what the file looked like."""
+
+    adapter: TrainedAdapter
+    layout: str  # diffusers | peft | comfyui | original | ai-toolkit | musubi | mixed
+    header: dict  # the safetensors header metadata (strings)
+    source: str
+    alpha_source: str  # "tensors" | "header" | "adapter_config.json" | "default (alpha = rank)"
+    key_styles: set = field(default_factory=set)  # {(prefix, naming, kind)}
+    warnings: list = field(default_factory=list)
+
+    @property
+    def diffusers_problem(self) -> str | None:
+        """Why diffusers' `Krea2Pipeline.load_lora_weights` would reject or misread this file (None: it loads it)."""
+        kinds = {k for _, _, k in self.key_styles}
+        prefixes = {p for p, _, _ in self.key_styles}
+        namings = {n for _, n, _ in self.key_styles}
+        if "alpha" in kinds:
+            return ("it has `.alpha` tensors, which diffusers' Krea 2 loader rejects; convert it with "
+                    "`krea2-train convert FILE OUT --format diffusers` (alpha moves into the header)")
+        if kinds & {"lora_down", "lora_up"}:
+            return ("it uses lora_down/lora_up names, which diffusers' Krea 2 loader rejects; convert it with "
+                    "`krea2-train convert FILE OUT --format diffusers`")
+        if prefixes <= {"diffusion_model.", "base_model.model."} and namings == {"original"}:
+            return None  # diffusers converts these (`_convert_non_diffusers_krea2_lora_to_diffusers`)
+        if prefixes == {"transformer."} and namings == {"diffusers"}:
+            return None
+        return (f"its keys ({', '.join(sorted(p or '<none>' for p in prefixes))} prefix) are not a layout diffusers "
+                "reads; convert it with `krea2-train convert FILE OUT --format diffusers`")
+
+
+def read_lora_file(path) -> LoraFile:
+    """Read any supported Krea 2 LoRA file (see module doc). Raises LoraFormatError naming the file and the fix.
+
+    The inference core loads the result with `lora.adapter.peft_state_dict()` + `lora.adapter.lora_config()`.
+    """
+    from ..models.loading import ModelLoadError, open_safetensors
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for candidate in (DIFFUSERS_WEIGHT_NAME, "adapter_model.safetensors"):
+            if (path / candidate).exists():
+                path = path / candidate
+                break
+        else:
+            found = sorted(p.name for p in path.glob("*.safetensors"))
+            raise LoraFormatError(f"{path} is a folder without {DIFFUSERS_WEIGHT_NAME} or adapter_model.safetensors"
+                                  f" (it has {found[:5]}); point at the LoRA .safetensors file itself.")
+    if not path.exists():
+        raise LoraFormatError(f"LoRA file not found: {path}")
+    try:
+        handle, keys = open_safetensors(path)
+    except ModelLoadError as exc:
+        raise LoraFormatError(str(exc)) from exc
+    state = {k: handle.get_tensor(k) for k in keys}
+    header = handle.metadata() or {}
+    peft_config = None
+    sidecar = path.parent / "adapter_config.json"
+    if sidecar.exists():
+        try:
+            peft_config = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as exc:
+            raise LoraFormatError(f"{sidecar} is not valid JSON ({exc}); fix or delete it") from exc
+    return read_lora_state(state, header, source=str(path), peft_config=peft_config)
+
+
+def read_lora_state(state: dict, header: dict | None = None, source: str = "<state dict>",
+                    peft_config: dict | None = None) -> LoraFile:
+    """The same as `read_lora_file` for an in-memory state dict and header."""
+    header = dict(header or {})
+    down, up, alphas = {}, {}, {}
+    styles, unknown, foreign, origin = set(), [], [], {}
+    for key, value in state.items():
+        for marker, what in _UNSUPPORTED.items():
+            if marker in key:
+                raise LoraFormatError(f"{source}: tensor {key} is a {what} weight; only plain LoRA (lora_A/lora_B or "
+                                      "lora_down/lora_up, optional .alpha) is supported. Re-export it as a plain LoRA.")
+        m = _WEIGHT.match(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        raw_module = m.group("module")
+        prefix = next((p for p in _PREFIXES if raw_module.startswith(p)), "")
+        module, naming = _resolve_module(raw_module[len(prefix):])
+        if module is None:
+            foreign.append(key)
+            continue
+        kind = m.group("kind") or "alpha"
+        styles.add((prefix, naming, kind))
+        if module in origin and origin[module] != raw_module:
+            raise LoraFormatError(f"{source}: module {module} appears twice, as {origin[module]} and {raw_module}; "
+                                  "the file mixes two LoRAs. Keep one naming.")
+        origin[module] = raw_module
+        if kind == "alpha":
+            alphas[module] = float(value.float().reshape(-1)[0])
+        elif kind in ("lora_A", "lora_down"):
+            down[module] = value
+        else:
+            up[module] = value
+    if unknown:
+        raise LoraFormatError(f"{source} has tensors that are not LoRA weights: {unknown[:5]}"
+                              f"{' ...' if len(unknown) > 5 else ''}. It looks like a full checkpoint or another "
+                              "adapter type; pass a LoRA file (or use `merge`/`extract` for checkpoints).")
+    if foreign:
+        fused = [k for k in foreign if re.search(r"(qkv|to_qkv|wqkv)", k)]
+        hint = (" It has fused q/k/v weights, which Krea 2 loaders do not accept; re-export with separate "
+                "q, k and v." if fused else " It is probably a LoRA for another model (Flux, Qwen-Image, SDXL ...).")
+        raise LoraFormatError(f"{source}: {len(foreign)} tensors do not map to a Krea 2 transformer Linear, e.g. "
+                              f"{foreign[:3]}.{hint}")
+    _check_pairs(down, up, source)
+    for m in down:
+        if down[m].ndim != 2 or up[m].ndim != 2:
+            raise LoraFormatError(f"{source}: {origin[m]} has a {down[m].ndim}-D lora_A / {up[m].ndim}-D lora_B; "
+                                  "Krea 2 LoRAs are 2-D (Linear layers only).")
+        if down[m].shape[0] != up[m].shape[1]:
+            raise LoraFormatError(f"{source}: mismatched shapes at {origin[m]}: lora_A/down {tuple(down[m].shape)} "
+                                  f"vs lora_B/up {tuple(up[m].shape)} (ranks {down[m].shape[0]} != {up[m].shape[1]}); "
+                                  "the file is corrupt.")
+
+    use_rslora = False
+    warnings = []
+    meta_cfg = _header_peft_config(header, source)
+    if alphas:
+        missing = sorted(set(down) - set(alphas))
+        if missing:
+            raise LoraFormatError(f"{source} has .alpha for some modules but not for {missing[:5]}; the file is "
+                                  "incomplete. Re-export it.")
+        alpha_source = "tensors"
+        if meta_cfg:
+            warnings.append("file has both .alpha tensors and a lora_adapter_metadata header; the tensors win (as in "
+                            "ComfyUI), diffusers would reject the file")
+    elif meta_cfg or peft_config:
+        cfg = meta_cfg or peft_config
+        alpha_source = "header" if meta_cfg else "adapter_config.json"
+        tmp = TrainedAdapter.from_peft({f"{m}.lora_A.weight": down[m] for m in down} |
+                                       {f"{m}.lora_B.weight": up[m] for m in up}, cfg)
+        alphas, use_rslora = tmp.alpha, tmp.use_rslora
+    else:
+        alpha_source = "default (alpha = rank)"
+        alphas = {m: float(down[m].shape[0]) for m in down}
+    adapter = TrainedAdapter(down, up, alphas, use_rslora=use_rslora, info=_header_info(header))
+    return LoraFile(adapter, _layout_name(styles), header, source, alpha_source, styles, warnings)
+
+
+def _header_peft_config(header: dict, source: str) -> dict | None:
+    raw = header.get(DIFFUSERS_META_KEY)
+    if not raw:
+        return None
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LoraFormatError(f"{source}: header {DIFFUSERS_META_KEY} is not valid JSON ({exc})") from exc
+    if any(k.startswith("transformer.") for k in cfg):
+        cfg = {k[len("transformer."):]: v for k, v in cfg.items() if k.startswith("transformer.")}
+    return cfg or None
+
+
+def _header_info(header: dict) -> dict:
+    raw = header.get("krea2_train.info")
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _layout_name(styles: set) -> str:
+    prefixes = {p for p, _, _ in styles}
+    namings = {n for _, n, _ in styles}
+    kinds = {k for _, _, k in styles} - {"alpha"}
+    if len(prefixes) != 1 or len(namings) != 1:
+        return "mixed"
+    (prefix,), (naming,) = prefixes, namings
+    if prefix == "lora_unet_":
+        return "musubi"
+    if prefix == "transformer." and naming == "diffusers":
+        return "diffusers" if kinds <= {"lora_A", "lora_B"} else "comfyui"
+    if prefix in ("", "base_model.model.") and naming == "diffusers":
+        return "peft"
+    if prefix == "base_model.model." and naming == "original":
+        return "ai-toolkit"
+    if prefix in ("diffusion_model.", "model.diffusion_model.") and naming == "original":
+        return "comfyui" if kinds & {"lora_down", "lora_up"} else "original"
+    return "mixed"
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def normalize_format(fmt: str) -> str:
+    fmt = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
+    if fmt not in FORMATS:
+        raise LoraFormatError(f"unknown LoRA format {fmt!r}; use one of {', '.join(FORMATS)} "
+                              f"(aliases: {', '.join(FORMAT_ALIASES)})")
+    return fmt
+
+
+def lora_state_for_format(adapter: TrainedAdapter, fmt: str, comfyui_style: str = "alpha") -> tuple[dict, dict]:
+    """(tensors, header) of `adapter` in layout `fmt`. Header values are strings or JSON-able objects."""
+    fmt = normalize_format(fmt)
+    tensors, header = {}, {}
+    if fmt == "diffusers":
+        tensors = adapter.peft_state_dict(prefix="transformer.")
+        cfg = {f"transformer.{k}": v for k, v in adapter.lora_config_dict().items()}
+        header = {"format": "pt", DIFFUSERS_META_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
+        return tensors, header
+    if fmt == "original" or (fmt in ("comfyui", "civitai") and comfyui_style == "baked"):
+        baked = adapter.baked()
+        for m in baked.modules:
+            orig = _original(m)
+            tensors[f"diffusion_model.{orig}.lora_A.weight"] = baked.down[m]
+            tensors[f"diffusion_model.{orig}.lora_B.weight"] = baked.up[m]
+        return tensors, header
+    if comfyui_style not in ("alpha", "baked"):
+        raise LoraFormatError(f"comfyui_style must be 'alpha' or 'baked', not {comfyui_style!r}")
+    alphas = adapter.kohya_alphas()
+    for m in adapter.modules:
+        orig = _original(m)
+        base = f"lora_unet_{orig.replace('.', '_')}" if fmt == "musubi" else f"diffusion_model.{orig}"
+        tensors[f"{base}.lora_down.weight"] = adapter.down[m]
+        tensors[f"{base}.lora_up.weight"] = adapter.up[m]
+        tensors[f"{base}.alpha"] = torch.tensor(alphas[m], dtype=torch.float32)
+    return tensors, header
+
+
+def _original(module: str) -> str:
+    orig = diffusers_to_original_module(module)
+    if orig is None:
+        raise LoraFormatError(f"module {module} has no original Krea 2 name; it cannot be written for ComfyUI")
+    return orig
+
+
+def write_lora_file(adapter: TrainedAdapter, path, fmt: str, dtype="bfloat16", metadata: dict | None = None,
+                    comfyui_style: str = "alpha", preview_png: bytes | None = None) -> Path:
+    """Write `adapter` to `path` in layout `fmt`, atomically. `dtype` applies to lora weights (None keeps theirs).
+
+    `metadata` (training info: name, trigger_words, resolution, steps, dataset_size, ...) goes into the header as
+    `krea2_train.info`, and for civitai also as `modelspec.*` / `ss_*` keys.
+    """
+    from ..utils.io import save_safetensors_atomic
+
+    fmt = normalize_format(fmt)
+    if dtype is not None:
+        adapter = adapter.to(dtype)
+    tensors, header = lora_state_for_format(adapter, fmt, comfyui_style)
+    info = {**adapter.info, **(metadata or {})}
+    header["krea2_train.format"] = fmt
+    header["krea2_train.base_model"] = "krea-2-raw"
+    if info:
+        header["krea2_train.info"] = json.dumps(info, sort_keys=True, default=str)
+    if fmt == "civitai":
+        header.update(civitai_header(adapter, info, preview_png))
+    path = Path(path)
+    if fmt == "diffusers" and (path.is_dir() or not path.suffix):
+        path = path / DIFFUSERS_WEIGHT_NAME
+    return save_safetensors_atomic(tensors, path, metadata=header)
+
+
+def civitai_header(adapter: TrainedAdapter, info: dict, preview_png: bytes | None = None) -> dict:
+    """Model-spec 1.0 (`modelspec.*`) and kohya (`ss_*`) keys that Civitai and model-spec readers show.
+
+    ss_network_alpha is informational and equals the `.alpha` tensors actually in the file (scale = alpha / dim).
+    """
+    import base64
+    import datetime
+    from collections import Counter
+
+    ranks = Counter(adapter.rank(m) for m in adapter.down).most_common(1)[0][0]
+    alphas = Counter(round(a, 6) for a in adapter.kohya_alphas().values()).most_common(1)[0][0]
+    name = str(info.get("name") or "krea2-lora")
+    triggers = info.get("trigger_words") or []
+    if isinstance(triggers, str):
+        triggers = [triggers]
+    res = info.get("resolution")
+    res_str = f"{res}x{res}" if isinstance(res, int) else (str(res) if res else "1024x1024")
+    turbo = info.get("turbo_strength")
+    usage = info.get("usage_hint") or (
+        "Trained on Krea 2 Raw. Use on Krea 2 Turbo (8 steps, no guidance)"
+        + (f" at strength {float(turbo):.2f}" if turbo else "") + "; on Raw at strength 1.0.")
+    header = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "krea-2/lora",
+        "modelspec.implementation": "https://github.com/krea-ai/krea-2",
+        "modelspec.title": name,
+        "modelspec.description": str(info.get("description") or f"Krea 2 LoRA {name}"),
+        "modelspec.author": str(info.get("author") or ""),
+        "modelspec.license": str(info.get("license") or ""),
+        "modelspec.date": str(info.get("date") or datetime.date.today().isoformat()),
+        "modelspec.resolution": res_str,
+        "modelspec.prediction_type": "flow",
+        "modelspec.trigger_phrase": ", ".join(map(str, triggers)),
+        "modelspec.tags": ", ".join(map(str, info.get("tags") or [])),
+        "modelspec.usage_hint": usage,
+        "ss_base_model_version": "krea2_raw",
+        "ss_sd_model_name": str(info.get("base_model_name") or "Krea 2 Raw"),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks),
+        "ss_network_alpha": str(_num(alphas)),
+        "ss_resolution": f"({res_str.replace('x', ', ')})",
+        "ss_max_train_steps": str(info.get("steps") or ""),
+        "ss_num_train_images": str(info.get("dataset_size") or ""),
+        "ss_output_name": name,
+        "ss_tag_frequency": json.dumps({"trigger": {t: 1 for t in triggers}} if triggers else {}),
+        "ss_training_comment": usage,
+        "ss_recommended_turbo_strength": str(turbo or ""),
+    }
+    if preview_png:
+        header["modelspec.thumbnail"] = "data:image/png;base64," + base64.b64encode(preview_png).decode("ascii")
+    return {k: v for k, v in header.items() if v != ""}
+
+
+# --------------------------------------------------------------------------------------------------- for diffusers
+def read_lora_for_diffusers(path_or_state, header: dict | None = None) -> tuple[dict, dict]:
+    """Any supported LoRA (path, or state dict) -> (state dict `transformer.<module>.lora_A/B.weight`, metadata).
+
+    The metadata is the PEFT config with `transformer.`-prefixed keys, as diffusers'
+    `Krea2Transformer2DModel.load_lora_adapter(state, prefix="transformer", metadata=metadata)` expects; it
+    reproduces every module's rank and scale, whatever the file carried (alpha tensors, header or nothing).
+    """
+    if isinstance(path_or_state, dict):
+        lora = read_lora_state(path_or_state, header)
+    elif isinstance(path_or_state, LoraFile):
+        lora = path_or_state
+    elif isinstance(path_or_state, TrainedAdapter):
+        return adapter_for_diffusers(path_or_state)
+    else:
+        lora = read_lora_file(path_or_state)
+    return adapter_for_diffusers(lora.adapter)
+
+
+def adapter_for_diffusers(adapter: TrainedAdapter) -> tuple[dict, dict]:
+    state = adapter.peft_state_dict(prefix="transformer.")
+    metadata = {f"transformer.{k}": v for k, v in adapter.lora_config_dict().items()}
+    return state, metadata
