@@ -1,0 +1,438 @@
+"""Memory options for Krea 2 LoRA training: quantised frozen base, partial checkpointing, block offload, presets.
+
+Entry point for the trainer (`memory:` config section):
+
+    settings = resolve_memory_settings(cfg.memory)          # preset merged with explicit fields
+    transformer = <load>; <inject LoRA with PEFT>            # LoRA first: see the note on order below
+    transformer = apply_memory_settings(transformer, settings, device)
+    optimizer = AdamW8bit(...) if settings.optimizer_8bit else AdamW(...)   # the preset's hint
+
+`apply_memory_settings` applies, in this order:
+    1. quantize_base(transformer, settings.quantize, device)   none | int8 | nf4 | fp8
+    2. place on device: everything, or (offload) everything except the frozen block weights
+    3. set_fast_attention(..., settings.attention_backend) + enable_text_padding_trim   (speed.py)
+    4. fuse_qkv (speed.py) when settings.fuse_qkv and the base is not quantised
+    5. enable_checkpointing(transformer, settings.checkpoint_blocks)  when gradient_checkpointing (forced by offload)
+    6. offload_blocks(transformer, device)                      when offload_blocks
+    7. compile_blocks (speed.py)                                when compile; always last
+
+Order w.r.t. PEFT: call it after LoRA injection. Quantisation replaces the frozen Linear under a PEFT wrapper
+(`to_q.base_layer`) as well as a bare one, so it works either side of PEFT, but offloading must see which parameters
+are trainable (LoRA stays resident on the GPU) and compile must trace the final modules. `quantize_base` may also be
+called alone before PEFT (e.g. to quantise while loading); the later `apply_memory_settings` then skips it.
+
+Quantised layers (frozen, only inside `transformer_blocks`; text fusion, embedders and final layer stay bf16):
+    int8  bitsandbytes `Linear8bitLt` (LLM.int8, threshold 6.0). Works on CPU with bitsandbytes >= 0.49 too.
+    nf4   bitsandbytes `Linear4bit` (QLoRA NF4, double-quantised statistics, compute in the training dtype).
+    fp8   `Fp8Linear`: float8_e4m3fn storage with a per-row scale, dequantised per matmul (forward and backward)
+          in the activation dtype; pure torch, so it runs anywhere. Saves memory, not time (no fp8 matmul: that
+          needs torchao/`torch._scaled_mm` and is a later option).
+PEFT wraps all three with its generic `lora.Linear` (they subclass nn.Linear and their weight dtype is an integer
+type, so PEFT does not cast the LoRA weights to it); LoRA trains in its own dtype.
+
+Offload: diffusers' group offloading (`apply_group_offloading`) is not used for training because its hooks move every
+parameter of a block, LoRA included: without streams the LoRA weights go to the CPU between steps (the optimizer then
+sees mixed devices) and with streams they are reset from a stale pinned copy (updates lost). `offload_blocks` does the
+same job for frozen weights only: pinned CPU copies, onload in a forward pre-hook on a side CUDA stream with the next
+block prefetched (direction-aware, so recompute in backward prefetches the previous block), drop after the block.
+It needs checkpointing of every block (otherwise autograd keeps each block's GPU weights for backward and nothing is
+saved), so `apply_memory_settings` turns that on. int8 layers stay resident (their bitsandbytes state is not a
+plain tensor to swap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .speed import base_linear, unwrap_transformer
+
+log = logging.getLogger(__name__)
+
+QUANT_MODES = ("none", "int8", "nf4", "fp8")
+
+
+# ------------------------------------------------------------------------------------------------------ presets
+@dataclasses.dataclass
+class MemorySettings:
+    preset: str | None = None
+    quantize: str = "none"
+    gradient_checkpointing: bool = True
+    checkpoint_blocks: int | None = None  # None = all blocks
+    offload_blocks: bool = False
+    fuse_qkv: bool = False
+    compile: bool = False
+    attention_backend: str | None = "auto"
+    trim_text_padding: bool = True
+    optimizer_8bit: bool = False  # hint for the trainer's optimiser choice
+
+    def __post_init__(self):
+        if self.quantize not in QUANT_MODES:
+            raise ValueError(f"memory.quantize={self.quantize!r}: use one of {QUANT_MODES}")
+        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
+            raise ValueError("memory.checkpoint_blocks must be >= 0 or null (all)")
+
+
+# Sized for the 12.9B model at 1024 px, batch 1, rank 32 (bf16 weights 26 GB, int8 13 GB, nf4 ~7 GB; one block's
+# activations without checkpointing ~1.3 GB). GPU figures to confirm with scripts/bench_step.py (BENCHMARKS.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "80gb": dict(quantize="none", gradient_checkpointing=False, checkpoint_blocks=None, offload_blocks=False,
+                 fuse_qkv=True, compile=True, optimizer_8bit=False),
+    "48gb": dict(quantize="none", gradient_checkpointing=True, checkpoint_blocks=16, offload_blocks=False,
+                 fuse_qkv=True, compile=True, optimizer_8bit=False),
+    "24gb": dict(quantize="int8", gradient_checkpointing=True, checkpoint_blocks=None, offload_blocks=False,
+                 fuse_qkv=False, compile=False, optimizer_8bit=True),
+    "16gb": dict(quantize="nf4", gradient_checkpointing=True, checkpoint_blocks=None, offload_blocks=True,
+                 fuse_qkv=False, compile=False, optimizer_8bit=True),
+}
+
+
+def resolve_memory_settings(cfg: Any = None, **overrides) -> MemorySettings:
+    """A preset (if named) with every explicitly set (non-None) field of `cfg` on top.
+
+    `cfg` may be a dict, an omegaconf node, a dataclass or any object with the field attributes.
+    """
+    if cfg is None:
+        values = {}
+    elif isinstance(cfg, dict):
+        values = dict(cfg)
+    elif dataclasses.is_dataclass(cfg):
+        values = dataclasses.asdict(cfg)
+    else:
+        try:
+            from omegaconf import OmegaConf
+
+            values = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # noqa: BLE001 - plain objects
+            values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(MemorySettings) if hasattr(cfg, f.name)}
+    values.update(overrides)
+    preset = values.get("preset")
+    merged: dict[str, Any] = {}
+    if preset is not None:
+        key = str(preset).lower()
+        if key not in PRESETS:
+            raise ValueError(f"memory.preset={preset!r}: use one of {sorted(PRESETS)} or null")
+        merged.update(PRESETS[key], preset=key)
+    known = {f.name for f in dataclasses.fields(MemorySettings)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown memory settings {sorted(unknown)}; known: {sorted(known)}")
+    # Explicit values win over the preset; None means "unset" except where None is a meaningful value without preset.
+    for k, v in values.items():
+        if v is not None or k not in merged:
+            merged[k] = v
+    if merged.get("quantize") is None:
+        merged["quantize"] = "none"
+    if merged.get("gradient_checkpointing") is None:
+        merged["gradient_checkpointing"] = True
+    for flag in ("offload_blocks", "fuse_qkv", "compile", "optimizer_8bit"):
+        if merged.get(flag) is None:
+            merged[flag] = False
+    if merged.get("trim_text_padding") is None:
+        merged["trim_text_padding"] = True
+    return MemorySettings(**merged)
+
+
+# ------------------------------------------------------------------------------------------------- quantisation
+class _DequantLinearFn(torch.autograd.Function):
+    """y = x @ deq(q).T with only q (1 byte/weight) saved for backward: a plain F.linear on the dequantised weight
+    would keep a bf16 copy of every layer alive until backward, undoing the saving."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale, bias):
+        ctx.save_for_backward(qweight, scale)
+        return F.linear(x, _dequant_fp8(qweight, scale, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qweight, scale = ctx.saved_tensors
+        grad_x = grad_out @ _dequant_fp8(qweight, scale, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+def _dequant_fp8(qweight, scale, dtype):
+    return qweight.view(torch.float8_e4m3fn).to(dtype) * scale.to(dtype).unsqueeze(1)
+
+
+class Fp8Linear(nn.Linear):
+    """Frozen Linear stored as float8_e4m3fn (kept as uint8 so PEFT and `.to(dtype)` leave it alone) with a per-row
+    fp32 scale; the weight is upcast to the activation dtype for each matmul."""
+
+    def __init__(self, linear: nn.Linear, device=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            w = linear.weight.detach().to(device=device or linear.weight.device, dtype=torch.float32)
+            amax = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+            scale = amax / torch.finfo(torch.float8_e4m3fn).max
+            q = (w / scale).to(torch.float8_e4m3fn)
+        self.weight = nn.Parameter(q.view(torch.uint8), requires_grad=False)
+        self.register_buffer("weight_scale", scale.squeeze(1).contiguous())
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().to(w.device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x):
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return _DequantLinearFn.apply(x, self.weight, self.weight_scale, bias)
+
+    def dequantized_weight(self, dtype=torch.float32):
+        return _dequant_fp8(self.weight, self.weight_scale, dtype)
+
+
+def _int8_linear(linear: nn.Linear, device, threshold: float = 6.0):
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                has_fp16_weights=False, threshold=threshold, device="meta")
+    # bitsandbytes quantises on `.to(device)`; it wants a 16-bit source weight.
+    w = linear.weight.detach().to(torch.float16 if linear.weight.dtype == torch.float32 else linear.weight.dtype)
+    layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer.to(device)
+
+
+def _nf4_linear(linear: nn.Linear, device, compute_dtype):
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer.to(device)
+
+
+def _block_linears(model: nn.Module):
+    """(parent, attribute, Linear) for every plain frozen-able Linear inside the transformer blocks, looking through
+    PEFT wrappers (the frozen layer is `wrapper.base_layer`)."""
+    out = []
+    for block in model.transformer_blocks:
+        for parent in block.modules():
+            for name, child in parent.named_children():
+                if type(child) is nn.Linear and not _is_lora_part(parent, name):
+                    out.append((parent, name, child))
+    return out
+
+
+def _is_lora_part(parent, name):
+    # PEFT keeps its own Linear layers in ModuleDicts called lora_A / lora_B (and friends): never quantise those.
+    return isinstance(parent, nn.ModuleDict) or name.startswith("lora_")
+
+
+def quantize_base(transformer: nn.Module, mode: str, device=None, compute_dtype: torch.dtype | None = None,
+                  int8_threshold: float = 6.0) -> nn.Module:
+    """Replace the frozen Linear layers of the transformer blocks with int8 / nf4 / fp8 layers, one at a time
+    (peak memory: one bf16 layer on `device`). `mode="none"` does nothing."""
+    if mode in (None, "none"):
+        return transformer
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantize={mode!r}: use one of {QUANT_MODES}")
+    model = unwrap_transformer(transformer)
+    if getattr(model, "_krea2_quantized", None):
+        if model._krea2_quantized != mode:
+            raise ValueError(f"transformer already quantised as {model._krea2_quantized}, cannot requantise as {mode}")
+        return transformer
+    count = 0
+    for parent, name, linear in _block_linears(model):
+        if linear.weight.requires_grad:
+            linear.weight.requires_grad_(False)
+        dev = torch.device(device) if device is not None else linear.weight.device
+        cdtype = compute_dtype or (linear.weight.dtype if linear.weight.dtype != torch.float32 else torch.float32)
+        if mode == "int8":
+            new = _int8_linear(linear, dev, int8_threshold)
+        elif mode == "nf4":
+            new = _nf4_linear(linear, dev, cdtype)
+        else:
+            new = Fp8Linear(linear, device=dev)
+        setattr(parent, name, new)
+        count += 1
+    model._krea2_quantized = mode
+    log.info("quantised %d block Linear layers as %s", count, mode)
+    return transformer
+
+
+# ----------------------------------------------------------------------------------------------- checkpointing
+def enable_checkpointing(transformer: nn.Module, num_blocks: int | None = None) -> nn.Module:
+    """Activation checkpointing of the first `num_blocks` transformer blocks (None = all, 0 = off).
+
+    Uses the model's own hook (`enable_gradient_checkpointing(func)`): the forward loop hands every block to `func`,
+    which checkpoints the chosen ones and runs the rest normally. Same gradients either way; memory vs recompute.
+    """
+    model = unwrap_transformer(transformer)
+    blocks = list(model.transformer_blocks)
+    n = len(blocks) if num_blocks is None else max(0, min(int(num_blocks), len(blocks)))
+    if n == 0:
+        if model.gradient_checkpointing:
+            model.disable_gradient_checkpointing()
+        return transformer
+    chosen = {id(b) for b in blocks[:n]}
+
+    def checkpoint_some(module, *args):
+        if id(module) in chosen:
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+        return module(*args)
+
+    model.enable_gradient_checkpointing(checkpoint_some)
+    model._krea2_checkpoint_blocks = n
+    return transformer
+
+
+# ---------------------------------------------------------------------------------------------------- offload
+class BlockOffloader:
+    """Keeps each transformer block's frozen weights in pinned CPU memory and brings one block (plus a prefetched
+    neighbour) to the device while it runs. Trainable parameters are never touched."""
+
+    def __init__(self, blocks, device, use_stream: bool | None = None):
+        self.blocks = list(blocks)
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if (cuda and use_stream is not False) else None
+        self.events: dict[int, Any] = {}
+        self.on_device: set[int] = set()
+        self.last = -1
+        self.tensors = []
+        for block in self.blocks:
+            entries = []
+            for p in block.parameters():
+                if p.requires_grad or _is_int8_param(p):
+                    p.data = p.data.to(self.device)
+                    continue
+                cpu = p.data.to("cpu")
+                if cuda:
+                    cpu = cpu.pin_memory()
+                p.data = cpu
+                entries.append((p, cpu))
+            for b in block.buffers():
+                b.data = b.data.to(self.device)  # small (scales); keep resident
+            self.tensors.append(entries)
+        self.handles = []
+        for i, block in enumerate(self.blocks):
+            self.handles.append(block.register_forward_pre_hook(self._pre(i)))
+            self.handles.append(block.register_forward_hook(self._post(i)))
+
+    def _onload(self, i):
+        if i in self.on_device or not 0 <= i < len(self.blocks):
+            return
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                for p, cpu in self.tensors[i]:
+                    p.data = cpu.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.events[i] = event
+        else:
+            for p, cpu in self.tensors[i]:
+                p.data = cpu.to(self.device)
+        self.on_device.add(i)
+
+    def _offload(self, i):
+        for p, cpu in self.tensors[i]:
+            p.data = cpu
+        self.on_device.discard(i)
+        self.events.pop(i, None)
+
+    def _pre(self, i):
+        @torch.compiler.disable()
+        def hook(module, args):
+            self._onload(i)
+            event = self.events.get(i)
+            if event is not None:
+                main = torch.cuda.current_stream(self.device)
+                main.wait_event(event)
+                for p, _ in self.tensors[i]:
+                    p.data.record_stream(main)  # allocated on the side stream, used on the main one
+            direction = 1 if i >= self.last else -1  # backward recompute walks the blocks in reverse
+            self.last = i
+            if self.stream is not None:
+                self._onload(i + direction)
+        return hook
+
+    def _post(self, i):
+        @torch.compiler.disable()
+        def hook(module, args, output):
+            self._offload(i)
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        for i in range(len(self.blocks)):
+            for p, cpu in self.tensors[i]:
+                p.data = cpu.to(self.device)
+
+
+def _is_int8_param(p) -> bool:
+    return type(p).__name__ == "Int8Params"
+
+
+def offload_blocks(transformer: nn.Module, device, use_stream: bool | None = None) -> nn.Module:
+    """Put the frozen weights of every transformer block on the CPU, streamed to `device` block by block.
+    Requires checkpointing of all blocks (enforced by `apply_memory_settings`)."""
+    model = unwrap_transformer(transformer)
+    if getattr(model, "_krea2_offloader", None) is not None:
+        return transformer
+    object.__setattr__(model, "_krea2_offloader", BlockOffloader(model.transformer_blocks, device, use_stream))
+    return transformer
+
+
+def _place(transformer: nn.Module, device, keep_blocks_off: bool):
+    model = unwrap_transformer(transformer)
+    if not keep_blocks_off:
+        transformer.to(device)
+        return
+    for name, child in model.named_children():
+        if name != "transformer_blocks":
+            child.to(device)
+    for p in model.parameters(recurse=False):
+        p.data = p.data.to(device)
+
+
+# ------------------------------------------------------------------------------------------------------ apply
+def apply_memory_settings(transformer: nn.Module, settings: MemorySettings | dict | Any, device,
+                          compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Apply a `memory:` config (see module docstring for the order). Call after PEFT LoRA injection."""
+    from . import speed
+
+    if not isinstance(settings, MemorySettings):
+        settings = resolve_memory_settings(settings)
+    device = torch.device(device)
+    model = unwrap_transformer(transformer)
+    if not any(p.requires_grad for p in model.parameters()):
+        log.warning("apply_memory_settings: no trainable parameters yet; inject LoRA first so offload and compile "
+                    "see the final modules")
+
+    quantize_base(transformer, settings.quantize, device=device, compute_dtype=compute_dtype)
+    _place(transformer, device, keep_blocks_off=settings.offload_blocks)
+    speed.set_fast_attention(transformer, settings.attention_backend)
+    if settings.trim_text_padding:
+        speed.enable_text_padding_trim(transformer)
+    if settings.fuse_qkv:
+        if settings.quantize != "none":
+            log.info("fuse_qkv skipped: the base is quantised (%s)", settings.quantize)
+        elif settings.offload_blocks:
+            log.info("fuse_qkv skipped: block offload swaps weights each step")
+        else:
+            speed.fuse_qkv(transformer)
+    if settings.offload_blocks:
+        if not settings.gradient_checkpointing or settings.checkpoint_blocks not in (None, len(model.transformer_blocks)):
+            log.info("offload_blocks: checkpointing every block (required for offload to save memory)")
+        enable_checkpointing(transformer, None)
+    elif settings.gradient_checkpointing:
+        enable_checkpointing(transformer, settings.checkpoint_blocks)
+    else:
+        enable_checkpointing(transformer, 0)
+    if settings.offload_blocks:
+        offload_blocks(transformer, device)
+    if settings.compile:
+        speed.compile_blocks(transformer)
+    return transformer
