@@ -106,19 +106,23 @@ class TimestepSection:
 
 @dataclass
 class MemorySection:
-    # none | int8 | nf4 | fp8 (base weights quantised for training; see train/memory.py)
-    quantize: str = "none"
-    gradient_checkpointing: bool = False
+    """Handed to train/memory.py (`resolve_memory_settings`): null fields take the preset's value (or its default)."""
+
+    # 80gb | 48gb | 24gb | 16gb: tested settings for that much GPU memory (explicit fields below win).
+    preset: Optional[str] = None
+    # none | int8 | nf4 | fp8 (frozen base weights quantised for training)
+    quantize: Optional[str] = None
+    gradient_checkpointing: Optional[bool] = None
     # How many blocks to checkpoint (null: all).
     checkpoint_blocks: Optional[int] = None
-    offload_blocks: bool = False
+    offload_blocks: Optional[bool] = None
     # Fuse q/k/v for training only; exports are always unfused.
-    fuse_qkv: bool = False
-    compile: bool = False
-    # SDPA backend name for diffusers' attention dispatcher (null: default).
-    attention_backend: Optional[str] = None
-    # Train the LoRA at batch size 1 without a text mask (same result, fewer tokens).
-    drop_text_padding: bool = True
+    fuse_qkv: Optional[bool] = None
+    compile: Optional[bool] = None
+    # SDPA backend for attention (auto: fastest available).
+    attention_backend: Optional[str] = "auto"
+    # Drop text padding per batch (same result, fewer tokens).
+    trim_text_padding: Optional[bool] = None
 
 
 @dataclass
@@ -217,7 +221,8 @@ CHOICES = {
     "timesteps.sampling": ("logit_normal", "uniform"),
     "timesteps.shift": ("raw", "fixed", "none"),
     "timesteps.weighting": ("none", "sigma_sqrt", "cosmap"),
-    "memory.quantize": ("none", "int8", "nf4", "fp8"),
+    "memory.quantize": ("none", "int8", "nf4", "fp8", None),
+    "memory.preset": ("80gb", "48gb", "24gb", "16gb", None),
     "logging.progress": ("rich", "tqdm", "none"),
 }
 EXPORT_FORMATS = ("diffusers", "comfyui", "civitai")
@@ -312,7 +317,8 @@ def load_config(path=None, overrides: list[str] | None = None) -> RunConfig:
 def _check_choice(key: str, value, source: str = "config") -> None:
     choices = CHOICES[key]
     if value not in choices:
-        raise ConfigError(f"{source}: config key `{key}` = {value!r} is not one of {', '.join(choices)}."
+        raise ConfigError(f"{source}: config key `{key}` = {value!r} is not one of "
+                          f"{', '.join(c for c in choices if c is not None)}."
                           f"{_closest(str(value), choices)}")
 
 
@@ -324,6 +330,8 @@ def _get(obj, key: str):
 
 def validate(cfg: RunConfig, source: str = "config") -> None:
     """Impossible values: each error names the key and what would be valid."""
+    if str(cfg.train.mixed_precision).lower() in ("false", "no", "fp32", "none"):
+        cfg.train.mixed_precision = "no"  # YAML reads a bare `no` as false
     for key in CHOICES:
         _check_choice(key, _get(cfg, key), source)
 
@@ -373,6 +381,16 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
              "at 1024 px; Turbo 1.15)")
     m = cfg.memory
     need(m.checkpoint_blocks is None or m.checkpoint_blocks >= 0, "memory.checkpoint_blocks", "must be >= 0 or null")
+    try:
+        from dataclasses import asdict
+
+        from .train.memory import resolve_memory_settings
+
+        resolve_memory_settings(asdict(m))
+    except ImportError:
+        pass
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
     c = cfg.checkpoint
     need(c.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: only at the end)")
     need(c.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")

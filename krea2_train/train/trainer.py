@@ -1,0 +1,387 @@
+"""The training loop: a PEFT LoRA on the Raw transformer under Accelerate (CPU, one GPU, DDP; bf16; accumulation).
+
+    result = train(cfg)                      # batches from the data caches
+    result = train(cfg, source=SyntheticData())
+
+Determinism: batches, noise and sigmas are pure functions of (seed, step, process), drawn on the CPU, and the LoRA is
+initialised from the seed on every process; together with the checkpointed optimiser/scheduler/RNG states a run
+stopped and resumed ends with the same adapter as one that ran straight through.
+
+Flow matching (FACTS.md): x_t = (1 - s) x0 + s noise, target noise - x0, model input s; s drawn by
+train/timesteps.py (logit-normal, Raw's resolution-aware shift by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, save_resolved
+from ..errors import UserError
+from ..schedule import pack_latents, position_ids
+from ..utils.io import write_json_atomic
+from . import lora as lora_mod
+from .checkpoint import Checkpointer, TrainState, latest_checkpoint, list_checkpoints
+from .optim import build_optimizer, build_scheduler, stage_boundaries
+from .timesteps import loss_weights, sample_sigmas
+from .tracking import Tracker, tracker_names
+
+log = logging.getLogger(__name__)
+DONE_FILE = "train_done.json"
+
+
+class NonFiniteLossError(UserError):
+    """The loss was NaN/inf for `train.nan_patience` steps in a row; a checkpoint of the last good state exists."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    step: int
+    interrupted: bool
+    history: list
+
+
+def make_accelerator(cfg: RunConfig, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    cpu = not torch.cuda.is_available()  # on CPU, force it so `accelerate launch`/torchrun gives gloo DDP
+    mp = cfg.train.mixed_precision
+    if cpu and mp == "fp16":
+        log.warning("train.mixed_precision=fp16 is not available on CPU; using bf16")
+        mp = "bf16"
+    return Accelerator(cpu=cpu, mixed_precision=mp, log_with=tracker_names(cfg) or None,
+                       project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+                       step_scheduler_with_optimizer=False)
+
+
+def memory_settings(cfg: RunConfig):
+    from dataclasses import asdict
+
+    from .memory import resolve_memory_settings
+
+    return resolve_memory_settings(asdict(cfg.memory))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, source=None, transformer=None, accelerator=None):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.source = source
+        self.acc = accelerator or make_accelerator(cfg, self.run_dir)
+        self._stop_requested = False
+        self._transformer = transformer
+        self.on_step = None  # optional callback(trainer, step) used by tests and previews
+
+    # ------------------------------------------------------------------------------------------------- setup
+    def request_stop(self, *_):
+        """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit cleanly."""
+        if not self._stop_requested:
+            log.warning("stop requested: saving a checkpoint after this step (press again to abort hard)")
+            self._stop_requested = True
+        else:
+            raise KeyboardInterrupt
+
+    def _load_transformer(self):
+        from ..models.loading import load_transformer
+
+        m = self.cfg.model
+        return load_transformer(m.transformer, dtype=m.dtype, device=self.acc.device, architecture=m.architecture,
+                                expect="raw", allow_turbo=m.allow_turbo_training)
+
+    def _source(self):
+        if self.source is None:
+            from .data_source import CachedData
+
+            self.source = CachedData(self.cfg, self.acc)
+        return self.source
+
+    def setup(self):
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, self.run_dir)
+        acc.wait_for_everyone()
+        transformer = self._transformer if self._transformer is not None else self._load_transformer()
+        if transformer.device != acc.device and cfg.memory.offload_blocks is not True:
+            transformer = transformer.to(acc.device)
+        self.peft_config = lora_mod.add_lora(transformer, cfg.lora, seed=cfg.seed)
+        # quantised base, checkpointing, offload, fast attention, fused qkv, compile (train/memory.py decides order)
+        mem = memory_settings(cfg)
+        from .memory import apply_memory_settings
+
+        compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
+        transformer = apply_memory_settings(transformer, mem, acc.device, compute_dtype=compute)
+        if mem.optimizer_8bit and cfg.optimizer.name == "adamw":
+            log.info("memory preset %s: using 8-bit AdamW states", mem.preset)
+            cfg.optimizer.name = "adamw8bit"
+        self.transformer = transformer
+        params = lora_mod.trainable_parameters(transformer)
+        n = sum(p.numel() for p in params)
+        log.info("LoRA: %d trainable parameters in %d tensors", n, len(params))
+        optimizer = build_optimizer(params, cfg.optimizer)
+        scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train.stages)
+        transformer.train()
+        self.model, self.optimizer, self.scheduler = acc.prepare(transformer, optimizer, scheduler)
+        self.params = params
+        self.state = TrainState()
+        self.ckpt = Checkpointer(acc, self.run_dir, cfg.checkpoint.keep_last, transformer, self.peft_config,
+                                 self.state)
+        self._resume()
+        if acc.is_main_process and tracker_names(cfg):
+            acc.init_trackers(cfg.run_name, config={"rank": cfg.lora.rank, "lr": cfg.optimizer.lr,
+                                                    "steps": cfg.total_steps, "optimizer": cfg.optimizer.name})
+
+    def _resume(self):
+        how = self.cfg.checkpoint.resume
+        if how == "never":
+            if list_checkpoints(self.run_dir):
+                raise UserError(f"{self.run_dir} already has checkpoints and checkpoint.resume=never. Use another "
+                                "run_name, delete the folder, or set checkpoint.resume=auto to continue it.")
+            return
+        path = latest_checkpoint(self.run_dir) if how == "auto" else Path(how)
+        if path is not None:
+            self.ckpt.load(path)
+            if self.acc.is_main_process:
+                print(f"resuming {self.run_dir} from {path.name} (step {self.state.step}/{self.cfg.total_steps})")
+
+    # ------------------------------------------------------------------------------------------------- maths
+    def _noise_generator(self, micro: int) -> torch.Generator:
+        seed = (self.cfg.seed * 1_000_003 + micro * 7_919 + self.acc.process_index * 104_729) % (2**63)
+        return torch.Generator().manual_seed(seed)
+
+    def loss_on(self, batch: dict, generator: torch.Generator | None = None, sigmas: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None, model=None) -> torch.Tensor:
+        """Per-sample flow-matching loss (float32, shape (B,)) on one batch."""
+        model = model or self.model
+        dev = self.acc.device
+        latents = batch["latents"].float()
+        b, _, h, w = latents.shape
+        x0 = pack_latents(latents)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator)
+        if sigmas is None:
+            sigmas = sample_sigmas(self.cfg.timesteps, b, x0.shape[1], generator)
+        x0, noise, sigmas = x0.to(dev), noise.to(dev), sigmas.to(dev)
+        s = sigmas.view(b, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        target = noise - x0
+        text = batch["text"].to(dev)
+        mask = batch.get("text_mask")
+        mask = mask.to(dev) if mask is not None else None
+        dtype = self.transformer.img_in.weight.dtype
+        pos = position_ids(text.shape[1], h // 2, w // 2, device=dev)
+        with self.acc.autocast():
+            pred = model(hidden_states=xt.to(dtype), encoder_hidden_states=text.to(dtype), timestep=sigmas.to(dtype),
+                         position_ids=pos, encoder_attention_mask=mask, return_dict=False)[0]
+        per = ((pred.float() - target) ** 2).mean(dim=(1, 2))
+        return per * loss_weights(self.cfg.timesteps, sigmas).to(per.device)
+
+    @torch.no_grad()
+    def validation_loss(self, stage) -> float | None:
+        """Mean loss over held-out samples at fixed sigmas and fixed noise: comparable across runs and steps."""
+        get = getattr(self._source(), "validation_batches", None)
+        batches = get(stage) if get else None
+        if not batches:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for i, batch in enumerate(batches):
+            x = batch["latents"]
+            b = x.shape[0]
+            g = torch.Generator().manual_seed(self.cfg.validation.seed + i)
+            noise = torch.randn(b, (x.shape[2] // 2) * (x.shape[3] // 2), x.shape[1] * 4, generator=g)
+            for s in self.cfg.validation.sigmas:
+                loss = self.loss_on(batch, sigmas=torch.full((b,), float(s)), noise=noise)
+                total += float(loss.sum())
+                count += b
+        self.model.train()
+        return total / max(count, 1)
+
+    def _all(self, flag: bool) -> bool:
+        """True on every process iff `flag` is True on every process (so all ranks take the same branch)."""
+        if self.acc.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(t, reduction="sum").item() == self.acc.num_processes)
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def run(self) -> TrainResult:
+        self.setup()
+        cfg, acc, state = self.cfg, self.acc, self.state
+        total = cfg.total_steps
+        accum = cfg.train.gradient_accumulation
+        starts = stage_boundaries(cfg.train.stages)
+        tracker = Tracker(acc, cfg, self.run_dir, total, state.step)
+        old_handlers = self._install_signals()
+        interrupted = False
+        try:
+            while state.step < total and not interrupted:
+                si = max(i for i, s in enumerate(starts) if s <= state.step)
+                stage = cfg.train.stages[si]
+                local = state.step - starts[si]
+                if acc.is_main_process and local == 0:
+                    log.info("stage %d: %d px, %d steps, batch %d, lr x%s", si, stage.resolution, stage.steps,
+                             stage.batch_size, stage.lr_factor)
+                batches = self._source().stage_batches(si, stage, local * accum, cfg.seed, acc.process_index,
+                                                       acc.num_processes, global_offset=starts[si] * accum)
+                for _ in range(stage.steps - local):
+                    loss_value = self._optimizer_step(batches, accum)
+                    state.step += 1
+                    if loss_value is not None:
+                        state.history.append([state.step, loss_value])
+                    self._after_step(tracker, stage, loss_value)
+                    if not self._all(not self._stop_requested):
+                        interrupted = True
+                        break
+                    if state.step >= total:
+                        break
+                close = getattr(batches, "close", None)
+                if close:
+                    close()
+        finally:
+            self._restore_signals(old_handlers)
+        if interrupted:
+            self.ckpt.save("interrupted")
+            if acc.is_main_process:
+                print(f"stopped at step {state.step}/{total}; checkpoint saved. Run the same command again to "
+                      "resume.")
+        else:
+            state.done = True
+            if cfg.checkpoint.every_steps == 0 or state.step % cfg.checkpoint.every_steps != 0:
+                self.ckpt.save("final")
+        adapter_dir = self.run_dir / "adapter"
+        if acc.is_main_process and not interrupted:
+            lora_mod.save_adapter(self.transformer, self.peft_config, adapter_dir,
+                                  metadata={"step": state.step, "run_name": cfg.run_name})
+            write_json_atomic(self.run_dir / DONE_FILE, {"step": state.step, "total_steps": total,
+                                                         "skipped_steps": state.skipped_steps})
+        tracker.close(state.history)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return TrainResult(self.run_dir, adapter_dir, state.step, interrupted, state.history)
+
+    def _optimizer_step(self, batches, accum: int) -> float | None:
+        """One optimiser step over `accum` micro-batches. Returns the mean loss, or None if the step was skipped
+        for a non-finite loss (on any process)."""
+        acc, state, cfg = self.acc, self.state, self.cfg
+        losses, ok = [], True
+        for k in range(accum):
+            micro = state.step * accum + k
+            batch = next(batches)
+            if not ok:
+                continue  # keep consuming batches so the data position stays step-aligned
+            gen = self._noise_generator(micro)
+            sync = k == accum - 1
+            ctx = acc.no_sync(self.model) if not sync else _null()
+            with ctx:
+                loss = self.loss_on(batch, gen).mean()
+                finite = self._all(bool(torch.isfinite(loss).item()))
+                if not finite:
+                    ok = False
+                    continue
+                acc.backward(loss / accum)
+            losses.append(loss.detach())
+        if not ok:
+            self.optimizer.zero_grad(set_to_none=True)
+            state.nan_streak += 1
+            state.skipped_steps += 1
+            log.warning("non-finite loss at step %d: step skipped (%d in a row, limit train.nan_patience=%d)",
+                        state.step + 1, state.nan_streak, cfg.train.nan_patience)
+            if state.nan_streak >= cfg.train.nan_patience:
+                path = self.ckpt.save("non-finite loss")
+                raise NonFiniteLossError(
+                    f"the loss was NaN/inf for {state.nan_streak} steps in a row (step {state.step + 1}); stopped. "
+                    f"The last good state is saved in {path}. Likely causes: learning rate too high "
+                    f"(optimizer.lr={cfg.optimizer.lr}), fp16 overflow (use train.mixed_precision=bf16) or corrupt "
+                    "cache entries (`krea2-train check-data`). Lower the lr and resume with the same command.")
+            self.scheduler.step()  # the schedule follows steps, taken or skipped, so resume stays aligned
+            return None
+        state.nan_streak = 0
+        if cfg.optimizer.max_grad_norm:
+            self.grad_norm = acc.clip_grad_norm_(self.params, cfg.optimizer.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean = torch.stack(losses).mean()
+        if acc.num_processes > 1:
+            mean = acc.reduce(mean, reduction="mean")
+        return float(mean)
+
+    def _after_step(self, tracker, stage, loss_value):
+        cfg, state = self.cfg, self.state
+        step = state.step
+        if step % cfg.train.log_every == 0 or step == cfg.total_steps:
+            values = {"lr": self.scheduler.get_last_lr()[0], "resolution": stage.resolution}
+            if loss_value is not None:
+                values["loss"] = loss_value
+            gn = getattr(self, "grad_norm", None)
+            if gn is not None:
+                values["grad_norm"] = float(gn)
+            tracker.log(step, values)
+        if cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
+            v = self.validation_loss(stage)
+            if v is not None:
+                tracker.log(step, {"val_loss": v})
+        if cfg.preview.every_steps and cfg.preview.prompts and step % cfg.preview.every_steps == 0:
+            self.preview(step, tracker)
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            self.ckpt.save("periodic")
+        if self.on_step is not None:
+            self.on_step(self, step)
+
+    def preview(self, step: int, tracker=None):
+        if self.acc.is_main_process:
+            try:
+                from .preview import render_previews
+            except ImportError:
+                return
+            images = render_previews(self.cfg, self.transformer, self.run_dir, step)
+            if tracker is not None and images:
+                tracker.log_images(step, images)
+        self.acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------------- signals
+    def _install_signals(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, self.request_stop)
+        return old
+
+    def _restore_signals(self, old):
+        for s, h in (old or {}).items():
+            signal.signal(s, h)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(cfg: RunConfig, source=None, transformer=None) -> TrainResult:
+    return Trainer(cfg, source=source, transformer=transformer).run()
+
+
+def training_done(cfg: RunConfig) -> bool:
+    """The run finished all its steps and its adapter is on disk (the pipeline then skips training)."""
+    import json
+
+    done = cfg.run_dir / DONE_FILE
+    if not done.exists() or not (cfg.run_dir / "adapter" / lora_mod.ADAPTER_WEIGHTS).exists():
+        return False
+    return json.loads(done.read_text()).get("step") == cfg.total_steps
