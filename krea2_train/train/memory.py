@@ -399,8 +399,9 @@ def _place(transformer: nn.Module, device, keep_blocks_off: bool):
 
 # ------------------------------------------------------------------------------------------------------ apply
 def apply_memory_settings(transformer: nn.Module, settings: MemorySettings | dict | Any, device,
-                          compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Apply a `memory:` config (see module docstring for the order). Call after PEFT LoRA injection."""
+                          compute_dtype: torch.dtype | None = None, compile_kwargs: dict | None = None) -> nn.Module:
+    """Apply a `memory:` config (see module docstring for the order). Call after PEFT LoRA injection.
+    `compute_dtype`: NF4 matmul dtype (default: the layer's dtype). `compile_kwargs`: passed to torch.compile."""
     from . import speed
 
     if not isinstance(settings, MemorySettings):
@@ -434,5 +435,5 @@ def apply_memory_settings(transformer: nn.Module, settings: MemorySettings | dic
     if settings.offload_blocks:
         offload_blocks(transformer, device)
     if settings.compile:
-        speed.compile_blocks(transformer)
+        speed.compile_blocks(transformer, **(compile_kwargs or {}))
     return transformer
