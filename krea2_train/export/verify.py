@@ -1,0 +1,288 @@
+"""Verify an exported LoRA on Turbo: it loads through the same code `sample` uses, every tensor lands, every module
+gets exactly the delta the trained adapter implies, and Turbo's output moves as that delta predicts. Layouts
+diffusers reads are also loaded through diffusers' own `Krea2Pipeline.load_lora_weights` and must agree.
+
+Tolerances are relative Frobenius errors. The weight check compares against the trained adapter in float32, so it
+is set by the file's dtype (bf16 rounding is ~0.4% per factor). The output check compares Turbo + LoRA (PEFT,
+unmerged) against Turbo with the expected deltas added to its weights, relative to the size of the LoRA's effect.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .formats import LoraFile, TrainedAdapter, read_lora_file
+
+log = logging.getLogger(__name__)
+
+# Relative Frobenius error of a module's delta, by the dtype the file stores.
+DELTA_TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# Relative error of the LoRA's effect on the output (vs the merged reference), by the transformer's compute dtype.
+OUTPUT_TOL = {torch.float32: 1e-3, torch.float16: 0.05, torch.bfloat16: 0.25}
+
+
+class LoraVerifyError(UserError):
+    """The exported LoRA does not do on Turbo what the trained adapter does. The message is the full report."""
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    layout: str
+    modules: int
+    strength: float
+    delta_tolerance: float
+    output_tolerance: float
+    max_delta_error: float = 0.0
+    worst_module: str = ""
+    output_change: float = 0.0  # |v_lora - v_base| / |v_base|
+    output_error: float = 0.0  # |v_lora - v_reference| / |v_reference - v_base|
+    diffusers: str = "not checked"
+    diffusers_delta_error: float | None = None
+    diffusers_output_error: float | None = None
+    problems: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def summary(self) -> str:
+        lines = [
+            f"LoRA verification on Turbo: {self.path}",
+            f"  layout {self.layout}, {self.modules} modules, strength {self.strength}",
+            f"  weight deltas: max relative error {self.max_delta_error:.2e} (tolerance {self.delta_tolerance:.0e})"
+            + (f" at {self.worst_module}" if self.worst_module else ""),
+            f"  output: LoRA changes Turbo's velocity by {self.output_change:.2e} (relative); matches the expected "
+            f"change to {self.output_error:.2e} (tolerance {self.output_tolerance:.0e})",
+            f"  diffusers Krea2Pipeline.load_lora_weights: {self.diffusers}",
+        ]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        lines += [f"  FAILED: {p}" for p in self.problems]
+        lines.append("  result: " + ("OK" if self.ok else "FAILED"))
+        return "\n".join(lines)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (absolute when b is zero)."""
+    num = (a.float() - b.float()).norm().item()
+    den = b.float().norm().item()
+    return num / den if den > 0 else num
+
+
+def probe_inputs(transformer, seed: int = 0, grid: int = 4, text_len: int = 8,
+                 sigmas=(0.9, 0.6, 0.3)) -> tuple:
+    """Deterministic random transformer inputs (packed latents, sigmas, text embeds) sized from its config."""
+    cfg = transformer.config
+    gen = torch.Generator().manual_seed(seed)
+    b = len(sigmas)
+    packed = torch.randn(b, grid * grid, cfg.in_channels, generator=gen)
+    embeds = torch.randn(b, text_len, cfg.num_text_layers, cfg.text_hidden_dim, generator=gen)
+    return packed, torch.tensor(sigmas, dtype=torch.float32), embeds, (grid, grid)
+
+
+@torch.no_grad()
+def velocity(transformer, inputs) -> torch.Tensor:
+    """One forward through the inference core's `predict_velocity`, in float32 on the CPU."""
+    from ..inference import predict_velocity
+
+    device = next(transformer.parameters()).device
+    packed, sigma, embeds, grid = inputs
+    return predict_velocity(transformer, packed.to(device), sigma.to(device), embeds.to(device), None, grid).float().cpu()
+
+
+@torch.no_grad()
+def reference_velocity(transformer, adapter: TrainedAdapter, strength: float, inputs) -> torch.Tensor:
+    """Turbo with W + strength * delta substituted for each adapted weight (no PEFT involved): the ground truth."""
+    from torch.func import functional_call
+
+    modules = dict(transformer.named_modules())
+    params = {}
+    for m in adapter.modules:
+        # After a LoRA was loaded and deleted, PEFT leaves a wrapper: the real weight sits in `base_layer`.
+        key = f"{m}.base_layer.weight" if hasattr(modules[m], "base_layer") else f"{m}.weight"
+        w = modules[m].base_layer.weight if hasattr(modules[m], "base_layer") else modules[m].weight
+        params[key] = (w.float() + strength * adapter.delta(m).to(w.device)).to(w.dtype)
+    from ..inference import predict_velocity
+
+    device = next(transformer.parameters()).device
+    packed, sigma, embeds, grid = inputs
+
+    class _Call(torch.nn.Module):  # functional_call needs a module whose forward is predict_velocity
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *a):
+            return predict_velocity(self.inner, *a)
+
+    call = _Call(transformer)
+    params = {f"inner.{k}": v for k, v in params.items()}
+    out = functional_call(call, params, (packed.to(device), sigma.to(device), embeds.to(device), None, grid),
+                          strict=False)
+    return out.float().cpu()
+
+
+def check_fits(adapter: TrainedAdapter, transformer, source: str) -> None:
+    """Every adapted module exists in the transformer as a Linear of the right shape (else: wrong model)."""
+    modules = dict(transformer.named_modules())
+    missing, wrong = [], []
+    for m in adapter.modules:
+        mod = modules.get(m)
+        mod = getattr(mod, "base_layer", mod)
+        if not isinstance(mod, torch.nn.Linear):
+            missing.append(m)
+            continue
+        a, b = adapter.down[m], adapter.up[m]
+        if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features:
+            wrong.append(f"{m}: LoRA maps {a.shape[1]} -> {b.shape[0]}, the model's layer {mod.in_features} -> "
+                         f"{mod.out_features}")
+    if missing:
+        raise LoraVerifyError(f"{source}: modules {missing[:5]} do not exist in the Turbo transformer; the LoRA is for "
+                              "another architecture.")
+    if wrong:
+        raise LoraVerifyError(f"{source}: mismatched shapes, the LoRA was trained on a different model size than this "
+                              f"Turbo checkpoint: {'; '.join(wrong[:3])}. Check --turbo (full vs tiny model).")
+
+
+def _loaded_deltas(transformer, adapter_name: str) -> dict[str, torch.Tensor]:
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in transformer.named_modules():
+        if isinstance(mod, LoraLayer) and adapter_name in mod.lora_A:
+            a = mod.lora_A[adapter_name].weight.float()
+            b = mod.lora_B[adapter_name].weight.float()
+            out[name] = (b @ a) * float(mod.scaling[adapter_name])
+    return out
+
+
+def _compare_deltas(expected: TrainedAdapter, loaded: dict, strength: float, report: VerifyReport, what: str):
+    missing = [m for m in expected.modules if m not in loaded]
+    extra = sorted(set(loaded) - set(expected.modules))
+    if missing:
+        report.problems.append(f"{what}: {len(missing)} trained modules got no LoRA, e.g. {missing[:3]}")
+    if extra:
+        report.problems.append(f"{what}: LoRA landed on modules that were not trained: {extra[:3]}")
+    worst, worst_m = 0.0, ""
+    for m in expected.modules:
+        if m in loaded:
+            err = _rel(loaded[m].cpu() * strength, expected.delta(m) * strength)
+            if err > worst:
+                worst, worst_m = err, m
+    return worst, worst_m
+
+
+def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = None, *, transformer=None,
+                     dtype="float32", device="cpu", strength: float = 1.0, check_diffusers: bool = True,
+                     seed: int = 0, delta_tol: float | None = None, output_tol: float | None = None,
+                     raise_on_failure: bool = True) -> VerifyReport:
+    """Load `path` onto Turbo through the inference core and check it against `adapter` (the trained one; default:
+    the file's own contents). Pass an already loaded Turbo `transformer` to verify several files with one load; it
+    is left without adapters. Raises LoraVerifyError with the full report unless every check passes.
+    """
+    from ..inference import apply_lora
+    from ..models.loading import load_transformer, resolve_dtype
+
+    lora: LoraFile = read_lora_file(path)
+    expected = adapter if adapter is not None else lora.adapter
+    if transformer is None:
+        if turbo_path is None:
+            raise UserError("verify needs the Turbo transformer: pass --turbo PATH (the Krea 2 Turbo checkpoint)")
+        transformer = load_transformer(turbo_path, dtype=dtype, device=device)
+        if getattr(transformer, "krea2_variant", None) == "raw":
+            log.warning("%s looks like Raw, not Turbo; verifying on it anyway", turbo_path)
+    compute = transformer.img_in.weight.dtype
+    report = VerifyReport(
+        path=str(path), layout=lora.layout, modules=len(lora.adapter.modules), strength=strength,
+        delta_tolerance=delta_tol or max(DELTA_TOL.get(lora.adapter.dtype, 2e-2), DELTA_TOL.get(compute, 2e-2)),
+        output_tolerance=output_tol or max(OUTPUT_TOL.get(compute, 0.25), DELTA_TOL.get(lora.adapter.dtype, 2e-2)),
+        warnings=list(lora.warnings),
+    )
+    check_fits(lora.adapter, transformer, str(path))
+    if adapter is not None:
+        check_fits(adapter, transformer, "the trained adapter")
+        absent = [m for m in adapter.modules if m not in lora.adapter.down]
+        extra = [m for m in lora.adapter.modules if m not in adapter.down]
+        if absent:
+            report.problems.append(f"{len(absent)} trained modules are missing from the file, e.g. {absent[:3]}")
+        if extra:
+            report.problems.append(f"the file adapts modules that were not trained: {extra[:3]}")
+
+    inputs = probe_inputs(transformer, seed)
+    v_base = velocity(transformer, inputs)
+    v_ref = reference_velocity(transformer, expected, strength, inputs)
+    expected_change = (v_ref - v_base).norm().item()
+
+    name = apply_lora(transformer, str(path), strength=strength, adapter_name="krea2_verify")
+    try:
+        loaded = _loaded_deltas(transformer, name)
+        report.max_delta_error, report.worst_module = _compare_deltas(expected, loaded, 1.0, report, "our loader")
+        v_lora = velocity(transformer, inputs)
+    finally:
+        transformer.delete_adapters([name])
+    report.output_change = (v_lora - v_base).norm().item() / max(v_base.norm().item(), 1e-12)
+    report.output_error = (v_lora - v_ref).norm().item() / max(expected_change, 1e-12)
+    if report.max_delta_error > report.delta_tolerance:
+        report.problems.append(f"weight delta of {report.worst_module} differs from the trained adapter by "
+                               f"{report.max_delta_error:.2e} (relative), above {report.delta_tolerance:.0e}: the "
+                               "scale (alpha) was lost or doubled, or the weights were altered")
+    if expected_change > 0 and report.output_change == 0:
+        report.problems.append("Turbo's output is identical with and without the LoRA: nothing was applied")
+    elif report.output_error > report.output_tolerance:
+        report.problems.append(f"Turbo's output with the LoRA differs from the expected one by "
+                               f"{report.output_error:.2e} of the LoRA's effect (tolerance {report.output_tolerance:.0e})")
+
+    if check_diffusers:
+        _check_with_diffusers(path, lora, expected, transformer, strength, inputs, v_lora, report)
+    if report.problems and raise_on_failure:
+        raise LoraVerifyError(report.summary())
+    return report
+
+
+def _check_with_diffusers(path, lora, expected, transformer, strength, inputs, v_lora, report):
+    """The same file through diffusers' own `Krea2Pipeline.load_lora_weights`, where diffusers reads the layout."""
+    problem = lora.diffusers_problem
+    if problem is not None:
+        report.diffusers = f"skipped: diffusers does not read this layout ({problem.split(';')[0]})"
+        return
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline
+
+    pipe = Krea2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                         transformer=transformer)
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="krea2_verify_diffusers")
+    except Exception as exc:  # diffusers' errors are ValueErrors/KeyErrors with its own wording
+        report.diffusers = f"FAILED to load: {exc}"
+        report.problems.append(f"diffusers' Krea2Pipeline.load_lora_weights rejects the file: {exc}")
+        return
+    try:
+        pipe.set_adapters(["krea2_verify_diffusers"], adapter_weights=[strength])
+        loaded = _loaded_deltas(transformer, "krea2_verify_diffusers")
+        err, where = _compare_deltas(expected, loaded, 1.0, report, "diffusers")
+        v_diff = velocity(transformer, inputs)
+    finally:
+        transformer.delete_adapters(["krea2_verify_diffusers"])
+    report.diffusers_delta_error = err
+    report.diffusers_output_error = _rel(v_diff, v_lora)
+    report.diffusers = (f"loaded; max delta error {err:.2e}, output differs from our loader's by "
+                        f"{report.diffusers_output_error:.2e}")
+    if err > report.delta_tolerance:
+        report.problems.append(f"through diffusers, {where} gets a delta off by {err:.2e}: diffusers reads the scale "
+                               "differently from our loader")
+    if report.diffusers_output_error > max(1e-4, report.output_tolerance * 0.1):
+        report.problems.append(f"diffusers and our loader give different outputs ({report.diffusers_output_error:.2e})")
+
+
+def write_report(report: VerifyReport, path) -> Path:
+    from ..utils.io import write_json_atomic
+
+    return write_json_atomic(path, report.to_dict())
