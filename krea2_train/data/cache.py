@@ -1,0 +1,365 @@
+"""On-disk text and latent caches, and the manifest the loader reads.
+
+API the trainer calls
+---------------------
+    scan = scan_data(data_cfg, resolutions, cache_dir)               # krea2_train.data.checks (validation + buckets)
+    manifest = build_caches(data_cfg, model_cfg, cache_dir, resolutions, scan=scan)   # -> Manifest
+    # The text encoder and VAE are loaded only when something is missing and released before this returns.
+
+Layout (all safetensors, bf16, each written atomically; content-addressed so entries are shared across runs/configs)
+    <cache_dir>/text/<k[:2]>/<k>.safetensors      {"text": (L, 12, D)}  valid tokens only; header: caption, length
+    <cache_dir>/latents/<k[:2]>/<k>.safetensors   {"latent": (16, h/8, w/8)} normalised; header: image, bucket, crop
+    <cache_dir>/manifests/<digest>.json           one per (data, resolutions, encoders); <cache_dir>/manifest.json
+                                                  is a copy of the latest
+    <cache_dir>/scan_index.json                   image hash -> size, so re-checks skip decoding known images
+
+Keys: a text key hashes (caption, text-encoder fingerprint); a latent key hashes (image bytes sha256, bucket, resize,
+crop box, flip, alpha background, VAE fingerprint). The fingerprints cover the model files (names, sizes, mtimes),
+dtype and encoder settings, so anything that changes a tensor changes its key; a changed entry is simply a new file
+and stale ones are never read. An entry whose file is missing, truncated or for another key is (re)computed.
+
+A killed run leaves only whole files (atomic rename) and resumes where it stopped. Under `accelerate launch` each
+process encodes a disjoint share (round robin over the sorted missing keys); the main process writes the manifest.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import facts
+from ..utils.io import save_safetensors_atomic, write_json_atomic
+from .buckets import Placement, apply
+from .checks import Item, Scan, scan_data
+from .config import DataConfig
+from .images import ImageProblem, open_image, parse_colour
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+RESIZE_FILTER = "lanczos-rg3"  # part of the latent key: a different resize gives different pixels
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ keys and paths
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def resolve_encoder_dtype(name: str, device) -> str:
+    if name == "auto":
+        return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return name
+
+
+def text_fingerprint(text_encoder_path, dtype: str) -> str:
+    """Identifies everything that shapes a text embedding, without loading the model."""
+    from ..models.text_encoder import files_fingerprint
+
+    return _sha({"v": CACHE_VERSION, "files": files_fingerprint(os.path.expanduser(str(text_encoder_path))),
+                 "dtype": dtype, "taps": list(facts.TEXT_TAP_LAYERS), "prefix": facts.PROMPT_PREFIX,
+                 "suffix": facts.PROMPT_SUFFIX, "max": facts.MAX_PROMPT_TOKENS})
+
+
+def vae_fingerprint(vae_path, dtype: str) -> str:
+    from ..models.text_encoder import files_fingerprint
+
+    return _sha({"v": CACHE_VERSION, "files": files_fingerprint(os.path.expanduser(str(vae_path))), "dtype": dtype,
+                 "posterior": "mode", "normalised": True})
+
+
+def text_key(caption: str, text_fp: str) -> str:
+    return _sha({"caption": caption, "enc": text_fp})
+
+
+def latent_key(image_sha: str, placement: Placement, flip: bool, background, vae_fp: str) -> str:
+    return _sha({"image": image_sha, **placement.as_dict(), "flip": bool(flip), "bg": list(background),
+                 "resize": RESIZE_FILTER, "enc": vae_fp})
+
+
+def entry_path(cache_dir, kind: str, key: str) -> Path:
+    return Path(cache_dir) / kind / key[:2] / f"{key}.safetensors"
+
+
+def entry_valid(path: Path, key: str) -> bool:
+    """The file exists, its header parses (not truncated) and it is the entry for `key`."""
+    from safetensors import safe_open
+
+    try:
+        # safe_open rejects a file whose data does not cover what the header declares (truncated).
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("key") == key
+    except Exception:
+        return False
+
+
+def _save_entry(path: Path, name: str, tensor: torch.Tensor, meta: dict) -> None:
+    tensor = tensor.to(torch.bfloat16).contiguous()
+    meta = {k: str(v) for k, v in meta.items()}
+    save_safetensors_atomic({name: tensor}, path, metadata=meta)
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+@dataclass
+class Manifest:
+    """What the loader needs: per item its caption's text key and, per resolution, its bucket and latent keys."""
+    cache_dir: str
+    resolutions: list
+    empty_text: str                  # text key of "" (caption dropout)
+    items: list                      # list of dicts, see build_caches
+    flip: bool = False
+    text_fingerprint: str = ""
+    vae_fingerprint: str = ""
+    path: Optional[str] = None
+    problems: list = field(default_factory=list)  # items dropped while caching (file changed, decode failed)
+
+    def to_json(self) -> dict:
+        return {"version": CACHE_VERSION, "resolutions": self.resolutions, "empty_text": self.empty_text,
+                "items": self.items, "flip": self.flip, "text_fingerprint": self.text_fingerprint,
+                "vae_fingerprint": self.vae_fingerprint}
+
+    @classmethod
+    def load(cls, path, cache_dir=None) -> "Manifest":
+        data = json.loads(Path(path).read_text())
+        if data.get("version") != CACHE_VERSION:
+            raise CacheError(f"{path}: cache manifest version {data.get('version')} is not {CACHE_VERSION}; run "
+                             "`krea2-train cache CONFIG` again")
+        data.pop("version")
+        if cache_dir is None:  # <cache_dir>/manifest.json or <cache_dir>/manifests/<digest>.json
+            parent = Path(path).resolve().parent
+            cache_dir = parent.parent if parent.name == "manifests" else parent
+        return cls(cache_dir=str(cache_dir), path=str(path), **data)
+
+    def split(self, name: str) -> list:
+        return [i for i in self.items if i["split"] == name]
+
+    def text_path(self, key: str) -> Path:
+        return entry_path(self.cache_dir, "text", key)
+
+    def latent_path(self, key: str) -> Path:
+        return entry_path(self.cache_dir, "latents", key)
+
+
+def load_manifest(path) -> Manifest:
+    return Manifest.load(path)
+
+
+# ------------------------------------------------------------------------------------------------ building
+def _state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _release(*objs):
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _plan(scan: Scan, data_cfg: DataConfig, text_fp: str, vae_fp: str, background) -> tuple[dict, list, list]:
+    """captions: key -> caption; latent jobs: (item, res, placement, [(key, flip)...]); manifest items."""
+    captions = {text_key("", text_fp): ""}
+    jobs, items = [], []
+    for item in scan.items:
+        tk = text_key(item.caption, text_fp)
+        captions[tk] = item.caption
+        per_res = {}
+        for r, placement in sorted(item.placements.items()):
+            variants = [(latent_key(item.sha256, placement, False, background, vae_fp), False)]
+            if data_cfg.flip:
+                variants.append((latent_key(item.sha256, placement, True, background, vae_fp), True))
+            jobs.append((item, r, placement, variants))
+            per_res[str(r)] = {**placement.as_dict(), "key": variants[0][0],
+                               "flip_key": variants[1][0] if data_cfg.flip else None}
+        items.append({"id": item.id, "name": item.name, "dataset": item.dataset, "split": item.split,
+                      "caption": item.caption, "text": tk, "caption_dropout": item.caption_dropout,
+                      "repeats": item.repeats, "sample_seed": int(hashlib.sha256(item.id.encode()).hexdigest()[:8], 16),
+                      "latents": per_res})
+    return captions, jobs, items
+
+
+def _pixels(item: Item, placement: Placement, max_pixels: int, background) -> torch.Tensor:
+    import numpy as np
+
+    img = open_image(item.record.read_bytes(), item.name, max_pixels=max_pixels, background=background)
+    if (img.width, img.height) != (item.width, item.height):
+        raise ImageProblem("changed", f"{item.name}: image changed since it was checked; run check-data again")
+    img = apply(img, placement)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    return arr / 127.5 - 1.0
+
+
+def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: Scan | None = None,
+                 progress: bool = True, text_encoder=None, vae=None, device=None) -> Manifest:
+    """Make every text and latent entry the data needs at `resolutions`; return (and write) the manifest.
+
+    `text_encoder` / `vae` may be passed already loaded (objects with `.encode`, as krea2_train.models.text_encoder
+    .TextEncoder and .vae.VAE); otherwise they are loaded from `model_cfg` only if some entry is missing.
+    """
+    from tqdm.auto import tqdm
+
+    cache_dir = Path(os.path.expanduser(str(cache_dir)))
+    state = _state()
+    device = device or state.device
+    resolutions = sorted({int(r) for r in resolutions})
+    if scan is None:
+        scan = scan_data(data_cfg, resolutions, cache_dir if state.is_main_process else None, progress=progress)
+    if scan.fatal:
+        from ..errors import UserError
+
+        raise UserError("the data has fatal problems; run `krea2-train check-data CONFIG`:\n" +
+                        "\n".join(p.message for p in scan.problems if p.severity == "fatal"))
+    missing_res = [r for r in resolutions if r not in scan.resolutions]
+    if missing_res:
+        raise ValueError(f"scan was made for {scan.resolutions}, not {missing_res}")
+    dtype = resolve_encoder_dtype(data_cfg.encoder_dtype, device)
+    background = parse_colour(data_cfg.background)
+    text_fp = text_fingerprint(model_cfg.text_encoder, dtype)
+    vae_fp = vae_fingerprint(model_cfg.vae, dtype)
+    captions, jobs, items = _plan(scan, data_cfg, text_fp, vae_fp, background)
+    show = progress and state.is_local_main_process
+
+    # ---- text
+    todo = sorted(k for k in captions if not entry_valid(entry_path(cache_dir, "text", k), k))
+    mine = todo[state.process_index::state.num_processes]
+    if todo:
+        log.info("text cache: %d of %d captions to encode (%d on this process)", len(todo), len(captions), len(mine))
+    if mine:
+        owned = text_encoder is None
+        if owned:
+            from ..models.text_encoder import TextEncoder
+
+            text_encoder = TextEncoder.from_path(model_cfg.text_encoder, dtype=dtype, device=device)
+        mine.sort(key=lambda k: len(captions[k]))  # similar lengths together: less padding
+        bs = max(1, data_cfg.text_batch_size)
+        with tqdm(total=len(mine), desc="caching text", unit="caption", disable=not show) as bar:
+            for i in range(0, len(mine), bs):
+                keys = mine[i:i + bs]
+                embeds, mask = text_encoder.encode([captions[k] for k in keys])
+                for j, k in enumerate(keys):
+                    t = embeds[j][mask[j]].cpu()
+                    _save_entry(entry_path(cache_dir, "text", k), "text", t,
+                                {"key": k, "caption": captions[k], "length": t.shape[0], "encoder": text_fp})
+                bar.update(len(keys))
+        if owned:
+            _release(text_encoder)
+        text_encoder = None
+
+    # ---- latents
+    todo = [j for j in jobs if not all(entry_valid(entry_path(cache_dir, "latents", k), k) for k, _ in j[3])]
+    todo.sort(key=lambda j: j[3][0][0])
+    mine = todo[state.process_index::state.num_processes]
+    if todo:
+        log.info("latent cache: %d of %d image crops to encode (%d on this process)", len(todo), len(jobs), len(mine))
+    failed: dict[str, str] = {}
+    if mine:
+        owned = vae is None
+        if owned:
+            from ..models.vae import VAE
+
+            vae = VAE.from_path(model_cfg.vae, dtype=dtype, device=device)
+        mine.sort(key=lambda j: (j[2].bucket, j[3][0][0]))  # batches from one bucket
+        batches, cur = [], []
+        for job in mine:
+            if cur and (job[2].bucket != cur[0][2].bucket or len(cur) >= max(1, data_cfg.vae_batch_size)):
+                batches.append(cur)
+                cur = []
+            cur.append(job)
+        if cur:
+            batches.append(cur)
+
+        def load(batch):
+            out = []
+            for item, r, placement, variants in batch:
+                try:
+                    out.append(_pixels(item, placement, data_cfg.max_image_pixels, background))
+                except (ImageProblem, OSError) as exc:
+                    out.append(exc)
+            return out
+
+        with ThreadPoolExecutor(max_workers=2) as pool, \
+                tqdm(total=len(mine), desc="caching latents", unit="img", disable=not show) as bar:
+            for batch, pixels in zip(batches, pool.map(load, batches)):  # decode the next batch while encoding
+                ok = [(job, px) for job, px in zip(batch, pixels) if not isinstance(px, Exception)]
+                for job, px in zip(batch, pixels):
+                    if isinstance(px, Exception):
+                        failed[job[0].id] = str(px)
+                        log.warning("skipping %s", px)
+                if ok:
+                    x = torch.stack([px for _, px in ok])
+                    flips = [(n, k) for n, (job, _) in enumerate(ok) for k, f in job[3] if f]
+                    if flips:  # flipped variants ride in the same batch
+                        x = torch.cat([x, torch.stack([x[n].flip(-1) for n, _ in flips])])
+                    z = vae.encode(x).cpu()
+                    for n, (job, _) in enumerate(ok):
+                        item, r, placement, variants = job
+                        _save_entry(entry_path(cache_dir, "latents", variants[0][0]), "latent", z[n],
+                                    {"key": variants[0][0], "image": item.name, "sha256": item.sha256,
+                                     "placement": json.dumps(placement.as_dict()), "flip": False, "encoder": vae_fp})
+                    for m, (n, k) in enumerate(flips):
+                        item, r, placement, variants = ok[n][0]
+                        _save_entry(entry_path(cache_dir, "latents", k), "latent", z[len(ok) + m],
+                                    {"key": k, "image": item.name, "sha256": item.sha256,
+                                     "placement": json.dumps(placement.as_dict()), "flip": True, "encoder": vae_fp})
+                bar.update(len(batch))
+        if owned:
+            _release(vae)
+        vae = None
+
+    # ---- manifest: every process derives it from the same plan and the files now on disk
+    state.wait_for_everyone()
+    kept, problems = [], []
+    for entry in items:
+        if entry["id"] in failed:
+            problems.append(failed[entry["id"]])
+            continue
+        missing = [r for r, lat in entry["latents"].items()
+                   if not entry_path(cache_dir, "latents", lat["key"]).exists()
+                   or (lat["flip_key"] and not entry_path(cache_dir, "latents", lat["flip_key"]).exists())]
+        if missing:
+            problems.append(f"{entry['name']}: latents for {missing} px could not be made (see the log); skipped")
+            continue
+        kept.append(entry)
+    manifest = Manifest(cache_dir=str(cache_dir), resolutions=resolutions, empty_text=text_key("", text_fp),
+                        items=kept, flip=data_cfg.flip, text_fingerprint=text_fp, vae_fingerprint=vae_fp,
+                        problems=problems)
+    body = manifest.to_json()
+    digest = _sha(body)[:16]
+    manifest.path = str(cache_dir / "manifests" / f"{digest}.json")
+    if state.is_main_process:
+        write_json_atomic(manifest.path, body)
+        write_json_atomic(cache_dir / "manifest.json", body)
+    state.wait_for_everyone()
+    for p in problems:
+        log.warning(p)
+    return manifest
+
+
+def manifest_if_ready(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: Scan, device="cpu"
+                      ) -> Optional[Manifest]:
+    """The manifest when every entry already exists (nothing to encode), else None. Loads no model."""
+    dtype = resolve_encoder_dtype(data_cfg.encoder_dtype, device)
+    background = parse_colour(data_cfg.background)
+    text_fp, vae_fp = text_fingerprint(model_cfg.text_encoder, dtype), vae_fingerprint(model_cfg.vae, dtype)
+    captions, jobs, items = _plan(scan, data_cfg, text_fp, vae_fp, background)
+    if any(not entry_valid(entry_path(cache_dir, "text", k), k) for k in captions):
+        return None
+    if any(not entry_valid(entry_path(cache_dir, "latents", k), k) for j in jobs for k, _ in j[3]):
+        return None
+    return Manifest(str(cache_dir), sorted({int(r) for r in resolutions}), text_key("", text_fp), items,
+                    data_cfg.flip, text_fp, vae_fp)
