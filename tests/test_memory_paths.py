@@ -1,0 +1,168 @@
+"""Memory paths on the tiny Krea 2 with a LoRA (CPU): checkpointing is exact, quantised/fp8 bases train the LoRA
+with the base frozen, fp8's custom backward equals autograd through the dequantised weight, offload is exact, and
+every preset trains."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _speed_helpers import add_lora, assert_close_grads, inputs, run, tiny_model, twin  # noqa: E402
+
+from krea2_train.train import memory, speed  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return add_lora(tiny_model())
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, None])
+def test_checkpointing_n_blocks_identical_grads(plain, n):
+    ck = memory.enable_checkpointing(twin(plain), n)
+    expected = 0 if n == 0 else (2 if n is None else n)
+    assert ck.gradient_checkpointing == (expected > 0)
+    batch = inputs()
+    calls = []
+    orig = torch.utils.checkpoint.checkpoint
+
+    def counting(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    torch.utils.checkpoint.checkpoint = counting
+    try:
+        o2, g2, x2 = run(ck, batch)
+    finally:
+        torch.utils.checkpoint.checkpoint = orig
+    assert len(calls) == expected
+    o1, g1, x1 = run(plain, batch)
+    torch.testing.assert_close(o2, o1, atol=0, rtol=0)
+    assert_close_grads(g2, g1, atol=0, rtol=0)
+    torch.testing.assert_close(x2, x1, atol=0, rtol=0)
+
+
+def _train(model, steps=3, lr=1e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params
+    before = [p.detach().clone() for p in params]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    batch = inputs()
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(**batch, return_dict=False)[0]
+        loss = ((out.float() - 1.0) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(not torch.equal(b, p.detach()) for b, p in zip(before, params)), "every LoRA tensor moves"
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(frozen[n], p.detach()), f"frozen {n} changed"
+    assert losses[-1] < losses[0]
+    return losses
+
+
+QUANT_TYPES = {"int8": "Linear8bitLt", "nf4": "Linear4bit", "fp8": "Fp8Linear"}
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8"])
+@pytest.mark.parametrize("order", ["quantize_then_lora", "lora_then_quantize"])
+def test_quantized_base_trains_lora(mode, order):
+    if order == "quantize_then_lora":
+        model = add_lora(memory.quantize_base(tiny_model(), mode, device="cpu"))
+    else:
+        model = memory.quantize_base(add_lora(tiny_model()), mode, device="cpu")
+    blk = model.transformer_blocks[0]
+    for layer in (blk.attn.to_q, blk.attn.to_out[0], blk.ff.down):
+        assert hasattr(layer, "lora_A"), "PEFT LoRA attached"
+        assert type(layer.base_layer).__name__ == QUANT_TYPES[mode]
+        assert not layer.base_layer.weight.requires_grad
+        assert layer.base_layer.weight.dtype in (torch.int8, torch.uint8)
+    # outside the blocks nothing is quantised
+    assert type(model.img_in) is torch.nn.Linear
+    _train(model)
+
+
+def test_quantized_output_close_to_plain(plain):
+    """Quantisation error on the tiny model: relative L2 error of the output (loose, per format)."""
+    batch = inputs()
+    with torch.no_grad():
+        ref = plain(**batch, return_dict=False)[0]
+        for mode, tol in (("int8", 0.01), ("fp8", 0.02), ("nf4", 0.05)):
+            q = memory.quantize_base(twin(plain), mode, device="cpu")
+            out = q(**batch, return_dict=False)[0]
+            assert ((out - ref).norm() / ref.norm()).item() < tol, mode
+
+
+def test_fp8_backward_equals_autograd_on_dequantized_weights(plain):
+    """The custom fp8 autograd function (saves 1-byte weights only) gives the gradients autograd gives with the
+    dequantised weights as ordinary frozen Linear weights."""
+    q = memory.quantize_base(twin(plain), "fp8", device="cpu")
+    ref = twin(plain)
+    ref_layers = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, mod in q.named_modules():
+            if isinstance(mod, memory.Fp8Linear):
+                ref_layers[name].weight.copy_(mod.dequantized_weight(torch.float32))
+    batch = inputs()
+    o1, g1, x1 = run(ref, batch)
+    o2, g2, x2 = run(q, batch)
+    torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-5)
+    assert_close_grads(g2, g1, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(x2, x1, atol=1e-6, rtol=1e-4)
+
+
+def test_block_offload_is_exact_and_leaves_lora_resident(plain):
+    off = twin(plain)
+    settings = memory.resolve_memory_settings(dict(offload_blocks=True, gradient_checkpointing=False))
+    memory.apply_memory_settings(off, settings, "cpu")
+    assert off.gradient_checkpointing and off._krea2_checkpoint_blocks == len(off.transformer_blocks)
+    offloader = off._krea2_offloader
+    assert offloader.tensors[0] and all(not p.requires_grad for p, _ in offloader.tensors[0])
+    onloads = []
+    orig = offloader._onload
+    offloader._onload = lambda i: (onloads.append(i), orig(i))[1]
+    batch = inputs()
+    o1, g1, x1 = run(plain, batch)
+    o2, g2, x2 = run(off, batch)
+    # forward 0,1 then recompute in backward 1,0
+    assert onloads == [0, 1, 1, 0]
+    torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-5)
+    assert_close_grads(g2, g1, atol=1e-6, rtol=1e-4)
+
+
+def test_presets_resolve_and_overrides_win():
+    for name in ("16gb", "24gb", "48gb", "80gb"):
+        s = memory.resolve_memory_settings(dict(preset=name))
+        assert s.preset == name
+    assert memory.resolve_memory_settings(dict(preset="16gb")).quantize == "nf4"
+    assert memory.resolve_memory_settings(dict(preset="16gb")).offload_blocks
+    assert memory.resolve_memory_settings(dict(preset="24gb")).quantize == "int8"
+    s = memory.resolve_memory_settings(dict(preset="24gb", quantize="fp8", compile=None, checkpoint_blocks=None))
+    assert s.quantize == "fp8" and s.compile is False and s.gradient_checkpointing
+    plain = memory.resolve_memory_settings(None)
+    assert plain.quantize == "none" and plain.gradient_checkpointing and not plain.offload_blocks
+    with pytest.raises(ValueError):
+        memory.resolve_memory_settings(dict(preset="12gb"))
+    with pytest.raises(ValueError):
+        memory.resolve_memory_settings(dict(quantize="int4"))
+    with pytest.raises(ValueError):
+        memory.resolve_memory_settings(dict(bogus=1))
+
+
+@pytest.mark.parametrize("preset", ["16gb", "24gb", "48gb", "80gb"])
+def test_every_preset_trains_tiny(preset):
+    torch._dynamo.reset()
+    model = add_lora(tiny_model())
+    settings = memory.resolve_memory_settings(dict(preset=preset))
+    # aot_eager: the compile wiring without inductor's C++ build time on the CI's 2 cores
+    memory.apply_memory_settings(model, settings, "cpu", compile_kwargs=dict(backend="aot_eager"))
+    assert isinstance(model.transformer_blocks[0].attn.processor, speed.Krea2FastAttnProcessor)
+    _train(model, steps=2)
+    torch._dynamo.reset()
