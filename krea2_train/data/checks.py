@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .buckets import Placement, make_buckets, nearest_bucket, needs_upscale, place
-from .config import DataConfig
+from .config import DataConfig, validate_data_config
 from .images import ImageProblem, open_image, parse_colour
 from .sources import SEVERITIES, Problem, Record, load_records
 
@@ -129,7 +129,13 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
     problems: list[Problem] = []
     if not resolutions:
         raise ValueError("scan_data needs at least one resolution")
-    parse_colour(data_cfg.background)  # fail early on a bad colour
+    validate_data_config(data_cfg)
+    try:
+        parse_colour(data_cfg.background)  # fail early on a bad colour
+    except ValueError as exc:
+        from ..errors import UserError
+
+        raise UserError(str(exc)) from exc
     if not data_cfg.datasets:
         problems.append(Problem("fatal", "no_datasets", "data.datasets",
                                 "data.datasets is empty: add at least one entry with a `path`"))
@@ -141,14 +147,6 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
     items: list[Item] = []
     for index, ds_cfg in enumerate(data_cfg.datasets):
         prefix = f"data.datasets[{index}]"
-        if ds_cfg.repeats < 1:
-            problems.append(Problem("fatal", "bad_config", f"{prefix}.repeats",
-                                    f"{prefix}.repeats={ds_cfg.repeats}: must be >= 1"))
-            continue
-        if not 0 <= ds_cfg.caption_dropout <= 1:
-            problems.append(Problem("fatal", "bad_config", f"{prefix}.caption_dropout",
-                                    f"{prefix}.caption_dropout={ds_cfg.caption_dropout}: must be in [0, 1]"))
-            continue
         records, found = load_records(ds_cfg, index)
         problems.extend(found)
         if any(p.severity == "fatal" for p in found):

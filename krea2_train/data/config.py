@@ -74,3 +74,31 @@ class DataConfig:
     encoder_dtype: str = "auto"
     # Seed for held-out selection and random crops (the loader's order comes from the run seed).
     seed: int = 0
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Impossible values fail before any work, naming the key and the fix."""
+    from ..errors import UserError
+
+    def need(ok, key, msg):
+        if not ok:
+            raise UserError(f"config key `data.{key}` {msg}")
+
+    need(cfg.trigger_position in ("prefix", "suffix"), "trigger_position", f"= {cfg.trigger_position!r}: use prefix "
+         "or suffix")
+    need(cfg.crop in ("center", "random"), "crop", f"= {cfg.crop!r}: use center or random")
+    need(0 < cfg.min_aspect <= 1 <= cfg.max_aspect, "min_aspect",
+         f"/ max_aspect = {cfg.min_aspect} / {cfg.max_aspect}: need 0 < min_aspect <= 1 <= max_aspect")
+    need(cfg.max_image_pixels > 0, "max_image_pixels", "must be positive")
+    need(cfg.validation_images >= 0 and (cfg.validation_images < 1 or float(cfg.validation_images).is_integer()),
+         "validation_images", f"= {cfg.validation_images}: use a count (2) or a fraction below 1 (0.1)")
+    need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
+    need(cfg.text_batch_size >= 1 and cfg.vae_batch_size >= 1, "text_batch_size",
+         "and data.vae_batch_size must be >= 1")
+    need(cfg.encoder_dtype in ("auto", "bfloat16", "float16", "float32"), "encoder_dtype",
+         f"= {cfg.encoder_dtype!r}: use auto, bfloat16, float16 or float32")
+    for i, d in enumerate(cfg.datasets):
+        need(d.type in ("auto", "folder", "imagefolder", "disk"), f"datasets[{i}].type",
+             f"= {d.type!r}: use auto, folder, imagefolder or disk")
+        need(d.repeats >= 1, f"datasets[{i}].repeats", f"= {d.repeats}: must be >= 1")
+        need(0 <= d.caption_dropout <= 1, f"datasets[{i}].caption_dropout", f"= {d.caption_dropout}: must be in [0, 1]")

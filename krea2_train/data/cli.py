@@ -1,0 +1,58 @@
+"""`krea2-train check-data CONFIG` and `krea2-train cache CONFIG`."""
+
+from __future__ import annotations
+
+
+def stage_resolutions(cfg) -> list[int]:
+    """Resolutions of the run's training stages (train.stages[*].resolution)."""
+    return sorted({int(s.resolution) for s in cfg.train.stages})
+
+
+def _load(args):
+    from ..config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def check_data(args) -> int:
+    from .checks import format_report, scan_data
+
+    cfg = _load(args)
+    scan = scan_data(cfg.data, stage_resolutions(cfg), cfg.cache_dir)
+    print(format_report(scan, show_info=args.verbose))
+    if scan.fatal:
+        return 1
+    if args.strict and scan.counts()["error"]:
+        return 1
+    return 0
+
+
+def cache(args) -> int:
+    from ..errors import UserError
+    from .cache import build_caches
+    from .checks import format_report, scan_data
+
+    cfg = _load(args)
+    resolutions = stage_resolutions(cfg)
+    scan = scan_data(cfg.data, resolutions, cfg.cache_dir)
+    if scan.fatal:
+        print(format_report(scan))
+        raise UserError("fatal data problems (above); fix them and run again")
+    print(scan.summary())
+    manifest = build_caches(cfg.data, cfg.model, cfg.cache_dir, resolutions, scan=scan)
+    print(f"cache ready: {len(manifest.items)} images at {resolutions} px; manifest {manifest.path}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("check-data", help="validate every image and caption of the configured datasets")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.allow_upscale=true)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any file would be skipped")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list informational notes")
+    p.set_defaults(func=check_data)
+    p = sub.add_parser("cache", help="encode captions and images into the on-disk caches (resumable; "
+                       "splits across processes under accelerate launch)")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=cache)
