@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class Scan:
 
 def build_caption(caption: str, trigger: Optional[str], position: str, sep: str) -> str:
     caption = caption.strip()
-    if not trigger or trigger in caption:
+    if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):  # already there as a word
         return caption
     if not caption:
         return trigger

@@ -1,0 +1,177 @@
+"""Dataset sources and check-data: each source type, each bad-input case, reported per file and skipped."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from krea2_train.data.checks import scan_data
+from krea2_train.data.config import DataConfig, DatasetConfig
+from krea2_train.errors import UserError
+
+
+def img(path: Path, size=(96, 80), colour=(200, 30, 30), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, format=fmt)
+    return path
+
+
+def by_kind(scan):
+    out = {}
+    for p in scan.problems:
+        out.setdefault(p.kind, []).append(p)
+    return out
+
+
+def test_folder_source_recursive_with_captions_trigger_and_repeats(tmp_path):
+    img(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red square\n")
+    img(tmp_path / "sub" / "deeper" / "b.jpg", colour=(0, 0, 200))
+    (tmp_path / "sub" / "deeper" / "b.txt").write_text("a blue square")
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(tmp_path), trigger_word="zkw", repeats=3)])
+    scan = scan_data(cfg, [64])
+    assert not scan.problems
+    caps = {i.id: i.caption for i in scan.items}
+    assert caps == {"0:a.png": "zkw, a red square", "0:sub/deeper/b.jpg": "zkw, a blue square"}
+    assert all(i.repeats == 3 for i in scan.items)
+    cfg.trigger_position = "suffix"
+    assert scan_data(cfg, [64]).items[0].caption == "a red square, zkw"
+
+
+def test_bad_inputs_reported_and_skipped(tmp_path):
+    img(tmp_path / "good.png", colour=(1, 2, 3))
+    (tmp_path / "good.txt").write_text("fine")
+    img(tmp_path / "nocap.png", colour=(4, 5, 6))                                   # missing caption
+    img(tmp_path / "emptycap.png", colour=(7, 8, 9))
+    (tmp_path / "emptycap.txt").write_text("   \n")                                 # empty caption
+    img(tmp_path / "latin1.png", colour=(10, 11, 12))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))     # not UTF-8
+    img(tmp_path / "dup.png", colour=(1, 2, 3))                                      # same bytes as good.png
+    (tmp_path / "fake.png").write_text("not really a png")                          # non-image with image extension
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF-1.4")                               # non-image file
+    data = (tmp_path / "good.png").read_bytes()
+    big = tmp_path / "trunc.jpg"
+    Image.effect_noise((128, 128), 60).convert("RGB").save(big, quality=95)
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])                     # truncated
+    img(tmp_path / "bomb.png", size=(3000, 3000))                                   # over max_image_pixels
+    img(tmp_path / "tiny.png", size=(40, 40))                                       # smaller than its bucket
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(tmp_path), default_caption="a default")],
+                     max_image_pixels=4_000_000)
+    scan = scan_data(cfg, [64])
+    kinds = by_kind(scan)
+    names = {i.name.split("/")[-1]: i for i in scan.items}
+    assert set(names) == {"dup.png", "nocap.png", "emptycap.png", "latin1.png"}  # first in path order kept
+    assert names["nocap.png"].caption == "a default" and names["emptycap.png"].caption == "a default"
+    assert names["latin1.png"].caption == "a default"
+    assert "latin1.txt" in kinds["caption_not_utf8"][0].message and "UTF-8" in kinds["caption_not_utf8"][0].message
+    assert kinds["duplicate"][0].file.endswith("good.png") and "dup.png" in kinds["duplicate"][0].message
+    assert {p.file.split("/")[-1] for p in kinds["not_image"]} == {"fake.png", "notes.pdf"}
+    assert [p.severity for p in kinds["not_image"] if p.file.endswith("fake.png")] == ["error"]
+    assert kinds["truncated"][0].file.endswith("trunc.jpg") and kinds["truncated"][0].severity == "error"
+    assert kinds["bomb"][0].file.endswith("bomb.png")
+    assert kinds["too_small"][0].file.endswith("tiny.png") and "data.allow_upscale" in kinds["too_small"][0].message
+    assert not scan.fatal
+    assert data == (tmp_path / "good.png").read_bytes()  # checking never touches the files
+
+    # Without a default caption a missing caption is a warning and the image trains on the trigger word alone.
+    cfg.datasets[0].default_caption = None
+    cfg.datasets[0].trigger_word = "zkw"
+    scan = scan_data(cfg, [64])
+    assert {i.name.split("/")[-1]: i.caption for i in scan.items}["nocap.png"] == "zkw"
+    assert by_kind(scan)["missing_caption"][0].severity == "warning"
+
+
+def test_upscale_only_when_allowed_and_per_stage(tmp_path):
+    img(tmp_path / "small.png", size=(100, 100))
+    (tmp_path / "small.txt").write_text("x")
+    img(tmp_path / "big.png", size=(300, 300))
+    (tmp_path / "big.txt").write_text("y")
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(tmp_path))])
+    scan = scan_data(cfg, [64, 256])
+    small = next(i for i in scan.items if i.name.endswith("small.png"))
+    assert sorted(small.placements) == [64]  # used at 64 px only
+    assert by_kind(scan)["too_small"][0].severity == "warning"
+    cfg.allow_upscale = True
+    assert all(sorted(i.placements) == [64, 256] for i in scan_data(cfg, [64, 256]).items)
+
+
+def test_fatal_cases(tmp_path):
+    scan = scan_data(DataConfig(datasets=[DatasetConfig(path=str(tmp_path / "nope"))]), [64])
+    assert scan.fatal and "does not exist" in scan.problems[0].message and "data.datasets[0].path" in scan.problems[0].message
+    (tmp_path / "empty").mkdir()
+    scan = scan_data(DataConfig(datasets=[DatasetConfig(path=str(tmp_path / "empty"))]), [64])
+    assert scan.fatal and by_kind(scan)["empty_dataset"]
+    assert scan_data(DataConfig(), [64]).fatal
+    with pytest.raises(UserError, match="data.crop"):
+        scan_data(DataConfig(datasets=[DatasetConfig(path=str(tmp_path))], crop="middle"), [64])
+    with pytest.raises(UserError, match="background"):
+        scan_data(DataConfig(datasets=[DatasetConfig(path=str(tmp_path))], background="blurple"), [64])
+
+
+def test_validation_holdout(tmp_path):
+    for k in range(10):
+        img(tmp_path / f"{k}.png", colour=(k, k, k))
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(tmp_path), default_caption="c")], validation_images=3)
+    held = [i.id for i in scan_data(cfg, [64]).items if i.split == "validation"]
+    assert len(held) == 3 and held == [i.id for i in scan_data(cfg, [64]).items if i.split == "validation"]
+    cfg.validation_images = 0.2
+    assert sum(i.split == "validation" for i in scan_data(cfg, [64]).items) == 2
+
+
+def test_imagefolder_metadata_jsonl(tmp_path):
+    root = tmp_path / "hf"
+    img(root / "x1.png", colour=(1, 1, 1))
+    img(root / "x2.png", colour=(2, 2, 2))
+    with open(root / "metadata.jsonl", "w") as f:
+        f.write(json.dumps({"file_name": "x1.png", "caption": "first"}) + "\n")
+        f.write(json.dumps({"file_name": "x2.png", "caption": "second"}) + "\n")
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(root), caption_column="caption", trigger_word="t")])
+    scan = scan_data(cfg, [64])
+    assert not scan.problems
+    assert sorted(i.caption for i in scan.items) == ["t, first", "t, second"]
+    assert all(i.name.endswith(".png") for i in scan.items)  # messages name the file
+    cfg.datasets[0].caption_column = "text"
+    scan = scan_data(cfg, [64])
+    assert by_kind(scan)["no_caption_column"] and "caption" in by_kind(scan)["no_caption_column"][0].message
+
+
+def test_dataset_saved_to_disk(tmp_path):
+    import datasets
+
+    a = img(tmp_path / "src" / "a.png", colour=(9, 9, 9))
+    b = img(tmp_path / "src" / "b.png", size=(30, 30))  # too small
+    ds = datasets.Dataset.from_dict({"image": [str(a), str(b)], "text": ["alpha", "beta"]})
+    ds = ds.cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "disk"))
+    scan = scan_data(DataConfig(datasets=[DatasetConfig(path=str(tmp_path / "disk"))]), [64])
+    assert [i.caption for i in scan.items] == ["alpha"]
+    assert by_kind(scan)["too_small"]
+    # Images stored as bytes inside the arrow files are read from there.
+    assert scan.items[0].record.read_bytes() == a.read_bytes()
+
+
+def test_check_data_cli_exit_codes(tmp_path):
+    good = tmp_path / "good"
+    img(good / "a.png")
+    (good / "a.txt").write_text("hello")
+    (good / "b.png").write_text("broken")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+model: {{transformer: x, text_encoder: x, vae: x}}
+data:
+  datasets: [{{path: {good}}}]
+train:
+  stages: [{{resolution: 64, steps: 1}}]
+cache_dir: {tmp_path / 'cache'}
+""")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "krea2_train.cli", "check-data", str(cfg), *a],
+                                    capture_output=True, text=True)
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert "b.png" in r.stdout and "not_image" in r.stdout and "1 usable" in r.stdout
+    assert run("--strict").returncode == 1
+    r = run(f"data.datasets.0.path={tmp_path / 'missing'}")
+    assert r.returncode == 1 and "does not exist" in r.stdout
