@@ -1,0 +1,139 @@
+"""Write a trained adapter in the formats users load, then verify each file on Turbo (the end of a training run).
+
+    paths = export_lora(adapter, out_dir, formats=("diffusers", "comfyui", "civitai"), metadata={...}, name="my_lora")
+    result = export_and_verify(adapter, out_dir, turbo_path, ...)   # raises LoraVerifyError if any file is wrong
+
+File names in `out_dir`:
+    civitai   {name}.safetensors                            the file to share (ComfyUI layout + model metadata)
+    comfyui   {name}_comfyui.safetensors
+    diffusers {name}_diffusers/pytorch_lora_weights.safetensors  (`pipe.load_lora_weights(folder)` finds it)
+    original  {name}_original.safetensors;  musubi {name}_musubi.safetensors
+    export.json                                             what was written, with sizes and hashes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from ..errors import UserError
+from .formats import (DIFFUSERS_WEIGHT_NAME, LoraFile, TrainedAdapter, normalize_format, read_lora_file,
+                      write_lora_file)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FORMATS = ("diffusers", "comfyui", "civitai")
+
+
+def export_path(out_dir, name: str, fmt: str) -> Path:
+    out_dir = Path(out_dir)
+    fmt = normalize_format(fmt)
+    if fmt == "civitai":
+        return out_dir / f"{name}.safetensors"
+    if fmt == "diffusers":
+        return out_dir / f"{name}_diffusers" / DIFFUSERS_WEIGHT_NAME
+    return out_dir / f"{name}_{fmt}.safetensors"
+
+
+def as_adapter(source) -> TrainedAdapter:
+    """A TrainedAdapter from an adapter, a LoraFile, a LoRA file of any supported layout, or a run folder."""
+    if isinstance(source, TrainedAdapter):
+        return source
+    if isinstance(source, LoraFile):
+        return source.adapter
+    return read_lora_file(find_lora_in(source)).adapter
+
+
+def find_lora_in(path) -> Path:
+    """A LoRA file itself, or the newest diffusers-layout adapter saved somewhere under a run folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"LoRA or run folder not found: {path}")
+    if path.is_file():
+        return path
+    for name in (DIFFUSERS_WEIGHT_NAME, "adapter_model.safetensors"):
+        if (path / name).exists():
+            return path / name
+    found = sorted(path.rglob(DIFFUSERS_WEIGHT_NAME), key=lambda p: p.stat().st_mtime)
+    if not found:
+        found = sorted(path.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"{path} holds no LoRA: no {DIFFUSERS_WEIGHT_NAME} under it and no .safetensors in it. "
+                        "Point at the LoRA file or at the training run folder.")
+    return found[-1]
+
+
+def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None = None, name: str = "krea2_lora",
+                dtype="bfloat16", comfyui_style: str = "alpha", preview_png: bytes | None = None) -> dict[str, Path]:
+    """Write `adapter` (TrainedAdapter, LoRA file or run folder) in each of `formats`; returns {format: path}.
+
+    `metadata`: training information for the headers (name, trigger_words, resolution, steps, dataset_size,
+    turbo_strength, description, author, license, tags). `preview_png`: PNG bytes for the Civitai thumbnail.
+    """
+    from ..utils.io import write_json_atomic
+
+    adapter = as_adapter(adapter)
+    if not formats:
+        raise UserError("export needs at least one format (diffusers, comfyui, civitai, original, musubi)")
+    out_dir = Path(out_dir)
+    info = {"name": name, **(metadata or {})}
+    paths = {}
+    for fmt in dict.fromkeys(normalize_format(f) for f in formats):
+        path = write_lora_file(adapter, export_path(out_dir, name, fmt), fmt, dtype=dtype, metadata=info,
+                               comfyui_style=comfyui_style, preview_png=preview_png)
+        paths[fmt] = path
+        log.info("exported %s LoRA: %s", fmt, path)
+    ranks = sorted({adapter.rank(m) for m in adapter.modules})
+    manifest = {
+        "name": name,
+        "modules": len(adapter.modules),
+        "ranks": ranks,
+        "scales": sorted({round(adapter.scale(m), 6) for m in adapter.modules}),
+        "use_rslora": adapter.use_rslora,
+        "parameters": adapter.num_parameters(),
+        "dtype": str(dtype),
+        "metadata": info,
+        "files": {fmt: {"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+                  for fmt, p in paths.items()},
+    }
+    write_json_atomic(out_dir / "export.json", manifest)
+    return paths
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORMATS, metadata: dict | None = None,
+                      name: str = "krea2_lora", dtype="bfloat16", comfyui_style: str = "alpha",
+                      preview_png: bytes | None = None, transformer=None, verify_dtype="float32",
+                      device="cpu") -> dict:
+    """Export, then verify every file on Turbo against the trained adapter (one Turbo load for all files).
+
+    Returns {"paths": {format: path}, "reports": {format: VerifyReport}}; writes verify.json next to the files.
+    Raises LoraVerifyError (a UserError, so the run fails) listing every file that failed.
+    """
+    from ..models.loading import load_transformer
+    from ..utils.io import write_json_atomic
+    from .verify import LoraVerifyError, verify_lora_file
+
+    adapter = as_adapter(adapter)
+    paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png)
+    if transformer is None:
+        if turbo_path is None:
+            raise UserError("verification needs the Turbo checkpoint (model.turbo / --turbo)")
+        transformer = load_transformer(turbo_path, dtype=verify_dtype, device=device)
+    reports = {fmt: verify_lora_file(p, adapter=adapter, transformer=transformer, raise_on_failure=False)
+               for fmt, p in paths.items()}
+    write_json_atomic(Path(out_dir) / "verify.json", {fmt: r.to_dict() for fmt, r in reports.items()})
+    failed = [r for r in reports.values() if not r.ok]
+    for r in reports.values():
+        log.info("%s", r.summary())
+    if failed:
+        raise LoraVerifyError("exported LoRA failed verification on Turbo:\n" + "\n".join(r.summary() for r in failed))
+    return {"paths": paths, "reports": reports}

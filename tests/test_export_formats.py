@@ -1,0 +1,227 @@
+"""Export formats: each layout written from a trained tiny adapter loads back (our reader, the inference core and,
+where it accepts the layout, diffusers' own Krea2Pipeline.load_lora_weights) with the trained deltas; peer layouts
+round-trip; bad files get clear errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from test_export_helpers import (PEER_LAYOUTS, loaded_deltas, max_delta_error, max_loaded_error, peer_state,
+                                 trained_adapter, trained_transformer)
+
+from krea2_train.export.formats import (FORMATS, LoraFormatError, TrainedAdapter, read_lora_file, read_lora_state,
+                                        write_lora_file)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_dir):
+    # Mixed ranks and alphas, rsLoRA: the cases where a scale gets lost or doubled.
+    return trained_adapter(tiny_dir, use_rslora=True, r=4, alpha=8, rank_pattern={"ff.down": 2},
+                           alpha_pattern={"to_gate": 3})
+
+
+@pytest.fixture(scope="module")
+def turbo(tiny_dir):
+    from krea2_train.models.loading import load_transformer
+
+    return load_transformer(tiny_dir / "transformer_turbo.safetensors", dtype="float32")
+
+
+def _diffusers_pipe(transformer):
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline
+
+    return Krea2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                         transformer=transformer)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_adapter_delta_equals_peft_delta(tiny_dir, rslora):
+    model = trained_transformer(tiny_dir, use_rslora=rslora, rank_pattern={"ff.down": 2}, alpha_pattern={"to_q": 5})
+    adapter = TrainedAdapter.from_model(model)
+    assert max_loaded_error(adapter, model, "default") < 1e-6
+    assert adapter.rank("transformer_blocks.0.ff.down") == 2 and adapter.alpha["transformer_blocks.1.attn.to_q"] == 5
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_format_roundtrip_and_loaders(adapter, turbo, tmp_path, fmt):
+    from krea2_train.inference import apply_lora
+
+    path = write_lora_file(adapter, tmp_path / f"lora_{fmt}.safetensors", fmt, dtype="float32")
+    with safe_open(str(path), "pt") as f:
+        keys, header = list(f.keys()), f.metadata()
+    assert not any("qkv" in k for k in keys)  # q/k/v are never fused
+    alpha_tensors = [k for k in keys if k.endswith(".alpha")]
+    if fmt == "diffusers":
+        assert all(k.startswith("transformer.transformer_blocks.") or k.startswith("transformer.") for k in keys)
+        assert not alpha_tensors and json.loads(header["lora_adapter_metadata"])["transformer.use_rslora"] is True
+    elif fmt in ("comfyui", "civitai"):
+        assert all(k.startswith("diffusion_model.") for k in keys)
+        assert "diffusion_model.blocks.0.attn.wq.lora_down.weight" in keys and alpha_tensors
+        assert "lora_adapter_metadata" not in header  # scale carried once: in the .alpha tensors
+    elif fmt == "original":
+        assert not alpha_tensors and "lora_adapter_metadata" not in header  # baked
+    elif fmt == "musubi":
+        assert "lora_unet_blocks_0_attn_wq.alpha" in keys
+
+    lora = read_lora_file(path)
+    assert max_delta_error(adapter, lora.adapter) < 1e-6
+
+    # The inference core's loader (what `sample` and `verify` use).
+    name = apply_lora(turbo, path, adapter_name=f"ours_{fmt}")
+    try:
+        assert max_loaded_error(adapter, turbo, name) < 1e-5
+    finally:
+        turbo.delete_adapters([name])
+
+    # diffusers' own pipeline loader: accepts diffusers/original layouts with the same effect, rejects .alpha ones.
+    pipe = _diffusers_pipe(turbo)
+    if lora.diffusers_problem is None:
+        pipe.load_lora_weights(str(path), adapter_name=f"d_{fmt}")
+        try:
+            assert max_loaded_error(adapter, turbo, f"d_{fmt}") < 1e-5
+        finally:
+            turbo.delete_adapters([f"d_{fmt}"])
+    else:
+        assert fmt in ("comfyui", "civitai", "musubi")
+        try:  # diffusers raises on .alpha/lora_down under diffusion_model.; lora_unet_ keys it silently skips
+            pipe.load_lora_weights(str(path), adapter_name=f"d_{fmt}")
+            assert fmt == "musubi" and not loaded_deltas(turbo, f"d_{fmt}")
+        except ValueError:
+            assert fmt != "musubi"
+        for n in list(getattr(turbo, "peft_config", {})):
+            turbo.delete_adapters([n])
+
+
+def test_comfyui_baked_loads_in_diffusers_too(adapter, turbo, tmp_path):
+    path = write_lora_file(adapter, tmp_path / "baked.safetensors", "comfyui", dtype="float32", comfyui_style="baked")
+    with safe_open(str(path), "pt") as f:
+        assert not [k for k in f.keys() if k.endswith(".alpha")]
+    lora = read_lora_file(path)
+    assert lora.layout == "original" and lora.diffusers_problem is None
+    _diffusers_pipe(turbo).load_lora_weights(str(path), adapter_name="baked")
+    try:
+        assert max_loaded_error(adapter, turbo, "baked") < 1e-5
+    finally:
+        turbo.delete_adapters(["baked"])
+
+
+@pytest.mark.parametrize("layout", PEER_LAYOUTS)
+def test_peer_layouts_read_and_convert(adapter, tmp_path, layout):
+    state, header = peer_state(adapter, layout)
+    src = tmp_path / f"{layout}.safetensors"
+    save_file(state, str(src), metadata=header or None)
+    lora = read_lora_file(src)
+    assert max_delta_error(adapter, lora.adapter) < 1e-5
+    for fmt in FORMATS:  # convert to every format and back
+        out = write_lora_file(lora.adapter, tmp_path / f"{layout}_{fmt}.safetensors", fmt, dtype="float32")
+        assert max_delta_error(adapter, read_lora_file(out).adapter) < 1e-5
+
+
+def test_peft_folder_with_adapter_config(adapter, tmp_path):
+    """PEFT's save_pretrained layout: base_model.model.<diffusers> keys, alpha in a sibling adapter_config.json."""
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    state = {f"base_model.model.{k}": v.contiguous() for k, v in adapter.peft_state_dict().items()}
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(adapter.lora_config_dict()))
+    lora = read_lora_file(folder)
+    assert lora.layout == "peft" and lora.alpha_source == "adapter_config.json"
+    assert max_delta_error(adapter, lora.adapter) < 1e-6
+
+
+def test_diffusers_layout_loads_through_diffusers_from_dict(adapter, turbo):
+    """read_lora_for_diffusers gives what load_lora_adapter takes, with the scale in its metadata."""
+    from krea2_train.export.formats import read_lora_for_diffusers
+
+    state, meta = read_lora_for_diffusers(peer_state(adapter, "musubi")[0])
+    turbo.load_lora_adapter(state, prefix="transformer", adapter_name="dict", metadata=meta)
+    try:
+        assert max_loaded_error(adapter, turbo, "dict") < 1e-5
+    finally:
+        turbo.delete_adapters(["dict"])
+
+
+def test_civitai_header(adapter, tmp_path):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="PNG")
+    info = dict(name="red_style", trigger_words=["r3d style"], resolution=1024, steps=1500, dataset_size=24,
+                turbo_strength=1.25)
+    path = write_lora_file(adapter, tmp_path / "c.safetensors", "civitai", metadata=info, preview_png=buf.getvalue())
+    with safe_open(str(path), "pt") as f:
+        h = f.metadata()
+        alpha = f.get_tensor("diffusion_model.blocks.0.attn.wq.alpha").item()
+    assert h["modelspec.sai_model_spec"] == "1.0.0" and h["modelspec.architecture"] == "krea-2/lora"
+    assert h["modelspec.trigger_phrase"] == "r3d style" and h["modelspec.resolution"] == "1024x1024"
+    assert h["ss_max_train_steps"] == "1500" and h["ss_num_train_images"] == "24"
+    assert "Turbo" in h["modelspec.usage_hint"] and "1.25" in h["modelspec.usage_hint"]
+    assert float(h["ss_network_alpha"]) == pytest.approx(alpha, rel=1e-5)  # informational, equals the tensors
+    assert h["ss_network_dim"] == "4"
+    png = base64.b64decode(h["modelspec.thumbnail"].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).size == (16, 16)
+    assert json.loads(h["krea2_train.info"])["trigger_words"] == ["r3d style"]
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def test_error_wrong_model(tmp_path):
+    flux = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 8),
+            "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(24, 4)}
+    save_file(flux, str(tmp_path / "flux.safetensors"))
+    with pytest.raises(LoraFormatError, match=r"flux\.safetensors.*do not map to a Krea 2.*fused q/k/v"):
+        read_lora_file(tmp_path / "flux.safetensors")
+    sdxl = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)}
+    with pytest.raises(LoraFormatError, match="another model"):
+        read_lora_state(sdxl, source="sdxl.safetensors")
+
+
+def test_error_not_a_lora(tiny_dir):
+    with pytest.raises(LoraFormatError, match="not LoRA weights.*full checkpoint"):
+        read_lora_file(tiny_dir / "transformer_turbo.safetensors")
+
+
+def test_error_missing_tensors(adapter):
+    state, _ = peer_state(adapter, "comfyui")
+    del state["diffusion_model.blocks.1.mlp.up.lora_up.weight"]
+    with pytest.raises(LoraFormatError, match=r"missing tensors.*blocks\.1\.ff\.up|missing tensors"):
+        read_lora_state(state, source="x.safetensors")
+    state, _ = peer_state(adapter, "musubi")
+    del state["lora_unet_blocks_0_attn_wq.alpha"]
+    with pytest.raises(LoraFormatError, match="alpha for some modules"):
+        read_lora_state(state, source="x.safetensors")
+
+
+def test_error_mismatched_shapes(adapter):
+    state, _ = peer_state(adapter, "comfyui")
+    state["diffusion_model.blocks.0.attn.wq.lora_up.weight"] = torch.zeros(128, 3)
+    with pytest.raises(LoraFormatError, match=r"mismatched shapes at diffusion_model\.blocks\.0\.attn\.wq"):
+        read_lora_state(state, source="x.safetensors")
+
+
+def test_error_alpha_where_diffusers_rejects_it(adapter, turbo, tmp_path):
+    """A diffusers-named file with .alpha tensors: diffusers' loader fails; we name the problem and the fix."""
+    state = {k: v.contiguous() for k, v in adapter.peft_state_dict("transformer.").items()}
+    for m in adapter.modules:
+        state[f"transformer.{m}.alpha"] = torch.tensor(adapter.kohya_alphas()[m])
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    lora = read_lora_file(tmp_path / "bad.safetensors")
+    assert max_delta_error(adapter, lora.adapter) < 1e-5  # we still read it right (alpha = kohya semantics)
+    assert "alpha" in lora.diffusers_problem and "convert" in lora.diffusers_problem
+    with pytest.raises(Exception):
+        _diffusers_pipe(turbo).load_lora_weights(str(tmp_path / "bad.safetensors"), adapter_name="bad")
+    for n in list(getattr(turbo, "peft_config", {})):
+        turbo.delete_adapters([n])
+
+
+def test_error_unsupported_adapter_types():
+    with pytest.raises(LoraFormatError, match="DoRA"):
+        read_lora_state({"transformer.img_in.lora_magnitude_vector": torch.zeros(3)}, source="d.safetensors")
+    with pytest.raises(LoraFormatError, match="LoKr"):
+        read_lora_state({"lora_unet_blocks_0_attn_wq.lokr_w1": torch.zeros(3)}, source="k.safetensors")
