@@ -110,6 +110,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
         acc.wait_for_everyone()
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
         transformer = self._transformer if self._transformer is not None else self._load_transformer()
         if transformer.device != acc.device and cfg.memory.offload_blocks is not True:
             transformer = transformer.to(acc.device)
@@ -215,7 +218,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
     def run(self) -> TrainResult:
-        self.setup()
+        if not hasattr(self, "model"):
+            self.setup()
         cfg, acc, state = self.cfg, self.acc, self.state
         total = cfg.total_steps
         accum = cfg.train.gradient_accumulation
