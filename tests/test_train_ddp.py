@@ -1,0 +1,54 @@
+"""Two-process CPU data parallel (gloo) through `accelerate launch`: both processes train and end with the same
+adapter, which differs from the initial one, and the checkpoint holds one RNG state per process."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from krea2_train.config import load_config
+    from krea2_train.train.batches import SyntheticData
+    from krea2_train.train.trainer import Trainer
+    from krea2_train.train.lora import adapter_state_dict
+    tiny, out = sys.argv[1], sys.argv[2]
+    cfg = load_config(None, [
+        f"model.transformer={tiny}/transformer_raw.safetensors", f"model.text_encoder={tiny}/text_encoder",
+        f"model.vae={tiny}/vae", "model.dtype=float32", "train.mixed_precision=no",
+        "train.stages=[{resolution: 64, steps: 4, batch_size: 1}]", "optimizer.lr=2e-3", f"output_dir={out}",
+        "run_name=ddp", "checkpoint.every_steps=2", "logging.progress=none", "logging.tensorboard=false",
+        "lora.rank=4", "lora.dropout=0.1"])
+    t = Trainer(cfg, source=SyntheticData())
+    res = t.run()
+    rank = t.acc.process_index
+    assert t.acc.num_processes == 2, t.acc.num_processes
+    torch.save(adapter_state_dict(t.transformer), f"{out}/adapter_rank{rank}.pt")
+    print("RANK", rank, "STEP", res.step, "DISTRIBUTED", t.acc.distributed_type)
+''')
+
+
+@pytest.mark.slow
+def test_two_process_ddp_same_adapter(tiny_dir, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29513",
+           str(script), str(tiny_dir), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "RANK 0 STEP 4" in proc.stdout and "RANK 1 STEP 4" in proc.stdout, proc.stdout
+    assert "MULTI_CPU" in proc.stdout
+    a = torch.load(tmp_path / "adapter_rank0.pt")
+    b = torch.load(tmp_path / "adapter_rank1.pt")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # B starts at zero: it trained
+    ckpt = tmp_path / "ddp" / "checkpoints" / "step-000004"
+    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
