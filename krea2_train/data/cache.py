@@ -160,6 +160,10 @@ def load_manifest(path) -> Manifest:
 def _state():
     from accelerate import PartialState
 
+    # Launched with several processes on a machine without GPUs: accelerate only sets up the (gloo) process group
+    # when asked for CPU explicitly. An already initialised state (the trainer's Accelerator) is returned as is.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        return PartialState(cpu=True)
     return PartialState()
 
 
@@ -234,8 +238,15 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
     captions, jobs, items = _plan(scan, data_cfg, text_fp, vae_fp, background)
     show = progress and state.is_local_main_process
 
+    # What is missing, decided by every process before any writes (else a fast process's new files would change
+    # another's list and the round-robin shares would overlap or leave gaps).
+    text_todo = sorted(k for k in captions if not entry_valid(entry_path(cache_dir, "text", k), k))
+    latent_todo = [j for j in jobs if not all(entry_valid(entry_path(cache_dir, "latents", k), k) for k, _ in j[3])]
+    latent_todo.sort(key=lambda j: j[3][0][0])
+    state.wait_for_everyone()
+
     # ---- text
-    todo = sorted(k for k in captions if not entry_valid(entry_path(cache_dir, "text", k), k))
+    todo = text_todo
     mine = todo[state.process_index::state.num_processes]
     if todo:
         log.info("text cache: %d of %d captions to encode (%d on this process)", len(todo), len(captions), len(mine))
@@ -261,8 +272,7 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
         text_encoder = None
 
     # ---- latents
-    todo = [j for j in jobs if not all(entry_valid(entry_path(cache_dir, "latents", k), k) for k, _ in j[3])]
-    todo.sort(key=lambda j: j[3][0][0])
+    todo = latent_todo
     mine = todo[state.process_index::state.num_processes]
     if todo:
         log.info("latent cache: %d of %d image crops to encode (%d on this process)", len(todo), len(jobs), len(mine))

@@ -182,9 +182,9 @@ def make_loader(manifest: Manifest, resolution: int, batch_size: int, seed: int,
     """A DataLoader yielding this process's batches for steps start_step, start_step+1, ... (num_steps of them, or
     forever). Steps count per stage: pass the step within the current stage."""
     if process_index is None or num_processes is None:
-        from accelerate import PartialState
+        from .cache import _state
 
-        state = PartialState()
+        state = _state()
         process_index, num_processes = state.process_index, state.num_processes
     plan = BatchPlan(manifest, resolution, batch_size, seed, "train", drop_last)
     dataset = CachedBatches(plan, process_index, num_processes)
