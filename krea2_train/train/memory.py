@@ -191,12 +191,13 @@ def _int8_linear(linear: nn.Linear, device, threshold: float = 6.0):
 
     layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                 has_fp16_weights=False, threshold=threshold, device="meta")
-    # bitsandbytes quantises on `.to(device)`; it wants a 16-bit source weight.
-    w = linear.weight.detach().to(torch.float16 if linear.weight.dtype == torch.float32 else linear.weight.dtype)
-    layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    # Quantise explicitly: `Int8Params.to()` only quantises when the source is on the CPU, and a model built or
+    # loaded on the GPU must not make a round trip.
+    weight = bnb.nn.Int8Params(linear.weight.detach(), requires_grad=False, has_fp16_weights=False)
+    layer.weight = weight._quantize(device)
     if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    return layer.to(device)
+        layer.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+    return layer
 
 
 def _nf4_linear(linear: nn.Linear, device, compute_dtype):
