@@ -1,0 +1,262 @@
+"""LoRA tools: inspect, convert, resize (SVD), merge (LoRAs together or into a checkpoint), extract (checkpoint diff).
+
+All work on `TrainedAdapter` (diffusers module names, exact per-module scale), so any readable layout goes in and
+any writable layout comes out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .formats import LoraFile, TrainedAdapter, read_lora_file, write_lora_file
+
+log = logging.getLogger(__name__)
+
+
+def _load(src) -> TrainedAdapter:
+    if isinstance(src, TrainedAdapter):
+        return src
+    if isinstance(src, LoraFile):
+        return src.adapter
+    return read_lora_file(src).adapter
+
+
+# --------------------------------------------------------------------------------------------------- inspect
+def _module_kind(m: str) -> str:
+    """`transformer_blocks.3.attn.to_q` -> `transformer_blocks.*.attn.to_q`."""
+    return re.sub(r"\.\d+\.", ".*.", m)
+
+
+def inspect_lora(path) -> dict:
+    """Format, rank, alpha, scale, targets, parameter count and header metadata of a LoRA file."""
+    lora = read_lora_file(path)
+    a = lora.adapter
+    header = {}
+    for k, v in lora.header.items():
+        if k == "modelspec.thumbnail":
+            v = f"<image, {len(v)} characters>"
+        elif len(v) > 300:
+            v = v[:300] + "..."
+        header[k] = v
+    kinds = Counter(_module_kind(m) for m in a.modules)
+    return {
+        "path": str(path),
+        "layout": lora.layout,
+        "alpha_source": lora.alpha_source,
+        "use_rslora": a.use_rslora,
+        "modules": len(a.modules),
+        "ranks": dict(Counter(a.rank(m) for m in a.modules)),
+        "alphas": dict(Counter(_num(a.alpha[m]) for m in a.modules)),
+        "scales": dict(Counter(round(a.scale(m), 6) for m in a.modules)),
+        "targets": dict(sorted(kinds.items())),
+        "parameters": a.num_parameters(),
+        "dtype": str(a.dtype).replace("torch.", ""),
+        "diffusers_loadable": lora.diffusers_problem is None,
+        "diffusers_problem": lora.diffusers_problem,
+        "warnings": lora.warnings,
+        "metadata": header,
+    }
+
+
+def format_inspect(info: dict) -> str:
+    lines = [f"{info['path']}",
+             f"  layout: {info['layout']} (alpha from {info['alpha_source']}{', rsLoRA' if info['use_rslora'] else ''})",
+             f"  modules: {info['modules']}, parameters: {info['parameters']:,}, dtype {info['dtype']}",
+             f"  rank: {_counts(info['ranks'])}; alpha: {_counts(info['alphas'])}; scale: {_counts(info['scales'])}",
+             "  loads in diffusers: " + ("yes" if info["diffusers_loadable"] else f"no ({info['diffusers_problem']})"),
+             "  targets:"]
+    lines += [f"    {k}: {v}" for k, v in info["targets"].items()]
+    if info["metadata"]:
+        lines.append("  metadata:")
+        lines += [f"    {k}: {v}" for k, v in sorted(info["metadata"].items())]
+    lines += [f"  warning: {w}" for w in info["warnings"]]
+    return "\n".join(lines)
+
+
+def _counts(c: dict) -> str:
+    return ", ".join(f"{k} (x{v})" if len(c) > 1 else str(k) for k, v in sorted(c.items(), key=lambda kv: -kv[1]))
+
+
+def _num(v: float):
+    return int(v) if float(v).is_integer() else round(float(v), 6)
+
+
+# --------------------------------------------------------------------------------------------------- convert
+def convert_lora(src, dst, fmt: str, dtype=None, comfyui_style: str = "alpha", metadata: dict | None = None) -> Path:
+    """Read any supported layout, write `fmt` (dtype None keeps the file's precision)."""
+    lora = read_lora_file(src)
+    return write_lora_file(lora.adapter, dst, fmt, dtype=dtype or lora.adapter.dtype, metadata=metadata,
+                           comfyui_style=comfyui_style)
+
+
+# --------------------------------------------------------------------------------------------------- resize
+def _factor_svd(up: torch.Tensor, down: torch.Tensor, scale: float):
+    """SVD of scale * up @ down without forming it: QR of each factor, SVD of the small r x r core."""
+    qb, rb = torch.linalg.qr(up.float())
+    qa, ra = torch.linalg.qr(down.float().T)
+    u, s, vh = torch.linalg.svd(scale * rb @ ra.T)
+    return qb @ u, s, vh @ qa.T  # U (out, r), S (r,), Vh (r, in)
+
+
+def _split(u, s, vh, k, dtype):
+    root = s[:k].sqrt()
+    return (vh[:k] * root[:, None]).to(dtype).contiguous(), (u[:, :k] * root[None, :]).to(dtype).contiguous()
+
+
+def resize_lora(src, rank: int | None = None, min_energy: float | None = None) -> tuple[TrainedAdapter, dict]:
+    """Lower each module's rank by SVD of its delta. `rank`: the maximum new rank; `min_energy` (0..1): per module,
+    the smallest rank keeping that share of the squared singular values (capped by `rank`).
+
+    Returns (adapter with alpha = rank, i.e. scale 1; {module: {"rank": old -> new, "energy": kept share}}).
+    """
+    if rank is None and min_energy is None:
+        raise UserError("resize needs --rank and/or --min-energy")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    adapter = _load(src)
+    down, up, alpha, report = {}, {}, {}, {}
+    for m in adapter.modules:
+        u, s, vh = _factor_svd(adapter.up[m], adapter.down[m], adapter.scale(m))
+        energy = (s**2).cumsum(0) / (s**2).sum().clamp(min=1e-30)
+        k = min(adapter.rank(m), s.numel())  # a 12 -> 1 projector has rank <= 1 whatever the LoRA rank
+        if min_energy is not None:
+            k = min(k, int((energy < min_energy - 1e-7).sum().item()) + 1)
+        if rank is not None:
+            k = min(k, rank)
+        down[m], up[m] = _split(u, s, vh, k, adapter.dtype)
+        alpha[m] = float(k)
+        report[m] = {"rank": f"{adapter.rank(m)} -> {k}", "energy": round(float(energy[k - 1]), 6)}
+    return TrainedAdapter(down, up, alpha, use_rslora=False, info=dict(adapter.info)), report
+
+
+# --------------------------------------------------------------------------------------------------- merge
+def merge_loras(items, rank: int | None = None) -> tuple[TrainedAdapter, dict]:
+    """Combine [(lora, weight), ...] into one LoRA whose delta is sum(weight_i * delta_i).
+
+    Without `rank`, factors are concatenated: exact, rank = sum of ranks. With `rank`, the sum is re-factored by
+    SVD to at most that rank (report gives the energy kept per module).
+    """
+    items = [(_load(src), float(w)) for src, w in items]
+    if not items:
+        raise UserError("merge needs at least one LoRA")
+    modules = sorted({m for a, _ in items for m in a.modules})
+    down, up, alpha = {}, {}, {}
+    dtype = items[0][0].dtype
+    for m in modules:
+        parts = [(a, w) for a, w in items if m in a.down]
+        down[m] = torch.cat([a.down[m].float() for a, _ in parts], 0).to(dtype)
+        up[m] = torch.cat([a.up[m].float() * (w * a.scale(m)) for a, w in parts], 1).to(dtype)
+        alpha[m] = float(down[m].shape[0])  # scale 1: the scales were folded into up
+    merged = TrainedAdapter(down, up, alpha, info={"merged_from": [a.info.get("name", "?") for a, _ in items]})
+    if rank is None:
+        return merged, {m: {"rank": merged.rank(m), "energy": 1.0} for m in modules}
+    return resize_lora(merged, rank=rank)
+
+
+def merge_into_checkpoint(items, checkpoint, out_path, dtype="bfloat16") -> Path:
+    """Add sum(weight_i * delta_i) to a transformer checkpoint; write it in the official single-file layout."""
+    from ..models.keys import diffusers_to_original_module
+    from ..models.loading import _require_path, read_original_state_dict, resolve_dtype
+    from ..utils.io import save_safetensors_atomic
+
+    path = _require_path(checkpoint, "transformer checkpoint")
+    if path.is_dir():
+        raise UserError(f"{path}: merging into a diffusers folder is not supported; pass the single-file checkpoint")
+    state, header = read_original_state_dict(path, torch.float32)
+    out_dtype = resolve_dtype(dtype)
+    adapters = [(_load(src), float(w)) for src, w in items]
+    for adapter, w in adapters:
+        for m in adapter.modules:
+            key = f"{diffusers_to_original_module(m)}.weight"
+            if key not in state:
+                raise UserError(f"{path} has no {key} for LoRA module {m}: the LoRA is for another model")
+            if tuple(state[key].shape) != (adapter.up[m].shape[0], adapter.down[m].shape[1]):
+                raise UserError(f"mismatched shapes: {key} is {tuple(state[key].shape)} in {path}, the LoRA's delta "
+                                f"is {(adapter.up[m].shape[0], adapter.down[m].shape[1])}; the LoRA is for another "
+                                "model size")
+            state[key] = state[key] + w * adapter.delta(m)
+    out = {k: (v.to(out_dtype) if v.ndim == 2 and not k.endswith("modulation.lin") else v) for k, v in state.items()}
+    header = {**header, "krea2_train.merged_loras": ", ".join(a.info.get("name", "?") for a, _ in adapters)}
+    return save_safetensors_atomic(out, out_path, metadata=header)
+
+
+# --------------------------------------------------------------------------------------------------- extract
+def _linear_weights(path) -> dict[str, torch.Tensor]:
+    """{diffusers Linear module: weight (float32)} from a single-file checkpoint or a diffusers folder."""
+    from ..models.keys import original_to_diffusers_module
+    from ..models.loading import _require_path, load_transformer, read_original_state_dict
+
+    path = _require_path(path, "transformer checkpoint")
+    if path.is_dir():
+        model = load_transformer(path, dtype="float32")
+        return {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    state, _ = read_original_state_dict(path, torch.float32)
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            m = original_to_diffusers_module(key[: -len(".weight")])
+            if m is not None:
+                out[m] = value.float()
+    return out
+
+
+def extract_lora(base, target, rank: int, min_energy: float | None = None,
+                 niter: int = 4) -> tuple[TrainedAdapter, dict]:
+    """A LoRA approximating target - base (e.g. Turbo - Raw: applied to Raw it moves it towards Turbo).
+
+    Each Linear's difference is factored by (randomised, for large layers) SVD to `rank`; the report gives the share
+    of the difference's energy (squared Frobenius norm) kept per module.
+    """
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    wa, wb = _linear_weights(base), _linear_weights(target)
+    missing = sorted(set(wa) ^ set(wb))
+    if missing:
+        raise UserError(f"{base} and {target} do not have the same Linear layers (e.g. {missing[:3]}); extract needs "
+                        "two checkpoints of the same architecture")
+    down, up, alpha, report = {}, {}, {}, {}
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # svd_lowrank is randomised: make extraction reproducible
+    try:
+        for m in sorted(wa):
+            if wa[m].shape != wb[m].shape:
+                raise UserError(f"mismatched shapes at {m}: {tuple(wa[m].shape)} vs {tuple(wb[m].shape)}; the "
+                                "checkpoints are different model sizes")
+            diff = wb[m] - wa[m]
+            total = float((diff**2).sum())
+            if total == 0.0:
+                continue  # identical layers: nothing to learn
+            k = min(rank, *diff.shape)
+            if min(diff.shape) <= 4 * k + 16:
+                u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+            else:
+                u, s, v = torch.svd_lowrank(diff, q=min(k + 10, min(diff.shape)), niter=niter)
+                vh = v.T
+            energy = (s[:k] ** 2).cumsum(0) / total
+            if min_energy is not None:
+                k = min(k, int((energy < min_energy - 1e-7).sum().item()) + 1)
+            down[m], up[m] = _split(u, s, vh, k, torch.float32)
+            alpha[m] = float(k)
+            report[m] = {"rank": k, "energy": round(min(float(energy[k - 1]), 1.0), 6)}
+    finally:
+        torch.random.set_rng_state(gen_state)
+    if not down:
+        raise UserError(f"{base} and {target} are identical: there is nothing to extract")
+    info = {"name": f"extract_{Path(str(target)).stem}_minus_{Path(str(base)).stem}", "extracted_rank": rank}
+    return TrainedAdapter(down, up, alpha, info=info), report
+
+
+def energy_summary(report: dict) -> str:
+    if not report:
+        return "no modules"
+    e = [v["energy"] for v in report.values()]
+    worst = min(report, key=lambda m: report[m]["energy"])
+    return (f"{len(e)} modules, energy kept: mean {sum(e) / len(e):.4f}, min {min(e):.4f} at {worst}"
+            f"{'' if math.isfinite(min(e)) else ' (non-finite!)'}")
