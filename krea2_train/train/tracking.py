@@ -68,7 +68,7 @@ class Tracker:
         values = {**values, "s_per_step": s_per_step, "eta_s": s_per_step * (self.total - step)}
         self.metrics.write(json.dumps({"step": step, **values}) + "\n")
         self.metrics.flush()
-        if self.bar is not None:
+        if self.bar is not None and "loss" in values:
             self.bar.n = step
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "s_per_step")},
                                  refresh=False)

@@ -262,6 +262,9 @@ class Trainer:
             state.done = True
             if cfg.checkpoint.every_steps == 0 or state.step % cfg.checkpoint.every_steps != 0:
                 self.ckpt.save("final")
+        if not interrupted and cfg.preview.prompts and not (
+                cfg.preview.every_steps and state.step % cfg.preview.every_steps == 0):
+            self.preview(state.step, tracker)
         adapter_dir = self.run_dir / "adapter"
         if acc.is_main_process and not interrupted:
             lora_mod.save_adapter(self.transformer, self.peft_config, adapter_dir,
@@ -348,7 +351,7 @@ class Trainer:
                 from .preview import render_previews
             except ImportError:
                 return
-            images = render_previews(self.cfg, self.transformer, self.run_dir, step)
+            images = render_previews(self.cfg, self.transformer, self.run_dir, step, peft_config=self.peft_config)
             if tracker is not None and images:
                 tracker.log_images(step, images)
         self.acc.wait_for_everyone()

@@ -1,0 +1,42 @@
+"""`krea2-train run CONFIG` (also the bare `krea2-train CONFIG`) and `krea2-train train CONFIG`."""
+
+from __future__ import annotations
+
+
+def _config(args):
+    from ..config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def run(args) -> int:
+    from .pipeline import run_all
+
+    return run_all(_config(args))
+
+
+def train(args) -> int:
+    from .data_source import CachedData
+    from .pipeline import ensure_tiny
+    from .trainer import Trainer
+
+    cfg = _config(args)
+    ensure_tiny(cfg)
+    trainer = Trainer(cfg)
+    trainer.source = CachedData(cfg, trainer.acc)
+    result = trainer.run()
+    return 130 if result.interrupted else 0
+
+
+def register(sub) -> None:
+    help_overrides = "key=value overrides, e.g. lora.rank=32 train.stages.0.steps=500"
+    p = sub.add_parser("run", help="the whole job: check-data, cache, train, export, verify (each skipped when "
+                       "already done)")
+    p.add_argument("config", help="run config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help=help_overrides)
+    p.set_defaults(func=run)
+    p = sub.add_parser("train", help="train the LoRA only (caches are built first if missing); resumes from the "
+                       "latest checkpoint")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help=help_overrides)
+    p.set_defaults(func=train)

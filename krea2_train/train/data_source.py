@@ -1,0 +1,45 @@
+"""Training batches from the on-disk caches (krea2_train.data): the trainer's default source.
+
+The data loader numbers batches per process as g = step * num_processes + process_index and reads them from a seed,
+so the trainer passes its micro-step within the stage as `start_step` and a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def stage_resolutions(cfg) -> list[int]:
+    return sorted({int(s.resolution) for s in cfg.train.stages})
+
+
+def prepare_manifest(cfg, progress: bool = True):
+    """Check the data and make sure every cache entry exists (encoders load only if something is missing)."""
+    from ..data.cache import build_caches
+
+    return build_caches(cfg.data, cfg.model, cfg.cache_dir, stage_resolutions(cfg), progress=progress)
+
+
+class CachedData:
+    def __init__(self, cfg, accelerator=None, manifest=None):
+        self.cfg = cfg
+        self.manifest = manifest if manifest is not None else prepare_manifest(cfg)
+        self._val: dict = {}
+
+    def stage_batches(self, stage_index, stage, start, seed, process_index=0, num_processes=1, global_offset=0):
+        from ..data.loader import make_loader
+
+        loader = make_loader(self.manifest, stage.resolution, stage.batch_size, seed, start_step=start,
+                             num_workers=self.cfg.data.num_workers, process_index=process_index,
+                             num_processes=num_processes, drop_last=self.cfg.data.drop_last)
+        return iter(loader)
+
+    def validation_batches(self, stage):
+        from ..data.loader import validation_batches
+
+        if stage.resolution not in self._val:
+            self._val[stage.resolution] = validation_batches(self.manifest, stage.resolution, stage.batch_size,
+                                                             max_samples=self.cfg.validation.max_samples)
+        return self._val[stage.resolution]

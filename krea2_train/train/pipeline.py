@@ -1,0 +1,158 @@
+"""`krea2-train CONFIG`: the whole job in order, each step skipped when its result is already valid.
+
+    tiny model   (demo only: `make_tiny` set and the folder missing)
+    check-data   every image and caption checked; fatal problems stop here with the report
+    cache        text and latent caches; skipped when every entry already exists (no encoder is loaded)
+    train        skipped when RUN/train_done.json says all steps ran and the adapter is on disk; resumes otherwise
+    export       the configured formats; skipped when RUN/export/export.json is newer than the adapter
+    verify       each exported file on Turbo (a failure fails the run); skipped with export
+
+Works under `accelerate launch`: caching splits across processes, training is data parallel, export and verify run
+on the main process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _say(msg: str) -> None:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"==> {msg}", flush=True)
+
+
+def ensure_tiny(cfg) -> None:
+    if not cfg.make_tiny:
+        return
+    from accelerate import PartialState
+
+    from ..models.tiny import make_tiny
+
+    target = Path(cfg.make_tiny)
+    state = PartialState()
+    if not (target / "transformer_raw.safetensors").exists():
+        if state.is_main_process:
+            _say(f"tiny model: writing {target}")
+            make_tiny(target)
+    state.wait_for_everyone()
+
+
+def check_data(cfg):
+    from ..data.checks import format_report, scan_data
+    from .data_source import stage_resolutions
+
+    scan = scan_data(cfg.data, stage_resolutions(cfg), cfg.cache_dir)
+    if scan.fatal:
+        raise UserError("the data has fatal problems; fix them and run again:\n" + format_report(scan))
+    _say(f"check-data: {scan.summary()}")
+    return scan
+
+
+def cache(cfg, scan):
+    from accelerate import PartialState
+
+    from ..data.cache import build_caches, manifest_if_ready
+    from .data_source import stage_resolutions
+
+    res = stage_resolutions(cfg)
+    manifest = manifest_if_ready(cfg.data, cfg.model, cfg.cache_dir, res, scan, device=PartialState().device)
+    if manifest is not None:
+        _say(f"cache: up to date ({len(manifest.items)} images at {res} px), skipped")
+        return manifest
+    _say(f"cache: encoding captions and images at {res} px into {cfg.cache_dir}")
+    return build_caches(cfg.data, cfg.model, cfg.cache_dir, res, scan=scan)
+
+
+def export_valid(cfg) -> bool:
+    run = cfg.run_dir
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    done = run / "export" / "export.json"
+    if not (adapter.exists() and done.exists()) or done.stat().st_mtime < adapter.stat().st_mtime:
+        return False
+    meta = json.loads(done.read_text())
+    if set(meta.get("files", {})) != set(cfg.export.formats):
+        return False
+    if cfg.export.verify:
+        v = run / "export" / "verify.json"
+        if not v.exists() or not all(r.get("ok") for r in json.loads(v.read_text()).values()):
+            return False
+    return True
+
+
+def export(cfg, manifest=None):
+    from ..export.export import export_and_verify, export_lora
+
+    run = cfg.run_dir
+    name = cfg.export.name or cfg.run_name
+    triggers = list(cfg.export.trigger_words) or [d.trigger_word for d in cfg.data.datasets if d.trigger_word]
+    metadata = {"trigger_words": triggers, "resolution": cfg.train.stages[-1].resolution,
+                "steps": cfg.total_steps, "base_model": "Krea 2 Raw"}
+    if manifest is not None:
+        metadata["dataset_size"] = sum(1 for i in manifest.items if i.get("split") == "train")
+    previews = sorted((run / "previews").glob("step-*.png"))
+    preview_png = previews[-1].read_bytes() if previews else None
+    out = run / "export"
+    if cfg.export.verify:
+        if not cfg.model.turbo:
+            raise UserError("export.verify needs the Turbo checkpoint: set model.turbo, or export.verify: false")
+        result = export_and_verify(run / "adapter", out, cfg.model.turbo, formats=list(cfg.export.formats),
+                                   metadata=metadata, name=name, preview_png=preview_png)
+        paths = result["paths"]
+        _say("verify: every exported file loads on Turbo with the trained effect")
+    else:
+        paths = export_lora(run / "adapter", out, list(cfg.export.formats), metadata, name, preview_png=preview_png)
+    for fmt, p in paths.items():
+        _say(f"export: {fmt}: {p}")
+    if cfg.export.transfer_report:
+        _transfer_report(cfg, run, out)
+    return paths
+
+
+def _transfer_report(cfg, run, out):
+    try:
+        from ..export import transfer
+    except ImportError:
+        log.warning("export.transfer_report: the transfer report is not available in this build; skipped")
+        return
+    fn = getattr(transfer, "transfer_report", None)
+    if fn is None:
+        log.warning("export.transfer_report: krea2_train.export.transfer has no transfer_report(); skipped")
+        return
+    fn(run / "adapter", raw_path=cfg.model.transformer, turbo_path=cfg.model.turbo, out_dir=out)
+
+
+def run_all(cfg) -> int:
+    from accelerate import PartialState
+
+    from .data_source import CachedData
+    from .trainer import Trainer, training_done
+
+    ensure_tiny(cfg)
+    scan = check_data(cfg)
+    manifest = cache(cfg, scan)
+    if training_done(cfg):
+        _say(f"train: {cfg.run_dir} already finished {cfg.total_steps} steps, skipped")
+    else:
+        _say(f"train: {cfg.total_steps} steps into {cfg.run_dir}")
+        trainer = Trainer(cfg)
+        trainer.source = CachedData(cfg, trainer.acc, manifest=manifest)
+        result = trainer.run()
+        if result.interrupted:
+            return 130
+    state = PartialState()
+    if state.is_main_process:
+        if export_valid(cfg):
+            _say(f"export: {cfg.run_dir / 'export'} is up to date, skipped")
+        else:
+            export(cfg, manifest)
+        _say(f"done: {cfg.run_dir}")
+    state.wait_for_everyone()
+    return 0

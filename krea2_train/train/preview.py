@@ -1,0 +1,128 @@
+"""Preview samples during training, through the shared inference core (krea2_train.inference), with fixed seeds:
+
+    Raw   the training transformer with its current LoRA, `preview.raw_steps` steps, CFG `preview.raw_guidance`
+    Turbo `model.turbo` with the current adapter weights copied in, 8 steps, no guidance (how the LoRA is deployed)
+
+A PNG grid per step (rows: prompts; columns: Raw, Turbo) goes to RUN/previews/step-NNNNNN.png and to the trackers.
+Prompt embeddings are computed once and kept on the CPU; the text encoder is released right after, so training
+never holds it. The VAE is loaded on the CPU and moved to the GPU only while decoding. Turbo is loaded for the preview
+and dropped after it: on small GPUs set `preview.turbo: false` (a second 12.9B copy needs ~26 GB while it runs).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_EMBEDS: dict = {}
+
+
+def prompt_embeddings(cfg):
+    """(embeds, mask, negative embeds, negative mask) for the preview prompts; computed once per process."""
+    key = (cfg.model.text_encoder, tuple(cfg.preview.prompts), cfg.preview.negative_prompt)
+    if key not in _EMBEDS:
+        from ..models.text_encoder import TextEncoder
+
+        enc = TextEncoder.from_path(cfg.model.text_encoder, dtype="float32" if not torch.cuda.is_available()
+                                    else "bfloat16", device="cuda" if torch.cuda.is_available() else "cpu")
+        emb, mask = enc.encode(list(cfg.preview.prompts))
+        neg, neg_mask = enc.encode([cfg.preview.negative_prompt] * len(cfg.preview.prompts))
+        _EMBEDS.clear()
+        _EMBEDS[key] = tuple(t.cpu() for t in (emb, mask, neg, neg_mask))
+        del enc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return _EMBEDS[key]
+
+
+def _decode(cfg, latents_list, device):
+    from ..models.vae import VAE, to_pil
+
+    vae = VAE.from_path(cfg.model.vae, dtype="float32", device=device)
+    try:
+        return [to_pil(vae.decode(lat)) for lat in latents_list]
+    finally:
+        del vae
+        gc.collect()
+
+
+def _grid(columns: list[list], labels: list[str]):
+    from PIL import Image, ImageDraw
+
+    rows = len(columns[0])
+    w, h = columns[0][0].size
+    pad = 14
+    grid = Image.new("RGB", (w * len(columns), rows * h + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (col, label) in enumerate(zip(columns, labels)):
+        draw.text((c * w + 3, 1), label, fill="black")
+        for r, im in enumerate(col):
+            grid.paste(im, (c * w, pad + r * h))
+    return grid
+
+
+@torch.no_grad()
+def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | None = None, peft_config=None):
+    """Render the preview grid; returns {"preview": PIL image} (empty if there are no prompts)."""
+    from ..inference import SampleSettings, sample_latents
+    from ..utils.io import write_bytes_atomic
+
+    p = cfg.preview
+    if not p.prompts:
+        return {}
+    emb, mask, neg, neg_mask = prompt_embeddings(cfg)
+    device = next(p_ for p_ in transformer.parameters()).device
+    was_training = transformer.training
+    transformer.eval()
+    size = dict(height=p.resolution, width=p.resolution, seed=p.seed)
+    raw_settings = SampleSettings.raw(steps=p.raw_steps, guidance=p.raw_guidance, **size)
+    lat_raw = [sample_latents(transformer, emb[i:i + 1], mask[i:i + 1], raw_settings, neg[i:i + 1],
+                              neg_mask[i:i + 1]) for i in range(len(p.prompts))]
+    transformer.train(was_training)
+    latents, labels = [torch.cat(lat_raw)], [f"Raw {p.raw_steps} steps, g={p.raw_guidance}"]
+    if p.turbo and cfg.model.turbo:
+        lat_turbo = _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config)
+        latents.append(lat_turbo)
+        labels.append(f"Turbo + LoRA, {p.turbo_steps} steps")
+    columns = _decode(cfg, latents, device)
+    grid = _grid(columns, labels)
+    import io
+
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    path = Path(run_dir) / "previews" / f"step-{step:06d}.png"
+    write_bytes_atomic(path, buf.getvalue())
+    log.info("preview: %s", path)
+    return {"preview": grid}
+
+
+def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config):
+    from peft import set_peft_model_state_dict
+
+    from ..inference import SampleSettings, sample_latents
+    from ..models.loading import load_transformer
+    from . import lora as lora_mod
+
+    m = cfg.model
+    turbo = load_transformer(m.turbo, dtype=m.dtype, device=device, architecture=m.architecture,
+                             config_key="model.turbo")
+    try:
+        # Same module names on Raw and Turbo: the training adapter loads unchanged (what a user does with the export).
+        config = peft_config if peft_config is not None else transformer.peft_config["default"]
+        state = adapter_state if adapter_state is not None else lora_mod.adapter_state_dict(transformer)
+        turbo.add_adapter(config)
+        set_peft_model_state_dict(turbo, state)
+        settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
+        return torch.cat([sample_latents(turbo, emb[i:i + 1], mask[i:i + 1], settings)
+                          for i in range(emb.shape[0])])
+    finally:
+        del turbo
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
