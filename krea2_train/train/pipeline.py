@@ -59,16 +59,17 @@ def check_data(cfg):
 def cache(cfg, scan):
     from accelerate import PartialState
 
-    from ..data.cache import build_caches, manifest_if_ready
+    from ..data import cache as data_cache
     from .data_source import stage_resolutions
 
     res = stage_resolutions(cfg)
-    manifest = manifest_if_ready(cfg.data, cfg.model, cfg.cache_dir, res, scan, device=PartialState().device)
+    ready = getattr(data_cache, "manifest_if_ready", None)
+    manifest = ready(cfg.data, cfg.model, cfg.cache_dir, res, scan, device=PartialState().device) if ready else None
     if manifest is not None:
         _say(f"cache: up to date ({len(manifest.items)} images at {res} px), skipped")
         return manifest
-    _say(f"cache: encoding captions and images at {res} px into {cfg.cache_dir}")
-    return build_caches(cfg.data, cfg.model, cfg.cache_dir, res, scan=scan)
+    _say(f"cache: {res} px into {cfg.cache_dir} (only missing entries are encoded)")
+    return data_cache.build_caches(cfg.data, cfg.model, cfg.cache_dir, res, scan=scan)
 
 
 def export_valid(cfg) -> bool:
