@@ -75,9 +75,9 @@ def _cos(a, b) -> float:
     return float((a * b).sum() / den) if den > 0 else 0.0
 
 
-def transfer_report(lora, raw, turbo, out_dir, *, text_encoder=None, vae=None, prompts=DEFAULT_PROMPTS,
-                    sigmas=DEFAULT_SIGMAS, height: int = 1024, width: int = 1024, seed: int = 0, dtype="bfloat16",
-                    device="cpu", render: bool = True) -> dict:
+def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, turbo_path=None, text_encoder=None,
+                    vae=None, prompts=None, sigmas=DEFAULT_SIGMAS, height: int = 1024, width: int = 1024,
+                    seed: int = 0, dtype="bfloat16", device=None, render: bool = True) -> dict:
     """Measure Raw vs Turbo effect of `lora` (a file in any layout) and write the report; returns the report dict.
 
     `raw`/`turbo`: checkpoint paths (loaded one after the other, so only one is in memory) or loaded transformers.
@@ -91,9 +91,16 @@ def transfer_report(lora, raw, turbo, out_dir, *, text_encoder=None, vae=None, p
     from ..schedule import pack_latents
     from ..utils.io import write_bytes_atomic, write_json_atomic
 
+    raw, turbo = raw if raw is not None else raw_path, turbo if turbo is not None else turbo_path
+    if raw is None or turbo is None or out_dir is None:
+        from ..errors import UserError
+
+        raise UserError("the transfer report needs the Raw and the Turbo checkpoints (model.transformer, "
+                        "model.turbo) and an output folder")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     lora = str(lora)
-    prompts = list(prompts)
+    prompts = list(prompts or DEFAULT_PROMPTS)
     if isinstance(text_encoder, (str, Path)):
         text_encoder = TextEncoder.from_path(text_encoder, dtype=dtype, device=device)
     if isinstance(vae, (str, Path)):

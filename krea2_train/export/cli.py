@@ -1,0 +1,273 @@
+"""Subcommands: export, verify, inspect, convert, resize, merge, extract, transfer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+
+_FORMAT_HELP = ("diffusers (Krea2Pipeline.load_lora_weights), comfyui (diffusion_model. lora_down/up + alpha), "
+                "civitai (comfyui + model metadata), original (diffusion_model. lora_A/B, scale baked; ai-toolkit), "
+                "musubi (lora_unet_ + alpha)")
+
+
+def _device(arg):
+    if arg:
+        return arg
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kv(pairs) -> dict:
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise UserError(f"--meta expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _print_json(obj):
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------------------------------- commands
+def _export(args) -> int:
+    from .export import export_and_verify, export_lora
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    metadata = _kv(args.meta)
+    if args.trigger:
+        metadata["trigger_words"] = args.trigger
+    for key in ("resolution", "steps", "dataset_size", "turbo_strength", "description", "author", "license"):
+        if getattr(args, key, None) is not None:
+            metadata[key] = getattr(args, key)
+    preview = Path(args.preview).read_bytes() if args.preview else None
+    name = args.name or Path(args.source).stem.replace("pytorch_lora_weights", "krea2_lora")
+    if args.turbo:
+        result = export_and_verify(args.source, args.out, args.turbo, formats=formats, metadata=metadata, name=name,
+                                   dtype=args.dtype, comfyui_style=args.comfyui_style, preview_png=preview,
+                                   device=_device(args.device), verify_dtype=args.verify_dtype)
+        paths = result["paths"]
+        for r in result["reports"].values():
+            print(r.summary())
+    else:
+        paths = export_lora(args.source, args.out, formats, metadata, name, args.dtype, args.comfyui_style, preview)
+    for fmt, p in paths.items():
+        print(f"{fmt}: {p}")
+    return 0
+
+
+def _verify(args) -> int:
+    from .verify import verify_lora_file, write_report
+
+    report = verify_lora_file(args.lora, args.turbo, dtype=args.dtype, device=_device(args.device),
+                              strength=args.strength, check_diffusers=not args.no_diffusers, raise_on_failure=False)
+    print(report.summary())
+    if args.json:
+        write_report(report, args.json)
+    return 0 if report.ok else 1
+
+
+def _inspect(args) -> int:
+    from .tools import format_inspect, inspect_lora
+
+    for path in args.lora:
+        info = inspect_lora(path)
+        _print_json(info) if args.json else print(format_inspect(info))
+    return 0
+
+
+def _convert(args) -> int:
+    from .tools import convert_lora
+
+    print(convert_lora(args.source, args.dest, args.format, dtype=args.dtype, comfyui_style=args.comfyui_style))
+    return 0
+
+
+def _report_out(adapter, report, args) -> int:
+    from .formats import write_lora_file
+    from .tools import energy_summary
+
+    path = write_lora_file(adapter, args.dest, args.format, dtype=args.dtype, comfyui_style=args.comfyui_style)
+    if args.report:
+        from ..utils.io import write_json_atomic
+
+        write_json_atomic(args.report, report)
+    if args.verbose:
+        for m, r in report.items():
+            print(f"  {m}: rank {r['rank']}, energy kept {r['energy']:.4f}")
+    print(energy_summary(report))
+    print(path)
+    return 0
+
+
+def _resize(args) -> int:
+    from .tools import resize_lora
+
+    adapter, report = resize_lora(args.source, rank=args.rank, min_energy=args.min_energy)
+    return _report_out(adapter, report, args)
+
+
+def _parse_weighted(items) -> list:
+    out = []
+    for item in items:
+        path, sep, w = item.rpartition(":")
+        if sep and path and not Path(item).exists():
+            try:
+                out.append((path, float(w)))
+                continue
+            except ValueError:
+                pass
+        out.append((item, 1.0))
+    return out
+
+
+def _merge(args) -> int:
+    from .tools import merge_into_checkpoint, merge_loras
+
+    items = _parse_weighted(args.loras)
+    if args.into:
+        print(merge_into_checkpoint(items, args.into, args.dest, dtype=args.checkpoint_dtype))
+        return 0
+    adapter, report = merge_loras(items, rank=args.rank)
+    return _report_out(adapter, report, args)
+
+
+def _extract(args) -> int:
+    from .tools import extract_lora
+
+    adapter, report = extract_lora(args.base, args.target, rank=args.rank, min_energy=args.min_energy)
+    return _report_out(adapter, report, args)
+
+
+def _transfer(args) -> int:
+    from .transfer import transfer_report
+
+    models = Path(args.models) if args.models else None
+    pick = (lambda given, name: given or (str(models / name) if models else None))
+    raw, turbo = pick(args.raw, "transformer_raw.safetensors"), pick(args.turbo, "transformer_turbo.safetensors")
+    if not (raw and turbo):
+        raise UserError("transfer needs --raw and --turbo (or --models DIR)")
+    report = transfer_report(args.lora, raw, turbo, args.out, text_encoder=pick(args.text_encoder, "text_encoder"),
+                             vae=pick(args.vae, "vae"), prompts=args.prompt or None, height=args.height,
+                             width=args.width, seed=args.seed, dtype=args.dtype, device=_device(args.device))
+    print(report["reading"])
+    print(Path(args.out) / "transfer_report.json")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- parser
+def _output_args(p, default_format="comfyui", dtype_default="bfloat16"):
+    p.add_argument("dest", help="output LoRA file")
+    p.add_argument("--format", default=default_format, help=f"output layout: {_FORMAT_HELP}")
+    p.add_argument("--dtype", default=dtype_default,
+                   help=f"weight dtype of the written file (default {dtype_default or 'keep the source dtype'})")
+    p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"],
+                   help="comfyui/civitai: lora_down/up + .alpha (default), or lora_A/B with the scale baked in "
+                   "(also loads in diffusers)")
+    p.add_argument("--report", help="write the per-module rank/energy report to this JSON file")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every module's rank and energy kept")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write a LoRA (file or run folder) as diffusers/ComfyUI/Civitai files, "
+                       "verified on Turbo with --turbo")
+    p.add_argument("source", help="LoRA file in any supported layout, or a training run folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--formats", default="diffusers,comfyui,civitai", help=f"comma-separated: {_FORMAT_HELP}")
+    p.add_argument("--name", help="file name stem (default: the source's)")
+    p.add_argument("--turbo", help="Turbo checkpoint: verify every written file on it (fails on any mismatch)")
+    p.add_argument("--dtype", default="bfloat16", help="weight dtype of the files (default bfloat16)")
+    p.add_argument("--verify-dtype", default="float32", help="dtype Turbo is loaded in for verification")
+    p.add_argument("--device", default=None)
+    p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"])
+    p.add_argument("--trigger", action="append", help="trigger word (repeatable), for the Civitai header")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--dataset-size", type=int)
+    p.add_argument("--turbo-strength", type=float, help="recommended Turbo strength (see `transfer`)")
+    p.add_argument("--description")
+    p.add_argument("--author")
+    p.add_argument("--license")
+    p.add_argument("--preview", help="PNG for the Civitai thumbnail")
+    p.add_argument("--meta", action="append", help="extra KEY=VALUE header metadata (repeatable)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("verify", help="load a LoRA onto Turbo and check every tensor lands with the right effect")
+    p.add_argument("lora")
+    p.add_argument("--turbo", required=True, help="Krea 2 Turbo checkpoint")
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--dtype", default="float32", help="dtype to load Turbo in (float32 gives tight tolerances)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-diffusers", action="store_true", help="skip the cross-check through diffusers' loader")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("inspect", help="show a LoRA's layout, rank, alpha, targets, parameters and metadata")
+    p.add_argument("lora", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("convert", help="convert between LoRA layouts (reads diffusers, PEFT, ComfyUI, ai-toolkit, "
+                       "musubi-tuner)")
+    p.add_argument("source")
+    _output_args(p, dtype_default=None)
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("resize", help="lower a LoRA's rank by SVD, reporting the energy kept per module")
+    p.add_argument("source")
+    _output_args(p)
+    p.add_argument("--rank", type=int, help="maximum new rank")
+    p.add_argument("--min-energy", type=float, help="per module, the smallest rank keeping this share (0..1)")
+    p.set_defaults(func=_resize)
+
+    p = sub.add_parser("merge", help="combine LoRAs with weights (LORA[:WEIGHT] ...) into one LoRA, or into a "
+                       "checkpoint with --into")
+    p.add_argument("loras", nargs="+", help="LoRA files, each optionally suffixed :WEIGHT")
+    p.add_argument("--out", dest="dest", required=True, help="output LoRA (or checkpoint with --into)")
+    p.add_argument("--format", default="comfyui", help=_FORMAT_HELP)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"])
+    p.add_argument("--rank", type=int, help="re-factor the sum to this rank (default: exact concatenation)")
+    p.add_argument("--into", help="transformer checkpoint to merge into (writes a full checkpoint)")
+    p.add_argument("--checkpoint-dtype", default="bfloat16", help="matmul dtype of the merged checkpoint")
+    p.add_argument("--report")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("extract", help="a low-rank LoRA of TARGET - BASE (Turbo - Raw: turns Raw towards Turbo)")
+    p.add_argument("base")
+    p.add_argument("target")
+    p.add_argument("--out", dest="dest", required=True)
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--min-energy", type=float)
+    p.add_argument("--format", default="comfyui", help=_FORMAT_HELP)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"])
+    p.add_argument("--report")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_extract)
+
+    p = sub.add_parser("transfer", help="how a Raw-trained LoRA behaves on Turbo: effect ratio, cosine, suggested "
+                       "Turbo strength, sample grid")
+    p.add_argument("lora")
+    p.add_argument("--out", required=True, help="folder for transfer_report.json and transfer_grid.png")
+    p.add_argument("--models", help="folder with transformer_{raw,turbo}.safetensors, text_encoder/, vae/")
+    p.add_argument("--raw")
+    p.add_argument("--turbo")
+    p.add_argument("--text-encoder")
+    p.add_argument("--vae")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_transfer)
