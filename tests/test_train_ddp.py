@@ -36,8 +36,8 @@ def test_two_process_ddp_same_adapter(tiny_dir, tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
     accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29513",
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_ddp.yaml"  # the shipped one
+    cmd = [str(accelerate), "launch", "--config_file", str(config), "--main_process_port", "29513",
            str(script), str(tiny_dir), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
