@@ -253,12 +253,31 @@ def _schema_at(path: list[str]):
     return cls if is_dataclass(cls) else None
 
 
+def _path_of(cls, root=None, prefix: str = "") -> str | None:
+    """Dotted path of the section whose type is `cls` (list items as [i])."""
+    from typing import get_args, get_type_hints
+
+    root = root or RunConfig
+    for name, t in get_type_hints(root).items():
+        inner = [a for a in (t, *get_args(t)) if is_dataclass(a)]
+        inner += [b for a in get_args(t) for b in get_args(a) if is_dataclass(b)]
+        listy = "List" in str(t) or "list" in str(t)
+        for sub in inner:
+            here = f"{prefix}{name}" + ("[i]" if listy else "")
+            if sub is cls:
+                return here
+            found = _path_of(cls, sub, here + ".")
+            if found:
+                return found
+    return None
+
+
 def _split_key(full_key: str) -> list[str]:
     return [p for p in re.split(r"[.\[\]]", full_key) if p]
 
 
 def _closest(word: str, options) -> str:
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    match = difflib.get_close_matches(word, [o for o in options if o is not None], n=1, cutoff=0.5)
     return f" Did you mean `{match[0]}`?" if match else ""
 
 
@@ -268,8 +287,13 @@ def _key_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
     if isinstance(exc, ConfigKeyError) or "not in" in str(exc):
         bad = parts[-1] if parts else str(getattr(exc, "key", "?"))
         parent = _schema_at(parts[:-1])
-        valid = [f.name for f in fields(parent)] if parent else []
         where = ".".join(parts[:-1]) or "the top level"
+        owner = getattr(exc, "object_type", None)
+        if is_dataclass(owner) and owner is not parent:  # inside a list OmegaConf loses the path: use the type
+            parent = owner
+            where = _path_of(owner) or owner.__name__
+            full_key = f"{where}.{bad}"
+        valid = [f.name for f in fields(parent)] if parent else []
         listing = f" Valid keys in {where}: {', '.join(valid)}." if valid else ""
         return ConfigError(f"{source}: unknown config key `{full_key}`.{_closest(bad, valid)}{listing}")
     msg = str(exc).split("\n")[0]

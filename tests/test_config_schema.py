@@ -1,0 +1,94 @@
+"""The run config: shipped configs load; misspelled keys, wrong types and impossible values fail before any work,
+naming the key and the closest valid one; overrides; the resolved config round-trips."""
+
+from pathlib import Path
+
+import pytest
+
+from krea2_train.config import ConfigError, load_config, save_resolved, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PATHS = ["model.transformer=raw.safetensors", "model.text_encoder=te", "model.vae=vae"]
+
+
+def err(*overrides, path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, (PATHS if path is None else []) + list(overrides))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("name", ["demo", "style", "character"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.total_steps > 0 and cfg.train.stages and cfg.run_name == name
+    assert cfg.data.datasets, "every shipped config trains on a dataset"
+
+
+def test_misspelled_keys_name_the_closest():
+    msg = err("lora.rnak=8")
+    assert "`lora.rnak`" in msg and "Did you mean `rank`" in msg
+    msg = err("train.stages.0.resolutin=512")
+    assert "resolutin" in msg and "`resolution`" in msg
+    msg = err("optimiser.lr=1")
+    assert "Did you mean `optimizer`" in msg
+
+
+def test_misspelled_key_in_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: {transformer: a, text_encoder: b, vae: c}\nlora:\n  rank: 8\n  dropuot: 0.1\n")
+    msg = err(path=p)
+    assert str(p) in msg and "`lora.dropuot`" in msg and "Did you mean `dropout`" in msg
+    p.write_text("model: {transformer: a, text_encoder: b, vae: c}\ncheckpoint: {evry_steps: 10}\n")
+    assert "Did you mean `every_steps`" in err(path=p)
+    p.write_text("model: {transformer: a, text_encoder: b, vae: c}\ndata: {datasets: [{pth: x}]}\n")
+    assert "Did you mean `path`" in err(path=p)  # the data engineer's section is typed too
+
+
+def test_wrong_types_name_the_key():
+    assert "`lora.rank`" in err("lora.rank=abc")
+    assert "`optimizer.lr`" in err("optimizer.lr=fast")
+    assert "`checkpoint.keep_last`" in err("checkpoint.keep_last=[1, 2]")
+
+
+@pytest.mark.parametrize("override,key,hint", [
+    ("optimizer.name=adamw9bit", "optimizer.name", "adamw8bit"),
+    ("lora.targets=atention", "lora.targets", "attention"),
+    ("timesteps.sampling=logitnormal", "timesteps.sampling", "logit_normal"),
+    ("train.stages.0.resolution=500", "train.stages[0].resolution", "multiple of 16"),
+    ("train.stages.0.steps=0", "train.stages[0].steps", "at least 1"),
+    ("lora.rank=0", "lora.rank", "positive"),
+    ("lora.dropout=1.5", "lora.dropout", "[0, 1)"),
+    ("optimizer.lr=-1", "optimizer.lr", "positive"),
+    ("lora.targets=custom", "lora.pattern", "regex"),
+    ("timesteps.shift=fixed", "timesteps.mu", "must be set"),
+    ("export.formats=[diffusers, comfy]", "export.formats", "comfyui"),
+    ("run_name=a/b", "run_name", "plain folder name"),
+    ("memory.quantize=int4", "memory.quantize", "nf4"),
+    ("memory.preset=12gb", "memory.preset", "16gb"),
+])
+def test_impossible_values(override, key, hint):
+    msg = err(override)
+    assert f"`{key}`" in msg and hint in msg, msg
+
+
+def test_missing_required_and_bad_override_form(tmp_path):
+    with pytest.raises(ConfigError, match="`model.transformer` is required"):
+        load_config(None, [])
+    assert "key=value" in err("lora.rank")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_overrides_and_resolved_config_round_trip(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [
+        "lora.rank=4", "train.stages[1].steps=7", "preview.prompts=[a cat, a dog]", "lora.alpha=null",
+        "train.mixed_precision=no"])
+    assert cfg.lora.rank == 4 and cfg.train.stages[1].steps == 7 and cfg.lora.alpha is None
+    assert cfg.preview.prompts == ["a cat", "a dog"] and cfg.train.mixed_precision == "no"
+    path = save_resolved(cfg, tmp_path)
+    again = load_config(path)
+    assert to_yaml(again) == to_yaml(cfg)
