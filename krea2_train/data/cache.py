@@ -358,18 +358,3 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
     for p in problems:
         log.warning(p)
     return manifest
-
-
-def manifest_if_ready(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: Scan, device="cpu"
-                      ) -> Optional[Manifest]:
-    """The manifest when every entry already exists (nothing to encode), else None. Loads no model."""
-    dtype = resolve_encoder_dtype(data_cfg.encoder_dtype, device)
-    background = parse_colour(data_cfg.background)
-    text_fp, vae_fp = text_fingerprint(model_cfg.text_encoder, dtype), vae_fingerprint(model_cfg.vae, dtype)
-    captions, jobs, items = _plan(scan, data_cfg, text_fp, vae_fp, background)
-    if any(not entry_valid(entry_path(cache_dir, "text", k), k) for k in captions):
-        return None
-    if any(not entry_valid(entry_path(cache_dir, "latents", k), k) for j in jobs for k, _ in j[3]):
-        return None
-    return Manifest(str(cache_dir), sorted({int(r) for r in resolutions}), text_key("", text_fp), items,
-                    data_cfg.flip, text_fp, vae_fp)
