@@ -1,0 +1,126 @@
+"""`krea2-train CONFIG` end to end on the tiny model and the demo dataset: check-data, cache, train, export, verify;
+a second run skips every step; SIGTERM during `krea2-train train` leaves a checkpoint the next run resumes from;
+a bad config fails before any work with the key named."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from krea2_train.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_dataset(tmp_path) -> Path:
+    """Six demo images (two held out): caching stays a few seconds."""
+    import shutil
+
+    out = tmp_path / "data"
+    out.mkdir(exist_ok=True)
+    for png in sorted((ROOT / "datasets" / "demo").glob("*.png"))[:6]:
+        shutil.copy(png, out / png.name)
+        shutil.copy(png.with_suffix(".txt"), out / png.with_suffix(".txt").name)
+    return out
+
+
+def write_config(tiny_dir, tmp_path, steps=4, **extra) -> Path:
+    data = small_dataset(tmp_path)
+    text = f"""
+model:
+  transformer: {tiny_dir}/transformer_raw.safetensors
+  turbo: {tiny_dir}/transformer_turbo.safetensors
+  text_encoder: {tiny_dir}/text_encoder
+  vae: {tiny_dir}/vae
+  architecture: tiny
+  dtype: float32
+data:
+  datasets: [{{path: {data}, trigger_word: k2demo}}]
+  validation_images: 2
+  num_workers: 0
+lora: {{rank: 4}}
+train:
+  mixed_precision: "no"
+  stages: [{{resolution: 128, steps: {steps}, batch_size: 2}}]
+optimizer: {{lr: 1.0e-3}}
+checkpoint: {{every_steps: {extra.get("every", 2)}}}
+validation: {{every_steps: 2}}
+preview: {{every_steps: 0, prompts: ["k2demo, a red circle"], resolution: 64, raw_steps: 2, turbo_steps: 2}}
+logging: {{progress: none, tensorboard: true}}
+export: {{formats: [diffusers, comfyui], verify: true}}
+output_dir: {tmp_path}/runs
+run_name: pipe
+cache_dir: {tmp_path}/cache
+seed: 3
+"""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow
+def test_run_all_then_everything_is_skipped(tiny_dir, tmp_path, capsys):
+    cfg = write_config(tiny_dir, tmp_path)
+    assert main([str(cfg)]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "pipe"
+    for step in ("check-data", "cache", "train", "verify", "export"):
+        assert f"==> {step}" in out, out
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    assert (run / "config.yaml").exists() and (run / "loss.png").exists()
+    assert (run / "export" / "pipe_comfyui.safetensors").exists()
+    assert all(r["ok"] for r in json.loads((run / "export" / "verify.json").read_text()).values())
+    assert (run / "previews" / "step-000004.png").exists()  # final preview (Raw + Turbo grid)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in m for m in metrics) and all("lr" in m for m in metrics if "loss" in m)
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard events"
+
+    assert main([str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "cache: up to date" in out or "only missing entries" in out
+    assert "already finished 4 steps, skipped" in out and "is up to date, skipped" in out
+
+
+def test_bad_config_fails_before_any_work(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: {transformer: a, text_encoder: b, vae: c}\nlora: {rnak: 4}\noutput_dir: " +
+                   str(tmp_path / "runs") + "\n")
+    assert main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "`lora.rnak`" in err and "Did you mean `rank`" in err and "Traceback" not in err
+    cfg.write_text("model: {transformer: a, text_encoder: b, vae: c}\noutput_dir: " + str(tmp_path / "runs") + "\n")
+    assert main(["train", str(cfg), "lora.rank=4", "optimizer.name=adam"]) == 2
+    assert "optimizer.name" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_checkpoint_and_resumes(tiny_dir, tmp_path):
+    cfg = write_config(tiny_dir, tmp_path, steps=400, every=0)
+    exe = Path(sys.executable).parent / "krea2-train"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(exe), "train", str(cfg), "preview.prompts=[]", "validation.every_steps=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = tmp_path / "runs" / "pipe" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "checkpoint saved" in out
+    ckpts = sorted((tmp_path / "runs" / "pipe" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "adapter_model.safetensors").exists()
+    stopped = int(ckpts[0].name.split("-")[1])
+    assert 3 <= stopped < 400
+    # the same command resumes from it (only a few more steps here)
+    assert main(["train", str(cfg), f"train.stages=[{{resolution: 128, steps: {stopped + 2}, batch_size: 2}}]",
+                 "preview.prompts=[]"]) == 0
+    done = json.loads((tmp_path / "runs" / "pipe" / "train_done.json").read_text())
+    assert done["step"] == stopped + 2
