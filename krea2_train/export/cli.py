@@ -185,7 +185,8 @@ def register(sub) -> None:
     p.add_argument("--name", help="file name stem (default: the source's)")
     p.add_argument("--turbo", help="Turbo checkpoint: verify every written file on it (fails on any mismatch)")
     p.add_argument("--dtype", default="bfloat16", help="weight dtype of the files (default bfloat16)")
-    p.add_argument("--verify-dtype", default="float32", help="dtype Turbo is loaded in for verification")
+    p.add_argument("--verify-dtype", default="auto", help="dtype Turbo is loaded in for verification (auto: "
+                   "float32 for small test models, bfloat16 for the real one)")
     p.add_argument("--device", default=None)
     p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"])
     p.add_argument("--trigger", action="append", help="trigger word (repeatable), for the Civitai header")
@@ -204,7 +205,8 @@ def register(sub) -> None:
     p.add_argument("lora")
     p.add_argument("--turbo", required=True, help="Krea 2 Turbo checkpoint")
     p.add_argument("--strength", type=float, default=1.0)
-    p.add_argument("--dtype", default="float32", help="dtype to load Turbo in (float32 gives tight tolerances)")
+    p.add_argument("--dtype", default="auto", help="dtype to load Turbo in (auto: float32 for small test models, "
+                   "bfloat16 for the real one; float32 gives the tightest tolerances)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-diffusers", action="store_true", help="skip the cross-check through diffusers' loader")
     p.add_argument("--json", help="also write the report as JSON here")

@@ -111,8 +111,8 @@ def _sha256(path: Path) -> str:
 
 def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORMATS, metadata: dict | None = None,
                       name: str = "krea2_lora", dtype="bfloat16", comfyui_style: str = "alpha",
-                      preview_png: bytes | None = None, transformer=None, verify_dtype="float32",
-                      device="cpu") -> dict:
+                      preview_png: bytes | None = None, transformer=None, verify_dtype="auto",
+                      device=None) -> dict:
     """Export, then verify every file on Turbo against the trained adapter (one Turbo load for all files).
 
     Returns {"paths": {format: path}, "reports": {format: VerifyReport}}; writes verify.json next to the files.
@@ -120,14 +120,15 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
     """
     from ..models.loading import load_transformer
     from ..utils.io import write_json_atomic
-    from .verify import LoraVerifyError, verify_lora_file
+    from .verify import LoraVerifyError, auto_dtype, default_device, verify_lora_file
 
     adapter = as_adapter(adapter)
     paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png)
     if transformer is None:
         if turbo_path is None:
             raise UserError("verification needs the Turbo checkpoint (model.turbo / --turbo)")
-        transformer = load_transformer(turbo_path, dtype=verify_dtype, device=device)
+        dtype_ = auto_dtype(turbo_path) if verify_dtype == "auto" else verify_dtype
+        transformer = load_transformer(turbo_path, dtype=dtype_, device=default_device(device))
     reports = {fmt: verify_lora_file(p, adapter=adapter, transformer=transformer, raise_on_failure=False)
                for fmt, p in paths.items()}
     write_json_atomic(Path(out_dir) / "verify.json", {fmt: r.to_dict() for fmt, r in reports.items()})

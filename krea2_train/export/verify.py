@@ -101,34 +101,24 @@ def velocity(transformer, inputs) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_velocity(transformer, adapter: TrainedAdapter, strength: float, inputs) -> torch.Tensor:
-    """Turbo with W + strength * delta substituted for each adapted weight (no PEFT involved): the ground truth."""
-    from torch.func import functional_call
+    """Turbo with W + strength * delta written into each adapted weight (no PEFT involved): the ground truth.
 
+    The original weights wait on the CPU and are put back exactly afterwards, so a 12.9B model needs no second copy
+    on the accelerator.
+    """
     modules = dict(transformer.named_modules())
-    params = {}
-    for m in adapter.modules:
-        # After a LoRA was loaded and deleted, PEFT leaves a wrapper: the real weight sits in `base_layer`.
-        key = f"{m}.base_layer.weight" if hasattr(modules[m], "base_layer") else f"{m}.weight"
-        w = modules[m].base_layer.weight if hasattr(modules[m], "base_layer") else modules[m].weight
-        params[key] = (w.float() + strength * adapter.delta(m).to(w.device)).to(w.dtype)
-    from ..inference import predict_velocity
-
-    device = next(transformer.parameters()).device
-    packed, sigma, embeds, grid = inputs
-
-    class _Call(torch.nn.Module):  # functional_call needs a module whose forward is predict_velocity
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *a):
-            return predict_velocity(self.inner, *a)
-
-    call = _Call(transformer)
-    params = {f"inner.{k}": v for k, v in params.items()}
-    out = functional_call(call, params, (packed.to(device), sigma.to(device), embeds.to(device), None, grid),
-                          strict=False)
-    return out.float().cpu()
+    # After a LoRA was loaded and deleted, PEFT leaves a wrapper: the real Linear sits in `base_layer`.
+    linears = {m: getattr(modules[m], "base_layer", modules[m]) for m in adapter.modules}
+    backup = {}
+    try:
+        for m, lin in linears.items():
+            w = lin.weight
+            backup[m] = w.data.to("cpu", copy=True)
+            w.data = (w.data.float() + strength * adapter.delta(m).to(w.device)).to(w.dtype)
+        return velocity(transformer, inputs)
+    finally:
+        for m, original in backup.items():
+            linears[m].weight.data = original.to(linears[m].weight.device)
 
 
 def check_fits(adapter: TrainedAdapter, transformer, source: str) -> None:
@@ -181,8 +171,19 @@ def _compare_deltas(expected: TrainedAdapter, loaded: dict, strength: float, rep
     return worst, worst_m
 
 
+def auto_dtype(checkpoint) -> str:
+    """float32 for small checkpoints (tiny test models: tightest tolerances), bfloat16 for the real 12.9B one."""
+    path = Path(checkpoint)
+    size = sum(f.stat().st_size for f in path.rglob("*.safetensors")) if path.is_dir() else path.stat().st_size
+    return "float32" if size < 2 * 2**30 else "bfloat16"
+
+
+def default_device(device=None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = None, *, transformer=None,
-                     dtype="float32", device="cpu", strength: float = 1.0, check_diffusers: bool = True,
+                     dtype="auto", device=None, strength: float = 1.0, check_diffusers: bool = True,
                      seed: int = 0, delta_tol: float | None = None, output_tol: float | None = None,
                      raise_on_failure: bool = True) -> VerifyReport:
     """Load `path` onto Turbo through the inference core and check it against `adapter` (the trained one; default:
@@ -197,7 +198,9 @@ def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = Non
     if transformer is None:
         if turbo_path is None:
             raise UserError("verify needs the Turbo transformer: pass --turbo PATH (the Krea 2 Turbo checkpoint)")
-        transformer = load_transformer(turbo_path, dtype=dtype, device=device)
+        if dtype == "auto":
+            dtype = auto_dtype(turbo_path)
+        transformer = load_transformer(turbo_path, dtype=dtype, device=default_device(device))
         if getattr(transformer, "krea2_variant", None) == "raw":
             log.warning("%s looks like Raw, not Turbo; verifying on it anyway", turbo_path)
     compute = transformer.img_in.weight.dtype
