@@ -96,6 +96,12 @@ def test_cache_contents_match_encoders_and_are_reused(tmp_path, models, monkeypa
     # Second run: nothing loaded, nothing rewritten.
     mtimes = {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")}
     no_loading(monkeypatch)
+    from krea2_train.data.checks import scan_data
+
+    ready = cache_mod.manifest_if_ready(cfg_for(root), mc, cache, [64], scan_data(cfg_for(root), [64]))
+    assert ready is not None and ready.items == m.items and ready.path == m.path
+    flipped = cfg_for(root, flip=True)  # needs flipped latents that do not exist yet
+    assert cache_mod.manifest_if_ready(flipped, mc, cache, [64], scan_data(flipped, [64])) is None
     m3 = build_caches(cfg_for(root), mc, cache, [64], progress=False)
     assert m3.items == m.items
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")} == mtimes

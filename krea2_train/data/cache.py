@@ -358,3 +358,26 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
     for p in problems:
         log.warning(p)
     return manifest
+
+
+def manifest_if_ready(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: Scan, device="cpu"
+                      ) -> Optional[Manifest]:
+    """The manifest when every entry already exists (nothing to encode, no model loaded), else None.
+
+    The same check build_caches starts with; this lets a pipeline say "cache up to date, skipped"."""
+    cache_dir = Path(os.path.expanduser(str(cache_dir)))
+    resolutions = sorted({int(r) for r in resolutions})
+    dtype = resolve_encoder_dtype(data_cfg.encoder_dtype, device)
+    background = parse_colour(data_cfg.background)
+    text_fp, vae_fp = text_fingerprint(model_cfg.text_encoder, dtype), vae_fingerprint(model_cfg.vae, dtype)
+    captions, jobs, items = _plan(scan, data_cfg, text_fp, vae_fp, background)
+    if any(not entry_valid(entry_path(cache_dir, "text", k), k) for k in captions):
+        return None
+    if any(not entry_valid(entry_path(cache_dir, "latents", k), k) for j in jobs for k, _ in j[3]):
+        return None
+    manifest = Manifest(str(cache_dir), resolutions, text_key("", text_fp), items, data_cfg.flip, text_fp, vae_fp)
+    path = cache_dir / "manifests" / f"{_sha(manifest.to_json())[:16]}.json"
+    if not path.exists():
+        write_json_atomic(path, manifest.to_json())
+    manifest.path = str(path)
+    return manifest
