@@ -85,13 +85,25 @@ def test_export_and_verify_from_trainer_adapter_folder(tiny_dir, tmp_path):
 
     out = tmp_path / "export"
     result = export_and_verify(run, out, tiny_dir / "transformer_turbo.safetensors", name="demo",
-                               metadata={"trigger_words": ["zq"], "steps": 10})
+                               metadata={"trigger_words": ["zq"], "steps": 10}, transfer=True,
+                               raw_path=tiny_dir / "transformer_raw.safetensors",
+                               text_encoder=tiny_dir / "text_encoder", vae=tiny_dir / "vae",
+                               transfer_kwargs=dict(prompts=["a red circle"], sigmas=(0.5,), height=32, width=32))
     assert set(result["paths"]) == {"diffusers", "comfyui", "civitai"}
     assert (out / "demo.safetensors").exists() and (out / "demo_diffusers" / "pytorch_lora_weights.safetensors").exists()
     manifest = json.loads((out / "export.json").read_text())
     assert set(manifest["files"]) == {"diffusers", "comfyui", "civitai"} and manifest["modules"] == len(expected.modules)
     verify = json.loads((out / "verify.json").read_text())
     assert all(r["ok"] for r in verify.values())
+    # The transfer report ran first: its strength and a Turbo sample land in the Civitai header.
+    strength = json.loads((out / "transfer_report.json").read_text())["suggested_turbo_strength"]
+    assert (out / "transfer_grid.png").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "demo.safetensors"), "pt") as f:
+        header = f.metadata()
+    assert float(header["ss_recommended_turbo_strength"]) == strength
+    assert header["modelspec.thumbnail"].startswith("data:image/png;base64,")
 
 
 def _cli(*argv):

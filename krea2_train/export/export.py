@@ -111,24 +111,42 @@ def _sha256(path: Path) -> str:
 
 def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORMATS, metadata: dict | None = None,
                       name: str = "krea2_lora", dtype="bfloat16", comfyui_style: str = "alpha",
-                      preview_png: bytes | None = None, transformer=None, verify_dtype="auto",
-                      device=None) -> dict:
+                      preview_png: bytes | None = None, transformer=None, verify_dtype="auto", device=None,
+                      raw_path=None, text_encoder=None, vae=None, transfer: bool = False,
+                      transfer_kwargs: dict | None = None) -> dict:
     """Export, then verify every file on Turbo against the trained adapter (one Turbo load for all files).
 
-    Returns {"paths": {format: path}, "reports": {format: VerifyReport}}; writes verify.json next to the files.
-    Raises LoraVerifyError (a UserError, so the run fails) listing every file that failed.
+    With `transfer=True` (needs `raw_path`; `text_encoder` and `vae` for prompts and the image grid) the Raw -> Turbo
+    transfer report runs first, and its suggested Turbo strength and a Turbo sample at that strength go into the
+    Civitai header (unless `metadata["turbo_strength"]` / `preview_png` are given).
+
+    Returns {"paths": {format: path}, "reports": {format: VerifyReport}, "transfer": report or None}; writes
+    verify.json (and transfer_report.json, transfer_grid.png) next to the files. Raises LoraVerifyError (a
+    UserError, so the run fails) listing every file that failed.
     """
     from ..models.loading import load_transformer
     from ..utils.io import write_json_atomic
     from .verify import LoraVerifyError, auto_dtype, default_device, verify_lora_file
 
     adapter = as_adapter(adapter)
-    paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png)
+    metadata = dict(metadata or {})
     if transformer is None:
         if turbo_path is None:
             raise UserError("verification needs the Turbo checkpoint (model.turbo / --turbo)")
         dtype_ = auto_dtype(turbo_path) if verify_dtype == "auto" else verify_dtype
         transformer = load_transformer(turbo_path, dtype=dtype_, device=default_device(device))
+    transfer_result = None
+    if transfer:
+        from .transfer import transfer_report
+
+        if raw_path is None:
+            raise UserError("the transfer report needs the Raw checkpoint (model.transformer)")
+        dtype_ = str(transformer.img_in.weight.dtype).replace("torch.", "")
+        transfer_result = transfer_report(adapter, raw_path, transformer, out_dir, text_encoder=text_encoder, vae=vae,
+                                          dtype=dtype_, device=str(transformer.device), **(transfer_kwargs or {}))
+        metadata.setdefault("turbo_strength", transfer_result["suggested_turbo_strength"])
+        preview_png = preview_png or transfer_result.get("_preview_png")
+    paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png)
     reports = {fmt: verify_lora_file(p, adapter=adapter, transformer=transformer, raise_on_failure=False)
                for fmt, p in paths.items()}
     write_json_atomic(Path(out_dir) / "verify.json", {fmt: r.to_dict() for fmt, r in reports.items()})
@@ -137,4 +155,4 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
         log.info("%s", r.summary())
     if failed:
         raise LoraVerifyError("exported LoRA failed verification on Turbo:\n" + "\n".join(r.summary() for r in failed))
-    return {"paths": paths, "reports": reports}
+    return {"paths": paths, "reports": reports, "transfer": transfer_result}

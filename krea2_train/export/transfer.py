@@ -78,7 +78,7 @@ def _cos(a, b) -> float:
 def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, turbo_path=None, text_encoder=None,
                     vae=None, prompts=None, sigmas=DEFAULT_SIGMAS, height: int = 1024, width: int = 1024,
                     seed: int = 0, dtype="bfloat16", device=None, render: bool = True) -> dict:
-    """Measure Raw vs Turbo effect of `lora` (a file in any layout) and write the report; returns the report dict.
+    """Measure Raw vs Turbo effect of `lora` (a file in any layout, or a TrainedAdapter) and write the report; returns the report dict.
 
     `raw`/`turbo`: checkpoint paths (loaded one after the other, so only one is in memory) or loaded transformers.
     `text_encoder` (models.text_encoder.TextEncoder or a folder) encodes the prompts; without it, random text
@@ -99,7 +99,12 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
                         "model.turbo) and an output folder")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
-    lora = str(lora)
+    from .formats import LoraFile, TrainedAdapter
+
+    if isinstance(lora, LoraFile):
+        lora = lora.adapter
+    label = lora.info.get("name", "adapter") if isinstance(lora, TrainedAdapter) else str(lora)
+    lora = lora if isinstance(lora, TrainedAdapter) else str(lora)  # apply_lora takes a path or an adapter
     prompts = list(prompts or DEFAULT_PROMPTS)
     if isinstance(text_encoder, (str, Path)):
         text_encoder = TextEncoder.from_path(text_encoder, dtype=dtype, device=device)
@@ -148,7 +153,7 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     raw_total = sum(float(r.norm() ** 2) for r in d_raw) ** 0.5
     turbo_total = sum(float(t.norm() ** 2) for t in d_turbo_1) ** 0.5
     report = {
-        "lora": lora,
+        "lora": label,
         "prompts": prompts if text_encoder is not None else f"{len(prompts)} random text embeddings",
         "resolution": [height, width],
         "ratio": turbo_total / raw_total if raw_total > 0 else None,
