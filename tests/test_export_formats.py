@@ -225,3 +225,28 @@ def test_error_unsupported_adapter_types():
         read_lora_state({"transformer.img_in.lora_magnitude_vector": torch.zeros(3)}, source="d.safetensors")
     with pytest.raises(LoraFormatError, match="LoKr"):
         read_lora_state({"lora_unet_blocks_0_attn_wq.lokr_w1": torch.zeros(3)}, source="k.safetensors")
+
+
+def test_reads_what_diffusers_save_lora_weights_writes(tiny_dir, tmp_path):
+    """The reference diffusers layout: Krea2Pipeline.save_lora_weights with the PEFT config as adapter metadata."""
+    from diffusers import Krea2Pipeline
+    from peft import get_peft_model_state_dict
+
+    model = trained_transformer(tiny_dir, seed=3, r=4, alpha=2, use_rslora=True, alpha_pattern={"ff.up": 7})
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in model.peft_config["default"].to_dict().items()}
+    Krea2Pipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(model),
+                                    transformer_lora_adapter_metadata=config)
+    lora = read_lora_file(tmp_path)  # the folder: pytorch_lora_weights.safetensors inside
+    assert lora.layout == "diffusers" and lora.alpha_source == "header"
+    assert max_loaded_error(lora.adapter, model, "default") < 1e-6
+
+
+def test_lora_for_a_deeper_model_is_rejected_on_verify(adapter, turbo, tmp_path):
+    from krea2_train.export.verify import LoraVerifyError, verify_lora_file
+
+    m = "transformer_blocks.0.attn.to_q"
+    deep = TrainedAdapter({"transformer_blocks.27.attn.to_q": adapter.down[m]},
+                          {"transformer_blocks.27.attn.to_q": adapter.up[m]}, {"transformer_blocks.27.attn.to_q": 4.0})
+    path = write_lora_file(deep, tmp_path / "deep.safetensors", "comfyui")
+    with pytest.raises(LoraVerifyError, match=r"deep\.safetensors: modules \['transformer_blocks\.27.*another"):
+        verify_lora_file(path, transformer=turbo)
