@@ -137,6 +137,32 @@ def test_block_offload_is_exact_and_leaves_lora_resident(plain):
     assert_close_grads(g2, g1, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("early_stop", [True, False])
+@pytest.mark.parametrize("mode", ["none", "fp8", "nf4"])
+def test_block_offload_never_computes_with_an_offloaded_weight(plain, mode, early_stop):
+    """Offloaded weights are swapped for NaN (poison mode): outputs and gradients must still equal the resident
+    model's, which proves every forward and every backward (checkpoint recompute, with and without torch's early
+    stop of the recompute) ran with onloaded weights; and at most one block is on the device at a time (CPU, no
+    prefetch), so backward does not pile up onloaded blocks either."""
+    ref = memory.quantize_base(twin(plain), mode, device="cpu")
+    off = memory.enable_checkpointing(twin(ref), None)
+    memory.offload_blocks(off, "cpu", poison=True)
+    offloader = off._krea2_offloader
+    assert offloader.on_device == set()
+    most = []
+    onload = offloader._onload
+    offloader._onload = lambda i: (onload(i), most.append(len(offloader.on_device)))[0]
+    batch = inputs()
+    o1, g1, x1 = run(ref, batch)
+    with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+        for _ in range(2):  # second step: starts from the state the first backward left
+            o2, g2, x2 = run(off, batch)
+            torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-5)
+            assert_close_grads(g2, g1, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(x2, x1, atol=1e-6, rtol=1e-4)
+    assert most and max(most) == 1
+
+
 def test_presets_resolve_and_overrides_win():
     for name in ("16gb", "24gb", "48gb", "80gb"):
         s = memory.resolve_memory_settings(dict(preset=name))

@@ -290,11 +290,19 @@ def enable_checkpointing(transformer: nn.Module, num_blocks: int | None = None) 
 # ---------------------------------------------------------------------------------------------------- offload
 class BlockOffloader:
     """Keeps each transformer block's frozen weights in pinned CPU memory and brings one block (plus a prefetched
-    neighbour) to the device while it runs. Trainable parameters are never touched."""
+    neighbour) to the device while it runs. Trainable parameters are never touched.
 
-    def __init__(self, blocks, device, use_stream: bool | None = None):
+    When a block's weights may go: in the checkpointed forward nothing keeps them (checkpoint saves no tensors), so
+    right after the block. In backward the recomputed block's autograd graph holds the *parameter tensors themselves*
+    (checkpoint's recompute hook only detaches tensors that require grad), so swapping `p.data` then would hand
+    backward the CPU copy; there they are released at the next block's pre-hook, once this block's backward is done.
+    `poison=True` (tests) swaps in NaN tensors instead of the CPU copy, so any use of an offloaded weight shows.
+    """
+
+    def __init__(self, blocks, device, use_stream: bool | None = None, poison: bool = False):
         self.blocks = list(blocks)
         self.device = torch.device(device)
+        self.poison = poison
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if (cuda and use_stream is not False) else None
         self.events: dict[int, Any] = {}
@@ -310,11 +318,12 @@ class BlockOffloader:
                 cpu = p.data.to("cpu")
                 if cuda:
                     cpu = cpu.pin_memory()
-                p.data = cpu
                 entries.append((p, cpu))
             for b in block.buffers():
                 b.data = b.data.to(self.device)  # small (scales); keep resident
             self.tensors.append(entries)
+        for i in range(len(self.blocks)):
+            self._offload(i)
         self.handles = []
         for i, block in enumerate(self.blocks):
             self.handles.append(block.register_forward_pre_hook(self._pre(i)))
@@ -333,18 +342,26 @@ class BlockOffloader:
             self.events[i] = event
         else:
             for p, cpu in self.tensors[i]:
-                p.data = cpu.to(self.device)
+                p.data = cpu.clone() if self.poison else cpu.to(self.device)
         self.on_device.add(i)
 
     def _offload(self, i):
         for p, cpu in self.tensors[i]:
-            p.data = cpu
+            if self.poison:  # NaN for floats; 0x7F (NaN in float8_e4m3fn, garbage in NF4) for byte storage
+                p.data = torch.full_like(cpu, float("nan") if cpu.is_floating_point() else 127)
+            else:
+                p.data = cpu
         self.on_device.discard(i)
         self.events.pop(i, None)
 
     def _pre(self, i):
         @torch.compiler.disable()
         def hook(module, args):
+            direction = 1 if i >= self.last else -1  # backward recompute walks the blocks in reverse
+            self.last = i
+            keep = {i, i + direction} if self.stream is not None else {i}
+            for j in list(self.on_device - keep):
+                self._offload(j)  # blocks whose backward finished (or stale prefetches)
             self._onload(i)
             event = self.events.get(i)
             if event is not None:
@@ -352,8 +369,6 @@ class BlockOffloader:
                 main.wait_event(event)
                 for p, _ in self.tensors[i]:
                     p.data.record_stream(main)  # allocated on the side stream, used on the main one
-            direction = 1 if i >= self.last else -1  # backward recompute walks the blocks in reverse
-            self.last = i
             if self.stream is not None:
                 self._onload(i + direction)
         return hook
@@ -361,7 +376,9 @@ class BlockOffloader:
     def _post(self, i):
         @torch.compiler.disable()
         def hook(module, args, output):
-            self._offload(i)
+            in_backward = torch._C._current_graph_task_id() != -1
+            if not in_backward:
+                self._offload(i)
         return hook
 
     def remove(self):
@@ -370,19 +387,24 @@ class BlockOffloader:
         for i in range(len(self.blocks)):
             for p, cpu in self.tensors[i]:
                 p.data = cpu.to(self.device)
+        self.on_device = set(range(len(self.blocks)))
 
 
 def _is_int8_param(p) -> bool:
     return type(p).__name__ == "Int8Params"
 
 
-def offload_blocks(transformer: nn.Module, device, use_stream: bool | None = None) -> nn.Module:
+def offload_blocks(transformer: nn.Module, device, use_stream: bool | None = None, poison: bool = False) -> nn.Module:
     """Put the frozen weights of every transformer block on the CPU, streamed to `device` block by block.
-    Requires checkpointing of all blocks (enforced by `apply_memory_settings`)."""
+    For training it needs checkpointing of every block (`apply_memory_settings` turns it on): without it autograd
+    keeps each block's device weights for backward and nothing is saved."""
     model = unwrap_transformer(transformer)
     if getattr(model, "_krea2_offloader", None) is not None:
         return transformer
-    object.__setattr__(model, "_krea2_offloader", BlockOffloader(model.transformer_blocks, device, use_stream))
+    if not model.gradient_checkpointing or getattr(model, "_krea2_checkpoint_blocks", 0) < len(model.transformer_blocks):
+        log.warning("offload_blocks without checkpointing every block: fine for inference, no saving in training")
+    offloader = BlockOffloader(model.transformer_blocks, device, use_stream, poison=poison)
+    object.__setattr__(model, "_krea2_offloader", offloader)
     return transformer
 
 
