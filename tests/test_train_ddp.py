@@ -1,6 +1,8 @@
-"""Two-process CPU data parallel (gloo) through `accelerate launch`: both processes train and end with the same
-adapter, which differs from the initial one, and the checkpoint holds one RNG state per process."""
+"""Two-process CPU data parallel (gloo) through `accelerate launch` with the shipped config, on cached demo images:
+both processes train and end with the same adapter, which differs from the initial one, and the checkpoint holds one
+RNG state per process."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,17 +14,23 @@ import torch
 SCRIPT = textwrap.dedent('''
     import sys, torch
     from krea2_train.config import load_config
-    from krea2_train.train.batches import SyntheticData
+    from krea2_train.train import pipeline
+    from krea2_train.train.data_source import CachedData
     from krea2_train.train.trainer import Trainer
     from krea2_train.train.lora import adapter_state_dict
-    tiny, out = sys.argv[1], sys.argv[2]
+    tiny, out, data = sys.argv[1], sys.argv[2], sys.argv[3]
     cfg = load_config(None, [
         f"model.transformer={tiny}/transformer_raw.safetensors", f"model.text_encoder={tiny}/text_encoder",
         f"model.vae={tiny}/vae", "model.dtype=float32", "train.mixed_precision=no",
-        "train.stages=[{resolution: 64, steps: 4, batch_size: 1}]", "optimizer.lr=2e-3", f"output_dir={out}",
+        "train.stages=[{resolution: 128, steps: 4, batch_size: 1}]", "optimizer.lr=2e-3", f"output_dir={out}",
         "run_name=ddp", "checkpoint.every_steps=2", "logging.progress=none", "logging.tensorboard=false",
-        "lora.rank=4", "lora.dropout=0.1"])
-    t = Trainer(cfg, source=SyntheticData())
+        "lora.rank=4", "lora.dropout=0.1", f"cache_dir={out}/cache", "data.num_workers=0",
+        f"data.datasets=[{{path: {data}, trigger_word: k2demo}}]"])
+    # the order `krea2-train CONFIG` uses: process state first, then data checks and caching split across ranks
+    pipeline.init_distributed()
+    manifest = pipeline.cache(cfg, pipeline.check_data(cfg))
+    t = Trainer(cfg)
+    t.source = CachedData(cfg, t.acc, manifest=manifest)
     res = t.run()
     rank = t.acc.process_index
     assert t.acc.num_processes == 2, t.acc.num_processes
@@ -35,10 +43,15 @@ SCRIPT = textwrap.dedent('''
 def test_two_process_ddp_same_adapter(tiny_dir, tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
+    data = tmp_path / "data"
+    data.mkdir()
+    for png in sorted((Path(__file__).resolve().parents[1] / "datasets" / "demo").glob("*.png"))[:4]:
+        shutil.copy(png, data / png.name)
+        shutil.copy(png.with_suffix(".txt"), data / png.with_suffix(".txt").name)
     accelerate = Path(sys.executable).parent / "accelerate"
     config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_ddp.yaml"  # the shipped one
     cmd = [str(accelerate), "launch", "--config_file", str(config), "--main_process_port", "29513",
-           str(script), str(tiny_dir), str(tmp_path)]
+           str(script), str(tiny_dir), str(tmp_path), str(data)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -17,10 +17,11 @@ def run(args) -> int:
 
 def train(args) -> int:
     from .data_source import CachedData
-    from .pipeline import ensure_tiny
+    from .pipeline import ensure_tiny, init_distributed
     from .trainer import Trainer
 
     cfg = _config(args)
+    init_distributed()
     ensure_tiny(cfg)
     trainer = Trainer(cfg)
     trainer.source = CachedData(cfg, trainer.acc)

@@ -22,6 +22,15 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 
+def init_distributed():
+    """Initialise Accelerate's process state once, before any data or model code asks for it: on a machine without
+    a GPU it must be forced to CPU, or `accelerate launch` with 2 processes gives 2 independent single-process runs."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _say(msg: str) -> None:
     from accelerate import PartialState
 
@@ -136,6 +145,7 @@ def run_all(cfg) -> int:
     from .data_source import CachedData
     from .trainer import Trainer, training_done
 
+    init_distributed()
     ensure_tiny(cfg)
     scan = check_data(cfg)
     manifest = cache(cfg, scan)

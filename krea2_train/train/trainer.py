@@ -273,7 +273,8 @@ class Trainer:
                                                          "skipped_steps": state.skipped_steps})
         tracker.close(state.history)
         acc.wait_for_everyone()
-        acc.end_training()
+        for t in acc.trackers:  # not end_training(): it destroys the process group the pipeline still needs
+            t.finish()
         return TrainResult(self.run_dir, adapter_dir, state.step, interrupted, state.history)
 
     def _optimizer_step(self, batches, accum: int) -> float | None:
