@@ -1,8 +1,6 @@
 """Dataset sources and check-data: each source type, each bad-input case, reported per file and skipped."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -153,7 +151,9 @@ def test_dataset_saved_to_disk(tmp_path):
     assert scan.items[0].record.read_bytes() == a.read_bytes()
 
 
-def test_check_data_cli_exit_codes(tmp_path):
+def test_check_data_cli_exit_codes(tmp_path, capsys):
+    from krea2_train.cli import main
+
     good = tmp_path / "good"
     img(good / "a.png")
     (good / "a.txt").write_text("hello")
@@ -167,11 +167,23 @@ train:
   stages: [{{resolution: 64, steps: 1}}]
 cache_dir: {tmp_path / 'cache'}
 """)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "krea2_train.cli", "check-data", str(cfg), *a],
-                                    capture_output=True, text=True)
-    r = run()
-    assert r.returncode == 0, r.stderr
-    assert "b.png" in r.stdout and "not_image" in r.stdout and "1 usable" in r.stdout
-    assert run("--strict").returncode == 1
-    r = run(f"data.datasets.0.path={tmp_path / 'missing'}")
-    assert r.returncode == 1 and "does not exist" in r.stdout
+    assert main(["check-data", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "b.png" in out and "not_image" in out and "1 usable" in out
+    assert main(["check-data", str(cfg), "--strict"]) == 1
+    assert main(["check-data", str(cfg), f"data.datasets.0.path={tmp_path / 'missing'}"]) == 1
+    assert "does not exist" in capsys.readouterr().out
+
+
+def test_several_datasets_each_with_its_settings(tmp_path):
+    img(tmp_path / "a" / "x.png", colour=(1, 1, 1))
+    (tmp_path / "a" / "x.txt").write_text("first")
+    img(tmp_path / "b" / "x.png", colour=(1, 1, 1))  # same bytes, other dataset: kept (weights differ)
+    img(tmp_path / "b" / "y.png", colour=(2, 2, 2))
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(tmp_path / "a"), trigger_word="aaa", repeats=1),
+                               DatasetConfig(path=str(tmp_path / "b"), trigger_word="bbb", repeats=4,
+                                             default_caption="from b", caption_dropout=0.5)])
+    items = {i.id: i for i in scan_data(cfg, [64]).items}
+    assert set(items) == {"0:x.png", "1:x.png", "1:y.png"}
+    assert items["0:x.png"].caption == "aaa, first" and items["1:y.png"].caption == "bbb, from b"
+    assert (items["1:y.png"].repeats, items["1:y.png"].caption_dropout) == (4, 0.5)

@@ -86,7 +86,8 @@ def open_image(source, name: str | None = None, max_pixels: int = 100_000_000, b
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else Path(source)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit (below) is the guard; PIL's warning threshold would reject sizes the user allowed.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
             w, h = img.size
             if w * h > max_pixels:

@@ -261,7 +261,7 @@ class ThreadLoader:
 
 def make_loader(manifest: Manifest, resolution: int, batch_size: int, seed: int, start_step: int = 0,
                 num_steps: int | None = None, num_workers: int = 2, process_index: int | None = None,
-                num_processes: int | None = None, drop_last: bool = False, prefetch_factor: int = 4,
+                num_processes: int | None = None, drop_last: bool = False, prefetch_factor: int = 2,
                 worker_type: str = "thread"):
     """An iterable of this process's batches for steps start_step, start_step+1, ... (num_steps of them, or forever).
     Steps count per stage: pass the step within the current stage.
