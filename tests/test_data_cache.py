@@ -221,3 +221,27 @@ def test_two_processes_build_one_complete_cache(tmp_path, tiny_dir):
     for item in m.items:
         assert entry_valid(m.latent_path(item["latents"]["64"]["key"]), item["latents"]["64"]["key"])
         assert entry_valid(m.text_path(item["text"]), item["text"])
+
+
+def test_encoders_loaded_by_caching_are_released(tmp_path, models, monkeypatch):
+    import weakref
+
+    from krea2_train.models.text_encoder import TextEncoder
+    from krea2_train.models.vae import VAE
+
+    mc, _, _ = models
+    refs = []
+    real_te, real_vae = TextEncoder.from_path, VAE.from_path
+
+    def track(loader):
+        def load(*a, **k):
+            obj = loader(*a, **k)
+            refs.append(weakref.ref(obj))
+            return obj
+        return load
+
+    monkeypatch.setattr(TextEncoder, "from_path", track(real_te))
+    monkeypatch.setattr(VAE, "from_path", track(real_vae))
+    m = build_caches(cfg_for(make_dataset(tmp_path / "ds", n=2)), mc, tmp_path / "cache", [64], progress=False)
+    assert len(m.items) == 2 and len(refs) == 2
+    assert all(r() is None for r in refs)  # nothing holds the text encoder or the VAE once caching is done

@@ -167,9 +167,8 @@ def _state():
     return PartialState()
 
 
-def _release(*objs):
-    for o in objs:
-        del o
+def _release():
+    """Free what the caller just dropped: the encoders must not stay resident next to the transformer."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -267,9 +266,9 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
                     _save_entry(entry_path(cache_dir, "text", k), "text", t,
                                 {"key": k, "caption": captions[k], "length": t.shape[0], "encoder": text_fp})
                 bar.update(len(keys))
-        if owned:
-            _release(text_encoder)
         text_encoder = None
+        if owned:
+            _release()
 
     # ---- latents
     todo = latent_todo
@@ -327,9 +326,9 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
                                     {"key": k, "image": item.name, "sha256": item.sha256,
                                      "placement": json.dumps(placement.as_dict()), "flip": True, "encoder": vae_fp})
                 bar.update(len(batch))
-        if owned:
-            _release(vae)
         vae = None
+        if owned:
+            _release()
 
     # ---- manifest: every process derives it from the same plan and the files now on disk
     state.wait_for_everyone()
