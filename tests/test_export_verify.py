@@ -172,3 +172,18 @@ def test_transfer_report_same_model_is_identity(adapter, turbo, tmp_path):
     assert report["ratio"] == pytest.approx(1.0, abs=1e-5) and report["cosine"] == pytest.approx(1.0, abs=1e-5)
     assert report["suggested_turbo_strength"] == pytest.approx(1.0, abs=1e-3)
     assert "grid" not in report and not getattr(turbo, "peft_config", {})
+
+
+def test_verify_on_bfloat16_turbo(adapter, tiny_dir, tmp_path):
+    """The real model is verified in bfloat16: rounding noise must not fail a good file, a wrong scale still fails."""
+    from krea2_train.models.loading import load_transformer
+
+    turbo_bf16 = load_transformer(tiny_dir / "transformer_turbo.safetensors", dtype="bfloat16")
+    small = adapter.scaled(0.05)  # a LoRA with a small effect, as real ones have
+    good = write_lora_file(small, tmp_path / "good.safetensors", "civitai")
+    report = verify_lora_file(good, adapter=small, transformer=turbo_bf16, check_diffusers=False)
+    assert report.ok and report.output_noise_floor > 0
+    lost = TrainedAdapter(small.down, small.up, {m: float(small.rank(m)) for m in small.modules}, False)
+    bad = write_lora_file(lost, tmp_path / "lost_alpha.safetensors", "civitai")
+    with pytest.raises(LoraVerifyError, match="lost or doubled"):
+        verify_lora_file(bad, adapter=small, transformer=turbo_bf16, check_diffusers=False)

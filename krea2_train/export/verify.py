@@ -4,7 +4,8 @@ diffusers reads are also loaded through diffusers' own `Krea2Pipeline.load_lora_
 
 Tolerances are relative Frobenius errors. The weight check compares against the trained adapter in float32, so it
 is set by the file's dtype (bf16 rounding is ~0.4% per factor). The output check compares Turbo + LoRA (PEFT,
-unmerged) against Turbo with the expected deltas added to its weights, relative to the size of the LoRA's effect.
+unmerged) against Turbo with the trained adapter's branch added by forward hooks, relative to the size of the
+LoRA's effect.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ log = logging.getLogger(__name__)
 # Relative Frobenius error of a module's delta, by the dtype the file stores.
 DELTA_TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 # Relative error of the LoRA's effect on the output (vs the merged reference), by the transformer's compute dtype.
-OUTPUT_TOL = {torch.float32: 1e-3, torch.float16: 0.05, torch.bfloat16: 0.25}
+OUTPUT_TOL = {torch.float32: 1e-3, torch.float16: 0.03, torch.bfloat16: 0.1}
+# In half precision two equivalent forwards differ by rounding alone, about eps * |v|; errors below this many
+# epsilons of |v_base| are noise, not a wrong LoRA (the per-module weight check stays exact either way).
+NOISE_EPS = {torch.float32: 0.0, torch.float16: 4 * 2**-11, torch.bfloat16: 4 * 2**-8}
 
 
 class LoraVerifyError(UserError):
@@ -42,6 +46,7 @@ class VerifyReport:
     worst_module: str = ""
     output_change: float = 0.0  # |v_lora - v_base| / |v_base|
     output_error: float = 0.0  # |v_lora - v_reference| / |v_reference - v_base|
+    output_noise_floor: float = 0.0  # rounding noise of the compute dtype, in the same units as output_error
     diffusers: str = "not checked"
     diffusers_delta_error: float | None = None
     diffusers_output_error: float | None = None
@@ -62,7 +67,8 @@ class VerifyReport:
             f"  weight deltas: max relative error {self.max_delta_error:.2e} (tolerance {self.delta_tolerance:.0e})"
             + (f" at {self.worst_module}" if self.worst_module else ""),
             f"  output: LoRA changes Turbo's velocity by {self.output_change:.2e} (relative); matches the expected "
-            f"change to {self.output_error:.2e} (tolerance {self.output_tolerance:.0e})",
+            f"change to {self.output_error:.2e} (tolerance {self.output_tolerance:.0e}"
+            + (f" + rounding noise {self.output_noise_floor:.1e})" if self.output_noise_floor else ")"),
             f"  diffusers Krea2Pipeline.load_lora_weights: {self.diffusers}",
         ]
         lines += [f"  warning: {w}" for w in self.warnings]
@@ -101,24 +107,33 @@ def velocity(transformer, inputs) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_velocity(transformer, adapter: TrainedAdapter, strength: float, inputs) -> torch.Tensor:
-    """Turbo with W + strength * delta written into each adapted weight (no PEFT involved): the ground truth.
+    """Turbo plus the trained adapter's low-rank branch, added by forward hooks (no PEFT, no file): the reference.
 
-    The original weights wait on the CPU and are put back exactly afterwards, so a 12.9B model needs no second copy
-    on the accelerator.
+    y = W x + strength * scale * B (A x), computed in float32 from the trained factors. Hooks rather than merged
+    weights: rounding W + delta to bfloat16 would blur a small LoRA effect on the real model.
     """
     modules = dict(transformer.named_modules())
-    # After a LoRA was loaded and deleted, PEFT leaves a wrapper: the real Linear sits in `base_layer`.
-    linears = {m: getattr(modules[m], "base_layer", modules[m]) for m in adapter.modules}
-    backup = {}
+    handles = []
+
+    def hook_for(m):
+        a, b, s = adapter.down[m].float(), adapter.up[m].float(), strength * adapter.scale(m)
+
+        def hook(module, args, out):
+            x = args[0]
+            branch = (x.float() @ a.to(x.device).T) @ b.to(x.device).T
+            return out + (s * branch).to(out.dtype)
+
+        return hook
+
     try:
-        for m, lin in linears.items():
-            w = lin.weight
-            backup[m] = w.data.to("cpu", copy=True)
-            w.data = (w.data.float() + strength * adapter.delta(m).to(w.device)).to(w.dtype)
+        for m in adapter.modules:
+            # After a LoRA was loaded and deleted, PEFT leaves a wrapper: the real Linear sits in `base_layer`.
+            linear = getattr(modules[m], "base_layer", modules[m])
+            handles.append(linear.register_forward_hook(hook_for(m)))
         return velocity(transformer, inputs)
     finally:
-        for m, original in backup.items():
-            linears[m].weight.data = original.to(linears[m].weight.device)
+        for h in handles:
+            h.remove()
 
 
 def check_fits(adapter: TrainedAdapter, transformer, source: str) -> None:
@@ -238,9 +253,14 @@ def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = Non
         report.problems.append(f"weight delta of {report.worst_module} differs from the trained adapter by "
                                f"{report.max_delta_error:.2e} (relative), above {report.delta_tolerance:.0e}: the "
                                "scale (alpha) was lost or doubled, or the weights were altered")
+    report.output_noise_floor = NOISE_EPS.get(compute, 0.0) * v_base.norm().item() / max(expected_change, 1e-12)
+    if report.output_noise_floor > 0.5:
+        report.warnings.append(f"in {str(compute).replace('torch.', '')} the LoRA's effect on the probe is close to "
+                               "rounding noise; the output check is weak (the per-module weight check still holds). "
+                               "Verify with --dtype float32 for a strict check.")
     if expected_change > 0 and report.output_change == 0:
         report.problems.append("Turbo's output is identical with and without the LoRA: nothing was applied")
-    elif report.output_error > report.output_tolerance:
+    elif report.output_error > report.output_tolerance + report.output_noise_floor:
         report.problems.append(f"Turbo's output with the LoRA differs from the expected one by "
                                f"{report.output_error:.2e} of the LoRA's effect (tolerance {report.output_tolerance:.0e})")
 
