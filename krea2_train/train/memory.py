@@ -145,13 +145,21 @@ class _DequantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qweight, scale, bias):
+        # Under autocast the matmul runs in the autocast dtype: dequantise straight to it (no fp32 weight copy).
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         ctx.save_for_backward(qweight, scale)
-        return F.linear(x, _dequant_fp8(qweight, scale, x.dtype), bias)
+        ctx.x_dtype = x.dtype
+        with torch.autocast(dev, enabled=False):
+            bias = bias.to(dtype) if bias is not None else None
+            return F.linear(x.to(dtype), _dequant_fp8(qweight, scale, dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         qweight, scale = ctx.saved_tensors
-        grad_x = grad_out @ _dequant_fp8(qweight, scale, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ _dequant_fp8(qweight, scale, grad_out.dtype)).to(ctx.x_dtype)
         return grad_x, None, None, None
 
 
@@ -179,8 +187,7 @@ class Fp8Linear(nn.Linear):
             self.register_parameter("bias", None)
 
     def forward(self, x):
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return _DequantLinearFn.apply(x, self.weight, self.weight_scale, bias)
+        return _DequantLinearFn.apply(x, self.weight, self.weight_scale, self.bias)
 
     def dequantized_weight(self, dtype=torch.float32):
         return _dequant_fp8(self.weight, self.weight_scale, dtype)
