@@ -52,7 +52,7 @@ checkpoint: {{every_steps: {extra.get("every", 2)}}}
 validation: {{every_steps: 2}}
 preview: {{every_steps: 0, prompts: ["k2demo, a red circle"], resolution: 64, raw_steps: 2, turbo_steps: 2}}
 logging: {{progress: none, tensorboard: true}}
-export: {{formats: [diffusers, comfyui], verify: true}}
+export: {{formats: [diffusers, comfyui], verify: true, transfer_report: true}}
 output_dir: {tmp_path}/runs
 run_name: pipe
 cache_dir: {tmp_path}/cache
@@ -75,6 +75,7 @@ def test_run_all_then_everything_is_skipped(tiny_dir, tmp_path, capsys):
     assert (run / "config.yaml").exists() and (run / "loss.png").exists()
     assert (run / "export" / "pipe_comfyui.safetensors").exists()
     assert all(r["ok"] for r in json.loads((run / "export" / "verify.json").read_text()).values())
+    assert (run / "export" / "transfer_report.json").exists() and (run / "export" / "transfer_grid.png").exists()
     assert (run / "previews" / "step-000004.png").exists()  # final preview (Raw + Turbo grid)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in m for m in metrics) and all("lr" in m for m in metrics if "loss" in m)

@@ -90,6 +90,8 @@ def export_valid(cfg) -> bool:
     meta = json.loads(done.read_text())
     if set(meta.get("files", {})) != set(cfg.export.formats):
         return False
+    if cfg.export.transfer_report and not (run / "export" / "transfer_report.json").exists():
+        return False
     if cfg.export.verify:
         v = run / "export" / "verify.json"
         if not v.exists() or not all(r.get("ok") for r in json.loads(v.read_text()).values()):
@@ -122,21 +124,23 @@ def export(cfg, manifest=None):
     for fmt, p in paths.items():
         _say(f"export: {fmt}: {p}")
     if cfg.export.transfer_report:
+        if not cfg.model.turbo:
+            raise UserError("export.transfer_report needs model.turbo; set it or export.transfer_report: false")
         _transfer_report(cfg, run, out)
     return paths
 
 
 def _transfer_report(cfg, run, out):
-    try:
-        from ..export import transfer
-    except ImportError:
-        log.warning("export.transfer_report: the transfer report is not available in this build; skipped")
-        return
-    fn = getattr(transfer, "transfer_report", None)
-    if fn is None:
-        log.warning("export.transfer_report: krea2_train.export.transfer has no transfer_report(); skipped")
-        return
-    fn(run / "adapter", raw_path=cfg.model.transformer, turbo_path=cfg.model.turbo, out_dir=out)
+    """How the LoRA acts on Turbo compared with Raw (strength suggestion + side-by-side grid), next to the files."""
+    from ..export.transfer import transfer_report
+
+    report = transfer_report(run / "adapter" / "adapter_model.safetensors", out_dir=out,
+                             raw_path=cfg.model.transformer, turbo_path=cfg.model.turbo,
+                             text_encoder=cfg.model.text_encoder, vae=cfg.model.vae,
+                             prompts=list(cfg.preview.prompts) or None, height=cfg.preview.resolution,
+                             width=cfg.preview.resolution, seed=cfg.preview.seed, dtype=cfg.model.dtype)
+    _say(f"transfer report: {out / 'transfer_report.json'}")
+    return report
 
 
 def run_all(cfg) -> int:
@@ -150,7 +154,7 @@ def run_all(cfg) -> int:
     scan = check_data(cfg)
     manifest = cache(cfg, scan)
     if training_done(cfg):
-        _say(f"train: {cfg.run_dir} already finished {cfg.total_steps} steps, skipped")
+        _say(f"train: {cfg.run_dir} already finished {cfg.total_steps} steps, skipped (new run_name to train again)")
     else:
         _say(f"train: {cfg.total_steps} steps into {cfg.run_dir}")
         trainer = Trainer(cfg)

@@ -30,6 +30,7 @@ def tracker_names(cfg) -> list[str]:
     if cfg.logging.wandb and os.environ.get("WANDB_MODE") != "disabled":
         if not wandb_logged_in():
             os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(cfg.run_dir))  # offline runs live with the run, not in the cwd
         names.append("wandb")
     return names
 
