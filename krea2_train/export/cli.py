@@ -49,7 +49,12 @@ def _export(args) -> int:
         if getattr(args, key, None) is not None:
             metadata[key] = getattr(args, key)
     preview = Path(args.preview).read_bytes() if args.preview else None
-    name = args.name or Path(args.source).stem.replace("pytorch_lora_weights", "krea2_lora")
+    src = Path(args.source)
+    if src.is_dir():  # a run folder (RUN or RUN/adapter): name the files after the run
+        src = src.parent if src.name == "adapter" else src
+        name = args.name or src.name
+    else:
+        name = args.name or ("krea2_lora" if src.stem in ("pytorch_lora_weights", "adapter_model") else src.stem)
     if args.turbo:
         result = export_and_verify(args.source, args.out, args.turbo, formats=formats, metadata=metadata, name=name,
                                    dtype=args.dtype, comfyui_style=args.comfyui_style, preview_png=preview,

@@ -144,9 +144,10 @@ class TrainedAdapter:
         ranks = {m: self.rank(m) for m in self.down}
         r = Counter(ranks.values()).most_common(1)[0][0]
         lora_alpha = Counter(self.alpha.values()).most_common(1)[0][0]
-        # `^name` anchors the pattern at a whole module path (PEFT matches patterns as regex suffixes).
-        rank_pattern = {f"^{re.escape(m)}": v for m, v in ranks.items() if v != r}
-        alpha_pattern = {f"^{re.escape(m)}": a for m, a in self.alpha.items() if a != lora_alpha}
+        # PEFT matches patterns as regexes against dotted suffixes of module paths; escaped full names match exactly
+        # one Krea 2 module (no diffusers module name is a dotted suffix of another), also under a PeftModel prefix.
+        rank_pattern = {re.escape(m): v for m, v in ranks.items() if v != r}
+        alpha_pattern = {re.escape(m): a for m, a in self.alpha.items() if a != lora_alpha}
         return dict(r=int(r), lora_alpha=_num(lora_alpha), use_rslora=self.use_rslora, target_modules=self.modules,
                     rank_pattern=rank_pattern, alpha_pattern={k: _num(v) for k, v in alpha_pattern.items()},
                     lora_dropout=0.0, bias="none", use_dora=False, lora_bias=False, init_lora_weights=True)
