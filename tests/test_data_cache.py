@@ -4,7 +4,6 @@ processes producing one complete cache."""
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,23 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from krea2_train.data import cache as cache_mod
-from krea2_train.data.cache import Manifest, build_caches, entry_path, entry_valid
+from krea2_train.data.cache import Manifest, build_caches, entry_valid
 from krea2_train.data.config import DataConfig, DatasetConfig
 from krea2_train.models.config import ModelConfig
 
 CAPTIONS = ["a red square", "two blue circles on white", "green", "a yellow star over a dark sea at night", "pink"]
 SIZES = [(96, 80), (80, 96), (64, 64), (112, 64), (72, 72)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny VAE's convolutions are ~30x slower with 2 threads on a busy 2-core box (OpenMP spin-waits)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_dataset(root: Path, n=5):

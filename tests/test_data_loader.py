@@ -17,6 +17,17 @@ from krea2_train.models.config import ModelConfig
 SIZES = [(96, 64), (64, 96), (80, 80), (96, 64), (64, 96), (80, 80), (112, 64), (80, 80), (96, 64)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny VAE's convolutions are ~30x slower with 2 threads on a busy 2-core box (OpenMP spin-waits)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def manifest(tiny_dir, tmp_path_factory):
     from krea2_train.models.text_encoder import TextEncoder

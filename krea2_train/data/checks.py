@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .buckets import Placement, make_buckets, nearest_bucket, needs_upscale, place
+from .buckets import make_buckets, nearest_bucket, needs_upscale, place
 from .config import DataConfig, validate_data_config
 from .images import ImageProblem, open_image, parse_colour
 from .sources import SEVERITIES, Problem, Record, load_records
