@@ -122,10 +122,14 @@ def test_cli_tools(adapter, tiny_dir, tmp_path, capsys):
     assert "layout: musubi" in capsys.readouterr().out
     assert _cli("convert", src, tmp_path / "d.safetensors", "--format", "diffusers") == 0
     assert read_lora_file(tmp_path / "d.safetensors").layout == "diffusers"
-    assert _cli("verify", tmp_path / "d.safetensors", "--turbo", turbo, "--json", tmp_path / "v.json") == 0
+    assert _cli("verify", tmp_path / "d.safetensors", "--turbo", turbo, "--json", tmp_path / "v.json",
+                "--against", src) == 0
     assert "result: OK" in capsys.readouterr().out and json.loads((tmp_path / "v.json").read_text())["ok"]
     assert _cli("resize", src, tmp_path / "r.safetensors", "--rank", "2", "--format", "original") == 0
     assert "energy kept" in capsys.readouterr().out
+    # verifying the rank-2 file against the rank-4 original fails, with the report and exit code 1
+    assert _cli("verify", tmp_path / "r.safetensors", "--turbo", turbo, "--against", src, "--no-diffusers") == 1
+    assert "FAILED" in capsys.readouterr().out
     assert _cli("merge", f"{src}:0.5", tmp_path / "d.safetensors", "--out", tmp_path / "m.safetensors") == 0
     merged = read_lora_file(tmp_path / "m.safetensors").adapter
     m = "transformer_blocks.0.attn.to_q"

@@ -6,3 +6,5 @@ and every writer consumes it, so the effective scale is handled in exactly one p
 """
 
 from .formats import FORMATS, LoraFile, LoraFormatError, TrainedAdapter, read_lora_file, write_lora_file  # noqa: F401
+from .export import export_and_verify, export_lora  # noqa: F401,E402
+from .verify import LoraVerifyError, verify_lora_file  # noqa: F401,E402

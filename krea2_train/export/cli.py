@@ -72,7 +72,10 @@ def _export(args) -> int:
 def _verify(args) -> int:
     from .verify import verify_lora_file, write_report
 
-    report = verify_lora_file(args.lora, args.turbo, dtype=args.dtype, device=_device(args.device),
+    from .export import as_adapter
+
+    against = as_adapter(args.against) if args.against else None
+    report = verify_lora_file(args.lora, args.turbo, adapter=against, dtype=args.dtype, device=_device(args.device),
                               strength=args.strength, check_diffusers=not args.no_diffusers, raise_on_failure=False)
     print(report.summary())
     if args.json:
@@ -209,6 +212,8 @@ def register(sub) -> None:
     p = sub.add_parser("verify", help="load a LoRA onto Turbo and check every tensor lands with the right effect")
     p.add_argument("lora")
     p.add_argument("--turbo", required=True, help="Krea 2 Turbo checkpoint")
+    p.add_argument("--against", help="the trained adapter (a run folder or LoRA file) the file must reproduce; "
+                   "default: the file's own contents")
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--dtype", default="auto", help="dtype to load Turbo in (auto: float32 for small test models, "
                    "bfloat16 for the real one; float32 gives the tightest tolerances)")
