@@ -3,7 +3,7 @@
 Functions (each takes the transformer -- a `Krea2Transformer2DModel`, possibly PEFT-wrapped -- modifies it in place
 and returns it):
 
-    set_fast_attention(transformer, backend=None)
+    set_fast_attention(transformer, backend="auto")
         Installs `Krea2FastAttnProcessor` on every `Krea2Attention`: no k/v head repeat (SDPA `enable_gqa=True`) when
         there is no mask, the fastest SDPA kernel available (priority list, see `SDPA_BACKENDS`), and the stock
         repeat+mask path only when some text token really is padding.
@@ -18,9 +18,11 @@ and returns it):
     compile_blocks(transformer, **torch_compile_kwargs)
         Regional `torch.compile` of `Krea2TransformerBlock` (diffusers `compile_repeated_blocks`).
 
-Order for the trainer: load -> memory.apply_memory_settings (quantise, before PEFT) -> add LoRA (PEFT) ->
-set_fast_attention -> enable_text_padding_trim -> fuse_qkv (after the model is on its device/dtype) ->
-memory checkpointing/offload -> compile_blocks last. `apply_speed_settings` does the speed part in that order.
+Order for the trainer: load -> inject LoRA (PEFT) -> memory.apply_memory_settings(transformer, settings, device),
+which quantises, places, then calls set_fast_attention -> enable_text_padding_trim -> fuse_qkv (after the model is
+on its device and dtype: moving it afterwards unfuses, with a warning) -> checkpointing/offload -> compile_blocks (last).
+`apply_speed_settings` is the speed part alone, in the same order, for callers that skip memory.py.
+`unfuse_qkv` gives each projection its own weight again (state_dict keys and values are the same either way).
 """
 
 from __future__ import annotations
