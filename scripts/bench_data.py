@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Data pipeline benchmark: how fast the cache is read (what a GPU would wait on) and how fast it is made.
 
-    python scripts/bench_data.py [--samples 256] [--batch 4] [--workers 2] [--text-dim 2560] [--seconds 5]
+    python scripts/bench_data.py [--samples 256] [--batch 4] [--workers 2] [--text-dim 2560] [--seconds 5] [--threads 1]
 
 1. Cached read rate at the 512 and 1024 px buckets (1:1 and 3:2), through `make_loader` (prefetch threads, and for
    comparison worker processes), from a
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -116,8 +117,11 @@ def main(argv=None):
     ap.add_argument("--text-dim", type=int, default=2560)
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--skip-caching", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady numbers on a shared box)")
     args = ap.parse_args(argv)
-    results = {}
+    torch.set_num_threads(args.threads)
+    results = {"cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes slow every figure below)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         m = synthetic_cache(tmp / "cache", args.samples, (512, 1024), args.text_dim)
