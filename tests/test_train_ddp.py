@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent('''
         "train.stages=[{resolution: 128, steps: 4, batch_size: 1}]", "optimizer.lr=2e-3", f"output_dir={out}",
         "run_name=ddp", "checkpoint.every_steps=2", "logging.progress=none", "logging.tensorboard=false",
         "lora.rank=4", "lora.dropout=0.1", f"cache_dir={out}/cache", "data.num_workers=0",
+        "train.gradient_accumulation=2",
         f"data.datasets=[{{path: {data}, trigger_word: k2demo}}]"])
     # the order `krea2-train CONFIG` uses: process state first, then data checks and caching split across ranks
     pipeline.init_distributed()

@@ -191,3 +191,24 @@ def test_flow_matching_target(tiny_dir, tmp_path):
         pred = t.transformer(hidden_states=0.7 * x0 + 0.3 * noise, encoder_hidden_states=batch["text"],
                              timestep=sig, position_ids=position_ids(5, 4, 4), return_dict=False)[0]
     torch.testing.assert_close(got, ((pred - (noise - x0)) ** 2).mean(dim=(1, 2)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("progress", ["rich", "tqdm", "none"])
+def test_tracker_progress_metrics_and_loss_curve(tmp_path, progress):
+    import json
+
+    from accelerate import Accelerator
+
+    from krea2_train.config import load_config
+    from krea2_train.train.tracking import Tracker
+
+    cfg = load_config(None, ["model.transformer=a", "model.text_encoder=b", "model.vae=c",
+                             f"logging.progress={progress}", "logging.tensorboard=false", f"output_dir={tmp_path}"])
+    tr = Tracker(Accelerator(cpu=True), cfg, tmp_path, total_steps=10, start_step=0)
+    for step in range(1, 11):
+        tr.log(step, {"loss": 1.0 / step, "lr": 1e-4})
+    tr.close([[s, 1.0 / s] for s in range(1, 11)])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and {"loss", "lr", "s_per_step", "eta_s"} <= set(rows[0])
+    assert rows[-1]["eta_s"] == 0
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -47,18 +47,10 @@ class Tracker:
         if self.active:
             self.metrics = open(self.run_dir / "metrics.jsonl", "a")
             kind = cfg.logging.progress
-            if kind != "none":
-                if kind == "rich":
-                    try:
-                        import warnings
-
-                        from tqdm.rich import tqdm
-                        warnings.filterwarnings("ignore", message=".*rich is experimental.*")
-                    except ImportError:
-                        from tqdm import tqdm
-                else:
-                    from tqdm import tqdm
-                self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            if kind == "rich":
+                self.bar = _RichBar(total_steps, start_step)
+            elif kind == "tqdm":
+                self.bar = _TqdmBar(total_steps, start_step)
 
     def log(self, step: int, values: dict) -> None:
         if not self.active:
@@ -70,10 +62,7 @@ class Tracker:
         self.metrics.write(json.dumps({"step": step, **values}) + "\n")
         self.metrics.flush()
         if self.bar is not None and "loss" in values:
-            self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "s_per_step")},
-                                 refresh=False)
-            self.bar.refresh()
+            self.bar.update(step, f"loss {values['loss']:.4f}  lr {values['lr']:.3g}  {s_per_step:.2f} s/step")
         if self.acc.trackers:
             self.acc.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
@@ -102,6 +91,41 @@ class Tracker:
             self.bar.close()
         self.metrics.close()
         write_loss_curve(history, self.run_dir / "loss.png")
+
+
+class _TqdmBar:
+    def __init__(self, total, start):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, step, text):
+        self.bar.n = step
+        self.bar.set_postfix_str(text, refresh=False)
+        self.bar.refresh()
+
+    def close(self):
+        self.bar.close()
+
+
+class _RichBar:
+    """rich progress: bar, step/total, loss, lr, s/step, elapsed and ETA."""
+
+    def __init__(self, total, start):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn())
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.progress.start()
+
+    def update(self, step, text):
+        self.progress.update(self.task, completed=step, info=text)
+
+    def close(self):
+        self.progress.stop()
 
 
 def write_loss_curve(history, path) -> None:
