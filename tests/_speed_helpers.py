@@ -55,7 +55,7 @@ def run(model, batch, target_seed=1):
     for p in model.parameters():
         p.grad = None
     out = model(**batch, return_dict=False)[0]
-    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(target_seed)).to(out.dtype)
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(target_seed)).to(out.device, out.dtype)
     loss = ((out.float() - target.float()) ** 2).mean()
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
