@@ -124,3 +124,16 @@ def test_repeated_nan_stops_with_checkpoint(tiny_dir, tmp_path):
     assert ckpt is not None
     weights = load_file(str(ckpt / "adapter_model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_resume_from_named_checkpoint(tiny_dir, tmp_path):
+    cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=2", "checkpoint.keep_last=5")
+    train(cfg, source=SyntheticData())
+    named = cfg.run_dir / "checkpoints" / "step-000002"
+    again = tiny_cfg(tiny_dir, tmp_path, f"checkpoint.resume={named}", "run_name=branch")
+    t = Trainer(again, source=SyntheticData())
+    t.setup()
+    assert t.state.step == 2 and len(t.state.history) == 2
+    bad = tiny_cfg(tiny_dir, tmp_path, f"checkpoint.resume={tmp_path}/nope", "run_name=bad")
+    with pytest.raises(Exception, match="not a complete checkpoint"):
+        Trainer(bad, source=SyntheticData()).setup()

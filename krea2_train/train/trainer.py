@@ -110,7 +110,13 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
         acc.wait_for_everyone()
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedType, set_seed
+
+        if acc.distributed_type == DistributedType.FSDP:
+            # Adapter save/load and previews read the unsharded module; under FSDP they would see shards.
+            raise UserError("FSDP training is not supported yet (adapter checkpoints would hold shards). Use "
+                            "configs/accelerate/ddp.yaml, with memory.preset 24gb/16gb (quantised base) if a bf16 "
+                            "copy per GPU does not fit.")
 
         set_seed(cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
         transformer = self._transformer if self._transformer is not None else self._load_transformer()
