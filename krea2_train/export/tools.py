@@ -160,51 +160,114 @@ def merge_loras(items, rank: int | None = None) -> tuple[TrainedAdapter, dict]:
     return resize_lora(merged, rank=rank)
 
 
+class _CheckpointReader:
+    """Tensor-by-tensor access to an original-layout Krea 2 checkpoint (official, prefixed or ComfyUI fp8 scaled),
+    so merging into or extracting from a 12.9B model never holds a float32 copy of it."""
+
+    def __init__(self, path):
+        from .. import facts
+        from ..models.loading import _require_path, _strip_prefix, open_safetensors
+
+        self.path = _require_path(path, "transformer checkpoint")
+        if self.path.is_dir():
+            raise UserError(f"{self.path} is a folder; pass the transformer's single .safetensors file")
+        self.handle, keys = open_safetensors(self.path)
+        prefix = _strip_prefix(keys)
+        self.names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+        if facts.KREA2_MARKER not in self.names:
+            raise UserError(f"{self.path} is not a Krea 2 transformer (no {facts.KREA2_MARKER}); pass the Raw or "
+                            "Turbo checkpoint")
+        self.header = self.handle.metadata() or {}
+
+    def tensor_names(self):
+        side = ("scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant")
+        return [n for n in self.names if not n.endswith(side)]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor in its stored dtype, except fp8 weights, which come back dequantised (float32)."""
+        from ..models.loading import FP8_DTYPES
+
+        t = self.handle.get_tensor(self.names[name])
+        if t.dtype in FP8_DTYPES:
+            module = name[: -len(".weight")]
+            scale = next((self.handle.get_tensor(self.names[s]) for s in (f"{module}.scale_weight",
+                          f"{module}.weight_scale") if s in self.names), None)
+            t = t.float() * (scale.float() if scale is not None else 1.0)
+        return t
+
+    def linear_modules(self) -> dict[str, str]:
+        """{diffusers Linear module: original weight name}."""
+        from ..models.keys import original_to_diffusers_module
+
+        out = {}
+        for n in self.tensor_names():
+            if n.endswith(".weight"):
+                m = original_to_diffusers_module(n[: -len(".weight")])
+                if m is not None:
+                    out[m] = n
+        return out
+
+
 def merge_into_checkpoint(items, checkpoint, out_path, dtype="bfloat16") -> Path:
-    """Add sum(weight_i * delta_i) to a transformer checkpoint; write it in the official single-file layout."""
+    """Add sum(weight_i * delta_i) to a transformer checkpoint; write it in the official single-file layout
+    (matmuls in `dtype`, norms and modulation tables float32 as the official file stores them)."""
     from ..models.keys import diffusers_to_original_module
-    from ..models.loading import _require_path, read_original_state_dict, resolve_dtype
+    from ..models.loading import resolve_dtype
     from ..utils.io import save_safetensors_atomic
 
-    path = _require_path(checkpoint, "transformer checkpoint")
-    if path.is_dir():
-        raise UserError(f"{path}: merging into a diffusers folder is not supported; pass the single-file checkpoint")
-    state, header = read_original_state_dict(path, torch.float32)
+    reader = _CheckpointReader(checkpoint)
     out_dtype = resolve_dtype(dtype)
     adapters = [(_load(src), float(w)) for src, w in items]
+    by_weight: dict[str, list] = {}
     for adapter, w in adapters:
         for m in adapter.modules:
             key = f"{diffusers_to_original_module(m)}.weight"
-            if key not in state:
-                raise UserError(f"{path} has no {key} for LoRA module {m}: the LoRA is for another model")
-            if tuple(state[key].shape) != (adapter.up[m].shape[0], adapter.down[m].shape[1]):
-                raise UserError(f"mismatched shapes: {key} is {tuple(state[key].shape)} in {path}, the LoRA's delta "
-                                f"is {(adapter.up[m].shape[0], adapter.down[m].shape[1])}; the LoRA is for another "
-                                "model size")
-            state[key] = state[key] + w * adapter.delta(m)
-    out = {k: (v.to(out_dtype) if v.ndim == 2 and not k.endswith("modulation.lin") else v) for k, v in state.items()}
-    header = {**header, "krea2_train.merged_loras": ", ".join(a.info.get("name", "?") for a, _ in adapters)}
+            if key not in reader.names:
+                raise UserError(f"{reader.path} has no {key} for LoRA module {m}: the LoRA is for another model")
+            by_weight.setdefault(key, []).append((adapter, m, w))
+    out = {}
+    for name in reader.tensor_names():
+        t = reader.get(name)
+        for adapter, m, w in by_weight.get(name, []):
+            want = (adapter.up[m].shape[0], adapter.down[m].shape[1])
+            if tuple(t.shape) != want:
+                raise UserError(f"mismatched shapes: {name} is {tuple(t.shape)} in {reader.path}, the LoRA's delta is "
+                                f"{want}; the LoRA is for another model size")
+            t = t.float() + w * adapter.delta(m)
+        matmul = t.ndim == 2 and not name.endswith("modulation.lin")
+        out[name] = t.to(out_dtype) if matmul else t.float()
+    header = {**reader.header, "krea2_train.merged_loras": ", ".join(a.info.get("name", "?") for a, _ in adapters)}
     return save_safetensors_atomic(out, out_path, metadata=header)
 
 
 # --------------------------------------------------------------------------------------------------- extract
-def _linear_weights(path) -> dict[str, torch.Tensor]:
-    """{diffusers Linear module: weight (float32)} from a single-file checkpoint or a diffusers folder."""
-    from ..models.keys import original_to_diffusers_module
-    from ..models.loading import _require_path, load_transformer, read_original_state_dict
+class _LinearWeights:
+    """{diffusers Linear module: float32 weight}, read one module at a time (single file) or from a loaded
+    diffusers folder."""
 
-    path = _require_path(path, "transformer checkpoint")
-    if path.is_dir():
-        model = load_transformer(path, dtype="float32")
-        return {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    state, _ = read_original_state_dict(path, torch.float32)
-    out = {}
-    for key, value in state.items():
-        if key.endswith(".weight") and value.ndim == 2:
-            m = original_to_diffusers_module(key[: -len(".weight")])
-            if m is not None:
-                out[m] = value.float()
-    return out
+    def __init__(self, path):
+        from ..models.loading import _require_path, load_transformer
+
+        p = _require_path(path, "transformer checkpoint")
+        if p.is_dir():
+            model = load_transformer(p, dtype="bfloat16")
+            self._mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            self._get = lambda m: self._mods[m].weight.float()
+            self.modules = set(self._mods)
+        else:
+            reader = _CheckpointReader(p)
+            names = reader.linear_modules()
+            self._get = lambda m: reader.get(names[m]).float()
+            self.modules = set(names)
+
+    def __getitem__(self, module: str) -> torch.Tensor:
+        return self._get(module)
+
+
+def _linear_weights(path) -> dict[str, torch.Tensor]:
+    """All Linear weights at once (for small models and tests)."""
+    w = _LinearWeights(path)
+    return {m: w[m] for m in w.modules}
 
 
 def extract_lora(base, target, rank: int, min_energy: float | None = None,
@@ -216,8 +279,8 @@ def extract_lora(base, target, rank: int, min_energy: float | None = None,
     """
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
-    wa, wb = _linear_weights(base), _linear_weights(target)
-    missing = sorted(set(wa) ^ set(wb))
+    wa, wb = _LinearWeights(base), _LinearWeights(target)
+    missing = sorted(wa.modules ^ wb.modules)
     if missing:
         raise UserError(f"{base} and {target} do not have the same Linear layers (e.g. {missing[:3]}); extract needs "
                         "two checkpoints of the same architecture")
@@ -225,11 +288,13 @@ def extract_lora(base, target, rank: int, min_energy: float | None = None,
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # svd_lowrank is randomised: make extraction reproducible
     try:
-        for m in sorted(wa):
-            if wa[m].shape != wb[m].shape:
-                raise UserError(f"mismatched shapes at {m}: {tuple(wa[m].shape)} vs {tuple(wb[m].shape)}; the "
+        for m in sorted(wa.modules, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")]):
+            a_w, b_w = wa[m], wb[m]
+            if a_w.shape != b_w.shape:
+                raise UserError(f"mismatched shapes at {m}: {tuple(a_w.shape)} vs {tuple(b_w.shape)}; the "
                                 "checkpoints are different model sizes")
-            diff = wb[m] - wa[m]
+            diff = b_w - a_w
+            del a_w, b_w
             total = float((diff**2).sum())
             if total == 0.0:
                 continue  # identical layers: nothing to learn
