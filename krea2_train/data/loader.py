@@ -106,6 +106,7 @@ def _header(path: str) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
+@lru_cache(maxsize=1 << 16)  # entries are content-addressed: a path's header never changes meaning
 def _tensor_info(path: str, name: str):
     try:
         header, base = _header(path)
