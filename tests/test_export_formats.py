@@ -151,7 +151,7 @@ def test_civitai_header(adapter, tmp_path):
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="PNG")
+    Image.new("RGB", (640, 320), (200, 30, 30)).save(buf, format="PNG")
     info = dict(name="red_style", trigger_words=["r3d style"], resolution=1024, steps=1500, dataset_size=24,
                 turbo_strength=1.25)
     path = write_lora_file(adapter, tmp_path / "c.safetensors", "civitai", metadata=info, preview_png=buf.getvalue())
@@ -165,7 +165,7 @@ def test_civitai_header(adapter, tmp_path):
     assert float(h["ss_network_alpha"]) == pytest.approx(alpha, rel=1e-5)  # informational, equals the tensors
     assert h["ss_network_dim"] == "4"
     png = base64.b64decode(h["modelspec.thumbnail"].split(",", 1)[1])
-    assert Image.open(io.BytesIO(png)).size == (16, 16)
+    assert Image.open(io.BytesIO(png)).size == (256, 128)  # shrunk to a thumbnail
     assert json.loads(h["krea2_train.info"])["trigger_words"] == ["r3d style"]
 
 

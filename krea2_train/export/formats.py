@@ -515,6 +515,21 @@ def write_lora_file(adapter: TrainedAdapter, path, fmt: str, dtype="bfloat16", m
     return save_safetensors_atomic(tensors, path, metadata=header)
 
 
+def _small_png(png: bytes, side: int = 256) -> bytes:
+    """The preview shrunk to at most `side` px (a header thumbnail, not a gallery image)."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png))
+    if max(img.size) <= side:
+        return png
+    img.thumbnail((side, side))
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
 def civitai_header(adapter: TrainedAdapter, info: dict, preview_png: bytes | None = None) -> dict:
     """Model-spec 1.0 (`modelspec.*`) and kohya (`ss_*`) keys that Civitai and model-spec readers show.
 
@@ -564,7 +579,7 @@ def civitai_header(adapter: TrainedAdapter, info: dict, preview_png: bytes | Non
         "ss_recommended_turbo_strength": str(turbo or ""),
     }
     if preview_png:
-        header["modelspec.thumbnail"] = "data:image/png;base64," + base64.b64encode(preview_png).decode("ascii")
+        header["modelspec.thumbnail"] = "data:image/png;base64," + base64.b64encode(_small_png(preview_png)).decode()
     return {k: v for k, v in header.items() if v != ""}
 
 

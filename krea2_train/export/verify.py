@@ -206,7 +206,7 @@ def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = Non
     is left without adapters. Raises LoraVerifyError with the full report unless every check passes.
     """
     from ..inference import apply_lora
-    from ..models.loading import load_transformer, resolve_dtype
+    from ..models.loading import load_transformer
 
     lora: LoraFile = read_lora_file(path)
     expected = adapter if adapter is not None else lora.adapter
