@@ -137,3 +137,16 @@ def test_resume_from_named_checkpoint(tiny_dir, tmp_path):
     bad = tiny_cfg(tiny_dir, tmp_path, f"checkpoint.resume={tmp_path}/nope", "run_name=bad")
     with pytest.raises(Exception, match="not a complete checkpoint"):
         Trainer(bad, source=SyntheticData()).setup()
+
+
+@pytest.mark.parametrize("memory", [["memory.quantize=nf4"], ["memory.preset=24gb"], ["memory.preset=16gb"]])
+def test_memory_options_train_through_the_trainer(tiny_dir, tmp_path, memory):
+    cfg = tiny_cfg(tiny_dir, tmp_path, "model.dtype=bfloat16", "train.mixed_precision=bf16",
+                   "train.stages=[{resolution: 64, steps: 2, batch_size: 1}]", "checkpoint.every_steps=0", *memory)
+    t = Trainer(cfg, source=SyntheticData())
+    res = t.run()
+    assert res.step == 2 and len(res.history) == 2
+    if "preset" in memory[0]:  # the 24/16 GB presets keep optimiser states in 8 bits
+        assert type(t.optimizer.optimizer).__name__ == "AdamW8bit"
+    weights = adapter(cfg.run_dir)
+    assert weights and all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in weights.values())

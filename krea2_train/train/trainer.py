@@ -90,11 +90,11 @@ class Trainer:
         else:
             raise KeyboardInterrupt
 
-    def _load_transformer(self):
+    def _load_transformer(self, device):
         from ..models.loading import load_transformer
 
         m = self.cfg.model
-        return load_transformer(m.transformer, dtype=m.dtype, device=self.acc.device, architecture=m.architecture,
+        return load_transformer(m.transformer, dtype=m.dtype, device=device, architecture=m.architecture,
                                 expect="raw", allow_turbo=m.allow_turbo_training)
 
     def _source(self):
@@ -119,12 +119,16 @@ class Trainer:
                             "copy per GPU does not fit.")
 
         set_seed(cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
-        transformer = self._transformer if self._transformer is not None else self._load_transformer()
-        if transformer.device != acc.device and cfg.memory.offload_blocks is not True:
+        mem = memory_settings(cfg)
+        # A base that gets quantised or offloaded may not fit the GPU in bf16: keep it on the CPU until
+        # apply_memory_settings quantises and places it.
+        staged = mem.quantize != "none" or mem.offload_blocks
+        device = torch.device("cpu") if staged else acc.device
+        transformer = self._transformer if self._transformer is not None else self._load_transformer(device)
+        if not staged and transformer.device != acc.device:
             transformer = transformer.to(acc.device)
         self.peft_config = lora_mod.add_lora(transformer, cfg.lora, seed=cfg.seed)
         # quantised base, checkpointing, offload, fast attention, fused qkv, compile (train/memory.py decides order)
-        mem = memory_settings(cfg)
         from .memory import apply_memory_settings
 
         compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
