@@ -155,6 +155,14 @@ def test_keys_change_with_what_changes_the_tensor(tmp_path, models):
     v = Counting(vae)
     build_caches(cfg_for(root, flip=True), mc, cache, [64], progress=False, text_encoder=t, vae=v)
     assert v.inputs >= 1 and entry_valid(victim, m.items[2]["latents"]["64"]["key"])
+    # Pruning with only the latest manifest kept removes exactly the superseded entries (old caption, old image).
+    for old in (cache / "manifests").glob("*.json"):
+        if str(old) != m.path:
+            old.unlink()
+    files, _ = cache_mod.prune_cache(cache)
+    assert files == 2
+    assert all(entry_valid(m.latent_path(i["latents"]["64"]["key"]), i["latents"]["64"]["key"]) for i in m.items)
+    assert all(entry_valid(m.text_path(i["text"]), i["text"]) for i in m.items)
 
 
 def test_interrupted_caching_resumes(tmp_path, models):

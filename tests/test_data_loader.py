@@ -126,3 +126,18 @@ def test_bad_requests_fail_clearly(manifest):
         BatchPlan(manifest, 512, 2, 0)
     with pytest.raises(UserError, match="drop_last"):
         BatchPlan(manifest, 64, 50, 0, drop_last=True)
+
+
+def test_missing_cache_entry_is_a_clear_error(manifest, tmp_path):
+    import copy
+    import shutil
+
+    from krea2_train.data.loader import CacheReadError
+
+    m = copy.deepcopy(manifest)
+    shutil.copytree(manifest.cache_dir, tmp_path / "c")
+    m.cache_dir = str(tmp_path / "c")
+    for p in (tmp_path / "c" / "latents").rglob("*.safetensors"):
+        p.unlink()
+    with pytest.raises(CacheReadError, match="krea2-train cache"):
+        take(m, 1)

@@ -380,3 +380,29 @@ def manifest_if_ready(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, s
         write_json_atomic(path, manifest.to_json())
     manifest.path = str(path)
     return manifest
+
+
+def prune_cache(cache_dir, dry_run: bool = False) -> tuple[int, int]:
+    """Delete entries no manifest in <cache_dir>/manifests refers to (left by changed captions, images, models or
+    settings). Returns (files, bytes) removed. Run it when no caching or training uses the cache."""
+    cache_dir = Path(os.path.expanduser(str(cache_dir)))
+    keep = set()
+    for path in (cache_dir / "manifests").glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        keep.add(data.get("empty_text"))
+        for item in data.get("items", []):
+            keep.add(item["text"])
+            for lat in item["latents"].values():
+                keep.update({lat["key"], lat["flip_key"]})
+    files = nbytes = 0
+    for kind in ("text", "latents"):
+        for path in (cache_dir / kind).glob("*/*.safetensors"):
+            if path.stem not in keep:
+                files += 1
+                nbytes += path.stat().st_size
+                if not dry_run:
+                    path.unlink(missing_ok=True)
+    return files, nbytes

@@ -33,6 +33,11 @@ def cache(args) -> int:
     from .checks import format_report, scan_data
 
     cfg = _load(args)
+    if args.prune:
+        from .cache import prune_cache
+
+        files, nbytes = prune_cache(cfg.cache_dir)
+        print(f"pruned {files} stale cache entries ({nbytes / 1e6:.1f} MB) from {cfg.cache_dir}")
     resolutions = stage_resolutions(cfg)
     scan = scan_data(cfg.data, resolutions, cfg.cache_dir)
     if scan.fatal:
@@ -55,4 +60,6 @@ def register(sub) -> None:
                        "splits across processes under accelerate launch)")
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--prune", action="store_true", help="first delete entries that no manifest in cache_dir uses "
+                   "(stale after caption, image, model or setting changes); not while another run uses the cache")
     p.set_defaults(func=cache)
