@@ -125,3 +125,41 @@ def test_sigterm_saves_checkpoint_and_resumes(tiny_dir, tmp_path):
                  "preview.prompts=[]"]) == 0
     done = json.loads((tmp_path / "runs" / "pipe" / "train_done.json").read_text())
     assert done["step"] == stopped + 2
+
+
+@pytest.mark.slow
+def test_resume_on_cached_data_matches_straight_run(tiny_dir, tmp_path):
+    """Stop+resume equals an uninterrupted run with the real loader too (flip and caption dropout on)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from krea2_train.config import load_config
+    from krea2_train.train import pipeline
+    from krea2_train.train.data_source import CachedData
+    from krea2_train.train.trainer import Trainer
+
+    path = write_config(tiny_dir, tmp_path, steps=4)
+    extra = ["data.flip=true", "data.datasets.0.caption_dropout=0.3", "preview.prompts=[]", "export.verify=false",
+             "validation.every_steps=0", "checkpoint.every_steps=0"]
+    manifest = None
+
+    def run(name, stop_at=None):
+        nonlocal manifest
+        cfg = load_config(path, extra + [f"run_name={name}"])
+        if manifest is None:
+            manifest = pipeline.cache(cfg, pipeline.check_data(cfg))
+        t = Trainer(cfg)
+        t.source = CachedData(cfg, t.acc, manifest=manifest)
+        if stop_at:
+            t.on_step = lambda tr, step: tr.request_stop() if step == stop_at else None
+        return t.run(), cfg
+
+    run("straight")
+    first, _ = run("resumed", stop_at=2)
+    assert first.interrupted and first.step == 2
+    second, cfg = run("resumed")
+    assert second.step == 4
+    a = load_file(str(tmp_path / "runs" / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(cfg.run_dir / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

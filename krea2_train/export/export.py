@@ -52,14 +52,17 @@ def find_lora_in(path) -> Path:
         raise UserError(f"LoRA or run folder not found: {path}")
     if path.is_file():
         return path
-    for name in (DIFFUSERS_WEIGHT_NAME, "adapter_model.safetensors"):
-        if (path / name).exists():
-            return path / name
-    found = sorted(path.rglob(DIFFUSERS_WEIGHT_NAME), key=lambda p: p.stat().st_mtime)
+    names = (DIFFUSERS_WEIGHT_NAME, "adapter_model.safetensors")
+    for folder in (path, path / "adapter"):  # the trainer's final adapter is RUN/adapter
+        for name in names:
+            if (folder / name).exists():
+                return folder / name
+    # Otherwise the newest saved adapter anywhere below (e.g. the last checkpoint of an interrupted run).
+    found = sorted((p for n in names for p in path.rglob(n)), key=lambda p: p.stat().st_mtime)
     if not found:
         found = sorted(path.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise UserError(f"{path} holds no LoRA: no {DIFFUSERS_WEIGHT_NAME} under it and no .safetensors in it. "
+        raise UserError(f"{path} holds no LoRA: no {' or '.join(names)} under it and no .safetensors in it. "
                         "Point at the LoRA file or at the training run folder.")
     return found[-1]
 
