@@ -26,6 +26,9 @@ def train(args) -> int:
     trainer = Trainer(cfg)
     trainer.source = CachedData(cfg, trainer.acc)
     result = trainer.run()
+    if not result.interrupted and trainer.acc.is_main_process:
+        print(f"trained {result.step} steps; adapter: {result.adapter_dir} (export with `krea2-train CONFIG`, "
+              "which skips the finished training)")
     return 130 if result.interrupted else 0
 
 

@@ -136,6 +136,8 @@ class Trainer:
         if mem.optimizer_8bit and cfg.optimizer.name == "adamw":
             log.info("memory preset %s: using 8-bit AdamW states", mem.preset)
             cfg.optimizer.name = "adamw8bit"
+            if acc.is_main_process:
+                save_resolved(cfg, self.run_dir)  # the saved config says what actually ran
         self.transformer = transformer
         params = lora_mod.trainable_parameters(transformer)
         n = sum(p.numel() for p in params)
