@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -512,7 +513,9 @@ def write_lora_file(adapter: TrainedAdapter, path, fmt: str, dtype="bfloat16", m
     path = Path(path)
     if fmt == "diffusers" and (path.is_dir() or not path.suffix):
         path = path / DIFFUSERS_WEIGHT_NAME
-    return save_safetensors_atomic(tensors, path, metadata=header)
+    path = save_safetensors_atomic(tensors, path, metadata=header)
+    os.chmod(path, 0o644)  # the safetensors writer leaves 0600; ComfyUI may run as another user
+    return path
 
 
 def _small_png(png: bytes, side: int = 256) -> bytes:
