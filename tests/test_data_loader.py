@@ -54,6 +54,7 @@ def take(m, n, **kw):
 def test_batch_contents(manifest):
     for b in take(manifest, 6):
         B = len(b["ids"])
+        assert isinstance(b["bucket"], tuple)
         w, h = b["bucket"]
         assert b["latents"].shape == (B, 16, h // 8, w // 8) and b["latents"].dtype == torch.bfloat16
         assert b["text"].shape[:2] == b["text_mask"].shape and b["text"].shape[2:] == (12, 32)

@@ -17,7 +17,7 @@ Batch dict:
     captions     list[str]                the caption used ("" when dropped)
     sample_seeds (B,) int64               fixed per image: seeds for validation noise / sigmas
     flipped, dropped (B,) bool
-    bucket (w, h), step int, epoch int
+    bucket       (w, h) tuple of pixel sides; step int (-1 in validation batches), epoch int
 
 Order: for epoch e the training items (each `repeats` times) are shuffled within their bucket from
 Random(seed, resolution, e), cut into batches, and the batches shuffled. Global batch g = step * num_processes +
@@ -277,14 +277,29 @@ def make_loader(manifest: Manifest, resolution: int, batch_size: int, seed: int,
     plan = BatchPlan(manifest, resolution, batch_size, seed, "train", drop_last)
     dataset = CachedBatches(plan, process_index, num_processes)
     sampler = _Steps(start_step, num_steps)
-    if worker_type == "thread" and num_workers > 0:
-        return ThreadLoader(dataset, sampler, num_workers, prefetch_factor)
     if worker_type not in ("thread", "process"):
         raise ValueError(f"worker_type={worker_type!r}: use thread or process")
-    kwargs = dict(num_workers=num_workers, persistent_workers=False)
-    if num_workers > 0:
-        kwargs.update(prefetch_factor=prefetch_factor)
-    return DataLoader(dataset, batch_size=None, sampler=sampler, **kwargs)
+    if num_workers == 0:
+        return _InThread(dataset, sampler)
+    if worker_type == "thread":
+        return ThreadLoader(dataset, sampler, num_workers, prefetch_factor)
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_as_is,
+                      prefetch_factor=prefetch_factor, persistent_workers=False)
+
+
+def _as_is(batch):
+    return batch  # batches are already collated; the default would turn the bucket tuple into a list
+
+
+class _InThread:
+    def __init__(self, dataset, sampler):
+        self.dataset, self.sampler = dataset, sampler
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        return (self.dataset[step] for step in self.sampler)
 
 
 def validation_batches(manifest: Manifest, resolution: int, batch_size: int, max_samples: int | None = None) -> list:
@@ -301,5 +316,5 @@ def validation_batches(manifest: Manifest, resolution: int, batch_size: int, max
         group = by_bucket[bucket]
         for i in range(0, len(group), batch_size):
             entries = [(item, False, False) for item in group[i:i + batch_size]]
-            out.append(read_batch(manifest, int(resolution), entries, bucket=bucket, step=-1, epoch=-1))
+            out.append(read_batch(manifest, int(resolution), entries, bucket=tuple(bucket), step=-1, epoch=-1))
     return out
