@@ -4,6 +4,8 @@ Entry point for the trainer (`memory:` config section):
 
     settings = resolve_memory_settings(cfg.memory)          # preset merged with explicit fields
     transformer = <load>; <inject LoRA with PEFT>            # LoRA first: see the note on order below
+    # Load on the CPU when settings.quantize != "none" or settings.offload_blocks: quantize_base moves one layer at
+    # a time to the device, so the 26 GB bf16 model never has to fit there (16/24 GB cards).
     transformer = apply_memory_settings(transformer, settings, device)
     optimizer = AdamW8bit(...) if settings.optimizer_8bit else AdamW(...)   # the preset's hint
 
@@ -31,10 +33,12 @@ PEFT wraps all three with its generic `lora.Linear` (they subclass nn.Linear and
 type, so PEFT does not cast the LoRA weights to it); LoRA trains in its own dtype.
 
 Offload: diffusers' group offloading (`apply_group_offloading`) is not used for training because its hooks move every
-parameter of a block, LoRA included: without streams the LoRA weights go to the CPU between steps (the optimizer then
-sees mixed devices) and with streams they are reset from a stale pinned copy (updates lost). `offload_blocks` does the
-same job for frozen weights only: pinned CPU copies, onload in a forward pre-hook on a side CUDA stream with the next
-block prefetched (direction-aware, so recompute in backward prefetches the previous block), drop after the block.
+parameter of a block, LoRA included (diffusers 0.42.1 hooks/group_offloading.py, `_offload_to_memory`): without
+streams the LoRA weights go to the CPU between uses (the optimizer then sees mixed devices); with streams they are
+reset from the pinned copy taken when offloading was applied (updates lost), or missing from it if LoRA came later.
+`offload_blocks` does the same job for frozen weights only: pinned CPU copies, onload in a forward pre-hook on a side
+CUDA stream with the next block prefetched (direction-aware, so recompute in backward prefetches the previous block);
+released right after the block in forward, and in backward at the next block's pre-hook (see `BlockOffloader`).
 It needs checkpointing of every block (otherwise autograd keeps each block's GPU weights for backward and nothing is
 saved), so `apply_memory_settings` turns that on. int8 layers stay resident (their bitsandbytes state is not a
 plain tensor to swap).
