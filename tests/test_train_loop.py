@@ -150,3 +150,21 @@ def test_memory_options_train_through_the_trainer(tiny_dir, tmp_path, memory):
         assert type(t.optimizer.optimizer).__name__ == "AdamW8bit"
     weights = adapter(cfg.run_dir)
     assert weights and all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in weights.values())
+
+
+def test_non_finite_gradient_is_skipped(tiny_dir, tmp_path):
+    cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0")
+    t = Trainer(cfg, source=SyntheticData())
+    t.setup()
+    real = t.acc.clip_grad_norm_
+    calls = []
+
+    def flaky(params, max_norm):
+        calls.append(1)
+        norm = real(params, max_norm)
+        return torch.tensor(float("inf")) if len(calls) == 2 else norm
+
+    t.acc.clip_grad_norm_ = flaky
+    res = t.run()
+    assert [h[0] for h in res.history] == [1, 3, 4, 5, 6] and t.state.skipped_steps == 1
+    assert all(torch.isfinite(v).all() for v in adapter(cfg.run_dir).values())

@@ -293,7 +293,7 @@ class Trainer:
         """One optimiser step over `accum` micro-batches. Returns the mean loss, or None if the step was skipped
         for a non-finite loss (on any process)."""
         acc, state, cfg = self.acc, self.state, self.cfg
-        losses, ok = [], True
+        losses, ok, what = [], True, "loss"
         for k in range(accum):
             micro = state.step * accum + k
             batch = next(batches)
@@ -310,24 +310,15 @@ class Trainer:
                     continue
                 acc.backward(loss / accum)
             losses.append(loss.detach())
+        if ok and cfg.optimizer.max_grad_norm:
+            self.grad_norm = acc.clip_grad_norm_(self.params, cfg.optimizer.max_grad_norm)
+            # fp16: the grad scaler handles overflow itself (skips the step, lowers the scale)
+            if acc.scaler is None and not bool(torch.isfinite(self.grad_norm).item()):
+                ok, what = False, "gradient"
         if not ok:
-            self.optimizer.zero_grad(set_to_none=True)
-            state.nan_streak += 1
-            state.skipped_steps += 1
-            log.warning("non-finite loss at step %d: step skipped (%d in a row, limit train.nan_patience=%d)",
-                        state.step + 1, state.nan_streak, cfg.train.nan_patience)
-            if state.nan_streak >= cfg.train.nan_patience:
-                path = self.ckpt.save("non-finite loss")
-                raise NonFiniteLossError(
-                    f"the loss was NaN/inf for {state.nan_streak} steps in a row (step {state.step + 1}); stopped. "
-                    f"The last good state is saved in {path}. Likely causes: learning rate too high "
-                    f"(optimizer.lr={cfg.optimizer.lr}), fp16 overflow (use train.mixed_precision=bf16) or corrupt "
-                    "cache entries (`krea2-train check-data`). Lower the lr and resume with the same command.")
-            self.scheduler.step()  # the schedule follows steps, taken or skipped, so resume stays aligned
+            self._skip_step(what)
             return None
         state.nan_streak = 0
-        if cfg.optimizer.max_grad_norm:
-            self.grad_norm = acc.clip_grad_norm_(self.params, cfg.optimizer.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -335,6 +326,23 @@ class Trainer:
         if acc.num_processes > 1:
             mean = acc.reduce(mean, reduction="mean")
         return float(mean)
+
+    def _skip_step(self, what: str) -> None:
+        """NaN guard: drop this step's gradients; after `train.nan_patience` in a row, checkpoint and stop."""
+        state, cfg = self.state, self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        state.nan_streak += 1
+        state.skipped_steps += 1
+        log.warning("non-finite %s at step %d: step skipped (%d in a row, limit train.nan_patience=%d)",
+                    what, state.step + 1, state.nan_streak, cfg.train.nan_patience)
+        if state.nan_streak >= cfg.train.nan_patience:
+            path = self.ckpt.save("non-finite loss")
+            raise NonFiniteLossError(
+                f"the {what} was NaN/inf for {state.nan_streak} steps in a row (step {state.step + 1}); stopped. "
+                f"The last good state is saved in {path}. Likely causes: learning rate too high "
+                f"(optimizer.lr={cfg.optimizer.lr}), fp16 overflow (use train.mixed_precision=bf16) or corrupt "
+                "cache entries (`krea2-train check-data`). Lower the lr and resume with the same command.")
+        self.scheduler.step()  # the schedule follows steps, taken or skipped, so resume stays aligned
 
     def _after_step(self, tracker, stage, loss_value):
         cfg, state = self.cfg, self.state
