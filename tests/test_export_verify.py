@@ -191,3 +191,13 @@ def test_verify_on_bfloat16_turbo(adapter, tiny_dir, tmp_path):
     bad = write_lora_file(lost, tmp_path / "lost_alpha.safetensors", "civitai")
     with pytest.raises(LoraVerifyError, match="lost or doubled"):
         verify_lora_file(bad, adapter=small, transformer=turbo_bf16, check_diffusers=False)
+
+
+def test_lowrank_error_matches_dense():
+    from krea2_train.export.verify import lowrank_rel_error
+
+    g = torch.Generator().manual_seed(0)
+    a1, b1, a2, b2 = (torch.randn(s, generator=g) for s in [(4, 50), (30, 4), (3, 50), (30, 3)])
+    dense = ((0.7 * b1 @ a1 - 1.3 * b2 @ a2).norm() / (1.3 * b2 @ a2).norm()).item()
+    assert lowrank_rel_error(a1, b1, 0.7, a2, b2, 1.3) == pytest.approx(dense, rel=1e-6)
+    assert lowrank_rel_error(a2, b2, 1.3, a2, b2, 1.3) < 1e-7
