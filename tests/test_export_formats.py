@@ -250,3 +250,22 @@ def test_lora_for_a_deeper_model_is_rejected_on_verify(adapter, turbo, tmp_path)
     path = write_lora_file(deep, tmp_path / "deep.safetensors", "comfyui")
     with pytest.raises(LoraVerifyError, match=r"deep\.safetensors: modules \['transformer_blocks\.27.*another"):
         verify_lora_file(path, transformer=turbo)
+
+
+@pytest.mark.parametrize("fmt", ["comfyui", "civitai", "original", "musubi"])
+def test_comfyui_side_names_are_checkpoint_weights(adapter, tiny_dir, tmp_path, fmt):
+    """ComfyUI maps a LoRA key `diffusion_model.<name>` (or `lora_unet_<name with _>`) to checkpoint weight
+    `<name>.weight`: every module in these files must be a weight of the official single-file checkpoint."""
+    with safe_open(str(tiny_dir / "transformer_turbo.safetensors"), "pt") as f:
+        weights = {k[: -len(".weight")] for k in f.keys() if k.endswith(".weight")}
+    flat = {w.replace(".", "_"): w for w in weights}
+    path = write_lora_file(adapter, tmp_path / "x.safetensors", fmt)
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    modules = {k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in keys}
+    for m in modules:
+        if fmt == "musubi":
+            assert m.startswith("lora_unet_") and m[len("lora_unet_"):] in flat, m
+        else:
+            assert m.startswith("diffusion_model.") and m[len("diffusion_model."):] in weights, m
+    assert len(modules) == len(adapter.modules)
