@@ -50,12 +50,13 @@ CONFIGS = {
     "bf16_ckpt_compile": (dict(quantize="none", gradient_checkpointing=True, fuse_qkv=True, compile=True), False),
     "int8": (dict(preset="24gb"), False),
     "fp8": (dict(preset="24gb", quantize="fp8"), False),
+    "fp8_mm": (dict(preset="24gb", quantize="fp8", fp8_matmul=True), False),
     "nf4_offload": (dict(preset="16gb"), False),
     "preset_48gb": (dict(preset="48gb"), False),
     "preset_80gb": (dict(preset="80gb"), False),
 }
 DEFAULT_GPU = "baseline,bf16_ckpt_nofuse,bf16_ckpt,bf16_ckpt_compile,int8,nf4_offload"
-DEFAULT_CPU = "baseline,bf16_ckpt_nofuse,bf16_ckpt,bf16_ckpt_compile,int8,fp8,nf4_offload"
+DEFAULT_CPU = "baseline,bf16_ckpt_nofuse,bf16_ckpt,bf16_ckpt_compile,int8,fp8,fp8_mm,nf4_offload"
 
 
 # ------------------------------------------------------------------------------------------------------- model

@@ -37,11 +37,13 @@ def test_fast_attention_cuda(plain, backend):
                        atol=3e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8", "fp8_mm"])
 def test_quantized_trains_on_cuda(mode):
+    if mode == "fp8_mm" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 tensor cores need sm_89+")
     model = add_lora(tiny_model().to(torch.bfloat16))
-    memory.apply_memory_settings(model, memory.resolve_memory_settings(dict(quantize=mode)), DEV,
-                                 compute_dtype=torch.bfloat16)
+    settings = dict(quantize="fp8", fp8_matmul=True) if mode == "fp8_mm" else dict(quantize=mode)
+    memory.apply_memory_settings(model, memory.resolve_memory_settings(settings), DEV, compute_dtype=torch.bfloat16)
     assert type(model.transformer_blocks[0].attn.to_q.base_layer).__name__ in ("Linear8bitLt", "Linear4bit",
                                                                                    "Fp8Linear")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -100,6 +100,20 @@ def test_quantized_output_close_to_plain(plain):
             assert ((out - ref).norm() / ref.norm()).item() < tol, mode
 
 
+def test_fp8_matmul_trains_and_stays_close_to_dequantized_path(plain):
+    """fp8_matmul: forward through torch._scaled_mm (activations quantised per token). Output within 1% (relative
+    L2) of the dequantise-then-matmul fp8 path; LoRA trains, base frozen."""
+    batch = inputs()
+    deq = memory.quantize_base(twin(plain), "fp8", device="cpu")
+    mm = memory.quantize_base(twin(plain), "fp8", device="cpu", fp8_matmul=True)
+    assert mm.transformer_blocks[0].ff.up.base_layer.fp8_matmul
+    with torch.no_grad():
+        o1 = deq(**batch, return_dict=False)[0]
+        o2 = mm(**batch, return_dict=False)[0]
+    assert ((o2 - o1).norm() / o1.norm()).item() < 0.01
+    _train(mm)
+
+
 def test_fp8_backward_equals_autograd_on_dequantized_weights(plain):
     """The custom fp8 autograd function (saves 1-byte weights only) gives the gradients autograd gives with the
     dequantised weights as ordinary frozen Linear weights."""

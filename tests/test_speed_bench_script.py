@@ -16,7 +16,7 @@ SCRIPT = ROOT / "scripts" / "bench_step.py"
 def test_bench_step_runs_on_cpu_tiny(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    configs = "baseline,bf16_ckpt,bf16_ckpt_compile,int8,fp8,nf4_offload,preset_48gb,preset_80gb"
+    configs = "baseline,bf16_ckpt,bf16_ckpt_compile,int8,fp8,fp8_mm,nf4_offload,preset_48gb,preset_80gb"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--configs", configs, "--steps", "1", "--warmup", "0",
          "--resolution", "64", "--text-tokens", "32", "--caption-tokens", "8", "--rank", "4", "--json", str(out)],

@@ -27,8 +27,10 @@ Quantised layers (frozen, only inside `transformer_blocks`; text fusion, embedde
     int8  bitsandbytes `Linear8bitLt` (LLM.int8, threshold 6.0). Works on CPU with bitsandbytes >= 0.49 too.
     nf4   bitsandbytes `Linear4bit` (QLoRA NF4, double-quantised statistics, compute in the training dtype).
     fp8   `Fp8Linear`: float8_e4m3fn storage with a per-row scale, dequantised per matmul (forward and backward)
-          in the activation dtype; pure torch, so it runs anywhere. Saves memory, not time (no fp8 matmul: that
-          needs torchao/`torch._scaled_mm` and is a later option).
+          in the activation dtype; pure torch, so it runs anywhere. Saves memory, not time. With
+          `fp8_matmul: true` the forward matmul runs in fp8 instead (`torch._scaled_mm`, per-token activation
+          scales; no torchao needed), backward stays in the activation dtype: for fp8 tensor-core GPUs, opt-in
+          until scripts/bench_step.py (`fp8_mm`) shows the win.
 PEFT wraps all three with its generic `lora.Linear` (they subclass nn.Linear and their weight dtype is an integer
 type, so PEFT does not cast the LoRA weights to it); LoRA trains in its own dtype.
 
@@ -74,6 +76,7 @@ class MemorySettings:
     attention_backend: str | None = "auto"
     trim_text_padding: bool = True
     optimizer_8bit: bool = False  # hint for the trainer's optimiser choice
+    fp8_matmul: bool = False  # quantize=fp8 only: fp8 tensor-core forward (torch._scaled_mm) instead of dequantising
 
     def __post_init__(self):
         if self.quantize not in QUANT_MODES:
@@ -134,7 +137,7 @@ def resolve_memory_settings(cfg: Any = None, **overrides) -> MemorySettings:
         merged["quantize"] = "none"
     if merged.get("gradient_checkpointing") is None:
         merged["gradient_checkpointing"] = True
-    for flag in ("offload_blocks", "fuse_qkv", "compile", "optimizer_8bit"):
+    for flag in ("offload_blocks", "fuse_qkv", "compile", "optimizer_8bit", "fp8_matmul"):
         if merged.get(flag) is None:
             merged[flag] = False
     if merged.get("trim_text_padding") is None:
@@ -167,6 +170,38 @@ class _DequantLinearFn(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+class _Fp8MatmulFn(torch.autograd.Function):
+    """Forward as a real fp8 matmul (`torch._scaled_mm`, per-token activation scales x per-row weight scales, output
+    in the activation dtype); backward like `_DequantLinearFn` (input gradient through the dequantised weight in the
+    gradient's dtype, so gradients keep bf16 precision). Opt-in (`fp8_matmul`): a win only where fp8 tensor cores
+    exist (H100/H200/Ada) and the matmuls dominate; scripts/bench_step.py `fp8_mm` measures it."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale, bias):
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        ctx.save_for_backward(qweight, scale)
+        ctx.x_dtype = x.dtype
+        with torch.autocast(dev, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / torch.finfo(torch.float8_e4m3fn).max).clamp(
+                min=1e-12)
+            xq = (x2.float() / x_scale).to(torch.float8_e4m3fn)
+            w = qweight.view(torch.float8_e4m3fn)
+            out = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=scale.float().unsqueeze(0), out_dtype=dtype)
+            if bias is not None:
+                out = out + bias.to(dtype)
+            return out.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qweight, scale = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ _dequant_fp8(qweight, scale, grad_out.dtype)).to(ctx.x_dtype)
+        return grad_x, None, None, None
+
+
 def _dequant_fp8(qweight, scale, dtype):
     return qweight.view(torch.float8_e4m3fn).to(dtype) * scale.to(dtype).unsqueeze(1)
 
@@ -175,8 +210,9 @@ class Fp8Linear(nn.Linear):
     """Frozen Linear stored as float8_e4m3fn (kept as uint8 so PEFT and `.to(dtype)` leave it alone) with a per-row
     fp32 scale; the weight is upcast to the activation dtype for each matmul."""
 
-    def __init__(self, linear: nn.Linear, device=None):
+    def __init__(self, linear: nn.Linear, device=None, fp8_matmul: bool = False):
         nn.Module.__init__(self)
+        self.fp8_matmul = fp8_matmul
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
             w = linear.weight.detach().to(device=device or linear.weight.device, dtype=torch.float32)
@@ -191,7 +227,8 @@ class Fp8Linear(nn.Linear):
             self.register_parameter("bias", None)
 
     def forward(self, x):
-        return _DequantLinearFn.apply(x, self.weight, self.weight_scale, self.bias)
+        fn = _Fp8MatmulFn if self.fp8_matmul else _DequantLinearFn
+        return fn.apply(x, self.weight, self.weight_scale, self.bias)
 
     def dequantized_weight(self, dtype=torch.float32):
         return _dequant_fp8(self.weight, self.weight_scale, dtype)
@@ -241,9 +278,10 @@ def _is_lora_part(parent, name):
 
 
 def quantize_base(transformer: nn.Module, mode: str, device=None, compute_dtype: torch.dtype | None = None,
-                  int8_threshold: float = 6.0) -> nn.Module:
+                  int8_threshold: float = 6.0, fp8_matmul: bool = False) -> nn.Module:
     """Replace the frozen Linear layers of the transformer blocks with int8 / nf4 / fp8 layers, one at a time
-    (peak memory: one bf16 layer on `device`). `mode="none"` does nothing."""
+    (peak memory: one bf16 layer on `device`). `mode="none"` does nothing. `fp8_matmul` (fp8 only): forward as an
+    fp8 tensor-core matmul instead of dequantise + bf16 matmul."""
     if mode in (None, "none"):
         return transformer
     if mode not in QUANT_MODES:
@@ -264,7 +302,7 @@ def quantize_base(transformer: nn.Module, mode: str, device=None, compute_dtype:
         elif mode == "nf4":
             new = _nf4_linear(linear, dev, cdtype)
         else:
-            new = Fp8Linear(linear, device=dev)
+            new = Fp8Linear(linear, device=dev, fp8_matmul=fp8_matmul)
         setattr(parent, name, new)
         count += 1
     model._krea2_quantized = mode
@@ -446,7 +484,8 @@ def apply_memory_settings(transformer: nn.Module, settings: MemorySettings | dic
         log.warning("apply_memory_settings: no trainable parameters yet; inject LoRA first so offload and compile "
                     "see the final modules")
 
-    quantize_base(transformer, settings.quantize, device=device, compute_dtype=compute_dtype)
+    quantize_base(transformer, settings.quantize, device=device, compute_dtype=compute_dtype,
+                  fp8_matmul=settings.fp8_matmul)
     _place(transformer, device, keep_blocks_off=settings.offload_blocks)
     speed.set_fast_attention(transformer, settings.attention_backend)
     if settings.trim_text_padding:
