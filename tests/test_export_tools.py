@@ -120,3 +120,28 @@ def test_merge_into_checkpoint_rejects_wrong_size(tiny_dir, tmp_path):
     big = TrainedAdapter({"img_in": torch.zeros(2, 999)}, {"img_in": torch.zeros(128, 2)}, {"img_in": 2.0})
     with pytest.raises(UserError, match="mismatched shapes"):
         merge_into_checkpoint([(big, 1.0)], tiny_dir / "transformer_raw.safetensors", tmp_path / "x.safetensors")
+
+
+def test_merge_into_comfyui_fp8_scaled_checkpoint(adapter, tiny_dir, tmp_path):
+    """A ComfyUI "fp8 scaled" checkpoint (prefixed, float8 weights + scale_weight) is dequantised like the loader
+    does, and the merged file is a plain official-layout checkpoint."""
+    from safetensors.torch import load_file
+
+    from krea2_train.models.loading import load_transformer
+
+    state = load_file(str(tiny_dir / "transformer_raw.safetensors"))
+    fp8 = {}
+    for k, v in state.items():
+        if v.ndim == 2 and not k.endswith("modulation.lin"):
+            scale = v.float().abs().max() / 448.0
+            fp8[f"model.diffusion_model.{k}"] = (v.float() / scale).to(torch.float8_e4m3fn)
+            fp8[f"model.diffusion_model.{k[:-len('.weight')]}.scale_weight"] = scale.reshape(1)
+        else:
+            fp8[f"model.diffusion_model.{k}"] = v
+    src = tmp_path / "raw_fp8_scaled.safetensors"
+    save_file(fp8, str(src))
+    merged = merge_into_checkpoint([(adapter, 1.0)], src, tmp_path / "merged.safetensors", dtype="float32")
+    base = dict(load_transformer(src, dtype="float32").named_modules())
+    got = dict(load_transformer(merged, dtype="float32").named_modules())
+    for m in ("transformer_blocks.0.ff.down", "img_in"):
+        assert torch.allclose(got[m].weight, base[m].weight + adapter.delta(m), atol=1e-2 * base[m].weight.abs().max())
