@@ -50,6 +50,8 @@ def test_convert_keeps_dtype_and_effect(adapter, tmp_path):
     lora = read_lora_file(out)
     assert lora.layout == "diffusers" and lora.adapter.dtype == torch.bfloat16
     assert max_delta_error(adapter, lora.adapter) < 2e-2  # bf16 rounding of the factors
+    scaled = convert_lora(tmp_path / "m.safetensors", tmp_path / "s.safetensors", "comfyui", scale=1.5)
+    assert max_delta_error(adapter.scaled(1.5), read_lora_file(scaled).adapter) < 2e-2
 
 
 def test_resize_is_the_best_low_rank_approximation(adapter):

@@ -95,7 +95,8 @@ def _inspect(args) -> int:
 def _convert(args) -> int:
     from .tools import convert_lora
 
-    print(convert_lora(args.source, args.dest, args.format, dtype=args.dtype, comfyui_style=args.comfyui_style))
+    print(convert_lora(args.source, args.dest, args.format, dtype=args.dtype, comfyui_style=args.comfyui_style,
+                       scale=args.scale))
     return 0
 
 
@@ -231,6 +232,8 @@ def register(sub) -> None:
                        "musubi-tuner)")
     p.add_argument("source")
     _output_args(p, dtype_default=None)
+    p.add_argument("--scale", type=float, default=1.0, help="bake this strength into the file (e.g. the suggested "
+                   "Turbo strength from `transfer`)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("resize", help="lower a LoRA's rank by SVD, reporting the energy kept per module")

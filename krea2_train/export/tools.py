@@ -89,10 +89,13 @@ def _num(v: float):
 
 
 # --------------------------------------------------------------------------------------------------- convert
-def convert_lora(src, dst, fmt: str, dtype=None, comfyui_style: str = "alpha", metadata: dict | None = None) -> Path:
-    """Read any supported layout, write `fmt` (dtype None keeps the file's precision)."""
+def convert_lora(src, dst, fmt: str, dtype=None, comfyui_style: str = "alpha", metadata: dict | None = None,
+                 scale: float = 1.0) -> Path:
+    """Read any supported layout, write `fmt` (dtype None keeps the file's precision). `scale` bakes a strength in
+    (e.g. the transfer report's suggested Turbo strength, for a file that is right on Turbo at 1.0)."""
     lora = read_lora_file(src)
-    return write_lora_file(lora.adapter, dst, fmt, dtype=dtype or lora.adapter.dtype, metadata=metadata,
+    adapter = lora.adapter if scale == 1.0 else lora.adapter.scaled(scale)
+    return write_lora_file(adapter, dst, fmt, dtype=dtype or lora.adapter.dtype, metadata=metadata,
                            comfyui_style=comfyui_style)
 
 
