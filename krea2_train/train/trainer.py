@@ -58,6 +58,11 @@ def make_accelerator(cfg: RunConfig, run_dir: Path):
     if cpu and mp == "fp16":
         log.warning("train.mixed_precision=fp16 is not available on CPU; using bf16")
         mp = "bf16"
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", mp) != mp:
+        # a second run in the same process (tests, notebooks) with another precision; the process group is kept
+        AcceleratorState._reset_state()
     return Accelerator(cpu=cpu, mixed_precision=mp, log_with=tracker_names(cfg) or None,
                        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
                        step_scheduler_with_optimizer=False)
@@ -106,6 +111,9 @@ class Trainer:
 
     def setup(self):
         cfg, acc = self.cfg, self.acc
+        if cfg.checkpoint.resume == "never" and list_checkpoints(self.run_dir):  # fail before loading anything
+            raise UserError(f"{self.run_dir} already has checkpoints and checkpoint.resume=never. Use another "
+                            "run_name, delete the folder, or set checkpoint.resume=auto to continue it.")
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
@@ -145,7 +153,9 @@ class Trainer:
         optimizer = build_optimizer(params, cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train.stages)
         transformer.train()
-        self.model, self.optimizer, self.scheduler = acc.prepare(transformer, optimizer, scheduler)
+        # apply_memory_settings already placed the model (offloaded blocks stay on the CPU): no device move here
+        self.model, self.optimizer, self.scheduler = acc.prepare(transformer, optimizer, scheduler,
+                                                                 device_placement=[False, None, None])
         self.params = params
         self.state = TrainState()
         self.ckpt = Checkpointer(acc, self.run_dir, cfg.checkpoint.keep_last, transformer, self.peft_config,
@@ -158,9 +168,6 @@ class Trainer:
     def _resume(self):
         how = self.cfg.checkpoint.resume
         if how == "never":
-            if list_checkpoints(self.run_dir):
-                raise UserError(f"{self.run_dir} already has checkpoints and checkpoint.resume=never. Use another "
-                                "run_name, delete the folder, or set checkpoint.resume=auto to continue it.")
             return
         path = latest_checkpoint(self.run_dir) if how == "auto" else Path(how)
         if path is not None:
