@@ -269,3 +269,11 @@ def test_comfyui_side_names_are_checkpoint_weights(adapter, tiny_dir, tmp_path, 
         else:
             assert m.startswith("diffusion_model.") and m[len("diffusion_model."):] in weights, m
     assert len(modules) == len(adapter.modules)
+
+
+def test_civitai_baked_header_describes_the_file(adapter, tmp_path):
+    path = write_lora_file(adapter, tmp_path / "b.safetensors", "civitai", comfyui_style="baked")
+    with safe_open(str(path), "pt") as f:
+        h, keys = f.metadata(), list(f.keys())
+    assert not [k for k in keys if k.endswith(".alpha")] and h["ss_network_alpha"] == h["ss_network_dim"]
+    assert max_delta_error(adapter, read_lora_file(path).adapter) < 2e-2

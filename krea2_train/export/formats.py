@@ -508,8 +508,8 @@ def write_lora_file(adapter: TrainedAdapter, path, fmt: str, dtype="bfloat16", m
     header["krea2_train.base_model"] = "krea-2-raw"
     if info:
         header["krea2_train.info"] = json.dumps(info, sort_keys=True, default=str)
-    if fmt == "civitai":
-        header.update(civitai_header(adapter, info, preview_png))
+    if fmt == "civitai":  # ss_network_alpha describes the file as written: baked files have alpha = dim
+        header.update(civitai_header(adapter.baked() if comfyui_style == "baked" else adapter, info, preview_png))
     path = Path(path)
     if fmt == "diffusers" and (path.is_dir() or not path.suffix):
         path = path / DIFFUSERS_WEIGHT_NAME
