@@ -370,6 +370,10 @@ class Trainer:
             self.preview(step, tracker)
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             self.ckpt.save("periodic")
+            if self.acc.is_main_process:  # keep the curve current during long runs
+                from .tracking import write_loss_curve
+
+                write_loss_curve(state.history, self.run_dir / "loss.png")
         if self.on_step is not None:
             self.on_step(self, step)
 
