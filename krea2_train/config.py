@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import UserError
 from .models.config import ModelConfig

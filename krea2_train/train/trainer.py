@@ -14,9 +14,7 @@ train/timesteps.py (logit-normal, Raw's resolution-aware shift by default).
 from __future__ import annotations
 
 import logging
-import math
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
