@@ -428,6 +428,13 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
                               f"{', '.join(EXPORT_FORMATS)}.{_closest(fmt, EXPORT_FORMATS)}")
     need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_name)), "run_name",
          f"= {cfg.run_name!r} must be a plain folder name (letters, digits, . _ -)")
+    if _DataConfig is not None:  # the data section's own value checks, also before any work
+        from .data.config import validate_data_config
+
+        try:
+            validate_data_config(cfg.data)
+        except UserError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
     if cfg.model.variant == "turbo" and not cfg.model.allow_turbo_training:
         raise ConfigError(f"{source}: config key `model.variant` is turbo, but LoRAs should be trained on Raw. Point "
                           "model.transformer at Raw, or set model.allow_turbo_training: true.")

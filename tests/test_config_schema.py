@@ -65,6 +65,8 @@ def test_wrong_types_name_the_key():
     ("run_name=a/b", "run_name", "plain folder name"),
     ("memory.quantize=int4", "memory.quantize", "nf4"),
     ("memory.preset=12gb", "memory.preset", "16gb"),
+    ("data.crop=middle", "data.crop", "center"),
+    ("data.datasets=[{path: x, caption_dropout: 2}]", "data.datasets[0].caption_dropout", "[0, 1]"),
 ])
 def test_impossible_values(override, key, hint):
     msg = err(override)
@@ -92,3 +94,12 @@ def test_overrides_and_resolved_config_round_trip(tmp_path):
     path = save_resolved(cfg, tmp_path)
     again = load_config(path)
     assert to_yaml(again) == to_yaml(cfg)
+
+
+def test_config_command_prints_resolved_config(capsys):
+    from krea2_train.cli import main
+
+    assert main(["config", str(ROOT / "configs" / "style.yaml"), "lora.rank=8"]) == 0
+    out = capsys.readouterr().out
+    assert "rank: 8" in out and "# ok: 2000 steps in 2 stage(s)" in out
+    assert main(["config", str(ROOT / "configs" / "style.yaml"), "lora.rnak=8"]) == 2

@@ -32,6 +32,16 @@ def train(args) -> int:
     return 130 if result.interrupted else 0
 
 
+def show_config(args) -> int:
+    """Check a config without doing any work and print it fully resolved (every default filled in)."""
+    from ..config import to_yaml
+
+    cfg = _config(args)
+    print(to_yaml(cfg), end="")
+    print(f"# ok: {cfg.total_steps} steps in {len(cfg.train.stages)} stage(s) -> {cfg.run_dir}")
+    return 0
+
+
 def register(sub) -> None:
     help_overrides = "key=value overrides, e.g. lora.rank=32 train.stages.0.steps=500"
     p = sub.add_parser("run", help="the whole job: check-data, cache, train, export, verify (each skipped when "
@@ -44,3 +54,7 @@ def register(sub) -> None:
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help=help_overrides)
     p.set_defaults(func=train)
+    p = sub.add_parser("config", help="check a run config (no work done) and print it with every default filled in")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help=help_overrides)
+    p.set_defaults(func=show_config)
