@@ -43,7 +43,8 @@ class LoraSection:
     # lora | dora | lokr (LoKr uses PEFT's LoKrConfig; dropout then means module dropout).
     type: str = "lora"
     use_rslora: bool = False
-    # PEFT init: default (kaiming A, zero B) | gaussian | pissa | olora
+    # PEFT init: default (kaiming A, zero B) | gaussian. Not PiSSA/OLoRA: they rewrite the base weights, so the
+    # adapter would no longer apply to an untouched Raw or Turbo checkpoint.
     init: str = "default"
     # attention: q/k/v/out/gate of the transformer blocks; attention_mlp: + the block MLPs;
     # all_linear: every Linear incl. text fusion, text/time/image projections and the final layer; custom: `pattern`.
@@ -213,7 +214,7 @@ CHOICES = {
     "model.architecture": ("krea2", "tiny", "auto"),
     "model.dtype": ("bfloat16", "float16", "float32"),
     "lora.type": ("lora", "dora", "lokr"),
-    "lora.init": ("default", "gaussian", "pissa", "olora"),
+    "lora.init": ("default", "gaussian"),
     "lora.targets": ("attention", "attention_mlp", "all_linear", "custom"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "optimizer.name": ("adamw", "adamw8bit", "prodigy"),

@@ -66,6 +66,7 @@ def test_wrong_types_name_the_key():
     ("memory.quantize=int4", "memory.quantize", "nf4"),
     ("memory.preset=12gb", "memory.preset", "16gb"),
     ("data.crop=middle", "data.crop", "center"),
+    ("lora.init=pissa", "lora.init", "default, gaussian"),
     ("data.datasets=[{path: x, caption_dropout: 2}]", "data.datasets[0].caption_dropout", "[0, 1]"),
 ])
 def test_impossible_values(override, key, hint):

@@ -67,7 +67,7 @@ def make_peft_config(lora_cfg, pattern: str):
     if lora_cfg.type == "lokr":
         return LoKrConfig(r=lora_cfg.rank, alpha=alpha, module_dropout=lora_cfg.dropout, target_modules=pattern,
                           init_weights=True)
-    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[lora_cfg.init]
+    init = {"default": True, "gaussian": "gaussian"}[lora_cfg.init]
     return LoraConfig(r=lora_cfg.rank, lora_alpha=alpha, lora_dropout=lora_cfg.dropout, target_modules=pattern,
                       init_lora_weights=init, use_dora=lora_cfg.type == "dora", use_rslora=lora_cfg.use_rslora)
 
