@@ -427,6 +427,11 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"{source}: config key `export.formats` has {fmt!r}; use any of "
                               f"{', '.join(EXPORT_FORMATS)}.{_closest(fmt, EXPORT_FORMATS)}")
+    if cfg.lora.type != "lora" and cfg.export.formats:
+        # the exporters write plain LoRA deltas (diffusers/ComfyUI keys); DoRA magnitudes and LoKr factors have none
+        raise ConfigError(f"{source}: config key `lora.type` = {cfg.lora.type!r} cannot be exported to "
+                          f"{', '.join(cfg.export.formats)} yet. Set `export.formats: []` to train and keep the PEFT "
+                          "adapter (RUN/adapter, loadable with peft/diffusers), or use lora.type: lora.")
     need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_name)), "run_name",
          f"= {cfg.run_name!r} must be a plain folder name (letters, digits, . _ -)")
     if _DataConfig is not None:  # the data section's own value checks, also before any work

@@ -67,6 +67,7 @@ def test_wrong_types_name_the_key():
     ("memory.preset=12gb", "memory.preset", "16gb"),
     ("data.crop=middle", "data.crop", "center"),
     ("lora.init=pissa", "lora.init", "default, gaussian"),
+    ("lora.type=dora", "lora.type", "export.formats: []"),
     ("data.datasets=[{path: x, caption_dropout: 2}]", "data.datasets[0].caption_dropout", "[0, 1]"),
 ])
 def test_impossible_values(override, key, hint):
@@ -104,3 +105,9 @@ def test_config_command_prints_resolved_config(capsys):
     out = capsys.readouterr().out
     assert "rank: 8" in out and "# ok: 2000 steps in 2 stage(s)" in out
     assert main(["config", str(ROOT / "configs" / "style.yaml"), "lora.rnak=8"]) == 2
+
+
+def test_dora_and_lokr_train_without_export():
+    for kind in ("dora", "lokr"):
+        cfg = load_config(None, PATHS + [f"lora.type={kind}", "export.formats=[]"])
+        assert cfg.lora.type == kind and cfg.export.formats == []

@@ -164,7 +164,9 @@ def run_all(cfg) -> int:
             return 130
     state = PartialState()
     if state.is_main_process:
-        if export_valid(cfg):
+        if not cfg.export.formats:
+            _say(f"export: no formats configured (export.formats: []); the PEFT adapter is in {cfg.run_dir / 'adapter'}")
+        elif export_valid(cfg):
             _say(f"export: {cfg.run_dir / 'export'} is up to date, skipped")
         else:
             export(cfg, manifest)
