@@ -168,3 +168,15 @@ def test_non_finite_gradient_is_skipped(tiny_dir, tmp_path):
     res = t.run()
     assert [h[0] for h in res.history] == [1, 3, 4, 5, 6] and t.state.skipped_steps == 1
     assert all(torch.isfinite(v).all() for v in adapter(cfg.run_dir).values())
+
+
+def test_finished_run_with_other_settings_is_refused(tiny_dir, tmp_path):
+    from krea2_train.errors import UserError
+
+    cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0")
+    train(cfg, source=SyntheticData())
+    assert training_done(cfg)
+    assert training_done(tiny_cfg(tiny_dir, tmp_path, "logging.progress=tqdm"))  # not a training setting
+    assert not training_done(tiny_cfg(tiny_dir, tmp_path, "train.stages.0.steps=8"))  # more steps: continue
+    with pytest.raises(UserError, match=r"different settings \(lora.rank, optimizer.lr\)"):
+        training_done(tiny_cfg(tiny_dir, tmp_path, "lora.rank=8", "optimizer.lr=1e-3"))

@@ -287,7 +287,8 @@ class Trainer:
             lora_mod.save_adapter(self.transformer, self.peft_config, adapter_dir,
                                   metadata={"step": state.step, "run_name": cfg.run_name})
             write_json_atomic(self.run_dir / DONE_FILE, {"step": state.step, "total_steps": total,
-                                                         "skipped_steps": state.skipped_steps})
+                                                         "skipped_steps": state.skipped_steps,
+                                                         "trained_with": training_settings(cfg)})
         tracker.close(state.history)
         acc.wait_for_everyone()
         for t in acc.trackers:  # not end_training(): it destroys the process group the pipeline still needs
@@ -414,11 +415,45 @@ def train(cfg: RunConfig, source=None, transformer=None) -> TrainResult:
     return Trainer(cfg, source=source, transformer=transformer).run()
 
 
+def training_settings(cfg: RunConfig) -> dict:
+    """The config keys that decide what the adapter is (not steps: more steps continue a finished run)."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    keep = {k: d[k] for k in ("model", "data", "lora", "optimizer", "timesteps", "seed")}
+    keep["train"] = {k: v for k, v in d["train"].items() if k not in ("stages", "log_every")}
+    keep["stages"] = [{k: v for k, v in st.items() if k != "steps"} for st in d["train"]["stages"]]
+    for k in ("turbo", "allow_turbo_training"):
+        keep["model"].pop(k, None)
+    return keep
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flat(v, key) if isinstance(v, (dict, list)) and v else {key: v})
+    return out
+
+
 def training_done(cfg: RunConfig) -> bool:
-    """The run finished all its steps and its adapter is on disk (the pipeline then skips training)."""
+    """The run finished all its steps and its adapter is on disk (the pipeline then skips training).
+
+    A finished run whose training settings differ from `cfg` is an error (re-using its adapter would be wrong and
+    silently retraining would overwrite it): the message lists the changed keys."""
     import json
 
     done = cfg.run_dir / DONE_FILE
     if not done.exists() or not (cfg.run_dir / "adapter" / lora_mod.ADAPTER_WEIGHTS).exists():
         return False
-    return json.loads(done.read_text()).get("step") == cfg.total_steps
+    info = json.loads(done.read_text())
+    if info.get("step") != cfg.total_steps:
+        return False
+    before, now = _flat(info.get("trained_with") or {}), _flat(training_settings(cfg))
+    if before:
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            raise UserError(f"{cfg.run_dir} already holds a finished run trained with different settings "
+                            f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}). Use a new run_name "
+                            "(or delete that folder) to train with these settings.")
+    return True
