@@ -160,8 +160,10 @@ class Trainer:
                                  self.state)
         self._resume()
         if acc.is_main_process and tracker_names(cfg):
-            acc.init_trackers(cfg.run_name, config={"rank": cfg.lora.rank, "lr": cfg.optimizer.lr,
-                                                    "steps": cfg.total_steps, "optimizer": cfg.optimizer.name})
+            acc.init_trackers(cfg.logging.wandb_project,
+                              config={"rank": cfg.lora.rank, "lr": cfg.optimizer.lr, "steps": cfg.total_steps,
+                                      "optimizer": cfg.optimizer.name, "targets": cfg.lora.targets},
+                              init_kwargs={"wandb": {"name": cfg.run_name, "dir": str(self.run_dir)}})
 
     def _resume(self):
         how = self.cfg.checkpoint.resume
