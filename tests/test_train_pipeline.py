@@ -192,3 +192,25 @@ def test_demo_config_lowers_the_loss(tiny_dir, tmp_path):
     assert after < 0.95 * before, (before, after)  # 1.43 -> 1.28 as shipped
     losses = [loss for _, loss in res.history]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_process_group_with_loader_workers(tiny_dir, tmp_path):
+    """Ctrl-C in a terminal signals the whole process group, loader workers included: the run still finishes its
+    step (several micro-batches here), saves a checkpoint and exits with 130."""
+    cfg = write_config(tiny_dir, tmp_path, steps=400, every=0)
+    exe = Path(sys.executable).parent / "krea2-train"
+    proc = subprocess.Popen([str(exe), "train", str(cfg), "preview.prompts=[]", "validation.every_steps=0",
+                             "data.num_workers=2", "train.gradient_accumulation=3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "runs" / "pipe" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "worker" not in out.lower() or "exited unexpectedly" not in out, out
+    assert len(list((tmp_path / "runs" / "pipe" / "checkpoints").glob("step-*"))) == 1

@@ -34,7 +34,7 @@ class CachedData:
         loader = make_loader(self.manifest, stage.resolution, stage.batch_size, seed, start_step=start,
                              num_workers=self.cfg.data.num_workers, process_index=process_index,
                              num_processes=num_processes, drop_last=self.cfg.data.drop_last)
-        return iter(loader)
+        return _start_ignoring_sigint(loader)
 
     def validation_batches(self, stage):
         from ..data.loader import validation_batches
@@ -43,3 +43,18 @@ class CachedData:
             self._val[stage.resolution] = validation_batches(self.manifest, stage.resolution, stage.batch_size,
                                                              max_samples=self.cfg.validation.max_samples)
         return self._val[stage.resolution]
+
+
+def _start_ignoring_sigint(loader):
+    """Start the loader's worker processes with SIGINT ignored: Ctrl-C reaches the whole process group, and a worker
+    killed by it would break the batches the trainer still reads before it saves its checkpoint and exits."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not loader.num_workers:
+        return iter(loader)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return iter(loader)  # workers fork here and inherit SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
