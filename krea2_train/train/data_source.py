@@ -46,12 +46,15 @@ class CachedData:
 
 
 def _start_ignoring_sigint(loader):
-    """Start the loader's worker processes with SIGINT ignored: Ctrl-C reaches the whole process group, and a worker
+    """Start the loader's worker processes (data.worker_type process) with SIGINT ignored: Ctrl-C reaches the whole process group, and a worker
     killed by it would break the batches the trainer still reads before it saves its checkpoint and exits."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or not loader.num_workers:
+    from torch.utils.data import DataLoader
+
+    worker_processes = isinstance(loader, DataLoader) and loader.num_workers > 0  # thread loaders need nothing
+    if threading.current_thread() is not threading.main_thread() or not worker_processes:
         return iter(loader)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
