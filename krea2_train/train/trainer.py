@@ -125,6 +125,11 @@ class Trainer:
                             "copy per GPU does not fit.")
 
         set_seed(cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
+        if acc.is_main_process and cfg.preview.prompts:
+            # encode the preview prompts now, before the transformer takes the GPU; the encoder is released after
+            from .preview import prompt_embeddings
+
+            prompt_embeddings(cfg)
         mem = memory_settings(cfg)
         # A base that gets quantised or offloaded may not fit the GPU in bf16: keep it on the CPU until
         # apply_memory_settings quantises and places it.
