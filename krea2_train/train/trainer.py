@@ -124,12 +124,13 @@ class Trainer:
                             "configs/accelerate/ddp.yaml, with memory.preset 24gb/16gb (quantised base) if a bf16 "
                             "copy per GPU does not fit.")
 
-        set_seed(cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
         if acc.is_main_process and cfg.preview.prompts:
             # encode the preview prompts now, before the transformer takes the GPU; the encoder is released after
             from .preview import prompt_embeddings
 
             prompt_embeddings(cfg)
+        # after the encoder: model building draws random numbers, the training RNG must not depend on it
+        set_seed(cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
         mem = memory_settings(cfg)
         # A base that gets quantised or offloaded may not fit the GPU in bf16: keep it on the CPU until
         # apply_memory_settings quantises and places it.
