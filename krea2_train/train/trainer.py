@@ -390,7 +390,10 @@ class Trainer:
                 from .preview import render_previews
             except ImportError:
                 return
-            images = render_previews(self.cfg, self.transformer, self.run_dir, step, peft_config=self.peft_config)
+            with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
+                # previews must not move the training RNG (dropout): a run with previews resumes like one without
+                images = render_previews(self.cfg, self.transformer, self.run_dir, step,
+                                         peft_config=self.peft_config)
             if tracker is not None and images:
                 tracker.log_images(step, images)
         self.acc.wait_for_everyone()
