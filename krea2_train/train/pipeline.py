@@ -88,7 +88,9 @@ def export_valid(cfg) -> bool:
     if not (adapter.exists() and done.exists()) or done.stat().st_mtime < adapter.stat().st_mtime:
         return False
     meta = json.loads(done.read_text())
-    if set(meta.get("files", {})) != set(cfg.export.formats):
+    from ..export.formats import normalize_format
+
+    if set(meta.get("files", {})) != {normalize_format(f) for f in cfg.export.formats}:  # aliases: ai-toolkit...
         return False
     if cfg.export.transfer_report and not (run / "export" / "transfer_report.json").exists():
         return False
@@ -112,22 +114,34 @@ def export(cfg, manifest=None):
     previews = sorted((run / "previews").glob("step-*.png"))
     preview_png = previews[-1].read_bytes() if previews else None
     out = run / "export"
+    if cfg.export.transfer_report and not cfg.model.turbo:
+        raise UserError("export.transfer_report needs model.turbo; set it or export.transfer_report: false")
     if cfg.export.verify:
         if not cfg.model.turbo:
             raise UserError("export.verify needs the Turbo checkpoint: set model.turbo, or export.verify: false")
-        result = export_and_verify(run / "adapter", out, cfg.model.turbo, formats=list(cfg.export.formats),
-                                   metadata=metadata, name=name, preview_png=preview_png)
+        # The transfer report runs inside, first, so the Civitai header gets its suggested Turbo strength and a
+        # Turbo sample at that strength as the thumbnail.
+        transfer = bool(cfg.export.transfer_report)
+        result = export_and_verify(
+            run / "adapter", out, cfg.model.turbo, formats=list(cfg.export.formats), metadata=metadata, name=name,
+            preview_png=None if transfer else preview_png, transfer=transfer, raw_path=cfg.model.transformer,
+            text_encoder=cfg.model.text_encoder, vae=cfg.model.vae, transfer_kwargs=_transfer_kwargs(cfg))
         paths = result["paths"]
         _say("verify: every exported file loads on Turbo with the trained effect")
+        if transfer:
+            _say(f"transfer report: {out / 'transfer_report.json'}")
     else:
         paths = export_lora(run / "adapter", out, list(cfg.export.formats), metadata, name, preview_png=preview_png)
+        if cfg.export.transfer_report:
+            _transfer_report(cfg, run, out)
     for fmt, p in paths.items():
         _say(f"export: {fmt}: {p}")
-    if cfg.export.transfer_report:
-        if not cfg.model.turbo:
-            raise UserError("export.transfer_report needs model.turbo; set it or export.transfer_report: false")
-        _transfer_report(cfg, run, out)
     return paths
+
+
+def _transfer_kwargs(cfg) -> dict:
+    return dict(prompts=list(cfg.preview.prompts) or None, height=cfg.preview.resolution,
+                width=cfg.preview.resolution, seed=cfg.preview.seed)
 
 
 def _transfer_report(cfg, run, out):
@@ -136,9 +150,8 @@ def _transfer_report(cfg, run, out):
 
     report = transfer_report(run / "adapter" / "adapter_model.safetensors", out_dir=out,
                              raw_path=cfg.model.transformer, turbo_path=cfg.model.turbo,
-                             text_encoder=cfg.model.text_encoder, vae=cfg.model.vae,
-                             prompts=list(cfg.preview.prompts) or None, height=cfg.preview.resolution,
-                             width=cfg.preview.resolution, seed=cfg.preview.seed, dtype=cfg.model.dtype)
+                             text_encoder=cfg.model.text_encoder, vae=cfg.model.vae, dtype=cfg.model.dtype,
+                             **_transfer_kwargs(cfg))
     _say(f"transfer report: {out / 'transfer_report.json'}")
     return report
 
