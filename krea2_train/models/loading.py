@@ -101,11 +101,9 @@ def _strip_prefix(keys: list[str]) -> str:
     return ""
 
 
-def read_original_state_dict(path: Path, dtype: torch.dtype) -> tuple[dict, dict]:
-    """Read an original-layout transformer file: strip prefixes, dequantise ComfyUI fp8, cast matmuls to `dtype`.
-
-    Returns (state_dict with original names, header metadata). Norms and modulation tables stay float32 (as stored).
-    """
+def iter_original_tensors(path: Path, dtype: torch.dtype):
+    """Yield (original name, tensor) from an original-layout transformer file, one tensor at a time: prefixes
+    stripped, ComfyUI fp8 dequantised (w * scale), norm scales float32 and everything else in `dtype`."""
     handle, keys = open_safetensors(path)
     prefix = _strip_prefix(keys)
     names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
@@ -115,7 +113,6 @@ def read_original_state_dict(path: Path, dtype: torch.dtype) -> tuple[dict, dict
             "Check that `model.transformer` points at the Krea 2 Raw/Turbo checkpoint, not a VAE, text encoder or "
             "another model."
         )
-    state = {}
     for name, key in names.items():
         if name == "scaled_fp8" or name.endswith(("scale_weight", "weight_scale", "scale_input", "input_scale",
                                                   "comfy_quant")):
@@ -127,11 +124,14 @@ def read_original_state_dict(path: Path, dtype: torch.dtype) -> tuple[dict, dict
                              None)
             scale = handle.get_tensor(scale_key).float() if scale_key else torch.tensor(1.0)
             tensor = tensor.float() * scale  # per-tensor scale (a 1-element or broadcastable tensor)
-            tensor = tensor.to(dtype if dtype != torch.float32 else torch.bfloat16)
         # Norm scales stay float32 (diffusers' _keep_in_fp32_modules); everything else takes the compute dtype.
-        keep_fp32 = name.endswith(".scale")
-        state[name] = tensor.to(torch.float32 if keep_fp32 else dtype)
-    return state, handle.metadata() or {}
+        yield name, tensor.to(torch.float32 if name.endswith(".scale") else dtype)
+
+
+def read_original_state_dict(path: Path, dtype: torch.dtype) -> tuple[dict, dict]:
+    """The whole original-layout file as (state dict with original names, header metadata)."""
+    state = dict(iter_original_tensors(path, dtype))
+    return state, safetensors_metadata(path)
 
 
 def infer_architecture(state: dict, path: Path) -> dict:
@@ -305,3 +305,52 @@ def load_vae(path, dtype="float32", device="cpu", config_key: str = "model.vae")
             vae = AutoencoderKLQwenImage(**config)
         vae.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return vae.to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------- base-weight swap
+@torch.no_grad()
+def copy_base_weights(transformer, path) -> int:
+    """Overwrite the frozen base weights of a loaded transformer, in place, with those of another checkpoint of the
+    same architecture (Raw <-> Turbo), one tensor at a time. LoRA layers stay as they are.
+
+    This is how training previews sample Turbo + the current LoRA without a second 12.9B copy in memory (the
+    alternative, loading Turbo beside Raw, needs ~26 GB more). Works through PEFT wrappers (`base_layer`) and views
+    (fused q/k/v); quantised bases cannot be overwritten this way and raise TypeError. Returns tensors copied.
+    """
+    from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
+
+    path = _require_path(path, "Krea 2 transformer", "model.turbo")
+    params = {n.replace(".base_layer.", "."): p for n, p in transformer.named_parameters() if "lora_" not in n}
+    for p in params.values():
+        if not p.dtype.is_floating_point or type(p) is not torch.nn.Parameter:
+            raise TypeError("the base weights are quantised; they cannot be swapped in place")
+    if path.is_dir():
+        from safetensors import safe_open
+
+        files = sorted(path.glob("*.safetensors"))
+
+        def tensors():
+            for f in files:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        yield k, h.get_tensor(k)
+    else:
+        def tensors():
+            for name, tensor in iter_original_tensors(path, params["img_in.weight"].dtype):
+                yield from convert_krea2_transformer_checkpoint_to_diffusers({name: tensor}).items()
+
+    seen = set()
+    for key, tensor in tensors():
+        if key not in params:
+            raise ModelLoadError(f"{path}: tensor {key} has no place in the loaded model; it is not the same "
+                                 "architecture as model.transformer")
+        target = params[key]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ModelLoadError(f"{path}: {key} has shape {tuple(tensor.shape)}, the loaded model "
+                                 f"{tuple(target.shape)}; Raw and Turbo must be the same architecture")
+        target.data.copy_(tensor.to(target.device, target.dtype))
+        seen.add(key)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ModelLoadError(f"{path} lacks {len(missing)} tensors of the loaded model (first: {missing[0]})")
+    return len(seen)

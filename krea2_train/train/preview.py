@@ -1,12 +1,16 @@
 """Preview samples during training, through the shared inference core (krea2_train.inference), with fixed seeds:
 
     Raw   the training transformer with its current LoRA, `preview.raw_steps` steps, CFG `preview.raw_guidance`
-    Turbo `model.turbo` with the current adapter weights copied in, 8 steps, no guidance (how the LoRA is deployed)
+    Turbo `model.turbo` + the current LoRA, 8 steps, no guidance (how the LoRA is deployed)
 
 A PNG grid per step (rows: prompts; columns: Raw, Turbo) goes to RUN/previews/step-NNNNNN.png and to the trackers.
 Prompt embeddings are computed once and kept on the CPU; the text encoder is released right after, so training
-never holds it. The VAE is loaded on the CPU and moved to the GPU only while decoding. Turbo is loaded for the preview
-and dropped after it: on small GPUs set `preview.turbo: false` (a second 12.9B copy needs ~26 GB while it runs).
+never holds it. The VAE is loaded on the CPU and moved to the GPU only while decoding.
+
+For Turbo, the training transformer's frozen base weights are overwritten in place with Turbo's, one tensor at a time,
+and Raw's are read back afterwards (`models.loading.copy_base_weights`): no second 12.9B copy, at the cost of reading
+both checkpoints once per preview (page cache). A quantised base cannot be overwritten; then Turbo is loaded beside
+it for the preview (~26 GB more in bf16) and dropped after.
 """
 
 from __future__ import annotations
@@ -87,9 +91,22 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     transformer.train(was_training)
     latents, labels = [torch.cat(lat_raw)], [f"Raw {p.raw_steps} steps, g={p.raw_guidance}"]
     if p.turbo and cfg.model.turbo:
-        lat_turbo = _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config)
-        latents.append(lat_turbo)
-        labels.append(f"Turbo + LoRA, {p.turbo_steps} steps")
+        transformer.eval()
+        try:
+            lat_turbo = _turbo_latents_swapped(cfg, transformer, emb, mask, size)
+        except TypeError:  # quantised base: only a separate Turbo copy works, if it fits
+            lat_turbo = None
+            if _second_copy_fits(transformer, device):
+                lat_turbo = _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config)
+            else:
+                log.warning("preview: Turbo column skipped: the base is quantised (cannot swap weights in place) "
+                            "and a second bf16 copy does not fit in free GPU memory; set preview.turbo: false to "
+                            "silence this")
+        finally:
+            transformer.train(was_training)
+        if lat_turbo is not None:
+            latents.append(lat_turbo)
+            labels.append(f"Turbo + LoRA, {p.turbo_steps} steps")
     columns = _decode(cfg, latents, device)
     grid = _grid(columns, labels)
     import io
@@ -100,6 +117,28 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     write_bytes_atomic(path, buf.getvalue())
     log.info("preview: %s", path)
     return {"preview": grid}
+
+
+def _second_copy_fits(transformer, device) -> bool:
+    if torch.device(device).type != "cuda":
+        return True
+    needed = sum(p.numel() for p in transformer.parameters()) * 2  # bf16 bytes
+    free, _ = torch.cuda.mem_get_info(device)
+    return free > 1.1 * needed
+
+
+def _turbo_latents_swapped(cfg, transformer, emb, mask, size):
+    """Turbo + the current LoRA on the training transformer itself: base weights swapped to Turbo and back."""
+    from ..inference import SampleSettings, sample_latents
+    from ..models.loading import copy_base_weights
+
+    copy_base_weights(transformer, cfg.model.turbo)  # raises TypeError before touching anything if quantised
+    try:
+        settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
+        return torch.cat([sample_latents(transformer, emb[i:i + 1], mask[i:i + 1], settings)
+                          for i in range(emb.shape[0])])
+    finally:
+        copy_base_weights(transformer, cfg.model.transformer)  # back to Raw, bit for bit (same file, same dtype)
 
 
 def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config):

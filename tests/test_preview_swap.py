@@ -1,0 +1,84 @@
+"""Turbo previews swap the training transformer's base weights to Turbo and back, in place: the result equals Turbo
+loaded separately with the same LoRA, and Raw comes back bit for bit."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from krea2_train.models.loading import ModelLoadError, copy_base_weights, load_transformer
+from krea2_train.train import preview
+
+
+def lora_model(path):
+    model = load_transformer(path, dtype="float32")
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.up"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def base_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def cfg_for(tiny_dir):
+    return SimpleNamespace(
+        model=SimpleNamespace(transformer=str(tiny_dir / "transformer_raw.safetensors"),
+                              turbo=str(tiny_dir / "transformer_turbo.safetensors"), dtype="float32",
+                              architecture="tiny"),
+        preview=SimpleNamespace(turbo_steps=3))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_swap_equals_separate_turbo_and_restores_raw(tiny_dir, fused):
+    from krea2_train.train.speed import fuse_qkv
+
+    model = lora_model(tiny_dir / "transformer_raw.safetensors")
+    if fused:
+        fuse_qkv(model)
+    before = base_state(model)
+    emb, mask = torch.randn(1, 5, 12, 32), torch.ones(1, 5, dtype=torch.bool)
+    size = dict(height=64, width=64, seed=1)
+    swapped = preview._turbo_latents_swapped(cfg_for(tiny_dir), model, emb, mask, size)
+    separate = preview._turbo_latents(cfg_for(tiny_dir), model, emb, mask, size, "cpu", None, None)
+    torch.testing.assert_close(swapped, separate, rtol=0, atol=1e-6)
+    after = base_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # Raw is back, bit for bit
+    if fused:  # still views of the fused tensor: the fast path is intact
+        attn = model.transformer_blocks[0].attn
+        assert attn.to_q.base_layer.weight.data_ptr() == attn._krea2_fused_weight.data_ptr()
+
+
+def test_swap_copies_every_base_tensor(tiny_dir):
+    model = lora_model(tiny_dir / "transformer_raw.safetensors")
+    n = copy_base_weights(model, tiny_dir / "transformer_turbo.safetensors")
+    turbo = load_transformer(tiny_dir / "transformer_turbo.safetensors", dtype="float32").state_dict()
+    assert n == len(turbo)
+    state = {k.replace(".base_layer", ""): v for k, v in base_state(model).items()}
+    assert state.keys() == turbo.keys()
+    assert all(torch.equal(state[k], turbo[k]) for k in turbo)
+
+
+def test_swap_rejects_other_architecture(tiny_dir, tmp_path):
+    state = load_file(tiny_dir / "transformer_turbo.safetensors")
+    state["blocks.0.mlp.up.weight"] = state["blocks.0.mlp.up.weight"][:-16].contiguous()
+    save_file(state, tmp_path / "other.safetensors")
+    model = lora_model(tiny_dir / "transformer_raw.safetensors")
+    with pytest.raises(ModelLoadError, match="transformer_blocks.0.ff.up.weight has shape"):
+        copy_base_weights(model, tmp_path / "other.safetensors")
+
+
+def test_quantised_base_is_refused_before_any_copy(tiny_dir):
+    model = lora_model(tiny_dir / "transformer_raw.safetensors")
+    block = model.transformer_blocks[0].ff.down
+    block.weight = torch.nn.Parameter(block.weight.data.to(torch.uint8), requires_grad=False)  # like fp8 storage
+    before = base_state(model)
+    with pytest.raises(TypeError, match="quantised"):
+        copy_base_weights(model, tiny_dir / "transformer_turbo.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in base_state(model).items())
