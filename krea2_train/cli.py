@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under accelerate launch every process fails alike: say it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
