@@ -13,3 +13,14 @@ def tiny_dir(tmp_path_factory):
     from krea2_train.models.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny VAE's convolutions are ~30x slower with 2 threads on a busy 2-core box (OpenMP spin-waits)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,15 +20,7 @@ CAPTIONS = ["a red square", "two blue circles on white", "green", "a yellow star
 SIZES = [(96, 80), (80, 96), (64, 64), (112, 64), (72, 72)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny VAE's convolutions are ~30x slower with 2 threads on a busy 2-core box (OpenMP spin-waits)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_dataset(root: Path, n=5):

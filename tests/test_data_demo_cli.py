@@ -10,15 +10,7 @@ from krea2_train.data.config import DataConfig, DatasetConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny VAE's convolutions are ~30x slower with 2 threads on a busy 2-core box (OpenMP spin-waits)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_demo_dataset_is_clean_small_and_cc0():

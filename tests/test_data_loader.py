@@ -17,15 +17,7 @@ from krea2_train.models.config import ModelConfig
 SIZES = [(96, 64), (64, 96), (80, 80), (96, 64), (64, 96), (80, 80), (112, 64), (80, 80), (96, 64)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny VAE's convolutions are ~30x slower with 2 threads on a busy 2-core box (OpenMP spin-waits)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
