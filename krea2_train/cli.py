@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("KREA2_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "PIL", "matplotlib"):
+    # bitsandbytes warns at import about optional CPU kernels a LoRA run never uses
+    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = ["run", *argv]  # the bare config form runs the whole job

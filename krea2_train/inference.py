@@ -60,7 +60,10 @@ class SampleSettings:
 def initial_noise(batch: int, height: int, width: int, seed: int, channels: int = 16) -> torch.Tensor:
     """Packed starting noise, drawn like the pipeline's `randn_tensor` on a CPU generator."""
     if height % facts.PIXEL_MULTIPLE or width % facts.PIXEL_MULTIPLE:
-        raise ValueError(f"height and width must be multiples of {facts.PIXEL_MULTIPLE}, got {height}x{width}")
+        from .errors import UserError
+
+        raise UserError(f"height and width must be multiples of {facts.PIXEL_MULTIPLE}, got {height}x{width} "
+                        f"(try {round(height / 16) * 16}x{round(width / 16) * 16})")
     gen = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((batch, channels, height // facts.VAE_SCALE, width // facts.VAE_SCALE), generator=gen)
     return pack_latents(noise)
@@ -101,36 +104,31 @@ def sample_latents(transformer, embeds, mask, settings: SampleSettings, negative
 
 
 # ----------------------------------------------------------------------------------------------------------- LoRA
-def read_lora_as_diffusers(path_or_state):
-    """Any LoRA layout we support -> (diffusers PEFT state dict with `transformer.` prefix, metadata or None).
-
-    Uses the export area's reader (which knows ComfyUI, musubi, ai-toolkit and our own layouts) when present, and
-    diffusers' own Krea 2 loader otherwise.
-    """
-    try:
-        from .export.formats import read_lora_for_diffusers  # knows every peer layout
-    except ImportError:
-        read_lora_for_diffusers = None
-    if read_lora_for_diffusers is not None:
-        return read_lora_for_diffusers(path_or_state)
-    from diffusers import Krea2Pipeline
-
-    return Krea2Pipeline.lora_state_dict(path_or_state, return_lora_metadata=True)
-
-
 def apply_lora(transformer, path_or_state, strength: float = 1.0, adapter_name: str | None = None) -> str:
-    """Load a LoRA file onto `transformer` through diffusers/PEFT and set its strength; returns the adapter name."""
-    state, metadata = read_lora_as_diffusers(path_or_state)
-    name = adapter_name or (Path(path_or_state).stem if isinstance(path_or_state, (str, Path)) else "lora")
-    name = name.replace(".", "_")
-    transformer.load_lora_adapter(state, prefix="transformer", adapter_name=name, metadata=metadata)
-    transformer.set_adapters([name], weights=[strength])
-    return name
+    """Load one LoRA (any layout we read: diffusers, ComfyUI, musubi, ai-toolkit, ours) onto `transformer` through
+    diffusers/PEFT and make it the only active adapter, at `strength`; returns the adapter name."""
+    return apply_loras(transformer, [(path_or_state, strength)], [adapter_name] if adapter_name else None)[0]
 
 
-def remove_loras(transformer) -> None:
-    if getattr(transformer, "peft_config", None):
-        transformer.delete_adapters(list(transformer.peft_config))
+def apply_loras(transformer, loras, names: list[str] | None = None) -> list[str]:
+    """Load several (LoRA, strength) pairs and activate them together; returns their adapter names."""
+    from .export.formats import read_lora_for_diffusers  # knows every peer layout, not only diffusers' own
+
+    taken = set(getattr(transformer, "peft_config", {}) or {})
+    chosen = []
+    for i, (source, _) in enumerate(loras):
+        name = names[i] if names else (Path(source).stem if isinstance(source, (str, Path)) else "lora")
+        name = base = name.replace(".", "_")
+        n = 1
+        while name in taken:  # two files may share a stem (pytorch_lora_weights): keep both
+            n += 1
+            name = f"{base}_{n}"
+        state, metadata = read_lora_for_diffusers(source)
+        transformer.load_lora_adapter(state, prefix="transformer", adapter_name=name, metadata=metadata)
+        taken.add(name)
+        chosen.append(name)
+    transformer.set_adapters(chosen, weights=[float(s) for _, s in loras])
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------- images

@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def _sample(args) -> int:
-    from .inference import Generator, SampleSettings, apply_lora
+    from .errors import UserError
+    from .inference import Generator, SampleSettings, apply_loras, initial_noise
     from .models.loading import load_transformer
     from .models.text_encoder import TextEncoder
     from .models.vae import VAE
@@ -18,11 +19,17 @@ def _sample(args) -> int:
     text_encoder = args.text_encoder or default("text_encoder")
     vae_path = args.vae or default("vae")
     if not (transformer and text_encoder and vae_path):
-        raise SystemExit("give --models DIR, or all of --transformer, --text-encoder and --vae")
+        raise UserError("sample needs the model files: give --models DIR (a folder laid out like `make-tiny` "
+                        "writes), or all of --transformer, --text-encoder and --vae")
+    if args.strength and len(args.strength) not in (1, len(args.lora)):
+        raise UserError(f"{len(args.strength)} --strength values for {len(args.lora)} --lora files: give one per "
+                        "LoRA, or one for all")
+    initial_noise(1, args.height, args.width, 0)  # size errors before minutes of model loading
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     model = load_transformer(transformer, dtype=args.dtype, device=device)
-    for lora, strength in zip(args.lora, args.strength + [args.strength[-1] if args.strength else 1.0] * len(args.lora)):
-        apply_lora(model, lora, strength)
+    if args.lora:
+        strengths = args.strength * len(args.lora) if len(args.strength) == 1 else args.strength or [1.0] * len(args.lora)
+        apply_loras(model, list(zip(args.lora, strengths)))
     generator = Generator(model, TextEncoder.from_path(text_encoder, dtype=args.dtype, device=device),
                           VAE.from_path(vae_path, device=device))
     preset = SampleSettings.turbo if args.variant == "turbo" else SampleSettings.raw
@@ -58,8 +65,9 @@ def register(sub) -> None:
                    "for turbo, 4.5 for raw")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", action="append", default=[], help="LoRA file (repeatable)")
-    p.add_argument("--strength", action="append", type=float, default=[], help="strength per --lora (default 1.0)")
+    p.add_argument("--strength", action="append", type=float, default=[],
+                   help="strength per --lora, in order (one value applies to all; default 1.0)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None)
-    p.add_argument("--out", default="samples", help="output folder for PNGs")
+    p.add_argument("--out", default="samples", help="output folder for PNGs (default ./samples)")
     p.set_defaults(func=_sample)

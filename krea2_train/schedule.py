@@ -13,9 +13,7 @@ from . import facts
 
 
 def time_shift(mu: float, sigma):
-    """sigma' = e^mu / (e^mu + (1/sigma - 1)): pushes sigmas towards noise as mu grows."""
-    if isinstance(sigma, torch.Tensor):
-        return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+    """sigma' = e^mu / (e^mu + (1/sigma - 1)): pushes sigmas towards noise as mu grows (floats or tensors)."""
     return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
 
 

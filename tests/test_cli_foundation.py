@@ -40,3 +40,42 @@ def test_make_tiny_is_idempotent(tmp_path, capsys):
     assert main(["make-tiny", str(tmp_path / "t"), "--overwrite"]) == 0
     again = load_file(tmp_path / "t" / "transformer_raw.safetensors")
     assert set(first) == set(again) and all(torch.equal(first[k], again[k]) for k in first)  # fixed seed
+
+
+def test_sample_applies_every_lora(tiny_dir, tmp_path):
+    """Two LoRAs (same file name in different folders) are both active; a zero LoRA leaves the image unchanged."""
+    from peft import LoraConfig
+
+    from krea2_train.export.formats import TrainedAdapter, write_lora_file
+    from krea2_train.models.loading import load_transformer
+
+    model = load_transformer(tiny_dir / "transformer_turbo.safetensors", dtype="float32")
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "to_out.0", "ff.up", "ff.down"]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(2.0 * torch.randn(p.shape, generator=gen))
+    active = TrainedAdapter.from_model(model)
+    zero = TrainedAdapter(active.down, {k: torch.zeros_like(v) for k, v in active.up.items()}, active.alpha)
+    for folder, adapter in (("a", active), ("b", zero)):
+        write_lora_file(adapter, tmp_path / folder / "pytorch_lora_weights.safetensors", "diffusers", dtype="float32")
+
+    def sample(*loras, out):
+        args = ["sample", "--models", str(tiny_dir), "--prompt", "a red circle", "--height", "64", "--width", "64",
+                "--dtype", "float32", "--out", str(tmp_path / out)]
+        for lora in loras:
+            args += ["--lora", str(tmp_path / lora / "pytorch_lora_weights.safetensors")]
+        assert main(args) == 0
+        return np.asarray(Image.open(tmp_path / out / "sample_0_0.png"), dtype=np.int16)
+
+    base, with_a, with_both = sample(out="base"), sample("a", out="a"), sample("a", "b", out="ab")
+    assert np.abs(with_a - base).mean() > 1  # the LoRA acts
+    assert np.abs(with_both - with_a).max() <= 1  # the zero LoRA changes nothing, and A is still active
+
+
+def test_sample_size_error(tiny_dir, tmp_path, capsys):
+    code = main(["sample", "--models", str(tiny_dir), "--prompt", "x", "--width", "120", "--height", "64",
+                 "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "multiples of 16" in err and "try 64x128" in err

@@ -79,7 +79,8 @@ def test_offload_with_stream_matches_resident(plain, mode):
 
 def test_inductor_compile_matches_plain(plain):
     torch._dynamo.reset()
-    fast = speed.apply_speed_settings(twin(plain), fuse=True, compile=True)
+    fast = memory.apply_memory_settings(twin(plain), dict(gradient_checkpointing=False, fuse_qkv=True, compile=True),
+                                        "cuda")
     batch = _cuda(inputs(batch=1, lengths=(8,)))
     o1, g1, _ = run(plain, batch)
     o2, g2, _ = run(fast, batch)

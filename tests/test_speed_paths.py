@@ -14,7 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _speed_helpers import add_lora, assert_close_grads, inputs, run, tiny_model, twin  # noqa: E402
 
-from krea2_train.train import speed  # noqa: E402
+from krea2_train.train import speed
+from krea2_train.train.memory import apply_memory_settings  # noqa: E402
 
 OUT = dict(atol=1e-5, rtol=1e-5)
 GRAD = dict(atol=1e-6, rtol=1e-4)
@@ -132,8 +133,10 @@ def test_regional_compile_matches_plain(plain):
     """Wiring of compile_repeated_blocks on the tiny model; aot_eager keeps it fast on 2 CPU cores (inductor's
     kernels are exercised by the GPU benchmark)."""
     torch._dynamo.reset()
-    fast = speed.apply_speed_settings(twin(plain), attention_backend="auto", trim_text=True, fuse=True,
-                                      compile=True, compile_kwargs=dict(backend="aot_eager"))
+    # through the trainer's own entry point, so the production order is what is tested
+    settings = dict(gradient_checkpointing=False, attention_backend="auto", trim_text_padding=True, fuse_qkv=True,
+                    compile=True)
+    fast = apply_memory_settings(twin(plain), settings, "cpu", compile_kwargs=dict(backend="aot_eager"))
     assert all(b._compiled_call_impl is not None for b in fast.transformer_blocks)
     batch = inputs(batch=1, lengths=(8,))
     o1, g1, x1 = run(plain, batch)

@@ -152,10 +152,6 @@ class Manifest:
         return entry_path(self.cache_dir, "latents", key)
 
 
-def load_manifest(path) -> Manifest:
-    return Manifest.load(path)
-
-
 # ------------------------------------------------------------------------------------------------ building
 def _state():
     from accelerate import PartialState

@@ -79,13 +79,3 @@ class TextEncoder:
         hidden, mask = self.encode([prompt])
         return hidden[0, mask[0]]
 
-
-def pad_text_batch(items: list[torch.Tensor]):
-    """Stack per-caption (L_i, 12, D) tensors into (B, max L, 12, D) plus a bool mask (padding at the end)."""
-    longest = max(t.shape[0] for t in items)
-    out = items[0].new_zeros((len(items), longest, *items[0].shape[1:]))
-    mask = torch.zeros(len(items), longest, dtype=torch.bool)
-    for i, t in enumerate(items):
-        out[i, : t.shape[0]] = t
-        mask[i, : t.shape[0]] = True
-    return out, mask

@@ -21,7 +21,6 @@ and returns it):
 Order for the trainer: load -> inject LoRA (PEFT) -> memory.apply_memory_settings(transformer, settings, device),
 which quantises, places, then calls set_fast_attention -> enable_text_padding_trim -> fuse_qkv (after the model is
 on its device and dtype: moving it afterwards unfuses, with a warning) -> checkpointing/offload -> compile_blocks (last).
-`apply_speed_settings` is the speed part alone, in the same order, for callers that skip memory.py.
 `unfuse_qkv` gives each projection its own weight again (state_dict keys and values are the same either way).
 """
 
@@ -321,18 +320,4 @@ def compile_blocks(transformer: nn.Module, **compile_kwargs) -> nn.Module:
     """Regional compile: each `Krea2TransformerBlock` is compiled once and reused by all 28 (compile time of one
     block, most of the whole-model speed-up). Apply last, after PEFT, checkpointing and offload hooks."""
     unwrap_transformer(transformer).compile_repeated_blocks(**compile_kwargs)
-    return transformer
-
-
-def apply_speed_settings(transformer: nn.Module, *, attention_backend: str | None = "auto", trim_text: bool = True,
-                         fuse: bool = False, compile: bool = False, compile_kwargs: dict | None = None) -> nn.Module:
-    """The speed part of the `memory:` config, in the documented order. Call after PEFT injection and after
-    `memory.apply_memory_settings` (which itself must run before PEFT for quantisation)."""
-    set_fast_attention(transformer, attention_backend)
-    if trim_text:
-        enable_text_padding_trim(transformer)
-    if fuse:
-        fuse_qkv(transformer)
-    if compile:
-        compile_blocks(transformer, **(compile_kwargs or {}))
     return transformer
