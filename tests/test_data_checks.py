@@ -61,16 +61,17 @@ def test_bad_inputs_reported_and_skipped(tmp_path):
     scan = scan_data(cfg, [64])
     kinds = by_kind(scan)
     names = {i.name.split("/")[-1]: i for i in scan.items}
-    assert set(names) == {"dup.png", "nocap.png", "emptycap.png", "latin1.png"}  # first in path order kept
+    assert set(names) == {"good.png", "nocap.png", "emptycap.png", "latin1.png"}  # the captioned duplicate kept
     assert names["nocap.png"].caption == "a default" and names["emptycap.png"].caption == "a default"
     assert names["latin1.png"].caption == "a default"
     assert "latin1.txt" in kinds["caption_not_utf8"][0].message and "UTF-8" in kinds["caption_not_utf8"][0].message
-    assert kinds["duplicate"][0].file.endswith("good.png") and "dup.png" in kinds["duplicate"][0].message
+    assert kinds["duplicate"][0].file.endswith("dup.png") and "good.png" in kinds["duplicate"][0].message
     assert {p.file.split("/")[-1] for p in kinds["not_image"]} == {"fake.png", "notes.pdf"}
     assert [p.severity for p in kinds["not_image"] if p.file.endswith("fake.png")] == ["error"]
     assert kinds["truncated"][0].file.endswith("trunc.jpg") and kinds["truncated"][0].severity == "error"
     assert kinds["bomb"][0].file.endswith("bomb.png")
     assert kinds["too_small"][0].file.endswith("tiny.png") and "data.allow_upscale" in kinds["too_small"][0].message
+    assert not any(p.file.endswith("tiny.png") for p in scan.problems if p.kind != "too_small")  # no caption noise
     assert not scan.fatal
     assert data == (tmp_path / "good.png").read_bytes()  # checking never touches the files
 
@@ -187,3 +188,74 @@ def test_several_datasets_each_with_its_settings(tmp_path):
     assert set(items) == {"0:x.png", "1:x.png", "1:y.png"}
     assert items["0:x.png"].caption == "aaa, first" and items["1:y.png"].caption == "bbb, from b"
     assert (items["1:y.png"].repeats, items["1:y.png"].caption_dropout) == (4, 0.5)
+
+
+def test_duplicate_keeps_the_copy_with_a_caption(tmp_path):
+    img(tmp_path / "a.png", colour=(9, 9, 9))                       # first, no caption
+    img(tmp_path / "b.png", colour=(9, 9, 9))
+    (tmp_path / "b.txt").write_text("a grey square")
+    img(tmp_path / "c.png", colour=(9, 9, 9))
+    (tmp_path / "c.txt").write_text("a later caption")             # captioned too, but after b
+    scan = scan_data(DataConfig(datasets=[DatasetConfig(path=str(tmp_path))]), [64])
+    assert [(i.name.split("/")[-1], i.caption) for i in scan.items] == [("b.png", "a grey square")]
+    dups = by_kind(scan)["duplicate"]
+    assert sorted(p.file.split("/")[-1] for p in dups) == ["a.png", "c.png"]
+    assert all("b.png" in p.message for p in dups)
+    assert "missing_caption" not in by_kind(scan)  # the skipped uncaptioned copy is not reported for its caption
+    # Without captions anywhere the first copy wins.
+    (tmp_path / "b.txt").unlink()
+    (tmp_path / "c.txt").unlink()
+    assert [i.name.split("/")[-1] for i in scan_data(DataConfig(datasets=[DatasetConfig(path=str(tmp_path))]),
+                                                     [64]).items] == ["a.png"]
+
+
+def test_too_small_image_gets_no_caption_problem(tmp_path):
+    img(tmp_path / "ok.png")
+    (tmp_path / "ok.txt").write_text("fine")
+    img(tmp_path / "tiny.png", size=(30, 30))                      # no caption and too small: one problem only
+    scan = scan_data(DataConfig(datasets=[DatasetConfig(path=str(tmp_path))]), [64])
+    tiny = [p for p in scan.problems if p.file.endswith("tiny.png")]
+    assert [(p.kind, p.severity) for p in tiny] == [("too_small", "error")]
+
+
+def test_stage_resolution_without_train_images_is_fatal(tmp_path):
+    img(tmp_path / "a.png", size=(300, 200))
+    img(tmp_path / "b.png", size=(200, 200), colour=(0, 9, 0))
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(tmp_path), default_caption="c")])
+    scan = scan_data(cfg, [64, 256])
+    assert scan.fatal and scan.counts()["fatal"] == 1
+    (fatal,) = [p for p in scan.problems if p.severity == "fatal"]
+    assert fatal.kind == "resolution_empty"
+    for text in ("256 px", "2 of 2 images", "smallest 200x200", "resolution", "add images",
+                 "data.allow_upscale"):
+        assert text in fatal.message, text
+    assert "fatal" in scan.summary() and "1 fatal" in scan.summary()
+    # Usable at 64 px still, and the other stage is fine once upscaling is allowed or the stage is lowered.
+    assert all(64 in i.placements for i in scan.items)
+    cfg.allow_upscale = True
+    assert not scan_data(cfg, [64, 256]).fatal
+    cfg.allow_upscale = False
+    assert not scan_data(cfg, [64, 192]).fatal
+    # Every image too small for every stage: the dataset is empty and the resolution fatal says why.
+    scan = scan_data(cfg, [512])
+    kinds = by_kind(scan)
+    assert kinds["empty_dataset"] and "smallest 200x200" in kinds["resolution_empty"][0].message
+
+
+def test_aspect_outside_range_warns(tmp_path):
+    img(tmp_path / "wide.png", size=(1000, 200))
+    (tmp_path / "wide.txt").write_text("a wide strip")
+    img(tmp_path / "tall.png", size=(100, 400), colour=(0, 0, 9))
+    (tmp_path / "tall.txt").write_text("a tall strip")
+    img(tmp_path / "ok.png", size=(150, 100), colour=(0, 9, 0))
+    (tmp_path / "ok.txt").write_text("fine")
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(tmp_path))])
+    scan = scan_data(cfg, [64])
+    warned = {p.file.split("/")[-1]: p for p in by_kind(scan)["extreme_aspect"]}
+    assert set(warned) == {"wide.png", "tall.png"} and all(p.severity == "warning" for p in warned.values())
+    assert "wide.png" in warned["wide.png"].message and "aspect ratio 5 " in warned["wide.png"].message
+    assert "data.max_aspect" in warned["wide.png"].message and "data.min_aspect" in warned["tall.png"].message
+    assert "0.25" in warned["tall.png"].message
+    assert len(scan.items) == 3 and not scan.fatal  # still used
+    cfg.min_aspect, cfg.max_aspect = 0.25, 5.0
+    assert "extreme_aspect" not in by_kind(scan_data(cfg, [64]))

@@ -146,6 +146,7 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
 
     known = _load_index(cache_dir)
     items: list[Item] = []
+    sizes: list[tuple[int, int]] = []  # every decoded, non-skipped-duplicate image
     for index, ds_cfg in enumerate(data_cfg.datasets):
         prefix = f"data.datasets[{index}]"
         records, found = load_records(ds_cfg, index)
@@ -156,7 +157,14 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
             results = list(tqdm(pool.map(lambda r: _inspect(r, data_cfg.max_image_pixels, known), records),
                                 total=len(records), desc=f"checking {ds_cfg.path}", unit="img",
                                 disable=not progress or len(records) < 50))
-        seen: dict[str, str] = {}
+        # Which copy of a duplicated image to keep: the first with a caption, else the first.
+        keep: dict[str, Record] = {}
+        for record, result in zip(records, results):
+            if isinstance(result, ImageProblem):
+                continue
+            sha = result[0]
+            if sha not in keep or (not _has_caption(keep[sha]) and _has_caption(record)):
+                keep[sha] = record
         usable = 0
         for record, result in zip(records, results):
             if isinstance(result, ImageProblem):
@@ -164,24 +172,28 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
                 continue
             sha, w, h = result
             known[sha] = [w, h]
-            if sha in seen:
+            if keep[sha] is not record:
+                kept = keep[sha]
                 action = "skipped" if data_cfg.skip_duplicates else "kept (data.skip_duplicates: false)"
+                why = " (that copy has a caption)" if _has_caption(kept) and not _has_caption(record) else ""
                 problems.append(Problem("warning", "duplicate", record.name,
-                                        f"{record.name}: same image as {seen[sha]}; {action}"))
+                                        f"{record.name}: same image as {kept.name}{why}; {action}"))
                 if data_cfg.skip_duplicates:
                     continue
-            seen.setdefault(sha, record.name)
+            sizes.append((w, h))
+            # Caption problems are reported only for images that are used (not for ones skipped as too small).
+            caption_problems = []
             caption = record.caption
             if caption is None or not caption.strip():
                 what = "has no caption" if caption is None else "has an empty caption"
                 if ds_cfg.default_caption is not None:
-                    problems.append(Problem("info", "default_caption", record.name,
-                                            f"{record.name} {what}; using {prefix}.default_caption"))
+                    caption_problems.append(Problem("info", "default_caption", record.name,
+                                                    f"{record.name} {what}; using {prefix}.default_caption"))
                     caption = ds_cfg.default_caption
                 else:
-                    problems.append(Problem("warning", "missing_caption", record.name,
-                                            f"{record.name} {what}; training it on the trigger word alone. Add a "
-                                            f"caption or set {prefix}.default_caption."))
+                    caption_problems.append(Problem("warning", "missing_caption", record.name,
+                                                    f"{record.name} {what}; training it on the trigger word alone. "
+                                                    f"Add a caption or set {prefix}.default_caption."))
                     caption = ""
             caption = build_caption(caption, ds_cfg.trigger_word, data_cfg.trigger_position,
                                     data_cfg.trigger_separator)
@@ -200,11 +212,20 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
                                         f"bucket at {resolutions[0]} px; skipped. Use a larger image or set "
                                         "data.allow_upscale: true."))
                 continue
+            problems.extend(caption_problems)
             missing = [r for r in resolutions if r not in item.placements]
             if missing:
                 problems.append(Problem("warning", "too_small", record.name,
                                         f"{record.name}: {w}x{h} is too small for the {missing} px stage(s); used only "
                                         f"at {sorted(item.placements)} px (data.allow_upscale: true to upscale)"))
+            aspect = w / h
+            if not data_cfg.min_aspect <= aspect <= data_cfg.max_aspect:
+                side = "data.min_aspect" if aspect < data_cfg.min_aspect else "data.max_aspect"
+                problems.append(Problem("warning", "extreme_aspect", record.name,
+                                        f"{record.name}: {w}x{h} has aspect ratio {aspect:.3g} (width/height), "
+                                        f"outside [data.min_aspect, data.max_aspect] = [{data_cfg.min_aspect}, "
+                                        f"{data_cfg.max_aspect}]; it is cropped to the most extreme bucket, losing part "
+                                        f"of the image. Crop it yourself or widen {side}."))
             items.append(item)
             usable += 1
         if usable == 0:
@@ -216,7 +237,35 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
     if items and not any(i.split == "train" for i in items):
         problems.append(Problem("fatal", "no_training_images", "data.validation_images",
                                 f"data.validation_images={data_cfg.validation_images} holds out every image; lower it"))
+    problems.extend(_empty_resolutions(items, sizes, resolutions, data_cfg))
     return Scan(items, problems, resolutions)
+
+
+def _has_caption(record: Record) -> bool:
+    return record.caption is not None and bool(record.caption.strip())
+
+
+def _empty_resolutions(items: list, sizes: list, resolutions: list, data_cfg: DataConfig) -> list:
+    """A fatal problem for each stage resolution no training image can be used at (training would stop there)."""
+    train = [i for i in items if i.split == "train"]
+    if not sizes or (items and not train):
+        return []  # already fatal: no images at all, or every usable one held out
+    out = []
+    for r in resolutions:
+        if any(r in i.placements for i in train):
+            continue
+        at_r = [i for i in items if r in i.placements]
+        too_small = len(sizes) - len(at_r)
+        w, h = min(sizes, key=lambda s: (s[0] * s[1], s))
+        big_w, big_h = max(sizes, key=lambda s: (s[0] * s[1], s))
+        held = (f" ({len(at_r)} that fit are held out for validation: lower data.validation_images)"
+                if at_r else "")
+        out.append(Problem("fatal", "resolution_empty", f"resolution {r}",
+                           f"no training images can be used at {r} px: {too_small} of {len(sizes)} images are too "
+                           f"small for their {r} px bucket (smallest {w}x{h}, largest {big_w}x{big_h}){held}. "
+                           f"Lower that stage's resolution, add images of at least about {r}x{r}, or set "
+                           "data.allow_upscale: true to upscale smaller images."))
+    return out
 
 
 def _save_index(cache_dir, known: dict) -> None:
