@@ -10,6 +10,8 @@ misspelled key (naming the closest valid one), a wrong type, or an impossible va
 from __future__ import annotations
 
 import difflib
+import logging
+import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ try:  # the data engineer's typed `data:` section
     from .data.config import DataConfig as _DataConfig
 except ImportError:  # not landed yet: accept any mapping, the data code validates it
     _DataConfig = None
+log = logging.getLogger(__name__)
 DataType = _DataConfig if _DataConfig is not None else Any  # typed: OmegaConf checks the data keys too
 
 
@@ -302,8 +305,38 @@ def _key_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
                        "Check the value against the documented type in configs/style.yaml.")
 
 
-def load_config(path=None, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML `path` (optional) plus `key=value` overrides into a checked RunConfig."""
+def _check_list_indices(cfg, key: str, source: str) -> None:
+    """An override into a list (train.stages.5.steps) must use an existing index: OmegaConf would otherwise report
+    its own internals ("dict is not a subclass of StageSection")."""
+    from omegaconf import ListConfig
+
+    node, walked = cfg, []
+    for part in key.split("."):
+        if isinstance(node, ListConfig):
+            here = ".".join(walked)
+            span = f"({0}..{len(node) - 1})" if len(node) else "(none)"
+            if not part.lstrip("-").isdigit():
+                raise ConfigError(f"{source}: config key `{key}`: {here} is a list; index it with a number "
+                                  f"{span}, e.g. {here}.0")
+            if not 0 <= int(part) < len(node):
+                raise ConfigError(f"{source}: config key `{here}.{part}`: {here} has {len(node)} "
+                                  f"entr{'y' if len(node) == 1 else 'ies'} {span}; add "
+                                  f"{'a stage' if here == 'train.stages' else 'an entry'} in the YAML (or set the "
+                                  f"whole list, e.g. {here}=[...]) or use an existing index")
+            node = node[int(part)]
+        else:
+            try:
+                if part not in node:
+                    return  # an unknown key: the usual "did you mean" error follows
+                node = node[part]
+            except Exception:
+                return
+        walked.append(part)
+
+
+def load_config(path=None, overrides: list[str] | None = None, warn_paths: bool = True) -> RunConfig:
+    """Read YAML `path` (optional) plus `key=value` overrides into a checked RunConfig. Missing `model.*` paths are
+    only warned about here (`check_model_paths` stops the commands that do work)."""
     schema = OmegaConf.structured(RunConfig)
     cfg = schema
     source = str(path) if path else "config"
@@ -325,6 +358,7 @@ def load_config(path=None, overrides: list[str] | None = None) -> RunConfig:
             for item in overrides:
                 key, value = item.split("=", 1)
                 key = re.sub(r"\[(\d+)\]", r".\1", key.strip())  # train.stages[0].steps == train.stages.0.steps
+                _check_list_indices(cfg, key, source)
                 OmegaConf.update(cfg, key, yaml.safe_load(value) if value.strip() else None, merge=True)
         obj = OmegaConf.to_object(cfg)
     except ConfigError:
@@ -336,7 +370,73 @@ def load_config(path=None, overrides: list[str] | None = None) -> RunConfig:
                               f"{key}=VALUE.") from exc
         raise _key_error(exc, source) from exc
     validate(obj, source)
+    for problem in model_path_problems(obj, headers=False) if warn_paths else []:  # a warning only: `check_model_paths` stops the work
+        log.warning("%s", problem)
     return obj
+
+
+MODEL_PATH_KEYS = {  # config key -> (what it is, expected on disk)
+    "model.transformer": "Krea 2 Raw transformer (single .safetensors file or diffusers folder)",
+    "model.turbo": "Krea 2 Turbo transformer (single .safetensors file or diffusers folder)",
+    "model.text_encoder": "Qwen3-VL text encoder folder",
+    "model.vae": "Qwen-Image VAE (diffusers folder or single .safetensors file)",
+}
+
+
+def _transformer_header_problem(key: str, path: Path) -> str | None:
+    """Cheap check (safetensors header only) that a single file is a Krea 2 transformer."""
+    from . import facts
+    from .models.loading import ModelLoadError, open_safetensors
+
+    try:
+        _, keys = open_safetensors(path)
+    except ModelLoadError as exc:
+        return f"config key `{key}`: {exc}"
+    names = set(keys)
+    if not any(prefix + facts.KREA2_MARKER in names for prefix in ("", *facts.ORIGINAL_PREFIXES)):
+        return (f"config key `{key}`: {path} is not a Krea 2 transformer: it has no `{facts.KREA2_MARKER}` (the "
+                f"text-fusion projector). Point `{key}` at the Krea 2 "
+                f"{'Turbo' if key == 'model.turbo' else 'Raw'} checkpoint, not a VAE, text encoder or another model.")
+    return None
+
+
+def model_path_problems(cfg: RunConfig, keys=None, headers: bool = True) -> list[str]:
+    """One message per set `model.*` path that does not exist (or, with `headers`, whose transformer file has no
+    Krea 2 text-fusion projector). Paths under `make_tiny` are skipped while that folder is still to be written."""
+    problems = []
+    tiny = Path(os.path.expanduser(cfg.make_tiny)).resolve() if cfg.make_tiny else None
+    for key in keys or MODEL_PATH_KEYS:
+        value = _get(cfg, key)
+        if value in (None, "", "???"):
+            continue
+        p = Path(os.path.expanduser(str(value)))
+        if not p.exists():
+            if tiny is not None and not tiny.exists() and tiny in (p.resolve(), *p.resolve().parents):
+                continue  # written by `make_tiny` before any work
+            problems.append(f"config key `{key}`: {MODEL_PATH_KEYS[key]} not found: {p}. Fix the path (relative "
+                            f"paths start at {Path.cwd()}), or run `krea2-train make-tiny DIR` for the tiny test "
+                            "model" + (" (or set model.turbo: null to skip the Turbo steps)" if key == "model.turbo"
+                                       else "") + ".")
+        elif headers and key in ("model.transformer", "model.turbo") and p.is_file():
+            problem = _transformer_header_problem(key, p)
+            if problem:
+                problems.append(problem)
+        elif key in ("model.transformer", "model.turbo", "model.text_encoder") and p.is_dir() and \
+                not (p / "config.json").exists():
+            problems.append(f"config key `{key}`: {p} is a folder without config.json; point `{key}` at "
+                            + ("the transformer single file or a diffusers `transformer/` folder"
+                               if key != "model.text_encoder" else "the Qwen3-VL folder that holds config.json"))
+    return problems
+
+
+def check_model_paths(cfg: RunConfig, keys=None) -> None:
+    """Raise `ModelLoadError` naming every bad `model.*` path: run before any work (data checks, caching, training)
+    so a wrong path is not found after caching or at the first preview many steps in."""
+    from .models.loading import ModelLoadError
+
+    problems = model_path_problems(cfg, keys)
+    if problems:
+        raise ModelLoadError("\n".join(problems))
 
 
 def _check_choice(key: str, value, source: str = "config") -> None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-
-def stage_resolutions(cfg) -> list[int]:
-    """Resolutions of the run's training stages (train.stages[*].resolution)."""
-    return sorted({int(s.resolution) for s in cfg.train.stages})
+from ..train.data_source import stage_resolutions  # one definition, shared with the trainer
 
 
 def _load(args):

@@ -59,8 +59,10 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 
 class Checkpointer:
-    def __init__(self, accelerator, run_dir, keep_last: int, transformer, peft_config, state: TrainState):
+    def __init__(self, accelerator, run_dir, keep_last: int, transformer, peft_config, state: TrainState,
+                 settings: dict | None = None):
         self.acc = accelerator
+        self.settings = settings  # training_settings(cfg), stored so a resume can compare its config
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.transformer = transformer  # unwrapped: PEFT helpers need the module names without a DDP prefix
@@ -82,10 +84,35 @@ class Checkpointer:
         while models:
             models.pop()
 
+    def _position(self) -> dict:
+        return {"step": self.state.step, "nan_streak": self.state.nan_streak,
+                "skipped_steps": self.state.skipped_steps}
+
+    def already_saved(self) -> bool:
+        """This exact training position is already a complete checkpoint (e.g. Ctrl-C right after a periodic
+        save): saving again would only rewrite the same files."""
+        info = self.root / f"step-{self.state.step:06d}" / "state.json"
+        if not info.exists():
+            return False
+        try:
+            saved = json.loads(info.read_text())
+        except (OSError, ValueError):
+            return False
+        return saved.get("position") == self._position() and saved.get("num_processes") == self.acc.num_processes
+
     def save(self, reason: str = "periodic") -> Path:
         """Collective: every process must call it."""
         final = self.root / f"step-{self.state.step:06d}"
         tmp = self.root / f".tmp-step-{self.state.step:06d}"
+        if self.acc.num_processes == 1:
+            skip = self.already_saved()
+        else:  # every process must take the same branch: the main process decides
+            from accelerate.utils import broadcast_object_list
+
+            skip = broadcast_object_list([self.already_saved() if self.acc.is_main_process else None])[0]
+        if skip:
+            log.info("checkpoint %s already holds step %d; not saved again (%s)", final, self.state.step, reason)
+            return final
         if self.acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
@@ -94,9 +121,12 @@ class Checkpointer:
         self.acc.save_state(str(tmp))
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            write_json_atomic(tmp / "state.json", {"step": self.state.step, "reason": reason,
-                                                   "num_processes": self.acc.num_processes})
-            if final.exists():  # same step saved twice (e.g. interrupted right after a periodic save)
+            info = {"step": self.state.step, "reason": reason, "num_processes": self.acc.num_processes,
+                    "position": self._position()}
+            if self.settings is not None:
+                info["trained_with"] = self.settings
+            write_json_atomic(tmp / "state.json", info)
+            if final.exists():  # same step number, another position (e.g. a NaN stop after skipped steps)
                 shutil.rmtree(final)
             tmp.rename(final)
             for old in list_checkpoints(self.root.parent)[: -self.keep_last]:

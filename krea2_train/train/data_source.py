@@ -12,12 +12,17 @@ log = logging.getLogger(__name__)
 
 
 def stage_resolutions(cfg) -> list[int]:
+    """Resolutions of the run's training stages (train.stages[*].resolution), sorted, each once."""
     return sorted({int(s.resolution) for s in cfg.train.stages})
 
 
 def prepare_manifest(cfg, progress: bool = True):
-    """Check the data and make sure every cache entry exists (encoders load only if something is missing)."""
+    """Check the data and make sure every cache entry exists (encoders load only if something is missing).
+    Every set `model.*` path is checked first, so a wrong one fails before the caching, not after it."""
+    from ..config import check_model_paths
     from ..data.cache import build_caches
+
+    check_model_paths(cfg)
 
     return build_caches(cfg.data, cfg.model, cfg.cache_dir, stage_resolutions(cfg), progress=progress)
 

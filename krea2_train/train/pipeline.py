@@ -81,7 +81,20 @@ def cache(cfg, scan):
     return data_cache.build_caches(cfg.data, cfg.model, cfg.cache_dir, res, scan=scan)
 
 
-def export_valid(cfg) -> bool:
+def export_settings(cfg, manifest=None) -> tuple[str, dict]:
+    """The exported files' name stem and header metadata, as the config asks for them now."""
+    name = cfg.export.name or cfg.run_name
+    triggers = list(cfg.export.trigger_words) or [d.trigger_word for d in cfg.data.datasets if d.trigger_word]
+    metadata = {"trigger_words": triggers, "resolution": cfg.train.stages[-1].resolution,
+                "steps": cfg.total_steps, "base_model": "Krea 2 Raw"}
+    if manifest is not None:
+        metadata["dataset_size"] = sum(1 for i in manifest.items if i.get("split") == "train")
+    return name, metadata
+
+
+def export_valid(cfg, manifest=None) -> bool:
+    """The export folder holds what the config asks for now: same formats, name and header metadata (trigger
+    words...), newer than the adapter, verified when verification is on."""
     run = cfg.run_dir
     adapter = run / "adapter" / "adapter_model.safetensors"
     done = run / "export" / "export.json"
@@ -92,6 +105,12 @@ def export_valid(cfg) -> bool:
 
     if set(meta.get("files", {})) != {normalize_format(f) for f in cfg.export.formats}:  # aliases: ai-toolkit...
         return False
+    name, metadata = export_settings(cfg, manifest)
+    written = meta.get("metadata") or {}
+    if meta.get("name") != name or written.get("name", name) != name:
+        return False
+    if any(not _json_equal(written.get(k), v) for k, v in metadata.items()):  # export adds keys of its own
+        return False
     if cfg.export.transfer_report and not (run / "export" / "transfer_report.json").exists():
         return False
     if cfg.export.verify:
@@ -101,16 +120,16 @@ def export_valid(cfg) -> bool:
     return True
 
 
+def _json_equal(a, b) -> bool:
+    """Equal as they would read back from export.json (tuples are lists there)."""
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
 def export(cfg, manifest=None):
     from ..export.export import export_and_verify, export_lora
 
     run = cfg.run_dir
-    name = cfg.export.name or cfg.run_name
-    triggers = list(cfg.export.trigger_words) or [d.trigger_word for d in cfg.data.datasets if d.trigger_word]
-    metadata = {"trigger_words": triggers, "resolution": cfg.train.stages[-1].resolution,
-                "steps": cfg.total_steps, "base_model": "Krea 2 Raw"}
-    if manifest is not None:
-        metadata["dataset_size"] = sum(1 for i in manifest.items if i.get("split") == "train")
+    name, metadata = export_settings(cfg, manifest)
     previews = sorted((run / "previews").glob("step-*.png"))
     preview_png = previews[-1].read_bytes() if previews else None
     out = run / "export"
@@ -127,16 +146,21 @@ def export(cfg, manifest=None):
             preview_png=None if transfer else preview_png, transfer=transfer, raw_path=cfg.model.transformer,
             text_encoder=cfg.model.text_encoder, vae=cfg.model.vae, transfer_kwargs=_transfer_kwargs(cfg))
         paths = result["paths"]
+        _say_exported(paths)  # what was written first, then what was checked on it
         _say("verify: every exported file loads on Turbo with the trained effect")
         if transfer:
             _say(f"transfer report: {out / 'transfer_report.json'}")
     else:
         paths = export_lora(run / "adapter", out, list(cfg.export.formats), metadata, name, preview_png=preview_png)
+        _say_exported(paths)
         if cfg.export.transfer_report:
             _transfer_report(cfg, run, out)
+    return paths
+
+
+def _say_exported(paths) -> None:
     for fmt, p in paths.items():
         _say(f"export: {fmt}: {p}")
-    return paths
 
 
 def _transfer_kwargs(cfg) -> dict:
@@ -159,14 +183,20 @@ def _transfer_report(cfg, run, out):
 def run_all(cfg) -> int:
     from accelerate import PartialState
 
+    from ..config import check_model_paths
     from .data_source import CachedData
-    from .trainer import Trainer, training_done
+    from .trainer import Trainer, check_resume_settings, training_done
 
     init_distributed()
     ensure_tiny(cfg)
+    # before any work: wrong model paths, and a run folder trained with other settings, fail here
+    check_model_paths(cfg)
+    done = training_done(cfg)
+    if not done:
+        check_resume_settings(cfg)
     scan = check_data(cfg)
     manifest = cache(cfg, scan)
-    if training_done(cfg):
+    if done:
         _say(f"train: {cfg.run_dir} already finished {cfg.total_steps} steps, skipped (new run_name to train again)")
     else:
         _say(f"train: {cfg.total_steps} steps into {cfg.run_dir}")
@@ -179,7 +209,7 @@ def run_all(cfg) -> int:
     if state.is_main_process:
         if not cfg.export.formats:
             _say(f"export: no formats configured (export.formats: []); the PEFT adapter is in {cfg.run_dir / 'adapter'}")
-        elif export_valid(cfg):
+        elif export_valid(cfg, manifest):
             _say(f"export: {cfg.run_dir / 'export'} is up to date, skipped")
         else:
             export(cfg, manifest)

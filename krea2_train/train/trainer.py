@@ -83,6 +83,15 @@ class Trainer:
         self._stop_requested = False
         self._transformer = transformer
         self.on_step = None  # optional callback(trainer, step) used by tests and previews
+        # What the adapter is made of, taken before setup adapts the config (a memory preset may switch the
+        # optimiser to 8-bit): stored in checkpoints and train_done.json, compared on resume.
+        self.settings = training_settings(cfg)
+        self.step_lr = None  # the learning rate the last optimiser step used (logged as `lr`)
+        # Before any work: a finished run is a no-op (or an error with other settings); checkpoints written with
+        # other settings are refused instead of failing deep inside the state loading.
+        self._finished = training_done(cfg) and cfg.checkpoint.resume != "never"  # never: setup refuses
+        if not self._finished:
+            check_resume_settings(cfg)
 
     # ------------------------------------------------------------------------------------------------- setup
     def request_stop(self, *_):
@@ -107,11 +116,24 @@ class Trainer:
             self.source = CachedData(self.cfg, self.acc)
         return self.source
 
+    def _check_model_paths(self):
+        """The model files this run will open, checked before any work (not at the first preview, steps later)."""
+        from ..config import check_model_paths
+
+        cfg = self.cfg
+        keys = [] if self._transformer is not None else ["model.transformer"]
+        if cfg.preview.prompts:
+            keys += ["model.text_encoder", "model.vae"] + (["model.turbo"] if cfg.preview.turbo else [])
+        if keys:
+            check_model_paths(cfg, keys)
+
     def setup(self):
         cfg, acc = self.cfg, self.acc
         if cfg.checkpoint.resume == "never" and list_checkpoints(self.run_dir):  # fail before loading anything
             raise UserError(f"{self.run_dir} already has checkpoints and checkpoint.resume=never. Use another "
                             "run_name, delete the folder, or set checkpoint.resume=auto to continue it.")
+        check_resume_settings(cfg)  # before config.yaml is rewritten below
+        self._check_model_paths()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
@@ -163,7 +185,7 @@ class Trainer:
         self.params = params
         self.state = TrainState()
         self.ckpt = Checkpointer(acc, self.run_dir, cfg.checkpoint.keep_last, transformer, self.peft_config,
-                                 self.state)
+                                 self.state, settings=self.settings)
         self._resume()
         if acc.is_main_process and tracker_names(cfg):
             acc.init_trackers(cfg.logging.wandb_project,
@@ -172,11 +194,9 @@ class Trainer:
                               init_kwargs={"wandb": {"name": cfg.run_name, "dir": str(self.run_dir)}})
 
     def _resume(self):
-        how = self.cfg.checkpoint.resume
-        if how == "never":
-            return
-        path = latest_checkpoint(self.run_dir) if how == "auto" else Path(how)
+        path = resume_path(self.cfg)
         if path is not None:
+            check_resume_settings(self.cfg, path)
             self.ckpt.load(path)
             if self.acc.is_main_process:
                 print(f"resuming {self.run_dir} from {path.name} (step {self.state.step}/{self.cfg.total_steps})")
@@ -243,9 +263,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
     def run(self) -> TrainResult:
+        cfg = self.cfg
+        if self._finished and not hasattr(self, "model"):
+            # the same command again on a finished run: nothing to do (training_done already refused other settings)
+            if self.acc.is_main_process:
+                print(f"{self.run_dir} already finished {cfg.total_steps} steps with these settings; nothing to "
+                      "train (use a new run_name, or more steps, to train again)")
+            return TrainResult(self.run_dir, self.run_dir / "adapter", cfg.total_steps, False, [])
         if not hasattr(self, "model"):
             self.setup()
-        cfg, acc, state = self.cfg, self.acc, self.state
+        acc, state = self.acc, self.state
         total = cfg.total_steps
         accum = cfg.train.gradient_accumulation
         starts = stage_boundaries(cfg.train.stages)
@@ -296,7 +323,7 @@ class Trainer:
                                   metadata={"step": state.step, "run_name": cfg.run_name})
             write_json_atomic(self.run_dir / DONE_FILE, {"step": state.step, "total_steps": total,
                                                          "skipped_steps": state.skipped_steps,
-                                                         "trained_with": training_settings(cfg)})
+                                                         "trained_with": self.settings})
         tracker.close(state.history)
         acc.wait_for_everyone()
         for t in acc.trackers:  # not end_training(): it destroys the process group the pipeline still needs
@@ -333,6 +360,7 @@ class Trainer:
             self._skip_step(what)
             return None
         state.nan_streak = 0
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler moves on below)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -356,13 +384,15 @@ class Trainer:
                 f"The last good state is saved in {path}. Likely causes: learning rate too high "
                 f"(optimizer.lr={cfg.optimizer.lr}), fp16 overflow (use train.mixed_precision=bf16) or corrupt "
                 "cache entries (`krea2-train check-data`). Lower the lr and resume with the same command.")
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # what the skipped step would have used
         self.scheduler.step()  # the schedule follows steps, taken or skipped, so resume stays aligned
 
     def _after_step(self, tracker, stage, loss_value):
         cfg, state = self.cfg, self.state
         step = state.step
         if step % cfg.train.log_every == 0 or step == cfg.total_steps:
-            values = {"lr": self.scheduler.get_last_lr()[0], "resolution": stage.resolution}
+            lr = self.step_lr if self.step_lr is not None else self.optimizer.param_groups[0]["lr"]
+            values = {"lr": lr, "resolution": stage.resolution}
             if loss_value is not None:
                 values["loss"] = loss_value
             gn = getattr(self, "grad_norm", None)
@@ -373,14 +403,15 @@ class Trainer:
             v = self.validation_loss(stage)
             if v is not None:
                 tracker.log(step, {"val_loss": v})
-        if cfg.preview.every_steps and cfg.preview.prompts and step % cfg.preview.every_steps == 0:
-            self.preview(step, tracker)
+        # the checkpoint first: a failing preview must never lose the progress since the last save
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             self.ckpt.save("periodic")
             if self.acc.is_main_process:  # keep the curve current during long runs
                 from .tracking import write_loss_curve
 
                 write_loss_curve(state.history, self.run_dir / "loss.png")
+        if cfg.preview.every_steps and cfg.preview.prompts and step % cfg.preview.every_steps == 0:
+            self.preview(step, tracker)
         if self.on_step is not None:
             self.on_step(self, step)
 
@@ -447,6 +478,66 @@ def _flat(d, prefix=""):
     return out
 
 
+def different_settings_error(cfg: RunConfig, before: dict, what: str) -> UserError | None:
+    """The error for re-using a run folder with other training settings (None when they match), listing the keys."""
+    before, now = _flat(before or {}), _flat(training_settings(cfg))
+    if not before:
+        return None
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if not changed:
+        return None
+    return UserError(f"{cfg.run_dir} already holds {what} trained with different settings "
+                     f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}). Use a new run_name "
+                     "(or delete that folder) to train with these settings, or restore the old values to "
+                     "continue it.")
+
+
+def resume_path(cfg: RunConfig) -> Path | None:
+    """The checkpoint a run would continue from (checkpoint.resume: auto / never / a path)."""
+    how = cfg.checkpoint.resume
+    if how == "never":
+        return None
+    return latest_checkpoint(cfg.run_dir) if how == "auto" else Path(how)
+
+
+def _checkpoint_settings(cfg: RunConfig, path: Path) -> dict | None:
+    """training_settings() a checkpoint was written with: from its state.json, or (older checkpoints) from the
+    run's saved config.yaml."""
+    import json
+
+    info = path / "state.json"
+    if info.exists():
+        try:
+            saved = json.loads(info.read_text()).get("trained_with")
+        except (OSError, ValueError):
+            saved = None
+        if saved:
+            return saved
+    resolved = path.parent.parent / "config.yaml"
+    if resolved.exists():
+        from ..config import load_config
+
+        try:
+            old = load_config(resolved, warn_paths=False)
+        except Exception:  # an older schema: nothing reliable to compare
+            return None
+        if old.optimizer.name == "adamw8bit" and cfg.optimizer.name == "adamw":
+            old.optimizer.name = "adamw"  # a memory preset's 8-bit switch, saved into config.yaml by setup
+        return training_settings(old)
+    return None
+
+
+def check_resume_settings(cfg: RunConfig, path: Path | None = None) -> None:
+    """Refuse to continue a checkpoint written with other training settings (lora.rank would otherwise fail inside
+    PyTorch's state loading; an optimizer.lr change would resume silently)."""
+    path = path if path is not None else resume_path(cfg)
+    if path is None or not (Path(path) / "state.json").exists():
+        return
+    err = different_settings_error(cfg, _checkpoint_settings(cfg, Path(path)), f"checkpoints ({Path(path).name})")
+    if err is not None:
+        raise err
+
+
 def training_done(cfg: RunConfig) -> bool:
     """The run finished all its steps and its adapter is on disk (the pipeline then skips training).
 
@@ -460,11 +551,7 @@ def training_done(cfg: RunConfig) -> bool:
     info = json.loads(done.read_text())
     if info.get("step") != cfg.total_steps:
         return False
-    before, now = _flat(info.get("trained_with") or {}), _flat(training_settings(cfg))
-    if before:
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        if changed:
-            raise UserError(f"{cfg.run_dir} already holds a finished run trained with different settings "
-                            f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}). Use a new run_name "
-                            "(or delete that folder) to train with these settings.")
+    err = different_settings_error(cfg, info.get("trained_with"), "a finished run")
+    if err is not None:
+        raise err
     return True
