@@ -38,10 +38,20 @@ def _print_json(obj):
 
 
 # --------------------------------------------------------------------------------------------------- commands
+def default_export_dir(source) -> Path:
+    """Where `export` writes without --out: RUN/export for a run folder (RUN, RUN/adapter or a file in RUN/adapter,
+    the same folder the training pipeline exports to), else an export/ folder beside the LoRA file."""
+    src = Path(source).expanduser()
+    folder = src if src.is_dir() else src.parent
+    if folder.name == "adapter":
+        folder = folder.parent
+    return folder / "export"
+
+
 def _export(args) -> int:
     from .export import export_and_verify, export_lora
 
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    formats = [f.strip() for item in args.formats for f in item.split(",") if f.strip()]
     metadata = _kv(args.meta)
     if args.trigger:
         metadata["trigger_words"] = args.trigger
@@ -55,15 +65,16 @@ def _export(args) -> int:
         name = args.name or src.name
     else:
         name = args.name or ("krea2_lora" if src.stem in ("pytorch_lora_weights", "adapter_model") else src.stem)
+    out = Path(args.out) if args.out else default_export_dir(args.source)
     if args.turbo:
-        result = export_and_verify(args.source, args.out, args.turbo, formats=formats, metadata=metadata, name=name,
+        result = export_and_verify(args.source, out, args.turbo, formats=formats, metadata=metadata, name=name,
                                    dtype=args.dtype, comfyui_style=args.comfyui_style, preview_png=preview,
                                    device=_device(args.device), verify_dtype=args.verify_dtype)
         paths = result["paths"]
         for r in result["reports"].values():
             print(r.summary())
     else:
-        paths = export_lora(args.source, args.out, formats, metadata, name, args.dtype, args.comfyui_style, preview)
+        paths = export_lora(args.source, out, formats, metadata, name, args.dtype, args.comfyui_style, preview)
     for fmt, p in paths.items():
         print(f"{fmt}: {p}")
     return 0
@@ -189,8 +200,11 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write a LoRA (file or run folder) as diffusers/ComfyUI/Civitai files, "
                        "verified on Turbo with --turbo")
     p.add_argument("source", help="LoRA file in any supported layout, or a training run folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--formats", default="diffusers,comfyui,civitai", help=f"comma-separated: {_FORMAT_HELP}")
+    p.add_argument("--out", help="output folder (default: RUN/export for a run folder, else export/ beside the "
+                   "LoRA file)")
+    p.add_argument("--formats", nargs="+", default=["diffusers", "comfyui", "civitai"], metavar="FORMAT",
+                   help="formats to write, space- or comma-separated (default: diffusers comfyui civitai; put it "
+                   f"after SOURCE): {_FORMAT_HELP}")
     p.add_argument("--name", help="file name stem (default: the source's)")
     p.add_argument("--turbo", help="Turbo checkpoint: verify every written file on it (fails on any mismatch)")
     p.add_argument("--dtype", default="bfloat16", help="weight dtype of the files (default bfloat16)")

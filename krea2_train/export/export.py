@@ -123,6 +123,8 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
     transfer report runs first, and its suggested Turbo strength and a Turbo sample at that strength go into the
     Civitai header (unless `metadata["turbo_strength"]` / `preview_png` are given).
 
+    A `transformer` passed in is taken to be Turbo as loaded from `turbo_path` (when given).
+
     Returns {"paths": {format: path}, "reports": {format: VerifyReport}, "transfer": report or None}; writes
     verify.json (and transfer_report.json, transfer_grid.png) next to the files. Raises LoraVerifyError (a
     UserError, so the run fails) listing every file that failed.
@@ -145,8 +147,11 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
         if raw_path is None:
             raise UserError("the transfer report needs the Raw checkpoint (model.transformer)")
         dtype_ = str(transformer.img_in.weight.dtype).replace("torch.", "")
-        transfer_result = transfer_report(adapter, raw_path, transformer, out_dir, text_encoder=text_encoder, vae=vae,
-                                          dtype=dtype_, device=str(transformer.device), **(transfer_kwargs or {}))
+        # Raw is measured by swapping the loaded Turbo's base weights to Raw in place and back (turbo_path), so only
+        # one 12.9B transformer is ever resident; without turbo_path, Turbo waits on the CPU meanwhile.
+        transfer_result = transfer_report(adapter, raw_path, transformer, out_dir, turbo_path=turbo_path,
+                                          text_encoder=text_encoder, vae=vae, dtype=dtype_,
+                                          device=str(transformer.device), **(transfer_kwargs or {}))
         metadata.setdefault("turbo_strength", transfer_result["suggested_turbo_strength"])
         preview_png = preview_png or transfer_result.get("_preview_png")
     paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png)

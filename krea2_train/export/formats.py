@@ -153,11 +153,6 @@ class TrainedAdapter:
                     rank_pattern=rank_pattern, alpha_pattern={k: _num(v) for k, v in alpha_pattern.items()},
                     lora_dropout=0.0, bias="none", use_dora=False, lora_bias=False, init_lora_weights=True)
 
-    def lora_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(**self.lora_config_dict())
-
     def baked(self) -> "TrainedAdapter":
         """Same deltas with the scale folded into the weights (sqrt on each factor) and alpha = rank (scale 1)."""
         down, up, alpha = {}, {}, {}
@@ -187,8 +182,12 @@ class TrainedAdapter:
                               dict(self.alpha), self.use_rslora, dict(self.info))
 
 
-def _num(v: float):
-    return int(v) if float(v).is_integer() else float(v)
+def _num(v: float, digits: int | None = None):
+    """An int when whole (JSON/headers read "16", not "16.0"), else the float, rounded to `digits` if given (display)."""
+    v = float(v)
+    if v.is_integer():
+        return int(v)
+    return round(v, digits) if digits is not None else v
 
 
 def _module_sort_key(name: str):
@@ -295,7 +294,7 @@ class LoraFile:
 def read_lora_file(path) -> LoraFile:
     """Read any supported Krea 2 LoRA file (see module doc). Raises LoraFormatError naming the file and the fix.
 
-    The inference core loads the result with `lora.adapter.peft_state_dict()` + `lora.adapter.lora_config()`.
+    The inference core loads the result with `lora.adapter.peft_state_dict()` and `lora_config_dict()`.
     """
     from ..models.loading import ModelLoadError, open_safetensors
 

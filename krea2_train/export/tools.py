@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .formats import LoraFile, TrainedAdapter, read_lora_file, write_lora_file
+from .formats import LoraFile, TrainedAdapter, _num, read_lora_file, write_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def inspect_lora(path) -> dict:
         "use_rslora": a.use_rslora,
         "modules": len(a.modules),
         "ranks": dict(Counter(a.rank(m) for m in a.modules)),
-        "alphas": dict(Counter(_num(a.alpha[m]) for m in a.modules)),
+        "alphas": dict(Counter(_num(a.alpha[m], 6) for m in a.modules)),
         "scales": dict(Counter(round(a.scale(m), 6) for m in a.modules)),
         "targets": dict(sorted(kinds.items())),
         "parameters": a.num_parameters(),
@@ -82,10 +82,6 @@ def format_inspect(info: dict) -> str:
 
 def _counts(c: dict) -> str:
     return ", ".join(f"{k} (x{v})" if len(c) > 1 else str(k) for k, v in sorted(c.items(), key=lambda kv: -kv[1]))
-
-
-def _num(v: float):
-    return int(v) if float(v).is_integer() else round(float(v), 6)
 
 
 # --------------------------------------------------------------------------------------------------- convert

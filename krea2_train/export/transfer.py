@@ -80,7 +80,9 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
                     seed: int = 0, dtype="bfloat16", device=None, render: bool = True) -> dict:
     """Measure Raw vs Turbo effect of `lora` (a file in any layout, or a TrainedAdapter) and write the report; returns the report dict.
 
-    `raw`/`turbo`: checkpoint paths (loaded one after the other, so only one is in memory) or loaded transformers.
+    `raw`/`turbo`: checkpoint paths or loaded transformers. Only one transformer is on the accelerator at a time:
+    with Turbo's checkpoint known (`turbo` a path, or a loaded Turbo plus `turbo_path`) its base weights are swapped
+    to Raw in place and back; a loaded Turbo without `turbo_path` waits on the CPU while Raw is measured.
     `text_encoder` (models.text_encoder.TextEncoder or a folder) encodes the prompts; without it, random text
     embeddings stand in (numbers only, no images). `vae` (models.vae.VAE or a path) is needed to render the grid.
     """
@@ -111,6 +113,8 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     if isinstance(vae, (str, Path)):
         vae = VAE.from_path(vae, device=device)
 
+    # Where Turbo's weights can be read back from after its base weights were swapped to Raw in place.
+    turbo_source = turbo_path if isinstance(turbo, torch.nn.Module) else turbo
     turbo_model = _transformer(turbo, dtype, device)
     cfg = turbo_model.config
     if text_encoder is not None:
@@ -129,16 +133,13 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         x0 = torch.randn(len(prompts), grid[0] * grid[1], cfg.in_channels, generator=torch.Generator().manual_seed(seed))
     inputs = _noisy_inputs(x0, sigmas, seed + 2)
 
-    # Turbo first (it is loaded), then Raw. A model loaded here from a path is dropped before the next one is
-    # loaded, so only one 12.9B transformer is in memory at a time (Turbo is reloaded for the refinement).
+    # Turbo at strength 1, then Raw, then Turbo at the fitted strength. Only one 12.9B transformer is ever on the
+    # accelerator (two bf16 copies + text encoder + VAE do not fit on a 48 GB card): see _raw_deltas.
     d_turbo_1 = _deltas(turbo_model, lora, [1.0], inputs, embeds, mask, grid)[1.0]
-    if not isinstance(turbo, torch.nn.Module):
-        turbo_model = None
-    raw_model = _transformer(raw, dtype, device)
-    d_raw = _deltas(raw_model, lora, [1.0], inputs, embeds, mask, grid)[1.0]
-    raw_model = None
-    if turbo_model is None:
-        turbo_model = _transformer(turbo, dtype, device)
+    held, turbo_model = [turbo_model], None  # _raw_deltas may have to drop Turbo: no other reference here
+    turbo_model, d_raw = _raw_deltas(held, raw, turbo_source, not isinstance(turbo, torch.nn.Module),
+                                     lambda model: _deltas(model, lora, [1.0], inputs, embeds, mask, grid)[1.0],
+                                     dtype, device)
 
     s1 = min(max(_fit(d_turbo_1, d_raw), STRENGTH_RANGE[0]), STRENGTH_RANGE[1])
     d_turbo_s1 = _deltas(turbo_model, lora, [s1], inputs, embeds, mask, grid)[s1]
@@ -152,18 +153,18 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
                           "cosine_at_suggested": _cos(d_turbo_s1[i], r)})
     raw_total = sum(float(r.norm() ** 2) for r in d_raw) ** 0.5
     turbo_total = sum(float(t.norm() ** 2) for t in d_turbo_1) ** 0.5
+    ratio = turbo_total / raw_total if raw_total > 0 else None
+    cosine = _cos(torch.cat([t.flatten() for t in d_turbo_1]), torch.cat([r.flatten() for r in d_raw]))
     report = {
         "lora": label,
         "prompts": prompts if text_encoder is not None else f"{len(prompts)} random text embeddings",
         "resolution": [height, width],
-        "ratio": turbo_total / raw_total if raw_total > 0 else None,
-        "cosine": _cos(torch.cat([t.flatten() for t in d_turbo_1]), torch.cat([r.flatten() for r in d_raw])),
+        "ratio": ratio,
+        "cosine": cosine,
         "suggested_turbo_strength": round(s2, 3),
         "first_fit_strength": round(s1, 3),
         "per_sigma": per_sigma,
-        "reading": _reading(turbo_total / raw_total if raw_total > 0 else 1.0,
-                            _cos(torch.cat([t.flatten() for t in d_turbo_1]), torch.cat([r.flatten() for r in d_raw])),
-                            s2),
+        "reading": _reading(ratio if ratio is not None else 1.0, cosine, s2),
     }
 
     if render and vae is not None and text_encoder is not None:
@@ -186,6 +187,68 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         report["_preview_png"] = buf.getvalue()
     write_json_atomic(out_dir / "transfer_report.json", {k: v for k, v in report.items() if not k.startswith("_")})
     return report
+
+
+def _free_accelerator() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _raw_deltas(held: list, raw, turbo_source, owned: bool, measure, dtype, device):
+    """`measure` (model -> deltas) on Raw while Turbo is loaded; returns (Turbo model, Raw's deltas).
+
+    `held`: a one-element list holding the Turbo model, so that it can be dropped here (the caller keeps no other
+    reference); `owned`: Turbo was loaded by the report (nobody else holds it); `turbo_source`: its checkpoint, or None.
+    Only one transformer is on the accelerator at any time. In order of preference:
+      * Raw is a loaded model: the caller already holds both; measured as given.
+      * Turbo's checkpoint is known: Turbo's frozen base weights are overwritten with Raw's in place, measured, and
+        read back from Turbo's checkpoint (bit for bit: same file, same dtype); one copy ever, two extra reads.
+      * Otherwise (quantised bases cannot be swapped; or no checkpoint to read Turbo back from): a Turbo loaded here
+        is dropped, Raw loaded, measured, dropped and Turbo reloaded; a Turbo passed in waits on the CPU meanwhile.
+    """
+    from ..models.loading import copy_base_weights
+
+    turbo_model = held.pop()
+    if isinstance(raw, torch.nn.Module):
+        return turbo_model, measure(raw)
+    if turbo_source is not None:
+        try:
+            copy_base_weights(turbo_model, raw)  # raises TypeError before touching anything if quantised
+        except TypeError:
+            log.info("transfer report: quantised base weights cannot be swapped in place; loading Raw separately")
+        except BaseException:
+            copy_base_weights(turbo_model, turbo_source)  # a partial copy: put Turbo back before failing
+            raise
+        else:
+            try:
+                return turbo_model, measure(turbo_model)
+            finally:
+                copy_base_weights(turbo_model, turbo_source)
+    if owned and turbo_source is not None:
+        turbo_model = None
+        _free_accelerator()
+        raw_model = _transformer(raw, dtype, device)
+        d_raw = measure(raw_model)
+        raw_model = None
+        _free_accelerator()
+        return _transformer(turbo_source, dtype, device), d_raw
+    home = next(turbo_model.parameters()).device
+    offload = home.type != "cpu"
+    if offload:
+        turbo_model.to("cpu")
+        _free_accelerator()
+    try:
+        raw_model = _transformer(raw, dtype, device)
+        d_raw = measure(raw_model)
+        raw_model = None
+        _free_accelerator()
+    finally:
+        if offload:
+            turbo_model.to(home)
+    return turbo_model, d_raw
 
 
 def _reading(ratio: float, cosine: float, strength: float) -> str:
