@@ -111,3 +111,52 @@ def test_dora_and_lokr_train_without_export():
     for kind in ("dora", "lokr"):
         cfg = load_config(None, PATHS + [f"lora.type={kind}", "export.formats=[]"])
         assert cfg.lora.type == kind and cfg.export.formats == []
+
+
+def test_override_into_a_missing_list_entry_says_how_many_there_are():
+    msg = err("train.stages=[{resolution: 512, steps: 10}, {resolution: 768, steps: 10}]", "train.stages.5.steps=3")
+    assert "`train.stages.5`" in msg and "train.stages has 2 entries (0..1)" in msg and "add a stage" in msg
+    assert "StageSection" not in msg and "Invalid type" not in msg
+    assert "(0..0)" in err("train.stages[1].steps=3")  # the bracket form too
+    assert "index it with a number" in err("train.stages.last.steps=3")
+    assert load_config(None, PATHS + ["train.stages.0.steps=7"]).train.stages[0].steps == 7
+
+
+def test_model_paths_are_checked_naming_the_key(tiny_dir, tmp_path, caplog):
+    from krea2_train.config import check_model_paths
+    from krea2_train.models.loading import ModelLoadError
+
+    good = [f"model.transformer={tiny_dir}/transformer_raw.safetensors", f"model.text_encoder={tiny_dir}/text_encoder",
+            f"model.vae={tiny_dir}/vae", f"model.turbo={tiny_dir}/transformer_turbo.safetensors"]
+    check_model_paths(load_config(None, good))  # all there: fine
+
+    # a missing path: load_config (also `krea2-train config`) only warns; the check before any work names key + fix
+    with caplog.at_level("WARNING"):
+        cfg = load_config(None, good + [f"model.turbo={tmp_path}/turbo_typo.safetensors"])
+    assert "`model.turbo`" in caplog.text
+    with pytest.raises(ModelLoadError) as info:
+        check_model_paths(cfg)
+    msg = str(info.value)
+    assert "`model.turbo`" in msg and "turbo_typo" in msg and "Fix the path" in msg and "model.vae" not in msg
+
+    # a file that exists but is no Krea 2 transformer (cheap header check)
+    from safetensors.torch import save_file
+    import torch
+
+    vae_file = tmp_path / "vae.safetensors"
+    save_file({"decoder.conv_in.weight": torch.zeros(1)}, str(vae_file))
+    with pytest.raises(ModelLoadError, match=r"`model.transformer`.*txtfusion.projector.weight"):
+        check_model_paths(load_config(None, good + [f"model.transformer={vae_file}"]))
+    # only the keys asked for
+    check_model_paths(load_config(None, good + ["model.vae=nope"]), ["model.transformer"])
+
+
+def test_paths_under_make_tiny_are_not_reported_before_it_is_written(tmp_path):
+    from krea2_train.config import model_path_problems
+
+    tiny = tmp_path / "tiny"
+    cfg = load_config(None, [f"make_tiny={tiny}", f"model.transformer={tiny}/transformer_raw.safetensors",
+                             f"model.text_encoder={tiny}/text_encoder", f"model.vae={tiny}/vae"])
+    assert model_path_problems(cfg) == []
+    tiny.mkdir()  # make_tiny ran (or the folder is there): now missing files are reported
+    assert len(model_path_problems(cfg)) == 3

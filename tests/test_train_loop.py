@@ -180,3 +180,91 @@ def test_finished_run_with_other_settings_is_refused(tiny_dir, tmp_path):
     assert not training_done(tiny_cfg(tiny_dir, tmp_path, "train.stages.0.steps=8"))  # more steps: continue
     with pytest.raises(UserError, match=r"different settings \(lora.rank, optimizer.lr\)"):
         training_done(tiny_cfg(tiny_dir, tmp_path, "lora.rank=8", "optimizer.lr=1e-3"))
+
+
+def test_resume_with_other_settings_is_refused_before_loading(tiny_dir, tmp_path):
+    import json
+
+    from krea2_train.errors import UserError
+
+    cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0")
+    t = Trainer(cfg, source=SyntheticData())
+    t.on_step = lambda tr, step: tr.request_stop() if step == 2 else None
+    assert t.run().interrupted
+    saved = json.loads((latest_checkpoint(cfg.run_dir) / "state.json").read_text())
+    assert saved["trained_with"]["lora"]["rank"] == 4
+    # a rank change used to be a PyTorch size-mismatch traceback, an lr change resumed silently
+    with pytest.raises(UserError, match=r"different settings \(lora.rank\).*new run_name"):
+        Trainer(tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0", "lora.rank=16"), source=SyntheticData())
+    with pytest.raises(UserError, match=r"different settings \(optimizer.lr\)"):
+        train(tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0", "optimizer.lr=1e-3"), source=SyntheticData())
+    # more steps, or a setting that is not a training setting, continue it
+    res = train(tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0", "logging.progress=tqdm"),
+                source=SyntheticData())
+    assert res.step == 6 and training_done(cfg)
+
+    # a finished run: the same command is a no-op; other settings fail and leave train_done.json alone
+    done = cfg.run_dir / "train_done.json"
+    before = (done.read_text(), done.stat().st_mtime_ns, [p.name for p in list_checkpoints(cfg.run_dir)])
+    again = train(tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0"), source=SyntheticData())
+    assert again.step == 6 and not again.interrupted
+    with pytest.raises(UserError, match=r"different settings \(optimizer.lr\).*new run_name"):
+        train(tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0", "optimizer.lr=1e-3"), source=SyntheticData())
+    assert (done.read_text(), done.stat().st_mtime_ns, [p.name for p in list_checkpoints(cfg.run_dir)]) == before
+
+
+def test_logged_lr_is_the_one_the_step_used(tiny_dir, tmp_path):
+    import json
+
+    cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0", "optimizer.scheduler=linear",
+                   "optimizer.warmup_steps=3")
+    t = Trainer(cfg, source=SyntheticData())
+    t.setup()
+    used, step = [], t.optimizer.step
+
+    def spy(*a, **k):
+        used.append(t.optimizer.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    t.optimizer.step = spy
+    t.run()
+    logged = [r["lr"] for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert len(used) == 6 and len(set(used)) > 2  # warm-up then decay: the value changes every step
+    assert logged == pytest.approx(used)
+
+
+def test_checkpoint_is_saved_before_a_failing_preview(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("krea2_train.train.preview.prompt_embeddings", lambda cfg: None)
+
+    def broken(self, step, tracker=None):
+        raise RuntimeError("preview failed")
+
+    monkeypatch.setattr(Trainer, "preview", broken)
+    cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=2", "preview.every_steps=2", "preview.prompts=[a]",
+                   "preview.turbo=false")
+    with pytest.raises(RuntimeError, match="preview failed"):
+        train(cfg, source=SyntheticData())
+    assert latest_checkpoint(cfg.run_dir).name == "step-000002"  # the progress survives the preview failure
+
+
+def test_preview_model_paths_fail_before_training(tiny_dir, tmp_path):
+    from krea2_train.models.loading import ModelLoadError
+
+    cfg = tiny_cfg(tiny_dir, tmp_path, "preview.every_steps=100", "preview.prompts=[a]",
+                   f"model.turbo={tmp_path}/missing_turbo.safetensors")
+    with pytest.raises(ModelLoadError, match="`model.turbo`"):
+        train(cfg, source=SyntheticData())
+    assert not list_checkpoints(cfg.run_dir)
+
+
+def test_interrupt_right_after_a_periodic_save_does_not_save_again(tiny_dir, tmp_path):
+    cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=2")
+    t = Trainer(cfg, source=SyntheticData())
+    t.setup()
+    saves, real = [], t.acc.save_state
+    t.acc.save_state = lambda *a, **k: (saves.append(t.state.step), real(*a, **k))[1]
+    t.on_step = lambda tr, step: tr.request_stop() if step == 2 else None
+    res = t.run()
+    assert res.interrupted and res.step == 2 and saves == [2]
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-000002"]
+    assert train(cfg, source=SyntheticData()).step == 6  # and it resumes from it

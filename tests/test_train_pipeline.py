@@ -214,3 +214,59 @@ def test_ctrl_c_to_process_group_with_loader_workers(tiny_dir, tmp_path):
     assert proc.returncode == 130, out
     assert "worker" not in out.lower() or "exited unexpectedly" not in out, out
     assert len(list((tmp_path / "runs" / "pipe" / "checkpoints").glob("step-*"))) == 1
+
+
+def _export_cfg(tmp_path, *extra):
+    from krea2_train.config import load_config
+
+    return load_config(None, ["model.transformer=a", "model.text_encoder=b", "model.vae=c", "run_name=r",
+                              f"output_dir={tmp_path}", "export.formats=[comfyui]", "export.verify=false",
+                              f"data.datasets=[{{path: {tmp_path}, trigger_word: k2demo}}]", *extra])
+
+
+def test_export_freshness_compares_name_and_metadata(tmp_path):
+    from krea2_train.train.pipeline import export_settings, export_valid
+
+    cfg = _export_cfg(tmp_path)
+    (cfg.run_dir / "adapter").mkdir(parents=True)
+    (cfg.run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    (cfg.run_dir / "export").mkdir()
+    name, metadata = export_settings(cfg)
+    # what export_lora writes: its own keys (name inside metadata, a suggested Turbo strength) come along
+    (cfg.run_dir / "export" / "export.json").write_text(json.dumps(
+        {"name": name, "metadata": {"name": name, **metadata, "turbo_strength": 0.8},
+         "files": {"comfyui": {"path": f"{name}_comfyui.safetensors"}}}))
+    assert export_valid(cfg)
+    assert not export_valid(_export_cfg(tmp_path, "export.name=other"))
+    assert not export_valid(_export_cfg(tmp_path, "export.trigger_words=[newword]"))
+    assert not export_valid(_export_cfg(tmp_path, "export.formats=[comfyui, diffusers]"))
+    assert export_valid(_export_cfg(tmp_path, "export.trigger_words=[k2demo]"))  # same words, said explicitly
+
+
+def test_export_lines_come_before_verify(tmp_path, monkeypatch, capsys):
+    from krea2_train.train import pipeline
+
+    cfg = _export_cfg(tmp_path, "export.verify=true", "model.turbo=t")
+    fake = {"comfyui": tmp_path / "r_comfyui.safetensors"}
+    monkeypatch.setattr("krea2_train.export.export.export_and_verify", lambda *a, **k: {"paths": fake})
+    assert pipeline.export(cfg) == fake
+    out = capsys.readouterr().out
+    assert out.index("==> export: comfyui:") < out.index("==> verify:"), out
+
+
+def test_wrong_model_path_fails_before_any_work(tiny_dir, tmp_path, capsys):
+    cfg = write_config(tiny_dir, tmp_path)
+    assert main([str(cfg), f"model.turbo={tmp_path}/no_such_turbo.safetensors"]) == 2
+    captured = capsys.readouterr()
+    assert "`model.turbo`" in captured.err and "no_such_turbo" in captured.err and "Traceback" not in captured.err
+    assert "==> check-data" not in captured.out and not (tmp_path / "cache").exists()
+    # `krea2-train train` checks them before building the caches too
+    assert main(["train", str(cfg), f"model.vae={tmp_path}/no_such_vae"]) == 2
+    assert "`model.vae`" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+
+
+def test_one_stage_resolutions_for_data_commands_and_trainer():
+    from krea2_train.data import cli as data_cli
+    from krea2_train.train import data_source
+
+    assert data_cli.stage_resolutions is data_source.stage_resolutions
