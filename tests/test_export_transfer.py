@@ -45,7 +45,8 @@ def expected(tiny_dir, lora_file):
     d_s1 = _deltas(turbo, str(lora_file), [s1], inputs, embeds, None, grid)[s1]
     s2 = min(max(s1 * _fit(d_s1, d_raw), STRENGTH_RANGE[0]), STRENGTH_RANGE[1])
     flat = (lambda ds: torch.cat([d.flatten() for d in ds]))
-    return {"ratio": flat(d_turbo).norm().item() / flat(d_raw).norm().item(), "cosine": _cos(flat(d_turbo), flat(d_raw)),
+    return {"ratio": flat(d_turbo).norm().item() / flat(d_raw).norm().item(),
+            "cosine": _cos(flat(d_turbo), flat(d_raw)),
             "first_fit_strength": round(s1, 3), "suggested_turbo_strength": round(s2, 3),
             "per_sigma": [{"raw_delta_norm": r.norm().item(), "turbo_delta_norm": t.norm().item(),
                            "cosine": _cos(t, r), "cosine_at_suggested": _cos(d, r)}

@@ -183,7 +183,7 @@ class TrainedAdapter:
 
 
 def _num(v: float, digits: int | None = None):
-    """An int when whole (JSON/headers read "16", not "16.0"), else the float, rounded to `digits` if given (display)."""
+    """An int when whole (headers read "16", not "16.0"), else the float, rounded to `digits` if given (display)."""
     v = float(v)
     if v.is_integer():
         return int(v)
