@@ -4,7 +4,8 @@
     check-data   every image and caption checked; fatal problems stop here with the report
     cache        text and latent caches; skipped when every entry already exists (no encoder is loaded)
     train        skipped when RUN/train_done.json says all steps ran and the adapter is on disk; resumes otherwise
-    export       the configured formats; skipped when RUN/export/export.json is newer than the adapter
+    export       the configured formats; skipped when RUN/export/export.json is newer than the adapter and has the
+                 same formats, name and header metadata (trigger words...)
     verify       each exported file on Turbo (a failure fails the run); skipped with export
 
 Works under `accelerate launch`: caching splits across processes, training is data parallel, export and verify run
