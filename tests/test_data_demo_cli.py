@@ -66,3 +66,13 @@ cache_dir: {tmp_path / 'cache'}
     # A missing dataset folder is a clear error, not a traceback.
     assert main(["cache", str(cfg), f"data.datasets.0.path={tmp_path / 'gone'}"]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_cache_cli_bad_model_path_fails_before_work(tmp_path, capsys):
+    from krea2_train.cli import main
+
+    code = main(["cache", str(ROOT / "configs" / "demo.yaml"), f"cache_dir={tmp_path / 'cache'}",
+                 f"make_tiny={tmp_path / 'tiny'}", "model.vae=/nope/vae"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config key `model.vae`" in err and "/nope/vae" in err
+    assert not (tmp_path / "cache").exists()  # nothing cached

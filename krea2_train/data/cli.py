@@ -29,7 +29,12 @@ def cache(args) -> int:
     from .cache import build_caches
     from .checks import format_report, scan_data
 
+    from ..config import check_model_paths
+    from ..train.pipeline import ensure_tiny
+
     cfg = _load(args)
+    ensure_tiny(cfg)  # the demo config names a tiny model written on first use
+    check_model_paths(cfg, ["model.text_encoder", "model.vae"])  # before any image is read, not at encoder load
     if args.prune:
         from .cache import prune_cache
 
