@@ -23,10 +23,13 @@ from .schedule import make_scheduler, mu_for, pack_latents, position_ids, unpack
 log = logging.getLogger(__name__)
 
 
-def predict_velocity(transformer, packed, sigma, embeds, mask=None, grid=None):
-    """One transformer call: packed latents (B, N, 64), sigma (B,) in [0, 1] -> velocity (B, N, 64)."""
+def predict_velocity(transformer, packed, sigma, embeds, mask, grid: tuple[int, int]):
+    """One transformer call: packed latents (B, N, 64) on a (rows, cols) token grid, sigma (B,) in [0, 1] ->
+    velocity (B, N, 64)."""
     b, n, _ = packed.shape
-    gh, gw = grid if grid is not None else (int(n**0.5), int(n**0.5))
+    gh, gw = grid
+    if gh * gw != n:
+        raise ValueError(f"token grid {gh}x{gw} does not match {n} packed latent tokens")
     pos = position_ids(embeds.shape[1], gh, gw, device=packed.device)
     if mask is not None and bool(mask.all()):
         mask = None  # nothing padded: skip the mask so the fastest attention kernel can run
