@@ -40,7 +40,8 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class LoraSection:
     rank: int = 16
-    # null: alpha = rank (scale 1). The effective scale is alpha/rank, or alpha/sqrt(rank) with rslora.
+    # null: alpha = rank. The effective scale is alpha/rank (1 when null), or alpha/sqrt(rank) with rslora
+    # (sqrt(rank) when null).
     alpha: Optional[float] = None
     dropout: float = 0.0
     # lora | dora | lokr (LoKr uses PEFT's LoKrConfig; dropout then means module dropout).
@@ -479,6 +480,11 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
                           "lora.targets: custom or remove lora.pattern")
     if cfg.lora.type == "lokr":
         need(not cfg.lora.use_rslora, "lora.use_rslora", "is not available for LoKr; set it to false")
+    # The exporters write plain LoRA (what ComfyUI, diffusers and Civitai load for Krea 2); refuse now, not after
+    # hours of training.
+    need(cfg.lora.type == "lora" or not cfg.export.formats, "lora.type",
+         f"= {cfg.lora.type} cannot be exported to {list(cfg.export.formats)}: use lora.type: lora, or set "
+         "export.formats: [] to keep only the PEFT adapter in RUN/adapter")
     need(len(cfg.train.stages) >= 1, "train.stages", "must list at least one stage")
     for i, st in enumerate(cfg.train.stages):
         k = f"train.stages[{i}]"

@@ -160,3 +160,13 @@ def test_paths_under_make_tiny_are_not_reported_before_it_is_written(tmp_path):
     assert model_path_problems(cfg) == []
     tiny.mkdir()  # make_tiny ran (or the folder is there): now missing files are reported
     assert len(model_path_problems(cfg)) == 3
+
+
+def test_dora_with_export_formats_is_refused_before_training():
+    from krea2_train.config import ConfigError, load_config
+
+    paths = ["model.transformer=/m/raw.safetensors", "model.text_encoder=/m/te", "model.vae=/m/vae"]
+    with pytest.raises(ConfigError, match=r"`lora.type` = dora cannot be exported.*export.formats: \[\]"):
+        load_config(None, paths + ["lora.type=dora", "export.formats=[diffusers]"], warn_paths=False)
+    cfg = load_config(None, paths + ["lora.type=dora", "export.formats=[]"], warn_paths=False)
+    assert cfg.lora.type == "dora"

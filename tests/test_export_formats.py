@@ -277,3 +277,17 @@ def test_civitai_baked_header_describes_the_file(adapter, tmp_path):
         h, keys = f.metadata(), list(f.keys())
     assert not [k for k in keys if k.endswith(".alpha")] and h["ss_network_alpha"] == h["ss_network_dim"]
     assert max_delta_error(adapter, read_lora_file(path).adapter) < 2e-2
+
+
+@pytest.mark.parametrize("fmt", ["original", "comfyui", "diffusers"])
+def test_sidecar_adapter_config_does_not_rescale_other_files(tiny_dir, tmp_path, fmt):
+    """A file written next to a PEFT adapter_config.json (e.g. converted into RUN/adapter) keeps its own scale."""
+    import json
+
+    from krea2_train.export.formats import read_lora_file, write_lora_file
+    from test_export_helpers import max_delta_error, trained_adapter
+
+    adapter = trained_adapter(tiny_dir, r=4, alpha=8)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 1, "peft_type": "LORA"}))
+    path = write_lora_file(adapter, tmp_path / f"lora_{fmt}.safetensors", fmt, dtype="float32")
+    assert max_delta_error(adapter, read_lora_file(path).adapter) < 1e-6

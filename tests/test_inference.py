@@ -66,3 +66,17 @@ def test_raw_and_turbo_differ(parts):
     a, b = raw.state_dict(), turbo.state_dict()
     assert all(a[k].shape == b[k].shape for k in a)
     assert sum(not torch.equal(a[k], b[k]) for k in a) == len(a)
+
+
+def test_text_encoding_ignores_tokenizer_padding_side(parts):
+    """Krea 2's layout puts padding between the prompt and the suffix; a tokenizer saved with left padding must not
+    change the embeddings."""
+    te = parts[0]
+    right, right_mask = te.encode(PROMPTS)
+    te.tokenizer.padding_side = "left"
+    try:
+        left, left_mask = te.encode(PROMPTS)
+    finally:
+        te.tokenizer.padding_side = "right"
+    assert torch.equal(left_mask, right_mask)
+    torch.testing.assert_close(left, right, rtol=0, atol=0)

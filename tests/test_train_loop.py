@@ -268,3 +268,27 @@ def test_interrupt_right_after_a_periodic_save_does_not_save_again(tiny_dir, tmp
     assert res.interrupted and res.step == 2 and saves == [2]
     assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-000002"]
     assert train(cfg, source=SyntheticData()).step == 6  # and it resumes from it
+
+
+def test_validation_noise_is_fixed_per_image_not_per_batch(tiny_dir, tmp_path):
+    """The same held-out images give the same validation loss however they are batched (curves stay comparable)."""
+
+    class Batched(SyntheticData):
+        batch = 1
+
+        def validation_batches(self, stage):
+            lat, text = self._samples(stage.resolution)
+            out = []
+            for i in range(0, len(text), self.batch):
+                b = self.collate(lat[i : i + self.batch], text[i : i + self.batch])
+                b["sample_seeds"] = torch.arange(i, i + len(text[i : i + self.batch]))
+                out.append(b)
+            return out
+
+    cfg = tiny_cfg(tiny_dir, tmp_path)
+    t = Trainer(cfg, source=Batched(num_samples=4))
+    t.setup()
+    one = t.validation_loss(cfg.train.stages[0])
+    t.source.batch = 2
+    two = t.validation_loss(cfg.train.stages[0])
+    assert one == pytest.approx(two, rel=1e-5)

@@ -381,6 +381,12 @@ def read_lora_state(state: dict, header: dict | None = None, source: str = "<sta
 
     use_rslora = False
     warnings = []
+    # An adapter_config.json describes a PEFT save (diffusers names, no prefix or `base_model.model.`, lora_A/B). A
+    # baked or ComfyUI file that happens to sit in the same folder must not take its alpha from it (scale twice).
+    peft_layout = all(p in ("", "base_model.model.") and n == "diffusers" and k in ("lora_A", "lora_B")
+                      for p, n, k in styles)
+    if peft_config is not None and (not peft_layout or "krea2_train.format" in header):
+        peft_config = None
     meta_cfg = _header_peft_config(header, source)
     if alphas:
         missing = sorted(set(down) - set(alphas))

@@ -55,7 +55,7 @@ class TextEncoder:
         tok = self.tokenizer
         body = tok([facts.PROMPT_PREFIX + p for p in prompts], truncation=True,
                    max_length=self.max_length + facts.PREFIX_TOKENS - facts.SUFFIX_TOKENS,
-                   padding="longest", return_tensors="pt")
+                   padding="longest", padding_side="right", return_tensors="pt")  # the layout needs PAD after the prompt
         suffix = tok([facts.PROMPT_SUFFIX] * len(prompts), return_tensors="pt")
         ids = torch.cat([body.input_ids, suffix.input_ids], dim=1)
         mask = torch.cat([body.attention_mask, suffix.attention_mask], dim=1).bool()

@@ -245,8 +245,13 @@ class Trainer:
         for i, batch in enumerate(batches):
             x = batch["latents"]
             b = x.shape[0]
-            g = torch.Generator().manual_seed(self.cfg.validation.seed + i)
-            noise = torch.randn(b, (x.shape[2] // 2) * (x.shape[3] // 2), x.shape[1] * 4, generator=g)
+            shape = ((x.shape[2] // 2) * (x.shape[3] // 2), x.shape[1] * 4)
+            seeds = batch.get("sample_seeds")
+            if seeds is not None:  # noise fixed per image: the same whatever the batch size or sample count
+                noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+                    self.cfg.validation.seed * 1_000_003 + int(sd))) for sd in seeds])
+            else:
+                noise = torch.randn((b, *shape), generator=torch.Generator().manual_seed(self.cfg.validation.seed + i))
             for s in self.cfg.validation.sigmas:
                 loss = self.loss_on(batch, sigmas=torch.full((b,), float(s)), noise=noise)
                 total += float(loss.sum())
