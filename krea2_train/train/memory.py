@@ -151,13 +151,18 @@ class _DequantLinearFn(torch.autograd.Function):
     would keep a bf16 copy of every layer alive until backward, undoing the saving."""
 
     @staticmethod
-    def forward(ctx, x, qweight, scale, bias):
-        # Under autocast the matmul runs in the autocast dtype: dequantise straight to it (no fp32 weight copy).
+    def _setup(ctx, x, qweight, scale) -> torch.dtype:
+        """Save only the 1-byte weights for backward; return the matmul dtype (the autocast dtype under autocast, so
+        the weight is dequantised straight to it, no fp32 copy)."""
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         ctx.save_for_backward(qweight, scale)
         ctx.x_dtype = x.dtype
-        with torch.autocast(dev, enabled=False):
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale, bias):
+        dtype = _DequantLinearFn._setup(ctx, x, qweight, scale)
+        with torch.autocast(x.device.type, enabled=False):
             bias = bias.to(dtype) if bias is not None else None
             return F.linear(x.to(dtype), _dequant_fp8(qweight, scale, dtype), bias)
 
@@ -170,7 +175,7 @@ class _DequantLinearFn(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-class _Fp8MatmulFn(torch.autograd.Function):
+class _Fp8MatmulFn(_DequantLinearFn):
     """Forward as a real fp8 matmul (`torch._scaled_mm`, per-token activation scales x per-row weight scales, output
     in the activation dtype); backward like `_DequantLinearFn` (input gradient through the dequantised weight in the
     gradient's dtype, so gradients keep bf16 precision). Opt-in (`fp8_matmul`): a win only where fp8 tensor cores
@@ -178,11 +183,8 @@ class _Fp8MatmulFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qweight, scale, bias):
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        ctx.save_for_backward(qweight, scale)
-        ctx.x_dtype = x.dtype
-        with torch.autocast(dev, enabled=False):
+        dtype = _DequantLinearFn._setup(ctx, x, qweight, scale)
+        with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / torch.finfo(torch.float8_e4m3fn).max).clamp(
                 min=1e-12)
@@ -192,14 +194,7 @@ class _Fp8MatmulFn(torch.autograd.Function):
             if bias is not None:
                 out = out + bias.to(dtype)
             return out.reshape(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qweight, scale = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ _dequant_fp8(qweight, scale, grad_out.dtype)).to(ctx.x_dtype)
-        return grad_x, None, None, None
+    # backward: inherited (input gradient through the dequantised weight)
 
 
 def _dequant_fp8(qweight, scale, dtype):
