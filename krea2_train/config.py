@@ -387,14 +387,13 @@ MODEL_PATH_KEYS = {  # config key -> (what it is, expected on disk)
 def _transformer_header_problem(key: str, path: Path) -> str | None:
     """Cheap check (safetensors header only) that a single file is a Krea 2 transformer."""
     from . import facts
-    from .models.loading import ModelLoadError, open_safetensors
+    from .models.loading import ModelLoadError, open_safetensors, original_names
 
     try:
         _, keys = open_safetensors(path)
     except ModelLoadError as exc:
         return f"config key `{key}`: {exc}"
-    names = set(keys)
-    if not any(prefix + facts.KREA2_MARKER in names for prefix in ("", *facts.ORIGINAL_PREFIXES)):
+    if original_names(keys) is None:
         return (f"config key `{key}`: {path} is not a Krea 2 transformer: it has no `{facts.KREA2_MARKER}` (the "
                 f"text-fusion projector). Point `{key}` at the Krea 2 "
                 f"{'Turbo' if key == 'model.turbo' else 'Raw'} checkpoint, not a VAE, text encoder or another model.")

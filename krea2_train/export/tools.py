@@ -165,15 +165,14 @@ class _CheckpointReader:
 
     def __init__(self, path):
         from .. import facts
-        from ..models.loading import _require_path, _strip_prefix, open_safetensors
+        from ..models.loading import _require_path, open_safetensors, original_names
 
         self.path = _require_path(path, "transformer checkpoint")
         if self.path.is_dir():
             raise UserError(f"{self.path} is a folder; pass the transformer's single .safetensors file")
         self.handle, keys = open_safetensors(self.path)
-        prefix = _strip_prefix(keys)
-        self.names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
-        if facts.KREA2_MARKER not in self.names:
+        self.names = original_names(keys)
+        if self.names is None:
             raise UserError(f"{self.path} is not a Krea 2 transformer (no {facts.KREA2_MARKER}); pass the Raw or "
                             "Turbo checkpoint")
         self.header = self.handle.metadata() or {}

@@ -94,20 +94,20 @@ def safetensors_metadata(path) -> dict:
     return handle.metadata() or {}
 
 
-def _strip_prefix(keys: list[str]) -> str:
-    for prefix in facts.ORIGINAL_PREFIXES:
-        if any(k.startswith(prefix + facts.KREA2_MARKER.split(".")[0]) for k in keys):
-            return prefix
-    return ""
+def original_names(keys) -> dict[str, str] | None:
+    """{original name: key in the file} with any `model.diffusion_model.` / `diffusion_model.` prefix removed, or
+    None when the keys are not a Krea 2 transformer (no text-fusion projector)."""
+    prefix = next((p for p in facts.ORIGINAL_PREFIXES if p + facts.KREA2_MARKER in keys), "")
+    names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    return names if facts.KREA2_MARKER in names else None
 
 
 def iter_original_tensors(path: Path, dtype: torch.dtype):
     """Yield (original name, tensor) from an original-layout transformer file, one tensor at a time: prefixes
     stripped, ComfyUI fp8 dequantised (w * scale), norm scales float32 and everything else in `dtype`."""
     handle, keys = open_safetensors(path)
-    prefix = _strip_prefix(keys)
-    names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
-    if facts.KREA2_MARKER not in names:
+    names = original_names(keys)
+    if names is None:
         raise ModelLoadError(
             f"{path} is not a Krea 2 transformer: it has no `{facts.KREA2_MARKER}` (the text-fusion projector). "
             "Check that `model.transformer` points at the Krea 2 Raw/Turbo checkpoint, not a VAE, text encoder or "
