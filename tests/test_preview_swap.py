@@ -5,22 +5,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import LoraConfig
 from safetensors.torch import load_file, save_file
+from test_export_helpers import trained_transformer
 
 from krea2_train.models.loading import ModelLoadError, copy_base_weights, load_transformer
 from krea2_train.train import preview
 
 
-def lora_model(path):
-    model = load_transformer(path, dtype="float32")
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.up"]))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return model.eval()
+def lora_model(tiny_dir):
+    return trained_transformer(tiny_dir).eval()  # Raw with a random (as if trained) LoRA
 
 
 def base_state(model):
@@ -39,7 +32,7 @@ def cfg_for(tiny_dir):
 def test_swap_equals_separate_turbo_and_restores_raw(tiny_dir, fused):
     from krea2_train.train.speed import fuse_qkv
 
-    model = lora_model(tiny_dir / "transformer_raw.safetensors")
+    model = lora_model(tiny_dir)
     if fused:
         fuse_qkv(model)
     before = base_state(model)
@@ -56,7 +49,7 @@ def test_swap_equals_separate_turbo_and_restores_raw(tiny_dir, fused):
 
 
 def test_swap_copies_every_base_tensor(tiny_dir):
-    model = lora_model(tiny_dir / "transformer_raw.safetensors")
+    model = lora_model(tiny_dir)
     n = copy_base_weights(model, tiny_dir / "transformer_turbo.safetensors")
     turbo = load_transformer(tiny_dir / "transformer_turbo.safetensors", dtype="float32").state_dict()
     assert n == len(turbo)
@@ -69,14 +62,14 @@ def test_swap_rejects_other_architecture(tiny_dir, tmp_path):
     state = load_file(tiny_dir / "transformer_turbo.safetensors")
     state["blocks.0.mlp.up.weight"] = state["blocks.0.mlp.up.weight"][:-16].contiguous()
     save_file(state, tmp_path / "other.safetensors")
-    model = lora_model(tiny_dir / "transformer_raw.safetensors")
+    model = lora_model(tiny_dir)
     with pytest.raises(ModelLoadError, match="transformer_blocks.0.ff.up.weight has shape"):
         copy_base_weights(model, tmp_path / "other.safetensors")
 
 
 def test_quantised_base_is_refused_before_any_copy(tiny_dir):
-    model = lora_model(tiny_dir / "transformer_raw.safetensors")
-    block = model.transformer_blocks[0].ff.down
+    model = lora_model(tiny_dir)
+    block = model.transformer_blocks[0].ff.down.base_layer  # the frozen Linear under the LoRA wrapper
     block.weight = torch.nn.Parameter(block.weight.data.to(torch.uint8), requires_grad=False)  # like fp8 storage
     before = base_state(model)
     with pytest.raises(TypeError, match="quantised"):
