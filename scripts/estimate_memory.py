@@ -1,0 +1,499 @@
+#!/usr/bin/env python
+"""Estimate the peak GPU memory of one Krea 2 LoRA training step per memory preset, on a CPU, without allocating.
+
+Same set-up as scripts/bench_step.py (its CONFIGS, LoRA targets and batch): the FULL 12.9B `Krea2Transformer2DModel()`
+built on the `meta` device (no bytes allocated), LoRA rank 32 (fp32) on the attention projections of all 28 blocks,
+batch 1, 1024 px (4096 image tokens), text padded to 512 tokens with 128 valid. Runs in ~10 s per config, < 2 GiB RAM.
+
+    python scripts/estimate_memory.py                      # every bench_step config, one table
+    python scripts/estimate_memory.py --configs int8 --json out.json
+
+What is modelled
+  * Static, from the real module tree (after PEFT and the config's memory settings):
+      base weights as stored: bf16 2 B/param (RMSNorm scales fp32, as diffusers keeps them); int8 = bitsandbytes
+      Int8Params (1 B/param + fp32 row scale SCB); NF4 = Params4bit (0.5 B/param + uint8 absmax per 64 + fp32
+      absmax per 256 absmax + codes); fp8 = memory.Fp8Linear as it is (1 B/param + fp32 row scale). Only the block
+      Linears are quantised (as memory.quantize_base does). The byte formulas are checked against real bitsandbytes
+      layers of the tiny model (tests/test_estimate_memory.py).
+      Block offload (`16gb`): non-block weights, LoRA and quantisation statistics stay resident; of the offloaded
+      frozen block weights, BlockOffloader keeps the running block plus one prefetched neighbour: 2 blocks.
+      LoRA params fp32, grads fp32 (set_to_none: they appear during backward, so they are counted inside the
+      traced dynamic peak), AdamW 2 x fp32 states, or bitsandbytes AdamW8bit 2 x (1 B + fp32 absmax per 256).
+  * Dynamic (activations, saved tensors, transients, grads): the real forward + backward of the meta model (real
+    PEFT layers, attention processors, checkpointing hooks of memory.enable_checkpointing, fused q/k/v), counting the
+    bytes of every tensor a dispatched op allocates (a TorchDispatchMode; views and in-place ops allocate nothing)
+    until its storage dies, like torch.cuda.max_memory_allocated counts the caching allocator's live blocks.
+    The 28 blocks are all traced (no extrapolation).
+      - Attention: on meta/CPU SDPA would take the math path and materialise L x L scores that flash attention on an
+        H100 never stores. SDPA is replaced during the trace by a cost model of the CUDA kernels: the forward saves
+        q, k, v, out and an fp32 logsumexp; the backward holds an fp32 dQ accumulator and (GQA) k/v-head-expanded
+        dK/dV before reducing. The masked path (baseline: no trim) is costed the same way (memory-efficient kernel).
+      - Text-padding trim: fed as the trimmed batch (128 text tokens, no mask) since the trim hook needs real data.
+      - int8 / NF4 (bitsandbytes cannot run on meta): the block Linears are replaced by stand-ins with the same
+        stored bytes and the same autograd memory pattern as bitsandbytes 0.50 on CUDA: int8 (MatMul8bitLt, frozen
+        weight): forward fp16 copy of x, int8 x + row stats, int32 product then the output; keeps x for backward;
+        backward dequantises the weight to bf16 (N x K) for grad_x. NF4 (MatMul4Bit at M=4224 on sm90:
+        dequantise + F.linear): a transient bf16 weight in forward and again in backward; keeps nothing.
+      - fp8 / fp8_mm: the real memory.Fp8Linear code runs on meta.
+      - RMSNorm runs as torch's composite on meta (CUDA has a fused kernel): same saved tensors (input + rstd), one
+        extra fp32 transient (x**2) per norm in forward: a slight over-estimate.
+  * Total allocated peak = resident weights + LoRA params + optimiser states + traced dynamic peak (the optimiser step
+    itself, fused AdamW / AdamW8bit, needs only the grads, which the dynamic peak already covers).
+
+What is NOT modelled (covered by the stated allowance, `--allowance` terms)
+  * CUDA context + kernels (~0.5 GiB on an H100, outside torch's allocator): +0.5 GiB.
+  * cuBLAS/cuBLASLt/cuDNN workspaces (tens of MiB per stream): +0.25 GiB.
+  * Allocator fragmentation (reserved minus allocated; activations of varied sizes): +10% of the dynamic peak.
+  * torch.compile (inductor buffers, fusions that drop intermediates, cudagraph pools): the `*_compile`, `48gb` and
+    `80gb` rows are the eager estimate. Kernel-internal scratch not visible as tensors (bnb's outlier columns for
+    int8, usually a few columns). Text encoder / VAE on the GPU (bench_step feeds random embeddings; the trainer
+    caches them). One-off set-up peaks: bench_step builds the bf16 model on the GPU before quantising, and
+    memory._block_linears keeps every original Linear alive until the quantisation loop ends.
+The "est. card" column = allocated peak + allowance, and the fit verdict uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from krea2_train.train import memory, speed  # noqa: E402
+
+GiB = 2**30
+CONTEXT_GIB = 0.5
+WORKSPACE_GIB = 0.25
+FRAGMENTATION = 0.10
+OFFLOAD_RESIDENT_BLOCKS = 2  # BlockOffloader: running block + prefetched neighbour
+BNB8_BLOCK = 256  # bitsandbytes 8-bit optimiser: one fp32 absmax per 256 state values
+NF4_BLOCK, NF4_BLOCK2 = 64, 256
+
+# config -> (target GiB, what the target is)
+TARGETS = {
+    "baseline": (None, "reference (SimpleTuner 33.3)"),
+    "bf16_ckpt_nofuse": (33.0, "bf16+ckpt <= 33"),
+    "bf16_ckpt": (33.0, "bf16+ckpt <= 33"),
+    "bf16_ckpt_compile": (33.0, "bf16+ckpt <= 33"),
+    "int8": (20.0, "8-bit <= 20"),
+    "fp8": (20.0, "8-bit <= 20"),
+    "fp8_mm": (20.0, "8-bit <= 20"),
+    "nf4_offload": (14.0, "NF4+offload <= 14"),
+    "preset_48gb": (48.0, "48 GB card"),
+    "preset_80gb": (80.0, "80 GB card"),
+}
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("_krea2_bench_step", ROOT / "scripts" / "bench_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load_bench()
+
+
+# ------------------------------------------------------------------------------------------------ live bytes
+class LiveBytes(TorchDispatchMode):
+    """Counts bytes of tensors allocated by dispatched ops while their storage lives (views/in-place: no new bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.cur = 0
+        self.peak = 0
+        self.ops = 0
+        self.softmax_ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        if "softmax" in func.__name__:
+            self.softmax_ops += 1
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for ret, t in zip(func._schema.returns, outs):
+            if ret.alias_info is not None or not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key = id(st)
+            if key in self.live:
+                continue
+            n = st.nbytes()
+            self.live[key] = n
+            self.cur += n
+            self.peak = max(self.peak, self.cur)
+            weakref.finalize(st, self._free, key)
+        return out
+
+    def _free(self, key):
+        self.cur -= self.live.pop(key, 0)
+
+
+# --------------------------------------------------------------------------------------------- attention model
+class _FlashAttentionCost(torch.autograd.Function):
+    """Memory pattern of CUDA flash / memory-efficient SDPA: saves q, k, v, out and an fp32 logsumexp; backward holds
+    an fp32 dQ accumulator and, for GQA, dK/dV expanded to the query heads before the head reduction."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, workspace):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.workspace = workspace
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        scratch = []
+        if ctx.workspace:
+            scratch.append(torch.empty(q.shape, dtype=torch.float32, device=q.device))  # dq_accum
+            scratch.append(torch.empty(lse.shape, dtype=torch.float32, device=q.device))  # softmax_d
+        dq = torch.empty_like(q)
+        if ctx.workspace and k.shape[1] != q.shape[1]:
+            scratch.append(torch.empty(q.shape, dtype=k.dtype, device=q.device))  # dk expanded
+            scratch.append(torch.empty(q.shape, dtype=v.dtype, device=q.device))  # dv expanded
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        del scratch
+        return dq, dk, dv, None
+
+
+def _sdpa_cost(workspace):
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if key.shape[-3] != query.shape[-3] and not enable_gqa:
+            raise ValueError("k/v heads differ from q heads without enable_gqa")
+        return _FlashAttentionCost.apply(query, key, value, workspace)
+    return sdpa
+
+
+@contextlib.contextmanager
+def traced_kernels(workspace=True):
+    """SDPA -> flash cost model; fused q/k/v without the data-pointer check (meta tensors all point at 0); autocast
+    queries on "meta" (memory.Fp8Linear asks) answered as for a device with autocast off."""
+    old = F.scaled_dot_product_attention, speed._fused_weight, torch.is_autocast_enabled, torch.autocast
+    is_enabled, autocast = torch.is_autocast_enabled, torch.autocast
+    F.scaled_dot_product_attention = _sdpa_cost(workspace)
+    speed._fused_weight = lambda attn: getattr(attn, "_krea2_fused_weight", None)
+    torch.is_autocast_enabled = lambda *a: False if a and a[0] == "meta" else is_enabled(*a)
+    torch.autocast = lambda device_type, *a, **k: (contextlib.nullcontext() if device_type == "meta"
+                                                    else autocast(device_type, *a, **k))
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention, speed._fused_weight, torch.is_autocast_enabled, torch.autocast = old
+
+
+# ----------------------------------------------------------------------------------------- quantised stand-ins
+def int8_bytes(n, k):
+    return n * k + 4 * n  # Int8Params CB (int8) + SCB (fp32 per row)
+
+
+def nf4_bytes(n, k):
+    numel = n * k
+    blocks = math.ceil(numel / NF4_BLOCK)
+    # packed 4-bit + uint8 absmax (double quant) + fp32 absmax of the absmax + nested code (256 fp32) + nf4 code
+    # (16 fp32) + offset (fp32 scalar)
+    return (numel + 1) // 2 + blocks + 4 * math.ceil(blocks / NF4_BLOCK2) + 4 * 256 + 4 * 16 + 4
+
+
+class _Int8Fn(torch.autograd.Function):
+    """bitsandbytes MatMul8bitLt (CUDA, frozen int8 weight, threshold > 0) memory pattern."""
+
+    @staticmethod
+    def forward(ctx, x, weight, out_features):
+        x2 = x.reshape(-1, x.shape[-1])
+        a16 = x2.to(torch.float16)
+        ca = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+        sca = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        del a16
+        acc = torch.empty(x2.shape[0], out_features, dtype=torch.int32, device=x.device)
+        out = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)
+        del acc, ca, sca
+        ctx.x = x  # ctx.tensors = (CAt=None, subA, A): the input stays alive until backward
+        ctx.shape = (out_features, x.shape[-1])
+        return out.reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.x
+        cb = torch.empty(ctx.shape, dtype=x.dtype, device=x.device)  # CB.to(dtype) * SCB
+        g = grad.reshape(-1, grad.shape[-1]) @ cb
+        return g.reshape(x.shape), None, None
+
+
+class _Nf4Fn(torch.autograd.Function):
+    """bitsandbytes MatMul4Bit at large M on sm90: dequantise to the compute dtype, F.linear; backward dequantises
+    again for grad_x; nothing activation-sized is saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, out_features):
+        k = x.shape[-1]
+        absmax = torch.empty(math.ceil(out_features * k / NF4_BLOCK), dtype=torch.float32, device=x.device)
+        w = torch.empty(out_features, k, dtype=x.dtype, device=x.device)
+        del absmax
+        out = F.linear(x, w)
+        ctx.meta = (out_features, k, x.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, k, dtype = ctx.meta
+        absmax = torch.empty(math.ceil(n * k / NF4_BLOCK), dtype=torch.float32, device=grad.device)
+        w = torch.empty(n, k, dtype=grad.dtype, device=grad.device)
+        del absmax
+        return grad @ w, None, None
+
+
+class QuantLinearStandIn(nn.Module):
+    """A frozen int8/NF4 Linear: bitsandbytes' stored bytes as meta tensors, its autograd memory pattern in forward.
+    Packed weights are a parameter; statistics are buffers (they stay resident under BlockOffloader like bnb's
+    quant_state, which is not a parameter)."""
+
+    def __init__(self, linear: nn.Linear, mode: str):
+        super().__init__()
+        self.mode, self.in_features, self.out_features = mode, linear.in_features, linear.out_features
+        n, k = self.out_features, self.in_features
+        dev = linear.weight.device
+        if mode == "int8":
+            self.weight = nn.Parameter(torch.empty(n, k, dtype=torch.int8, device=dev), requires_grad=False)
+            self.weight._krea2_int8 = True  # BlockOffloader keeps Int8Params resident
+            self.register_buffer("SCB", torch.empty(n, dtype=torch.float32, device=dev))
+        else:
+            blocks = math.ceil(n * k / NF4_BLOCK)
+            self.weight = nn.Parameter(torch.empty((n * k + 1) // 2, 1, dtype=torch.uint8, device=dev),
+                                       requires_grad=False)
+            self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=dev))
+            self.register_buffer("absmax2", torch.empty(math.ceil(blocks / NF4_BLOCK2), dtype=torch.float32,
+                                                        device=dev))
+            self.register_buffer("code2", torch.empty(256, dtype=torch.float32, device=dev))
+            self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=dev))
+            self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=dev))
+        if linear.bias is not None:
+            raise ValueError("Krea 2 block Linears have no bias")
+
+    def forward(self, x):
+        fn = _Int8Fn if self.mode == "int8" else _Nf4Fn
+        return fn.apply(x, self.weight, self.out_features)
+
+
+def quantize_standins(model, mode):
+    """memory.quantize_base's layer selection, with stand-ins for int8/nf4 and the real Fp8Linear for fp8."""
+    if mode in (None, "none"):
+        return
+    if mode == "fp8":
+        return  # memory.apply_memory_settings runs the real quantize_base on meta
+    for parent, name, linear in memory._block_linears(model):
+        setattr(parent, name, QuantLinearStandIn(linear, mode))
+    model._krea2_quantized = mode
+
+
+# ------------------------------------------------------------------------------------------------- building
+def build_meta(tiny: bool, rank: int, dtype=torch.bfloat16):
+    from diffusers import Krea2Transformer2DModel
+
+    config = {}
+    if tiny:
+        from krea2_train.models.tiny import TINY_TRANSFORMER as config
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = Krea2Transformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(old)
+    for mod in model.modules():
+        if type(mod).__name__ == "Krea2RMSNorm":
+            mod.float()
+    bench.add_lora(model, rank)
+    return model.eval()
+
+
+def prepare(model, name):
+    """bench_step.bench_config's set-up on meta. Returns (effective settings, is_baseline)."""
+    overrides, is_baseline = bench.CONFIGS[name]
+    settings = memory.resolve_memory_settings(dict(overrides))
+    if is_baseline:
+        speed.set_plain_attention(model)
+        memory.enable_checkpointing(model, None)
+        settings = dataclasses.replace(settings, trim_text_padding=False, fuse_qkv=False, compile=False)
+        return settings, True
+    quantize_standins(model, settings.quantize)
+    run = dataclasses.replace(settings, offload_blocks=False, compile=False)
+    if settings.offload_blocks:  # what apply_memory_settings does when offloading; the offload itself is costed
+        run = dataclasses.replace(run, gradient_checkpointing=True, checkpoint_blocks=None, fuse_qkv=False)
+    memory.apply_memory_settings(model, run, "meta", compute_dtype=torch.bfloat16)
+    return settings, False
+
+
+# ------------------------------------------------------------------------------------------------ static bytes
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+def static_bytes(model, offload: bool = False, optimizer_8bit: bool = False) -> dict:
+    """Bytes the step keeps resident outside activations. Unique tensors (fused q/k/v views partition their buffer)."""
+    blocks = list(model.transformer_blocks)
+    in_block = {id(t) for b in blocks for t in list(b.parameters()) + list(b.buffers())}
+    frozen_nonblock = trainable = trainable_numel = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            trainable += _nbytes(p)
+            trainable_numel += p.numel()
+        elif id(p) not in in_block:
+            frozen_nonblock += _nbytes(p)
+    frozen_nonblock += sum(_nbytes(b) for b in model.buffers() if id(b) not in in_block)
+    resident_block, offloadable = 0, []
+    for b in blocks:
+        off = 0
+        for p in b.parameters():
+            if p.requires_grad:
+                continue
+            if offload and type(p).__name__ != "Int8Params" and not getattr(p, "_krea2_int8", False):
+                off += _nbytes(p)
+            else:
+                resident_block += _nbytes(p)
+        resident_block += sum(_nbytes(x) for x in b.buffers())
+        offloadable.append(off)
+    if offload:
+        weights = frozen_nonblock + resident_block + sum(sorted(offloadable)[-OFFLOAD_RESIDENT_BLOCKS:])
+    else:
+        weights = frozen_nonblock + resident_block + sum(offloadable)
+    if optimizer_8bit:
+        optim = 2 * sum(p.numel() + 4 * math.ceil(p.numel() / BNB8_BLOCK) if p.numel() >= 4096 else 4 * p.numel()
+                        for p in model.parameters() if p.requires_grad)
+    else:
+        optim = 2 * 4 * trainable_numel
+    return dict(weights=weights, weights_all_on_gpu=frozen_nonblock + resident_block + sum(offloadable),
+                lora_params=trainable, lora_grads=4 * trainable_numel, optimizer=optim, trainable_numel=trainable_numel)
+
+
+# ----------------------------------------------------------------------------------------------------- trace
+def trace_step(model, settings, is_baseline, resolution=1024, text_tokens=512, caption_tokens=128,
+               dtype=torch.bfloat16, device="meta", workspace=True, inputs=None):
+    """Forward + backward of bench_step's step under LiveBytes. Returns (peak bytes, bytes live after backward,
+    per-block saved bytes in forward). `inputs` (tests): a real batch from bench_step.make_batch."""
+    cfg = model.config
+    trim = settings.trim_text_padding and not is_baseline
+    n_text = caption_tokens if trim else text_tokens
+    side = resolution // 16
+    n_img = side * side
+    tracker = LiveBytes()
+    marks = []
+    hooks = [b.register_forward_hook(lambda m, a, o: marks.append(tracker.cur)) for b in model.transformer_blocks]
+    try:
+        with traced_kernels(workspace), tracker:
+            if inputs is None:
+                x0 = torch.empty(1, n_img, cfg.in_channels, dtype=dtype, device=device)
+                noise = torch.empty_like(x0)
+                text = torch.empty(1, n_text, cfg.num_text_layers, cfg.text_hidden_dim, dtype=dtype, device=device)
+                pos = torch.zeros(n_text + n_img, 3, dtype=torch.long, device=device)
+                mask = None if trim else torch.ones(1, n_text, dtype=torch.bool, device=device)
+            else:
+                x0, noise, text, pos = (inputs[k].clone() for k in ("x0", "noise", "text", "pos"))
+                mask = inputs["mask"].clone()
+                if trim:
+                    text, mask, pos = speed.trim_text_padding(text, mask, pos)
+            sigma = torch.rand(1, device=device)
+            s = sigma.to(dtype)[:, None, None]
+            x_t = (1 - s) * x0 + s * noise
+            out = model(hidden_states=x_t, encoder_hidden_states=text, timestep=sigma, position_ids=pos,
+                        encoder_attention_mask=mask, return_dict=False)[0]
+            loss = F.mse_loss(out.float(), (noise - x0).float())
+            del out
+            after_forward = tracker.cur
+            loss.backward()
+            del loss, x0, noise, text, pos, mask, x_t, s, sigma
+            after = tracker.cur
+    finally:
+        for h in hooks:
+            h.remove()
+    if tracker.softmax_ops:
+        raise RuntimeError("a softmax ran in the trace: some attention escaped the flash cost model")
+    per_block = [b - a for a, b in zip(marks, marks[1:])][: len(model.transformer_blocks) - 1]
+    return dict(peak=tracker.peak, after_backward=after, after_forward=after_forward, ops=tracker.ops,
+                saved_per_block=max(per_block) if per_block else 0)
+
+
+def estimate(name, tiny=False, rank=32, resolution=None, text_tokens=512, caption_tokens=128) -> dict:
+    resolution = resolution or (256 if tiny else 1024)
+    t0 = time.perf_counter()
+    model = build_meta(tiny, rank)
+    settings, is_baseline = prepare(model, name)
+    opt8 = settings.optimizer_8bit and not is_baseline
+    st = static_bytes(model, offload=settings.offload_blocks, optimizer_8bit=opt8)
+    tr = trace_step(model, settings, is_baseline, resolution, text_tokens, caption_tokens)
+    dynamic = tr["peak"]
+    alloc = st["weights"] + st["lora_params"] + st["optimizer"] + dynamic
+    allowance = CONTEXT_GIB * GiB + WORKSPACE_GIB * GiB + FRAGMENTATION * dynamic
+    target, what = TARGETS.get(name, (None, ""))
+    card = alloc + allowance
+    return dict(config=name, quantize=settings.quantize, offload=settings.offload_blocks,
+                checkpoint_blocks=getattr(model, "_krea2_checkpoint_blocks", 0) if model.gradient_checkpointing else 0,
+                fuse_qkv=settings.fuse_qkv and not is_baseline, compile=settings.compile, optimizer_8bit=opt8,
+                text_tokens_run=caption_tokens if settings.trim_text_padding and not is_baseline else text_tokens,
+                weights_gib=st["weights"] / GiB, weights_all_on_gpu_gib=st["weights_all_on_gpu"] / GiB,
+                lora_grads_optim_gib=(st["lora_params"] + st["lora_grads"] + st["optimizer"]) / GiB,
+                lora_params_gib=st["lora_params"] / GiB, optimizer_gib=st["optimizer"] / GiB,
+                grads_gib=st["lora_grads"] / GiB, activation_peak_gib=(dynamic - st["lora_grads"]) / GiB,
+                dynamic_peak_gib=dynamic / GiB, after_forward_gib=tr["after_forward"] / GiB, saved_per_block_gib=tr["saved_per_block"] / GiB,
+                est_alloc_gib=alloc / GiB, allowance_gib=allowance / GiB, est_card_gib=card / GiB,
+                target_gib=target, target=what, fits=None if target is None else card <= target * GiB,
+                trainable_params=st["trainable_numel"], traced_ops=tr["ops"],
+                seconds=time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(bench.CONFIGS), help=f"comma list of {', '.join(bench.CONFIGS)}")
+    ap.add_argument("--tiny", action="store_true", help="the tiny model (wiring check)")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (default 1024, tiny 256)")
+    ap.add_argument("--text-tokens", type=int, default=512)
+    ap.add_argument("--caption-tokens", type=int, default=128)
+    ap.add_argument("--json", default=None, help="also write the rows here ('-' = stdout only JSON)")
+    args = ap.parse_args(argv)
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in bench.CONFIGS]
+    if unknown:
+        ap.error(f"unknown configs {unknown}; known: {list(bench.CONFIGS)}")
+    torch.set_num_threads(1)
+    rows = [estimate(n, args.tiny, args.rank, args.resolution, args.text_tokens, args.caption_tokens) for n in names]
+    header = dict(model="tiny" if args.tiny else "full 12.9B", resolution=args.resolution or (256 if args.tiny else 1024),
+                  batch=1, rank=args.rank, text_tokens=args.text_tokens, caption_tokens=args.caption_tokens,
+                  allowance=f"{CONTEXT_GIB} GiB context + {WORKSPACE_GIB} GiB workspaces + "
+                            f"{FRAGMENTATION:.0%} of dynamic peak", torch=torch.__version__)
+    if args.json == "-":
+        print(json.dumps(dict(header=header, rows=rows), indent=2))
+        return rows
+    print("# " + json.dumps(header))
+    print(f"{'config':<18}{'base W':>8}{'LoRA+g+opt':>11}{'act peak':>9}{'est alloc':>10}{'est card':>9}"
+          f"  {'target':<28}{'fits?':>5}")
+    for r in rows:
+        fits = "n/a" if r["fits"] is None else ("yes" if r["fits"] else "NO")
+        print(f"{r['config']:<18}{r['weights_gib']:>8.2f}{r['lora_grads_optim_gib']:>11.2f}"
+              f"{r['activation_peak_gib']:>9.2f}{r['est_alloc_gib']:>10.2f}{r['est_card_gib']:>9.2f}"
+              f"  {r['target']:<28}{fits:>5}")
+    print("GiB. act peak = traced dynamic peak minus the LoRA grads; est alloc ~ torch.cuda.max_memory_allocated; "
+          "est card = alloc + allowance (see docstring). compile rows: eager estimate.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(header=header, rows=rows), indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
