@@ -78,6 +78,9 @@ class TrainSection:
     nan_patience: int = 3
     # Print/track every N optimiser steps.
     log_every: int = 1
+    # Shard the frozen base and the LoRA across processes (torch FSDP2) instead of a full copy per GPU (DDP). Also on
+    # when launched with an accelerate FSDP config (configs/accelerate/fsdp.yaml). Needs an unquantised base.
+    fsdp: bool = False
 
 
 @dataclass

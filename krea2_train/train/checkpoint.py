@@ -5,7 +5,9 @@ Accelerate's `save_state` writes the optimiser, scheduler, every process's RNG s
 full-model dump with the adapter alone (a 12.9B base must not be copied into every checkpoint).
 
 Layout: RUN/checkpoints/step-000120/{adapter_model.safetensors, adapter_config.json, optimizer.bin, scheduler.bin,
-random_states_<rank>.pkl, custom_checkpoint_0.pkl, state.json}. Each is written into a hidden temporary folder
+random_states_<rank>.pkl, custom_checkpoint_0.pkl, state.json}. Under FSDP (train/sharding.py) the adapter file is
+the same (gathered from the shards), the optimiser states are a sharded DCP folder `optimizer_sharded/` and the
+scheduler is `custom_checkpoint_1.pkl`. Each is written into a hidden temporary folder
 that is renamed into place only when every process has finished, so a killed run never leaves a half checkpoint
 that `resume` would pick; only the newest `keep_last` are kept.
 """
@@ -60,7 +62,9 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 class Checkpointer:
     def __init__(self, accelerator, run_dir, keep_last: int, transformer, peft_config, state: TrainState,
-                 settings: dict | None = None):
+                 settings: dict | None = None, fsdp: tuple | None = None):
+        """`fsdp`: (sharded model, optimizer, scheduler) when training under FSDP: accelerate does not hold them,
+        this class saves them (the adapter gathered, the optimiser as a sharded DCP folder)."""
         self.acc = accelerator
         self.settings = settings  # training_settings(cfg), stored so a resume can compare its config
         self.root = Path(run_dir) / "checkpoints"
@@ -68,14 +72,19 @@ class Checkpointer:
         self.transformer = transformer  # unwrapped: PEFT helpers need the module names without a DDP prefix
         self.peft_config = peft_config
         self.state = state
+        self.fsdp = fsdp
         accelerator.register_for_checkpointing(state)
+        if fsdp is not None:
+            accelerator.register_for_checkpointing(fsdp[2])  # the scheduler: custom_checkpoint_1.pkl
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
 
     # Accelerate hooks: the model is saved/loaded as its adapter only.
     def _save_hook(self, models, weights, output_dir):
-        if self.acc.is_main_process:
-            lora.save_adapter(self.transformer, self.peft_config, output_dir)
+        if self.fsdp is not None or self.acc.is_main_process:
+            state = lora.adapter_state_dict(self.transformer)  # under FSDP a gather every process joins
+            if self.acc.is_main_process:
+                lora.save_adapter(self.transformer, self.peft_config, output_dir, state=state)
         while weights:
             weights.pop()
 
@@ -119,6 +128,10 @@ class Checkpointer:
             tmp.mkdir()
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
+        if self.fsdp is not None:
+            from .sharding import save_optimizer
+
+            save_optimizer(self.fsdp[0], self.fsdp[1], tmp)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             info = {"step": self.state.step, "reason": reason, "num_processes": self.acc.num_processes,
@@ -149,5 +162,16 @@ class Checkpointer:
             if missing:
                 raise UserError(f"{path} has no RNG state for process(es) {missing}: resume with "
                                 f"{saved.get('num_processes')} processes, as the checkpoint was written")
+        from .sharding import OPTIMIZER_DIR
+
+        if (self.fsdp is not None) != (path / OPTIMIZER_DIR).exists():
+            how = ("with FSDP (train.fsdp or an accelerate FSDP launch)" if self.fsdp is None
+                   else "without FSDP (one model copy per process)")
+            raise UserError(f"{path} was written by a run {how}; resume it the way it was trained, or start a new "
+                            "run_name")
         self.acc.load_state(str(path))
+        if self.fsdp is not None:
+            from .sharding import load_optimizer
+
+            load_optimizer(self.fsdp[0], self.fsdp[1], path)
         log.info("resumed from %s at step %d", path, self.state.step)

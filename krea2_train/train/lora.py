@@ -90,9 +90,13 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def adapter_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, whole and on the CPU. Under FSDP this gathers the shards: a collective, so every
+    process must call it (only the main one needs to write the result)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(transformer).items()}
+    from .sharding import full_tensor
+
+    return {k: full_tensor(v).detach().cpu().clone() for k, v in get_peft_model_state_dict(transformer).items()}
 
 
 def peft_config_dict(peft_config) -> dict:
@@ -100,14 +104,17 @@ def peft_config_dict(peft_config) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
 
 
-def save_adapter(transformer, peft_config, out_dir, metadata: dict | None = None) -> Path:
-    """PEFT layout: adapter_model.safetensors + adapter_config.json (written atomically, weights last-but-one)."""
+def save_adapter(transformer, peft_config, out_dir, metadata: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """PEFT layout: adapter_model.safetensors + adapter_config.json (written atomically, weights last-but-one).
+    `state`: adapter_state_dict(transformer) if already gathered (FSDP: every process gathers, one writes)."""
     out = Path(out_dir)
     config = peft_config_dict(peft_config)
     header = {"lora_adapter_metadata": json.dumps(config)}
     header.update({k: str(v) for k, v in (metadata or {}).items()})
     write_json_atomic(out / ADAPTER_CONFIG, config)
-    save_safetensors_atomic(adapter_state_dict(transformer), out / ADAPTER_WEIGHTS, metadata=header)
+    state = adapter_state_dict(transformer) if state is None else state
+    save_safetensors_atomic(state, out / ADAPTER_WEIGHTS, metadata=header)
     return out
 
 

@@ -72,8 +72,10 @@ def _grid(columns: list[list], labels: list[str]):
 
 
 @torch.no_grad()
-def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | None = None, peft_config=None):
-    """Render the preview grid; returns {"preview": PIL image} (empty if there are no prompts)."""
+def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | None = None, peft_config=None,
+                    write: bool = True):
+    """Render the preview grid; returns {"preview": PIL image} (empty if there are no prompts).
+    `write=False`: sample only (an FSDP process other than the main one joins the sampling; nothing decoded)."""
     from ..inference import SampleSettings, sample_latents
     from ..utils.io import write_bytes_atomic
 
@@ -107,6 +109,8 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
         if lat_turbo is not None:
             latents.append(lat_turbo)
             labels.append(f"Turbo + LoRA, {p.turbo_steps} steps")
+    if not write:
+        return {}
     columns = _decode(cfg, latents, device)
     grid = _grid(columns, labels)
     import io

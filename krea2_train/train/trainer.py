@@ -138,25 +138,26 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
         acc.wait_for_everyone()
-        from accelerate.utils import DistributedType, set_seed
+        from accelerate.utils import set_seed
 
-        if acc.distributed_type == DistributedType.FSDP:
-            # Adapter save/load and previews read the unsharded module; under FSDP they would see shards.
-            raise UserError("FSDP training is not supported yet (adapter checkpoints would hold shards). Use "
-                            "configs/accelerate/ddp.yaml, with memory.preset 24gb/16gb (quantised base) if a bf16 "
-                            "copy per GPU does not fit.")
+        from . import sharding
 
-        if acc.is_main_process and cfg.preview.prompts:
+        mem = memory_settings(cfg)
+        self.fsdp = sharding.fsdp_requested(cfg, acc)
+        if self.fsdp:
+            sharding.check_fsdp_settings(cfg, mem)  # before the model is loaded
+
+        if (acc.is_main_process or self.fsdp) and cfg.preview.prompts:
             # encode the preview prompts now, before the transformer takes the GPU; the encoder is released after
+            # (under FSDP every process samples the previews together, so each needs the embeddings)
             from .preview import prompt_embeddings
 
             prompt_embeddings(cfg)
         # after the encoder: model building draws random numbers, the training RNG must not depend on it
         set_seed(cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
-        mem = memory_settings(cfg)
-        # A base that gets quantised or offloaded may not fit the GPU in bf16: keep it on the CPU until
-        # apply_memory_settings quantises and places it.
-        staged = mem.quantize != "none" or mem.offload_blocks
+        # A base that gets quantised, offloaded or sharded may not fit the GPU in bf16: keep it on the CPU until
+        # apply_memory_settings quantises and places it, or fully_shard moves each process's shard.
+        staged = mem.quantize != "none" or mem.offload_blocks or self.fsdp
         device = torch.device("cpu") if staged else acc.device
         transformer = self._transformer if self._transformer is not None else self._load_transformer(device)
         if not staged and transformer.device != acc.device:
@@ -166,26 +167,45 @@ class Trainer:
         from .memory import apply_memory_settings
 
         compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
-        transformer = apply_memory_settings(transformer, mem, acc.device, compute_dtype=compute)
+        if self.fsdp:
+            from dataclasses import replace
+
+            # q/k/v fusion makes weights views of one tensor, which sharding would split apart; compile goes last
+            transformer = apply_memory_settings(transformer, replace(mem, fuse_qkv=False, compile=False),
+                                                torch.device("cpu"), compute_dtype=compute)
+            transformer = sharding.shard_transformer(transformer, acc.device, cfg.train.mixed_precision,
+                                                     reshard_after_forward=sharding.reshard_after_forward())
+            if mem.compile:
+                from .speed import compile_blocks
+
+                compile_blocks(transformer)
+        else:
+            transformer = apply_memory_settings(transformer, mem, acc.device, compute_dtype=compute)
         if mem.optimizer_8bit and cfg.optimizer.name == "adamw":
             log.info("memory preset %s: using 8-bit AdamW states", mem.preset)
             cfg.optimizer.name = "adamw8bit"
             if acc.is_main_process:
                 save_resolved(cfg, self.run_dir)  # the saved config says what actually ran
         self.transformer = transformer
-        params = lora_mod.trainable_parameters(transformer)
+        params = lora_mod.trainable_parameters(transformer)  # after sharding: fully_shard replaces the parameters
         n = sum(p.numel() for p in params)
         log.info("LoRA: %d trainable parameters in %d tensors", n, len(params))
         optimizer = build_optimizer(params, cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train.stages)
         transformer.train()
-        # apply_memory_settings already placed the model (offloaded blocks stay on the CPU): no device move here
-        self.model, self.optimizer, self.scheduler = acc.prepare(transformer, optimizer, scheduler,
-                                                                 device_placement=[False, None, None])
+        if self.fsdp:
+            # sharded by sharding.shard_transformer, not by accelerate (see train/sharding.py for why); the
+            # Checkpointer saves the optimiser shards and the scheduler itself
+            self.model, self.optimizer, self.scheduler = transformer, optimizer, scheduler
+        else:
+            # apply_memory_settings already placed the model (offloaded blocks stay on the CPU): no device move here
+            self.model, self.optimizer, self.scheduler = acc.prepare(transformer, optimizer, scheduler,
+                                                                     device_placement=[False, None, None])
         self.params = params
         self.state = TrainState()
         self.ckpt = Checkpointer(acc, self.run_dir, cfg.checkpoint.keep_last, transformer, self.peft_config,
-                                 self.state, settings=self.settings)
+                                 self.state, settings=self.settings,
+                                 fsdp=(transformer, optimizer, scheduler) if self.fsdp else None)
         self._resume()
         if acc.is_main_process and tracker_names(cfg):
             acc.init_trackers(cfg.logging.wandb_project,
@@ -323,8 +343,11 @@ class Trainer:
                 cfg.preview.every_steps and state.step % cfg.preview.every_steps == 0):
             self.preview(state.step, tracker)
         adapter_dir = self.run_dir / "adapter"
+        # under FSDP every process joins the gather of the adapter's shards; the main process writes it
+        adapter = lora_mod.adapter_state_dict(self.transformer) if not interrupted and (
+            self.fsdp or acc.is_main_process) else None
         if acc.is_main_process and not interrupted:
-            lora_mod.save_adapter(self.transformer, self.peft_config, adapter_dir,
+            lora_mod.save_adapter(self.transformer, self.peft_config, adapter_dir, state=adapter,
                                   metadata={"step": state.step, "run_name": cfg.run_name})
             write_json_atomic(self.run_dir / DONE_FILE, {"step": state.step, "total_steps": total,
                                                          "skipped_steps": state.skipped_steps,
@@ -357,7 +380,12 @@ class Trainer:
                 acc.backward(loss / accum)
             losses.append(loss.detach())
         if ok and cfg.optimizer.max_grad_norm:
-            self.grad_norm = acc.clip_grad_norm_(self.params, cfg.optimizer.max_grad_norm)
+            if self.fsdp:
+                from .sharding import clip_grad_norm
+
+                self.grad_norm = clip_grad_norm(self.params, cfg.optimizer.max_grad_norm)
+            else:
+                self.grad_norm = acc.clip_grad_norm_(self.params, cfg.optimizer.max_grad_norm)
             # fp16: the grad scaler handles overflow itself (skips the step, lowers the scale)
             if acc.scaler is None and not bool(torch.isfinite(self.grad_norm).item()):
                 ok, what = False, "gradient"
@@ -421,7 +449,8 @@ class Trainer:
             self.on_step(self, step)
 
     def preview(self, step: int, tracker=None):
-        if self.acc.is_main_process:
+        # under FSDP each block's forward is a collective: every process samples, the main one decodes and writes
+        if self.acc.is_main_process or self.fsdp:
             try:
                 from .preview import render_previews
             except ImportError:
@@ -429,7 +458,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
                 # previews must not move the training RNG (dropout): a run with previews resumes like one without
                 images = render_previews(self.cfg, self.transformer, self.run_dir, step,
-                                         peft_config=self.peft_config)
+                                         peft_config=self.peft_config, write=self.acc.is_main_process)
             if tracker is not None and images:
                 tracker.log_images(step, images)
         self.acc.wait_for_everyone()
@@ -468,7 +497,8 @@ def training_settings(cfg: RunConfig) -> dict:
 
     d = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     keep = {k: d[k] for k in ("model", "data", "lora", "optimizer", "timesteps", "seed")}
-    keep["train"] = {k: v for k, v in d["train"].items() if k not in ("stages", "log_every")}
+    # fsdp: how the work is split, not what is learnt (the checkpoint format differs; Checkpointer.load says so)
+    keep["train"] = {k: v for k, v in d["train"].items() if k not in ("stages", "log_every", "fsdp")}
     keep["stages"] = [{k: v for k, v in st.items() if k != "steps"} for st in d["train"]["stages"]]
     for k in ("turbo", "allow_turbo_training"):
         keep["model"].pop(k, None)

@@ -1,0 +1,132 @@
+"""Fully sharded data parallel for LoRA training (torch FSDP2 `fully_shard`): the frozen base and the adapter are
+split across processes, so a bf16 12.9B base that does not fit one GPU (26 GB of weights) trains on several.
+
+Turned on by `train.fsdp: true`, or by launching with an accelerate FSDP config (configs/accelerate/fsdp.yaml).
+
+Why the trainer calls `fully_shard` itself instead of accelerate's FSDP `prepare`:
+  * accelerate's FSDP `save_state` writes the whole model into every checkpoint: the frozen 26 GB base each time.
+    Here a checkpoint holds the adapter (gathered into the same PEFT file a DDP run writes), the optimiser states as
+    a sharded torch.distributed.checkpoint (DCP) folder, the scheduler and the per-process RNG states.
+  * accelerate only uses FSDP on accelerators, so its path could not be tested on CI's CPU; `fully_shard` runs on a
+    CPU mesh with gloo, and tests/test_train_fsdp.py checks it against DDP and across a resume.
+
+Sharding unit: one FSDP group per transformer block (all-gathered just before the block runs, freed after), plus the
+root for the embedders and final layer. With bf16 mixed precision the parameters are all-gathered in bf16 (the fp32
+LoRA weights too, as autocast would compute them) and gradients are reduced in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def fsdp_requested(cfg, accelerator) -> bool:
+    """`train.fsdp`, or a launch with an accelerate FSDP config (`accelerate launch` exports it as
+    ACCELERATE_USE_FSDP, also on a CPU-only machine, where the Accelerator itself reports MULTI_CPU)."""
+    from accelerate.utils import DistributedType
+
+    return (bool(cfg.train.fsdp) or accelerator.distributed_type == DistributedType.FSDP
+            or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+
+
+def reshard_after_forward() -> bool:
+    """The launch config's `fsdp_reshard_after_forward` (FSDP1 configs: FULL_SHARD reshards, SHARD_GRAD_OP not)."""
+    value = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
+    return value not in ("false", "0", "shard_grad_op", "no_shard", "2", "3")
+
+
+def check_fsdp_settings(cfg, mem) -> None:
+    """Combinations FSDP cannot train, refused before the model is loaded (each names the key to change)."""
+    problems = []
+    if mem.quantize != "none":
+        problems.append(f"memory.quantize={mem.quantize} (a quantised base is not sharded: set memory.quantize: none, "
+                        "or train with DDP, which fits a quantised base per GPU)")
+    if mem.offload_blocks:
+        problems.append("memory.offload_blocks=true (sharding already spreads the base; set it to false)")
+    if cfg.optimizer.name == "adamw8bit" or mem.optimizer_8bit:
+        problems.append("an 8-bit optimiser (optimizer.name=adamw8bit or a memory preset that picks it): bitsandbytes "
+                        "states are not sharded; use optimizer.name=adamw (its states are sharded too)")
+    if cfg.train.mixed_precision == "fp16":
+        problems.append("train.mixed_precision=fp16 (use bf16)")
+    if problems:
+        raise UserError("FSDP (train.fsdp or an accelerate FSDP launch) cannot train with " + "; ".join(problems))
+
+
+def shard_transformer(transformer: nn.Module, device: torch.device, mixed_precision: str,
+                      reshard_after_forward: bool = True) -> nn.Module:
+    """Shard every block and the root over all processes; parameters move to `device` as shards. Call after the LoRA
+    is injected and before the optimiser is built (fully_shard replaces the parameters with sharded ones)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .memory import unwrap_transformer
+
+    if not dist.is_initialized():
+        raise UserError("FSDP needs several processes: launch with `accelerate launch --config_file "
+                        "configs/accelerate/fsdp.yaml ...` (or set train.fsdp: false)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    model = unwrap_transformer(transformer)
+    for block in model.transformer_blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("FSDP: %d parameters sharded over %d processes (%d blocks + root)", n, dist.get_world_size(),
+             len(model.transformer_blocks))
+    return transformer
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every process (a collective for a shard: every process must call it, in the same order)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local_part(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The slice of `full` (present on every process) that this process's shard of `target` holds; no communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch's clipping over sharded gradients (the norm is reduced across processes); returns a plain tensor."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return full_tensor(norm)
+
+
+# ---------------------------------------------------------------------------------------- optimiser checkpoints
+OPTIMIZER_DIR = "optimizer_sharded"
+
+
+def save_optimizer(model: nn.Module, optimizer, directory) -> None:
+    """Each process writes its shard of the optimiser states (DCP folder); a resume may use another process count."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory / OPTIMIZER_DIR))
+
+
+def load_optimizer(model: nn.Module, optimizer, directory) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    path = directory / OPTIMIZER_DIR  # present: Checkpointer.load checked it
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
