@@ -179,7 +179,7 @@ def test_fsdp_refuses_what_it_cannot_shard(override, key):
 
 def test_fsdp_with_one_process_says_how_to_launch():
     from krea2_train.errors import UserError
-    from krea2_train.train.sharding import shard_transformer
+    from krea2_train.train.sharding import make_mesh
 
     with pytest.raises(UserError, match="accelerate launch --config_file configs/accelerate/fsdp.yaml"):
-        shard_transformer(torch.nn.Linear(2, 2), torch.device("cpu"), "no")
+        make_mesh(torch.device("cpu"))

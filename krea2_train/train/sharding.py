@@ -60,20 +60,26 @@ def check_fsdp_settings(cfg, mem) -> None:
         raise UserError("FSDP (train.fsdp or an accelerate FSDP launch) cannot train with " + "; ".join(problems))
 
 
-def shard_transformer(transformer: nn.Module, device: torch.device, mixed_precision: str,
-                      reshard_after_forward: bool = True) -> nn.Module:
-    """Shard every block and the root over all processes; parameters move to `device` as shards. Call after the LoRA
-    is injected and before the optimiser is built (fully_shard replaces the parameters with sharded ones)."""
+def make_mesh(device: torch.device):
+    """The 1-D mesh of all processes on `device`'s type (a collective: every process calls it)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from .memory import unwrap_transformer
 
     if not dist.is_initialized():
         raise UserError("FSDP needs several processes: launch with `accelerate launch --config_file "
                         "configs/accelerate/fsdp.yaml ...` (or set train.fsdp: false)")
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def shard_transformer(transformer: nn.Module, mesh, mixed_precision: str,
+                      reshard_after_forward: bool = True) -> nn.Module:
+    """Shard every block and the root over `mesh`; each process keeps its shards, moved to the mesh's device (no
+    communication: processes may do this one after another). Call after the LoRA is injected and before the
+    optimiser is built (fully_shard replaces the parameters with sharded ones)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .memory import unwrap_transformer
+
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()
     model = unwrap_transformer(transformer)
@@ -81,7 +87,7 @@ def shard_transformer(transformer: nn.Module, device: torch.device, mixed_precis
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     n = sum(p.numel() for p in model.parameters())
-    log.info("FSDP: %d parameters sharded over %d processes (%d blocks + root)", n, dist.get_world_size(),
+    log.info("FSDP: %d parameters sharded over %d processes (%d blocks + root)", n, mesh.size(),
              len(model.transformer_blocks))
     return transformer
 

@@ -155,32 +155,18 @@ class Trainer:
             prompt_embeddings(cfg)
         # after the encoder: model building draws random numbers, the training RNG must not depend on it
         set_seed(cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
-        # A base that gets quantised, offloaded or sharded may not fit the GPU in bf16: keep it on the CPU until
-        # apply_memory_settings quantises and places it, or fully_shard moves each process's shard.
-        staged = mem.quantize != "none" or mem.offload_blocks or self.fsdp
-        device = torch.device("cpu") if staged else acc.device
-        transformer = self._transformer if self._transformer is not None else self._load_transformer(device)
-        if not staged and transformer.device != acc.device:
-            transformer = transformer.to(acc.device)
-        self.peft_config = lora_mod.add_lora(transformer, cfg.lora, seed=cfg.seed)
-        # quantised base, checkpointing, offload, fast attention, fused qkv, compile (train/memory.py decides order)
-        from .memory import apply_memory_settings
-
-        compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
         if self.fsdp:
-            from dataclasses import replace
+            # One process per machine at a time holds the whole bf16 base in CPU memory (26 GB at full size): each
+            # loads it, keeps its shard and frees the rest before the next one starts, instead of N copies at once.
+            import os
 
-            # q/k/v fusion makes weights views of one tensor, which sharding would split apart; compile goes last
-            transformer = apply_memory_settings(transformer, replace(mem, fuse_qkv=False, compile=False),
-                                                torch.device("cpu"), compute_dtype=compute)
-            transformer = sharding.shard_transformer(transformer, acc.device, cfg.train.mixed_precision,
-                                                     reshard_after_forward=sharding.reshard_after_forward())
-            if mem.compile:
-                from .speed import compile_blocks
-
-                compile_blocks(transformer)
+            mesh = sharding.make_mesh(acc.device)
+            for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))):
+                if acc.local_process_index == turn:
+                    transformer = self._build_model(mem, mesh)
+                acc.wait_for_everyone()
         else:
-            transformer = apply_memory_settings(transformer, mem, acc.device, compute_dtype=compute)
+            transformer = self._build_model(mem)
         if mem.optimizer_8bit and cfg.optimizer.name == "adamw":
             log.info("memory preset %s: using 8-bit AdamW states", mem.preset)
             cfg.optimizer.name = "adamw8bit"
@@ -212,6 +198,38 @@ class Trainer:
                               config={"rank": cfg.lora.rank, "lr": cfg.optimizer.lr, "steps": cfg.total_steps,
                                       "optimizer": cfg.optimizer.name, "targets": cfg.lora.targets},
                               init_kwargs={"wandb": {"name": cfg.run_name, "dir": str(self.run_dir)}})
+
+    def _build_model(self, mem, mesh=None):
+        """The Raw transformer with the LoRA injected and the memory settings applied; sharded over `mesh` (FSDP)."""
+        cfg, acc = self.cfg, self.acc
+        # A base that gets quantised, offloaded or sharded may not fit the GPU in bf16: keep it on the CPU until
+        # apply_memory_settings quantises and places it, or fully_shard moves this process's shard.
+        staged = mem.quantize != "none" or mem.offload_blocks or mesh is not None
+        device = torch.device("cpu") if staged else acc.device
+        transformer = self._transformer if self._transformer is not None else self._load_transformer(device)
+        if not staged and transformer.device != acc.device:
+            transformer = transformer.to(acc.device)
+        self.peft_config = lora_mod.add_lora(transformer, cfg.lora, seed=cfg.seed)
+        # quantised base, checkpointing, offload, fast attention, fused qkv, compile (train/memory.py decides order)
+        from .memory import apply_memory_settings
+
+        compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
+        if mesh is None:
+            return apply_memory_settings(transformer, mem, acc.device, compute_dtype=compute)
+        from dataclasses import replace
+
+        from . import sharding
+
+        # q/k/v fusion makes weights views of one tensor, which sharding would split apart; compile goes last
+        transformer = apply_memory_settings(transformer, replace(mem, fuse_qkv=False, compile=False),
+                                            torch.device("cpu"), compute_dtype=compute)
+        transformer = sharding.shard_transformer(transformer, mesh, cfg.train.mixed_precision,
+                                                 reshard_after_forward=sharding.reshard_after_forward())
+        if mem.compile:
+            from .speed import compile_blocks
+
+            compile_blocks(transformer)
+        return transformer
 
     def _resume(self):
         path = resume_path(self.cfg)
