@@ -24,3 +24,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def demo_images(tmp_path):
+    """The first 4 demo posters with their captions, in a fresh folder (a small dataset for multi-process runs)."""
+    import shutil
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for png in sorted((Path(__file__).resolve().parents[1] / "datasets" / "demo").glob("*.png"))[:4]:
+        shutil.copy(png, data / png.name)
+        shutil.copy(png.with_suffix(".txt"), data / png.with_suffix(".txt").name)
+    return data

@@ -2,7 +2,6 @@
 both processes train and end with the same adapter, which differs from the initial one, and the checkpoint holds one
 RNG state per process."""
 
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -42,14 +41,10 @@ SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_two_process_ddp_same_adapter(tiny_dir, tmp_path):
+def test_two_process_ddp_same_adapter(tiny_dir, tmp_path, demo_images):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
-    data = tmp_path / "data"
-    data.mkdir()
-    for png in sorted((Path(__file__).resolve().parents[1] / "datasets" / "demo").glob("*.png"))[:4]:
-        shutil.copy(png, data / png.name)
-        shutil.copy(png.with_suffix(".txt"), data / png.with_suffix(".txt").name)
+    data = demo_images
     accelerate = Path(sys.executable).parent / "accelerate"
     config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_ddp.yaml"  # the shipped one
     cmd = [str(accelerate), "launch", "--config_file", str(config), "--main_process_port", "29513",

@@ -10,7 +10,6 @@ must end exactly where the straight one did (so the sharded optimiser checkpoint
 both exact), and the adapter files must be the ordinary PEFT layout."""
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -108,16 +107,12 @@ SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path):
+def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path, demo_images):
     from safetensors.torch import load_file
 
     script = tmp_path / "fsdp_train.py"
     script.write_text(SCRIPT)
-    data = tmp_path / "data"
-    data.mkdir()
-    for png in sorted((Path(__file__).resolve().parents[1] / "datasets" / "demo").glob("*.png"))[:4]:
-        shutil.copy(png, data / png.name)
-        shutil.copy(png.with_suffix(".txt"), data / png.with_suffix(".txt").name)
+    data = demo_images
     accelerate = Path(sys.executable).parent / "accelerate"
     configs = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
     args = [str(script), str(tiny_dir), str(tmp_path), str(data), str(Path(__file__).resolve().parent)]
