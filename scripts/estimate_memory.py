@@ -10,11 +10,11 @@ batch 1, 1024 px (4096 image tokens), text padded to 512 tokens with 128 valid. 
 
 What is modelled
   * Static, from the real module tree (after PEFT and the config's memory settings):
-      base weights as stored: bf16 2 B/param (RMSNorm scales fp32, as diffusers keeps them); int8 = bitsandbytes
-      Int8Params (1 B/param + fp32 row scale SCB); NF4 = Params4bit (0.5 B/param + uint8 absmax per 64 + fp32
-      absmax per 256 absmax + codes); fp8 = memory.Fp8Linear as it is (1 B/param + fp32 row scale). Only the block
-      Linears are quantised (as memory.quantize_base does). The byte formulas are checked against real bitsandbytes
-      layers of the tiny model (tests/test_estimate_memory.py).
+      base weights as stored: bf16 2 B/param (RMSNorm scales fp32, as diffusers keeps them); int8 / fp8 =
+      memory.Int8Linear / memory.Fp8Linear as they are (1 B/param + fp32 row scale); NF4 = bitsandbytes Params4bit
+      (0.5 B/param + uint8 absmax per 64 + fp32 absmax per 256 absmax + codes). Only the block Linears are
+      quantised (as memory.quantize_base does). The byte formulas are checked against the real quantised layers of
+      the tiny model (tests/test_estimate_memory.py).
       Block offload (`16gb`): non-block weights, LoRA and quantisation statistics stay resident; of the offloaded
       frozen block weights, BlockOffloader keeps the running block plus one prefetched neighbour: 2 blocks.
       LoRA params fp32, grads fp32 (set_to_none: they appear during backward, so they are counted inside the
@@ -29,12 +29,13 @@ What is modelled
         q, k, v, out and an fp32 logsumexp; the backward holds an fp32 dQ accumulator and (GQA) k/v-head-expanded
         dK/dV before reducing. The masked path (baseline: no trim) is costed the same way (memory-efficient kernel).
       - Text-padding trim: fed as the trimmed batch (128 text tokens, no mask) since the trim hook needs real data.
-      - int8 / NF4 (bitsandbytes cannot run on meta): the block Linears are replaced by stand-ins with the same
-        stored bytes and the same autograd memory pattern as bitsandbytes 0.50 on CUDA: int8 (MatMul8bitLt, frozen
-        weight): forward fp16 copy of x, int8 x + row stats, int32 product then the output; keeps x for backward;
-        backward dequantises the weight to bf16 (N x K) for grad_x. NF4 (MatMul4Bit at M=4224 on sm90:
+      - NF4 (bitsandbytes cannot run on meta): the block Linears are replaced by stand-ins with the same stored
+        bytes and the same autograd memory pattern as bitsandbytes 0.50 on CUDA (MatMul4Bit at M=4224 on sm90:
         dequantise + F.linear): a transient bf16 weight in forward and again in backward; keeps nothing.
-      - fp8 / fp8_mm: the real memory.Fp8Linear code runs on meta.
+      - int8 / fp8 / fp8_mm: the real memory.Int8Linear / Fp8Linear code runs on meta (a transient bf16 weight per
+        matmul; only the 1-byte weight and its scale saved). The int8 path used bnb's Linear8bitLt before, which
+        keeps each layer's input outside save_for_backward: its stand-in here estimated 25.7 GiB for the `int8`
+        row (0.32 GiB saved per block instead of 0.05, ~9 GiB in all at 1024 px); see memory.py.
       - RMSNorm runs as torch's composite on meta (CUDA has a fused kernel): same saved tensors (input + rstd), one
         extra fp32 transient (x**2) per norm in forward: a slight over-estimate.
   * Total allocated peak = resident weights + LoRA params + optimiser states + traced dynamic peak (the optimiser step
@@ -45,10 +46,10 @@ What is NOT modelled (covered by the stated allowance, `--allowance` terms)
   * cuBLAS/cuBLASLt/cuDNN workspaces (tens of MiB per stream): +0.25 GiB.
   * Allocator fragmentation (reserved minus allocated; activations of varied sizes): +10% of the dynamic peak.
   * torch.compile (inductor buffers, fusions that drop intermediates, cudagraph pools): the `*_compile`, `48gb` and
-    `80gb` rows are the eager estimate. Kernel-internal scratch not visible as tensors (bnb's outlier columns for
-    int8, usually a few columns). Text encoder / VAE on the GPU (bench_step feeds random embeddings; the trainer
-    caches them). One-off set-up peaks: bench_step builds the bf16 model on the GPU before quantising, and
-    memory._block_linears keeps every original Linear alive until the quantisation loop ends.
+    `80gb` rows are the eager estimate. Kernel-internal scratch not visible as tensors. Text encoder / VAE on the
+    GPU (bench_step feeds random embeddings; the trainer caches them). One-off set-up peaks: bench_step builds the
+    bf16 model on the GPU before quantising, and memory._block_linears keeps every original Linear alive until the
+    quantisation loop ends.
 The "est. card" column = allocated peak + allowance, and the fit verdict uses it.
 """
 
@@ -184,7 +185,7 @@ def _sdpa_cost(workspace):
 @contextlib.contextmanager
 def traced_kernels(workspace=True):
     """SDPA -> flash cost model; fused q/k/v without the data-pointer check (meta tensors all point at 0); autocast
-    queries on "meta" (memory.Fp8Linear asks) answered as for a device with autocast off."""
+    queries on "meta" (memory.QuantLinear asks) answered as for a device with autocast off."""
     old = F.scaled_dot_product_attention, speed._fused_weight, torch.is_autocast_enabled, torch.autocast
     is_enabled, autocast = torch.is_autocast_enabled, torch.autocast
     F.scaled_dot_product_attention = _sdpa_cost(workspace)
@@ -199,41 +200,12 @@ def traced_kernels(workspace=True):
 
 
 # ----------------------------------------------------------------------------------------- quantised stand-ins
-def int8_bytes(n, k):
-    return n * k + 4 * n  # Int8Params CB (int8) + SCB (fp32 per row)
-
-
 def nf4_bytes(n, k):
     numel = n * k
     blocks = math.ceil(numel / NF4_BLOCK)
     # packed 4-bit + uint8 absmax (double quant) + fp32 absmax of the absmax + nested code (256 fp32) + nf4 code
     # (16 fp32) + offset (fp32 scalar)
     return (numel + 1) // 2 + blocks + 4 * math.ceil(blocks / NF4_BLOCK2) + 4 * 256 + 4 * 16 + 4
-
-
-class _Int8Fn(torch.autograd.Function):
-    """bitsandbytes MatMul8bitLt (CUDA, frozen int8 weight, threshold > 0) memory pattern."""
-
-    @staticmethod
-    def forward(ctx, x, weight, out_features):
-        x2 = x.reshape(-1, x.shape[-1])
-        a16 = x2.to(torch.float16)
-        ca = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
-        sca = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        del a16
-        acc = torch.empty(x2.shape[0], out_features, dtype=torch.int32, device=x.device)
-        out = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)
-        del acc, ca, sca
-        ctx.x = x  # ctx.tensors = (CAt=None, subA, A): the input stays alive until backward
-        ctx.shape = (out_features, x.shape[-1])
-        return out.reshape(*x.shape[:-1], out_features)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x = ctx.x
-        cb = torch.empty(ctx.shape, dtype=x.dtype, device=x.device)  # CB.to(dtype) * SCB
-        g = grad.reshape(-1, grad.shape[-1]) @ cb
-        return g.reshape(x.shape), None, None
 
 
 class _Nf4Fn(torch.autograd.Function):
@@ -259,46 +231,38 @@ class _Nf4Fn(torch.autograd.Function):
         return grad @ w, None, None
 
 
-class QuantLinearStandIn(nn.Module):
-    """A frozen int8/NF4 Linear: bitsandbytes' stored bytes as meta tensors, its autograd memory pattern in forward.
+class Nf4StandIn(nn.Module):
+    """A frozen NF4 Linear: bitsandbytes' stored bytes as meta tensors, its autograd memory pattern in forward.
     Packed weights are a parameter; statistics are buffers (they stay resident under BlockOffloader like bnb's
     quant_state, which is not a parameter)."""
 
-    def __init__(self, linear: nn.Linear, mode: str):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.mode, self.in_features, self.out_features = mode, linear.in_features, linear.out_features
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         n, k = self.out_features, self.in_features
         dev = linear.weight.device
-        if mode == "int8":
-            self.weight = nn.Parameter(torch.empty(n, k, dtype=torch.int8, device=dev), requires_grad=False)
-            self.weight._krea2_int8 = True  # BlockOffloader keeps Int8Params resident
-            self.register_buffer("SCB", torch.empty(n, dtype=torch.float32, device=dev))
-        else:
-            blocks = math.ceil(n * k / NF4_BLOCK)
-            self.weight = nn.Parameter(torch.empty((n * k + 1) // 2, 1, dtype=torch.uint8, device=dev),
-                                       requires_grad=False)
-            self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=dev))
-            self.register_buffer("absmax2", torch.empty(math.ceil(blocks / NF4_BLOCK2), dtype=torch.float32,
-                                                        device=dev))
-            self.register_buffer("code2", torch.empty(256, dtype=torch.float32, device=dev))
-            self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=dev))
-            self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=dev))
+        blocks = math.ceil(n * k / NF4_BLOCK)
+        self.weight = nn.Parameter(torch.empty((n * k + 1) // 2, 1, dtype=torch.uint8, device=dev),
+                                   requires_grad=False)
+        self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=dev))
+        self.register_buffer("absmax2", torch.empty(math.ceil(blocks / NF4_BLOCK2), dtype=torch.float32, device=dev))
+        self.register_buffer("code2", torch.empty(256, dtype=torch.float32, device=dev))
+        self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=dev))
+        self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=dev))
         if linear.bias is not None:
             raise ValueError("Krea 2 block Linears have no bias")
 
     def forward(self, x):
-        fn = _Int8Fn if self.mode == "int8" else _Nf4Fn
-        return fn.apply(x, self.weight, self.out_features)
+        return _Nf4Fn.apply(x, self.weight, self.out_features)
 
 
 def quantize_standins(model, mode):
-    """memory.quantize_base's layer selection, with stand-ins for int8/nf4 and the real Fp8Linear for fp8."""
-    if mode in (None, "none"):
+    """memory.quantize_base's layer selection with NF4 stand-ins; int8 and fp8 need none (the real Int8Linear /
+    Fp8Linear run on meta when memory.apply_memory_settings calls quantize_base)."""
+    if mode != "nf4":
         return
-    if mode == "fp8":
-        return  # memory.apply_memory_settings runs the real quantize_base on meta
     for parent, name, linear in memory._block_linears(model):
-        setattr(parent, name, QuantLinearStandIn(linear, mode))
+        setattr(parent, name, Nf4StandIn(linear))
     model._krea2_quantized = mode
 
 
@@ -363,7 +327,7 @@ def static_bytes(model, offload: bool = False, optimizer_8bit: bool = False) -> 
         for p in b.parameters():
             if p.requires_grad:
                 continue
-            if offload and type(p).__name__ != "Int8Params" and not getattr(p, "_krea2_int8", False):
+            if offload:
                 off += _nbytes(p)
             else:
                 resident_block += _nbytes(p)

@@ -23,14 +23,12 @@ MARK = 123457  # odd allocation size marking the end of the forward in the profi
 
 
 def _real_frozen_bytes(model) -> int:
-    """Bytes of the frozen weights as really stored, bitsandbytes side tensors included."""
+    """Bytes of the frozen weights as really stored, bitsandbytes NF4 side tensors included."""
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.requires_grad:
             continue
         total += t.numel() * t.element_size()
-        if type(t).__name__ == "Int8Params":
-            total += t.SCB.numel() * t.SCB.element_size()
         qs = getattr(t, "quant_state", None)
         if qs is not None:
             parts = [qs.absmax, qs.code, qs.offset]
@@ -47,8 +45,8 @@ def test_static_bytes_match_real_tiny(mode):
     memory.quantize_base(real, mode, device="cpu", compute_dtype=torch.bfloat16)
     meta = em.build_meta(True, 32)
     em.quantize_standins(meta, mode)
-    if mode == "fp8":
-        memory.quantize_base(meta, "fp8", device="meta")
+    if mode in ("int8", "fp8"):
+        memory.quantize_base(meta, mode, device="meta")
     st = em.static_bytes(meta)
     assert st["weights"] == _real_frozen_bytes(real)
     lora = [p for p in real.parameters() if p.requires_grad]
@@ -126,22 +124,22 @@ def test_activation_estimate_matches_real_cpu_step(name):
     est = _estimated_step(name, 512)
     # the real run took the flash path (what the estimate's attention model stands for), not the L x L math path
     assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in real["ops"]
-    # measured on this CPU: estimate/real = 0.95 (bf16_ckpt), 0.97 (80gb), 1.01 (int8); the rest is CPU kernel
+    # measured on this CPU: estimate/real = 0.95 (bf16_ckpt), 0.97 (80gb), 0.95 (int8); the rest is CPU kernel
     # scratch and the untrimmed input copy the real trim hook keeps
     assert 0.88 <= est["peak"] / real["peak"] <= 1.08, (est, real["peak"])
     assert est["after_backward"] == real["after_backward"]  # the LoRA grads, exactly
     assert abs(est["after_forward"] - real["after_forward"]) <= 0.25 * real["after_forward"]
 
 
-def test_int8_stashes_inputs_through_checkpointing_like_real_bitsandbytes():
-    """bnb's MatMul8bitLt keeps its input as a ctx attribute, which non-reentrant checkpointing cannot drop."""
+def test_int8_keeps_what_bf16_keeps_through_checkpointing():
+    """memory.Int8Linear saves only its 1-byte weight: after a checkpointed forward the int8 step holds what the bf16
+    one holds, byte for byte (measured: equal), real and estimated alike. bnb's MatMul8bitLt, used before, kept
+    every layer input as a ctx attribute that checkpointing cannot drop: more than +50% here."""
     torch.set_num_threads(1)
     real_i8, real_bf = _real_step("int8", 256), _real_step("bf16_ckpt_nofuse", 256)
     est_i8, est_bf = _estimated_step("int8", 256), _estimated_step("bf16_ckpt_nofuse", 256)
-    real_extra = real_i8["after_forward"] - real_bf["after_forward"]
-    est_extra = est_i8["after_forward"] - est_bf["after_forward"]
-    assert real_extra > 0.5 * real_bf["after_forward"]
-    assert est_extra == pytest.approx(real_extra, rel=0.1)
+    assert abs(real_i8["after_forward"] - real_bf["after_forward"]) <= 0.01 * real_bf["after_forward"]
+    assert est_i8["after_forward"] == est_bf["after_forward"]
 
 
 def test_full_size_script_runs(tmp_path):

@@ -1,6 +1,7 @@
-"""The GPU-only halves of the speed/memory paths (skipped without CUDA): bitsandbytes' CUDA kernels, offload with
-a side stream and prefetch, flash/cuDNN attention with GQA, inductor compile. Same comparisons as the CPU tests,
-bf16 tolerances (bf16 has ~3 significant digits; errors are relative to O(1) values)."""
+"""The GPU-only halves of the speed/memory paths (skipped without CUDA): bitsandbytes' NF4 CUDA kernels, the int8/fp8
+layers on CUDA (and their checkpointed memory), offload with a side stream and prefetch, flash/cuDNN attention with
+GQA, inductor compile. Same comparisons as the CPU tests, bf16 tolerances (bf16 has ~3 significant digits; errors
+are relative to O(1) values)."""
 
 import sys
 from pathlib import Path
@@ -44,8 +45,8 @@ def test_quantized_trains_on_cuda(mode):
     model = add_lora(tiny_model().to(torch.bfloat16))
     settings = dict(quantize="fp8", fp8_matmul=True) if mode == "fp8_mm" else dict(quantize=mode)
     memory.apply_memory_settings(model, memory.resolve_memory_settings(settings), DEV, compute_dtype=torch.bfloat16)
-    assert type(model.transformer_blocks[0].attn.to_q.base_layer).__name__ in ("Linear8bitLt", "Linear4bit",
-                                                                                   "Fp8Linear")
+    expected = {"int8": "Int8Linear", "nf4": "Linear4bit", "fp8": "Fp8Linear", "fp8_mm": "Fp8Linear"}[mode]
+    assert type(model.transformer_blocks[0].attn.to_q.base_layer).__name__ == expected
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-2)
@@ -60,14 +61,14 @@ def test_quantized_trains_on_cuda(mode):
     assert all(not torch.equal(b, p) for b, p in zip(before, params))
 
 
-@pytest.mark.parametrize("mode", ["none", "nf4"])
+@pytest.mark.parametrize("mode", ["none", "int8", "nf4"])
 def test_offload_with_stream_matches_resident(plain, mode):
     ref = memory.enable_checkpointing(memory.quantize_base(twin(plain), mode, device=DEV), None)
     off = twin(ref)
     memory.offload_blocks(off, DEV)
     assert off._krea2_offloader.stream is not None
     blk = off.transformer_blocks[1]
-    frozen = [p for p in blk.parameters() if not p.requires_grad and type(p).__name__ != "Int8Params"]
+    frozen = [p for p in blk.parameters() if not p.requires_grad]
     assert frozen and all(p.device.type == "cpu" for p in frozen)
     batch = _cuda(inputs())
     o1, g1, _ = run(ref, batch)
@@ -75,6 +76,24 @@ def test_offload_with_stream_matches_resident(plain, mode):
         o2, g2, _ = run(off, batch)
         torch.testing.assert_close(o2, o1, atol=0, rtol=0)
         assert_close_grads(g2, g1, atol=0, rtol=0)
+
+
+def test_int8_checkpointed_forward_keeps_what_bf16_keeps():
+    """Int8Linear saves only its 1-byte weight, so after a checkpointed forward the int8 model holds no more
+    activation memory than the bf16 one (bitsandbytes' Linear8bitLt kept every layer input: ~9 GiB at full size)."""
+    batch = _cuda(inputs(batch=1, lengths=(8,), hw=(32, 32)))
+    after = {}
+    for mode in ("none", "int8"):
+        model = add_lora(tiny_model().to(torch.bfloat16))
+        memory.apply_memory_settings(model, dict(quantize=mode), DEV, compute_dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        out = model(**batch, return_dict=False)[0]
+        torch.cuda.synchronize()
+        after[mode] = torch.cuda.memory_allocated() - start
+        out.float().square().mean().backward()
+        del model, out
+    assert after["int8"] <= 1.05 * after["none"], after
 
 
 def test_inductor_compile_matches_plain(plain):

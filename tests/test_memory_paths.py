@@ -1,8 +1,9 @@
 """Memory paths on the tiny Krea 2 with a LoRA (CPU): checkpointing is exact, quantised/fp8 bases train the LoRA
-with the base frozen, fp8's custom backward equals autograd through the dequantised weight, offload is exact, and
-every preset trains."""
+with the base frozen, the int8/fp8 custom backward equals autograd through the dequantised weight and keeps no input
+alive under checkpointing (bitsandbytes' Linear8bitLt does), offload is exact, and every preset trains."""
 
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -68,12 +69,12 @@ def _train(model, steps=3, lr=1e-2):
     return losses
 
 
-QUANT_TYPES = {"int8": "Linear8bitLt", "nf4": "Linear4bit", "fp8": "Fp8Linear"}
+QUANT_TYPES = {"int8": "Int8Linear", "nf4": "Linear4bit", "fp8": "Fp8Linear"}
 
 
 @pytest.mark.parametrize("mode,order", [("int8", "quantize_then_lora"), ("nf4", "quantize_then_lora"),
                                         ("fp8", "quantize_then_lora"), ("int8", "lora_then_quantize"),
-                                        ("nf4", "lora_then_quantize")])
+                                        ("nf4", "lora_then_quantize"), ("fp8", "lora_then_quantize")])
 def test_quantized_base_trains_lora(mode, order):
     if order == "quantize_then_lora":
         model = add_lora(memory.quantize_base(tiny_model(), mode, device="cpu"))
@@ -115,16 +116,20 @@ def test_fp8_matmul_trains_and_stays_close_to_dequantized_path(plain):
     _train(mm)
 
 
-def test_fp8_backward_equals_autograd_on_dequantized_weights(plain):
-    """The custom fp8 autograd function (saves 1-byte weights only) gives the gradients autograd gives with the
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantized_backward_equals_autograd_on_dequantized_weights(plain, mode):
+    """The custom int8/fp8 autograd function (saves 1-byte weights only) gives the gradients autograd gives with the
     dequantised weights as ordinary frozen Linear weights."""
-    q = memory.quantize_base(twin(plain), "fp8", device="cpu")
+    q = memory.quantize_base(twin(plain), mode, device="cpu")
     ref = twin(plain)
     ref_layers = dict(ref.named_modules())
+    n = 0
     with torch.no_grad():
         for name, mod in q.named_modules():
-            if isinstance(mod, memory.Fp8Linear):
+            if isinstance(mod, memory.QuantLinear):
                 ref_layers[name].weight.copy_(mod.dequantized_weight(torch.float32))
+                n += 1
+    assert n == 2 * 8  # 2 blocks x (q, k, v, gate, out, ff gate/up/down)
     batch = inputs()
     o1, g1, x1 = run(ref, batch)
     o2, g2, x2 = run(q, batch)
@@ -153,7 +158,7 @@ def test_block_offload_is_exact_and_leaves_lora_resident(plain):
 
 
 @pytest.mark.parametrize("early_stop", [True, False])
-@pytest.mark.parametrize("mode", ["none", "fp8", "nf4"])
+@pytest.mark.parametrize("mode", ["none", "int8", "fp8", "nf4"])
 def test_block_offload_never_computes_with_an_offloaded_weight(plain, mode, early_stop):
     """Offloaded weights are swapped for NaN (poison mode): outputs and gradients must still equal the resident
     model's, which proves every forward and every backward (checkpoint recompute, with and without torch's early
@@ -224,3 +229,102 @@ def test_paths_under_bf16_autocast(mode):
     assert o2.dtype == torch.bfloat16 and all(torch.isfinite(g).all() for g in g2.values())
     tol = {"none": 1e-2, "fp8": 2e-2, "int8": 2e-2, "nf4": 5e-2}[mode]  # bf16 rounding + quantisation error
     assert ((o2.float() - o1.float()).norm() / o1.float().norm()).item() < tol
+
+
+# ------------------------------------------------------------------------------------------- the int8 layer alone
+def _linear(n=48, k=96, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(k, n, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_layer_matches_linear_on_dequantized_and_original_weight(bias):
+    """Int8Linear: int8 storage, fp32 per-row scale, row max stored as +-127 exactly; forward and input gradient equal
+    a plain Linear on the dequantised weight (tight) and on the original weight within int8 rounding."""
+    lin = _linear(bias=bias)
+    q = memory.Int8Linear(lin)
+    assert q.weight.dtype == torch.int8 and not q.weight.requires_grad
+    assert q.weight_scale.dtype == torch.float32 and q.weight_scale.shape == (lin.out_features,)
+    assert (q.weight.abs().amax(dim=1) == 127).all()
+    w = q.dequantized_weight()
+    # symmetric round-to-nearest: every weight within half a step of its row's scale
+    assert ((w - lin.weight).abs() <= 0.5 * q.weight_scale[:, None] * (1 + 1e-5)).all()
+    x = torch.randn(3, 5, lin.in_features)
+    for weight, atol, rtol in ((w, 1e-6, 1e-5), (lin.weight, 2e-2, 2e-2)):
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y1 = q(x1)
+        y2 = torch.nn.functional.linear(x2, weight.detach(), lin.bias.detach() if bias else None)
+        g = torch.randn_like(y1)
+        y1.backward(g)
+        y2.backward(g)
+        torch.testing.assert_close(y1, y2, atol=atol, rtol=rtol)
+        torch.testing.assert_close(x1.grad, x2.grad, atol=atol, rtol=rtol)
+    assert q.weight.grad is None and (not bias or q.bias.grad is None)
+    # moving the model to another float dtype leaves the int8 storage alone
+    assert q.to(torch.bfloat16).weight.dtype == torch.int8
+
+
+def test_int8_layer_under_peft_lora_and_autocast():
+    """PEFT wraps Int8Linear as `base_layer` (LoRA stays fp32); the LoRA gets gradients, the base none; the adapter
+    state holds only LoRA tensors; under bf16 autocast the matmul runs in bf16."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    model = torch.nn.Sequential()
+    model.add_module("proj", memory.Int8Linear(_linear(bias=False)))
+    model = inject_adapter_in_model(LoraConfig(r=4, target_modules=["proj"], init_lora_weights="gaussian"), model)
+    layer = model.proj
+    assert type(layer.base_layer) is memory.Int8Linear
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(4, 96, requires_grad=True)
+    model(x).square().mean().backward()
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0 and layer.lora_B["default"].weight.grad.abs().sum() > 0
+    assert layer.base_layer.weight.grad is None and x.grad is not None
+    assert set(get_peft_model_state_dict(model)) == {"proj.lora_A.weight", "proj.lora_B.weight"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.base_layer(x).dtype == torch.bfloat16
+
+
+def _input_alive_after_checkpointed_forward(layer) -> bool:
+    """Run `layer` on a fresh intermediate inside a non-reentrant checkpoint and report whether that intermediate is
+    still alive once the forward returns (checkpointing should have dropped everything the layer saved)."""
+    alive = []
+
+    def fn(x):
+        h = x * 2  # the layer's input: an activation only the layer could keep alive
+        alive.append(weakref.ref(h.untyped_storage()))
+        return layer(h)
+
+    x = torch.randn(64, layer.in_features, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+    kept = alive[0]() is not None
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    return kept
+
+
+def test_int8_layer_keeps_no_input_under_checkpointing_unlike_bitsandbytes():
+    """Why the int8 base is hand-written: bitsandbytes' MatMul8bitLt stores its input on the autograd ctx (not via
+    save_for_backward), so checkpointing cannot drop it (~9 GiB at 1024 px for the 12.9B model). Int8Linear saves
+    only its int8 weight and scale: under checkpointing the input dies with the forward, and without checkpointing
+    the tensors it saves for backward are exactly those two."""
+    lin = _linear(bias=False)
+    q = memory.Int8Linear(lin)
+    assert not _input_alive_after_checkpointed_forward(q)
+    assert not _input_alive_after_checkpointed_forward(torch.nn.Linear(96, 48).requires_grad_(False))  # control
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(64, 96, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q(x * 2).sum().backward()
+    assert {(t.dtype, tuple(t.shape)) for t in saved} == {(torch.int8, (48, 96)), (torch.float32, (48,))}
+
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear8bitLt(96, 48, bias=False, has_fp16_weights=False, threshold=6.0, device="meta")
+    layer.weight = bnb.nn.Int8Params(lin.weight.detach(), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
+    assert _input_alive_after_checkpointed_forward(layer), "bitsandbytes changed: its int8 matmul frees its input"

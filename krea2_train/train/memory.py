@@ -24,13 +24,16 @@ are trainable (LoRA stays resident on the GPU) and compile must trace the final 
 called alone before PEFT (e.g. to quantise while loading); the later `apply_memory_settings` then skips it.
 
 Quantised layers (frozen, only inside `transformer_blocks`; text fusion, embedders and final layer stay bf16):
-    int8  bitsandbytes `Linear8bitLt` (LLM.int8, threshold 6.0). Works on CPU with bitsandbytes >= 0.49 too.
+    int8  `Int8Linear`: int8 storage with a per-output-row absmax scale (symmetric, round to nearest).
+    fp8   `Fp8Linear`: float8_e4m3fn storage with a per-row scale.
+          Both are `QuantLinear`s: pure torch (runs anywhere), dequantised per matmul (forward and backward) to the
+          activation dtype by one autograd function that saves only the 1-byte weight and its scale (not the input:
+          the base is frozen), so checkpointing keeps nothing extra. Save memory, not time. Not bitsandbytes'
+          Linear8bitLt: it keeps its input outside save_for_backward, ~9 GiB at 1024 px (see `_DequantLinearFn`).
+          With `fp8_matmul: true` the fp8 forward matmul runs in fp8 instead (`torch._scaled_mm`, per-token
+          activation scales; no torchao needed), backward stays in the activation dtype: for fp8 tensor-core GPUs,
+          opt-in until scripts/bench_step.py (`fp8_mm`) shows the win.
     nf4   bitsandbytes `Linear4bit` (QLoRA NF4, double-quantised statistics, compute in the training dtype).
-    fp8   `Fp8Linear`: float8_e4m3fn storage with a per-row scale, dequantised per matmul (forward and backward)
-          in the activation dtype; pure torch, so it runs anywhere. Saves memory, not time. With
-          `fp8_matmul: true` the forward matmul runs in fp8 instead (`torch._scaled_mm`, per-token activation
-          scales; no torchao needed), backward stays in the activation dtype: for fp8 tensor-core GPUs, opt-in
-          until scripts/bench_step.py (`fp8_mm`) shows the win.
 PEFT wraps all three with its generic `lora.Linear` (they subclass nn.Linear and their weight dtype is an integer
 type, so PEFT does not cast the LoRA weights to it); LoRA trains in its own dtype.
 
@@ -42,8 +45,8 @@ reset from the pinned copy taken when offloading was applied (updates lost), or 
 CUDA stream with the next block prefetched (direction-aware, so recompute in backward prefetches the previous block);
 released right after the block in forward, and in backward at the next block's pre-hook (see `BlockOffloader`).
 It needs checkpointing of every block (otherwise autograd keeps each block's GPU weights for backward and nothing is
-saved), so `apply_memory_settings` turns that on. int8 layers stay resident (their bitsandbytes state is not a
-plain tensor to swap).
+saved), so `apply_memory_settings` turns that on. Quantised weights (int8, fp8, NF4's packed bytes) are offloaded
+like bf16 ones; scales and NF4's quant_state stay resident.
 """
 
 from __future__ import annotations
@@ -146,33 +149,38 @@ def resolve_memory_settings(cfg: Any = None, **overrides) -> MemorySettings:
 
 
 # ------------------------------------------------------------------------------------------------- quantisation
+# int8 is hand-written (QuantLinear below) rather than bitsandbytes' Linear8bitLt: bnb's MatMul8bitLt keeps its input
+# as a ctx attribute (`ctx.tensors = (CAt, subA, A)`), outside save_for_backward, so gradient checkpointing cannot
+# drop it. At 1024 px, batch 1, that is 0.32 GiB kept per block instead of 0.05 (~9 GiB over 28 blocks): the 24gb
+# preset estimated 25.7 GiB with bnb int8 against its 20 GiB target (scripts/estimate_memory.py).
 class _DequantLinearFn(torch.autograd.Function):
-    """y = x @ deq(q).T with only q (1 byte/weight) saved for backward: a plain F.linear on the dequantised weight
-    would keep a bf16 copy of every layer alive until backward, undoing the saving."""
+    """y = x @ deq(q).T with only q (1 byte/weight) and its row scale saved for backward: a plain F.linear on the
+    dequantised weight would keep a compute-dtype copy of every layer alive until backward, undoing the saving, and
+    the input is not needed (the base is frozen: no weight gradient, grad_x = grad_out @ deq(q))."""
 
     @staticmethod
-    def _setup(ctx, x, qweight, scale) -> torch.dtype:
+    def _setup(ctx, x, qweight, scale, storage) -> torch.dtype:
         """Save only the 1-byte weights for backward; return the matmul dtype (the autocast dtype under autocast, so
         the weight is dequantised straight to it, no fp32 copy)."""
         dev = x.device.type
         ctx.save_for_backward(qweight, scale)
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.storage = x.dtype, storage
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
     @staticmethod
-    def forward(ctx, x, qweight, scale, bias):
-        dtype = _DequantLinearFn._setup(ctx, x, qweight, scale)
+    def forward(ctx, x, qweight, scale, bias, storage):
+        dtype = _DequantLinearFn._setup(ctx, x, qweight, scale, storage)
         with torch.autocast(x.device.type, enabled=False):
             bias = bias.to(dtype) if bias is not None else None
-            return F.linear(x.to(dtype), _dequant_fp8(qweight, scale, dtype), bias)
+            return F.linear(x.to(dtype), _dequant(qweight, scale, dtype, storage), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         qweight, scale = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ _dequant_fp8(qweight, scale, grad_out.dtype)).to(ctx.x_dtype)
-        return grad_x, None, None, None
+            grad_x = (grad_out @ _dequant(qweight, scale, grad_out.dtype, ctx.storage)).to(ctx.x_dtype)
+        return grad_x, None, None, None, None
 
 
 class _Fp8MatmulFn(_DequantLinearFn):
@@ -182,8 +190,8 @@ class _Fp8MatmulFn(_DequantLinearFn):
     exist (H100/H200/Ada) and the matmuls dominate; scripts/bench_step.py `fp8_mm` measures it."""
 
     @staticmethod
-    def forward(ctx, x, qweight, scale, bias):
-        dtype = _DequantLinearFn._setup(ctx, x, qweight, scale)
+    def forward(ctx, x, qweight, scale, bias, storage):
+        dtype = _DequantLinearFn._setup(ctx, x, qweight, scale, storage)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / torch.finfo(torch.float8_e4m3fn).max).clamp(
@@ -197,50 +205,68 @@ class _Fp8MatmulFn(_DequantLinearFn):
     # backward: inherited (input gradient through the dequantised weight)
 
 
-def _dequant_fp8(qweight, scale, dtype):
-    return qweight.view(torch.float8_e4m3fn).to(dtype) * scale.to(dtype).unsqueeze(1)
+def _dequant(qweight, scale, dtype, storage):
+    """(N, K) weight in `dtype` from 1-byte storage (`qweight` reinterpreted as `storage`) times the per-row scale;
+    scaled in place, so one `dtype` copy of the weight is the only transient."""
+    return qweight.view(storage).to(dtype).mul_(scale.to(dtype).unsqueeze(1))
 
 
-class Fp8Linear(nn.Linear):
-    """Frozen Linear stored as float8_e4m3fn (kept as uint8 so PEFT and `.to(dtype)` leave it alone) with a per-row
-    fp32 scale; the weight is upcast to the activation dtype for each matmul."""
+class QuantLinear(nn.Linear):
+    """Frozen Linear stored with 1 byte per weight and a per-output-row fp32 absmax scale (symmetric), dequantised to
+    the activation (or autocast) dtype for each matmul, forward and backward, by `_DequantLinearFn`; pure torch, so it
+    runs anywhere (CPU, CUDA, meta). Subclasses pick the storage format: `Int8Linear` (int8, round to nearest, range
+    +-127) and `Fp8Linear` (float8_e4m3fn, range +-448, kept as uint8 bits so PEFT and `.to(dtype)` leave it alone:
+    both treat a non-floating weight as not theirs to cast)."""
 
-    def __init__(self, linear: nn.Linear, device=None, fp8_matmul: bool = False):
+    storage: torch.dtype
+    qmax: float
+
+    def __init__(self, linear: nn.Linear, device=None):
         nn.Module.__init__(self)
-        self.fp8_matmul = fp8_matmul
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
             w = linear.weight.detach().to(device=device or linear.weight.device, dtype=torch.float32)
-            amax = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-            scale = amax / torch.finfo(torch.float8_e4m3fn).max
-            q = (w / scale).to(torch.float8_e4m3fn)
-        self.weight = nn.Parameter(q.view(torch.uint8), requires_grad=False)
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / self.qmax
+            q = self._quantize(w / scale)
+        self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("weight_scale", scale.squeeze(1).contiguous())
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().to(w.device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
 
+    def _quantize(self, w: torch.Tensor) -> torch.Tensor:  # w already divided by the row scale: |w| <= qmax
+        raise NotImplementedError
+
     def forward(self, x):
-        fn = _Fp8MatmulFn if self.fp8_matmul else _DequantLinearFn
-        return fn.apply(x, self.weight, self.weight_scale, self.bias)
+        return _DequantLinearFn.apply(x, self.weight, self.weight_scale, self.bias, self.storage)
 
     def dequantized_weight(self, dtype=torch.float32):
-        return _dequant_fp8(self.weight, self.weight_scale, dtype)
+        return _dequant(self.weight, self.weight_scale, dtype, self.storage)
 
 
-def _int8_linear(linear: nn.Linear, device, threshold: float = 6.0):
-    import bitsandbytes as bnb
+class Int8Linear(QuantLinear):
+    storage, qmax = torch.int8, 127.0
 
-    layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                has_fp16_weights=False, threshold=threshold, device="meta")
-    # Quantise explicitly: `Int8Params.to()` only quantises when the source is on the CPU, and a model built or
-    # loaded on the GPU must not make a round trip.
-    weight = bnb.nn.Int8Params(linear.weight.detach(), requires_grad=False, has_fp16_weights=False)
-    layer.weight = weight._quantize(device)
-    if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
-    return layer
+    def _quantize(self, w):
+        return w.round().clamp_(-self.qmax, self.qmax).to(torch.int8)
+
+
+class Fp8Linear(QuantLinear):
+    """`fp8_matmul=True`: forward as an fp8 tensor-core matmul (`_Fp8MatmulFn`) instead of dequantise + matmul."""
+
+    storage, qmax = torch.float8_e4m3fn, torch.finfo(torch.float8_e4m3fn).max
+
+    def __init__(self, linear: nn.Linear, device=None, fp8_matmul: bool = False):
+        super().__init__(linear, device)
+        self.fp8_matmul = fp8_matmul
+
+    def _quantize(self, w):
+        return w.to(torch.float8_e4m3fn).view(torch.uint8)
+
+    def forward(self, x):
+        fn = _Fp8MatmulFn if self.fp8_matmul else _DequantLinearFn
+        return fn.apply(x, self.weight, self.weight_scale, self.bias, self.storage)
 
 
 def _nf4_linear(linear: nn.Linear, device, compute_dtype):
@@ -273,10 +299,11 @@ def _is_lora_part(parent, name):
 
 
 def quantize_base(transformer: nn.Module, mode: str, device=None, compute_dtype: torch.dtype | None = None,
-                  int8_threshold: float = 6.0, fp8_matmul: bool = False) -> nn.Module:
+                  fp8_matmul: bool = False) -> nn.Module:
     """Replace the frozen Linear layers of the transformer blocks with int8 / nf4 / fp8 layers, one at a time
-    (peak memory: one bf16 layer on `device`). `mode="none"` does nothing. `fp8_matmul` (fp8 only): forward as an
-    fp8 tensor-core matmul instead of dequantise + bf16 matmul."""
+    (peak memory: one bf16 layer on `device`). `mode="none"` does nothing. `compute_dtype` (nf4 only): the matmul
+    dtype (int8/fp8 follow the activations). `fp8_matmul` (fp8 only): forward as an fp8 tensor-core matmul instead
+    of dequantise + bf16 matmul."""
     if mode in (None, "none"):
         return transformer
     if mode not in QUANT_MODES:
@@ -293,7 +320,7 @@ def quantize_base(transformer: nn.Module, mode: str, device=None, compute_dtype:
         dev = torch.device(device) if device is not None else linear.weight.device
         cdtype = compute_dtype or (linear.weight.dtype if linear.weight.dtype != torch.float32 else torch.float32)
         if mode == "int8":
-            new = _int8_linear(linear, dev, int8_threshold)
+            new = Int8Linear(linear, device=dev)
         elif mode == "nf4":
             new = _nf4_linear(linear, dev, cdtype)
         else:
@@ -356,7 +383,7 @@ class BlockOffloader:
         for block in self.blocks:
             entries = []
             for p in block.parameters():
-                if p.requires_grad or _is_int8_param(p):
+                if p.requires_grad:
                     p.data = p.data.to(self.device)
                     continue
                 cpu = p.data.to("cpu")
@@ -391,7 +418,8 @@ class BlockOffloader:
 
     def _offload(self, i):
         for p, cpu in self.tensors[i]:
-            if self.poison:  # NaN for floats; 0x7F (NaN in float8_e4m3fn, garbage in NF4) for byte storage
+            if self.poison:  # NaN for floats; 0x7F for byte storage (NaN in float8_e4m3fn, the row max in int8,
+                # garbage in NF4)
                 p.data = torch.full_like(cpu, float("nan") if cpu.is_floating_point() else 127)
             else:
                 p.data = cpu
@@ -432,10 +460,6 @@ class BlockOffloader:
             for p, cpu in self.tensors[i]:
                 p.data = cpu.to(self.device)
         self.on_device = set(range(len(self.blocks)))
-
-
-def _is_int8_param(p) -> bool:
-    return type(p).__name__ == "Int8Params"
 
 
 def offload_blocks(transformer: nn.Module, device, use_stream: bool | None = None, poison: bool = False) -> nn.Module:
