@@ -70,3 +70,56 @@ def assert_close_grads(a, b, atol, rtol):
     assert a.keys() == b.keys() and a
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------- bf16 autocast training
+def trainer_like(model):
+    """bf16 base with fp32 LoRA weights, as krea2_train.train.lora.add_lora leaves it for training."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def bf16_inputs(**kwargs):
+    """`inputs(...)` with the float tensors the trainer feeds a bf16 model (sigma stays fp32, as the trainer's)."""
+    return {k: (v.bfloat16() if v.is_floating_point() and k != "timestep" else v) for k, v in inputs(**kwargs).items()}
+
+
+def autocast_run(model, batch, enabled=True):
+    """`run` under CPU bf16 autocast, as the trainer runs its forward (accelerate's autocast)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        return run(model, batch)
+
+
+def saved_for_backward(model, batch, autocast=True):
+    """What autograd saves in one forward. Returns (total bytes, {module name: set of storages}): storages are
+    counted once however many ops save them (what the allocator really holds); the dict maps each attention and each
+    LoRA `lora_A` Linear to the storages of its input (attention) or of what its matmul saved (lora_A)."""
+    saved, owners, current = {}, {}, []
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        saved[ptr] = t.untyped_storage().nbytes()
+        if current:
+            owners.setdefault(current[-1], set()).add(ptr)
+        return t
+
+    handles = []
+    for name, mod in model.named_modules():
+        if name.endswith("lora_A.default"):
+            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: current.append(n)))
+            handles.append(mod.register_forward_hook(lambda m, a, o: current.pop() and None))
+        elif type(mod).__name__ == "Krea2Attention":
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, n=name: owners.setdefault(n, set()).add(a[0].untyped_storage().data_ptr())))
+    batch = dict(batch, hidden_states=batch["hidden_states"].clone().requires_grad_(True))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(**batch, return_dict=False)[0]
+    finally:
+        for h in handles:
+            h.remove()
+    del out
+    return sum(saved.values()), owners

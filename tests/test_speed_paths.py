@@ -3,6 +3,10 @@
 Tolerances: paths that run the very same kernels on the same shapes must match exactly (atol 0 where stated);
 paths that change a matmul's shape (fused q/k/v/gate) or the attention length (trimmed padding) change the float
 summation order, so outputs match to atol 1e-5 and gradients to atol 1e-6 / rtol 1e-4 (fp32; values are O(1)).
+share_lora_input is tested as the trainer runs: bf16 base, fp32 LoRA, CPU bf16 autocast. Unfused it is bit-identical;
+with fuse_qkv (or compiled) the bf16 gradient contributions are summed in another order: BF16 = torch's bf16 rtol
+(1.6e-2) and atol 3e-5, two bf16 ulps at the largest LoRA gradient (~4e-3); the measured differences are one ulp
+(1.5e-5), which on a small element of a cancelling sum exceeds any rtol.
 """
 
 import sys
@@ -12,13 +16,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _speed_helpers import add_lora, assert_close_grads, inputs, run, tiny_model, twin  # noqa: E402
+from _speed_helpers import (add_lora, assert_close_grads, autocast_run, bf16_inputs, inputs, run,  # noqa: E402
+                            saved_for_backward, tiny_model, trainer_like, twin)
 
 from krea2_train.train import speed
 from krea2_train.train.memory import apply_memory_settings  # noqa: E402
 
 OUT = dict(atol=1e-5, rtol=1e-5)
 GRAD = dict(atol=1e-6, rtol=1e-4)
+BF16 = dict(atol=3e-5, rtol=1.6e-2)
 
 
 @pytest.fixture(scope="module")
@@ -143,4 +149,161 @@ def test_regional_compile_matches_plain(plain):
     o2, g2, x2 = run(fast, batch)
     torch.testing.assert_close(o2, o1, **OUT)
     assert_close_grads(g2, g1, **GRAD)
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------- shared LoRA input
+@pytest.fixture(scope="module")
+def bf16_plain():
+    """The trainer's set-up: bf16 base, fp32 LoRA (lora.add_lora), fast attention."""
+    return speed.set_fast_attention(trainer_like(add_lora(tiny_model(torch.bfloat16))))
+
+
+def _lora_config_model(**lora_kwargs):
+    from peft import LoraConfig
+
+    from _speed_helpers import TARGETS
+
+    model = tiny_model(torch.bfloat16).requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian",
+                                 **lora_kwargs))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return speed.set_fast_attention(trainer_like(model))
+
+
+def _shares_block_input(owners, model):
+    """Per block attention: does every q/k/v/gate lora_A save the attention's own input (one storage)?"""
+    result = []
+    for i in range(len(model.transformer_blocks)):
+        (inp,) = owners[f"transformer_blocks.{i}.attn"]
+        result.append(all(inp in owners[f"transformer_blocks.{i}.attn.{n}.lora_A.default"]
+                          for n in speed.FUSED_PROJECTIONS))
+    return result
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_share_lora_input_same_outputs_and_grads_under_bf16_autocast(bf16_plain, fused):
+    ref = speed.fuse_qkv(twin(bf16_plain)) if fused else bf16_plain
+    shared = speed.share_lora_input(speed.fuse_qkv(twin(bf16_plain)) if fused else twin(bf16_plain))
+    batch = bf16_inputs(batch=2, lengths=(10, 6))
+    o1, g1, x1 = autocast_run(ref, batch)
+    o2, g2, x2 = autocast_run(shared, batch)
+    assert o2.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in g2.values())
+    tol = BF16 if fused else dict(atol=0, rtol=0)
+    torch.testing.assert_close(o2, o1, **tol)
+    assert_close_grads(g2, g1, **tol)
+    torch.testing.assert_close(x2, x1, **tol)
+    if fused:  # and against the stock unfused PEFT path
+        o0, g0, x0 = autocast_run(bf16_plain, batch)
+        torch.testing.assert_close(o2, o0, **BF16)
+        assert_close_grads(g2, g0, **BF16)
+        torch.testing.assert_close(x2, x0, **BF16)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_share_lora_input_saves_no_copy_per_projection(bf16_plain, fused):
+    """PEFT + autocast saves, per LoRA layer, a bf16 re-cast of its fp32 copy of the input; shared, the q/k/v/gate
+    LoRAs save the attention input itself (and the MLP gate/up LoRAs their common input): 4 copies fewer per block."""
+    ref = speed.fuse_qkv(twin(bf16_plain)) if fused else bf16_plain
+    shared = speed.share_lora_input(speed.fuse_qkv(twin(bf16_plain)) if fused else twin(bf16_plain))
+    batch = bf16_inputs(batch=1, lengths=(10,))
+    bytes_ref, owners_ref = saved_for_backward(ref, batch)
+    bytes_shared, owners_shared = saved_for_backward(shared, batch)
+    assert not any(_shares_block_input(owners_ref, ref))
+    assert all(_shares_block_input(owners_shared, shared))
+    tokens = 16 + 10
+    copy = tokens * shared.config.num_attention_heads * shared.config.attention_head_dim * 2  # bf16 hidden state
+    assert bytes_ref - bytes_shared == len(shared.transformer_blocks) * 4 * copy
+
+
+@pytest.mark.parametrize("model_dtype,autocast", [(torch.float32, False), (torch.float32, True),
+                                                  (torch.bfloat16, False)])
+def test_share_lora_input_inert_without_bf16_autocast(model_dtype, autocast):
+    """fp32 model (mixed_precision "no", or autocast with fp32 inputs): nothing to cast. bf16 model without autocast:
+    the LoRA really runs in fp32 on the fp32 copy, which must stay. Same results bit for bit, same saved bytes."""
+    plain = speed.set_fast_attention(trainer_like(add_lora(tiny_model(model_dtype))))
+    shared = speed.share_lora_input(twin(plain))
+    batch = inputs() if model_dtype == torch.float32 else bf16_inputs()
+    o1, g1, x1 = autocast_run(plain, batch, enabled=autocast)
+    o2, g2, x2 = autocast_run(shared, batch, enabled=autocast)
+    torch.testing.assert_close(o2, o1, atol=0, rtol=0)
+    assert_close_grads(g2, g1, atol=0, rtol=0)
+    torch.testing.assert_close(x2, x1, atol=0, rtol=0)
+    assert saved_for_backward(shared, batch, autocast)[0] == saved_for_backward(plain, batch, autocast)[0]
+
+
+@pytest.mark.parametrize("lora_kwargs,active", [(dict(use_rslora=True), True), (dict(use_dora=True), False),
+                                                (dict(lora_dropout=0.3), False)])
+def test_share_lora_input_rslora_dora_dropout(lora_kwargs, active):
+    """rsLoRA only changes the scale: shared, bit-identical. DoRA computes its weight norm in the input's dtype and
+    dropout in bf16 would round its scale, so for both the path stays off: PEFT's cast, bit-identical results."""
+    plain = _lora_config_model(**lora_kwargs)
+    shared = speed.share_lora_input(twin(plain))
+    batch = bf16_inputs(batch=1, lengths=(10,))
+    torch.manual_seed(3)
+    o1, g1, x1 = autocast_run(plain, batch)
+    torch.manual_seed(3)
+    o2, g2, x2 = autocast_run(shared, batch)
+    torch.testing.assert_close(o2, o1, atol=0, rtol=0)
+    assert_close_grads(g2, g1, atol=0, rtol=0)
+    torch.testing.assert_close(x2, x1, atol=0, rtol=0)
+    bytes_plain, _ = saved_for_backward(plain, batch)
+    bytes_shared, owners = saved_for_backward(shared, batch)
+    assert all(_shares_block_input(owners, shared)) == active
+    assert (bytes_shared < bytes_plain) == active
+    if lora_kwargs.get("lora_dropout"):  # in eval there is no dropout: shared again
+        shared.eval()
+        assert all(_shares_block_input(saved_for_backward(shared, batch)[1], shared))
+
+
+def test_fused_qkv_casts_the_lora_input_once_without_autocast(bf16_plain):
+    """bf16 base without autocast (LoRA in fp32): the fused path makes one fp32 copy for the four projections instead
+    of PEFT's four (same values; the fp32 gradients of the four are summed before the cast back to bf16)."""
+    fused = speed.fuse_qkv(twin(bf16_plain))
+    batch = bf16_inputs(batch=1, lengths=(10,))
+    o1, g1, x1 = autocast_run(bf16_plain, batch, enabled=False)
+    o2, g2, x2 = autocast_run(fused, batch, enabled=False)
+    torch.testing.assert_close(o2, o1, **BF16)
+    assert_close_grads(g2, g1, **BF16)
+    torch.testing.assert_close(x2, x1, **BF16)
+    copy = (16 + 10) * fused.config.num_attention_heads * fused.config.attention_head_dim * 4  # fp32 hidden state
+    assert (saved_for_backward(bf16_plain, batch, False)[0] - saved_for_backward(fused, batch, False)[0]
+            == len(fused.transformer_blocks) * 3 * copy)
+
+
+def test_share_lora_input_with_checkpointing_deepcopy_and_undo(bf16_plain):
+    """Checkpoint recomputation runs under the same autocast, so it shares too (non-reentrant checkpointing checks
+    the recomputed tensors match); a deep copy keeps the path bound to its own layers; unshare_lora_input undoes it."""
+    from krea2_train.train.memory import enable_checkpointing
+
+    shared = speed.share_lora_input(twin(bf16_plain))
+    copy = twin(shared)
+    layer = copy.transformer_blocks[0].attn.to_q
+    assert layer._cast_input_dtype.__self__ is layer
+    enable_checkpointing(copy, None)
+    copy.train()
+    batch = bf16_inputs(batch=2, lengths=(10, 6))
+    o1, g1, x1 = autocast_run(bf16_plain, batch)
+    o2, g2, x2 = autocast_run(copy, batch)
+    torch.testing.assert_close(o2, o1, atol=0, rtol=0)
+    assert_close_grads(g2, g1, atol=0, rtol=0)
+    torch.testing.assert_close(x2, x1, atol=0, rtol=0)
+    speed.unshare_lora_input(shared)
+    assert saved_for_backward(shared, batch)[0] == saved_for_backward(bf16_plain, batch)[0]
+
+
+def test_share_lora_input_compiled_matches_plain(bf16_plain):
+    """The per-call autocast check traces under torch.compile (aot_eager on CPU)."""
+    torch._dynamo.reset()
+    fast = speed.compile_blocks(speed.share_lora_input(speed.fuse_qkv(twin(bf16_plain))), backend="aot_eager")
+    batch = bf16_inputs(batch=1, lengths=(8,))
+    o1, g1, x1 = autocast_run(bf16_plain, batch)
+    o2, g2, x2 = autocast_run(fast, batch)
+    torch.testing.assert_close(o2, o1, **BF16)
+    assert_close_grads(g2, g1, **BF16)
+    torch.testing.assert_close(x2, x1, **BF16)
     torch._dynamo.reset()

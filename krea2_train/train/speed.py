@@ -15,19 +15,27 @@ and returns it):
         One frozen base matmul for to_q/to_k/to_v/to_gate per attention (their weights become views of one buffer,
         so no extra memory and `state_dict()` keys are unchanged); LoRA deltas stay per projection, so exports stay
         unfused (`to_q.lora_A` etc.). Plain (float) base Linear layers only: quantised bases are left unfused.
+    share_lora_input(transformer)
+        Under autocast to the base's dtype (bf16 training), LoRA layers feed their bf16 input straight to the LoRA
+        matmul instead of PEFT's fp32 copy per projection (autocast casts that copy straight back to bf16: same values,
+        but autograd keeps one copy per adapted projection). Inactive without autocast, for fp32 inputs, DoRA and
+        other LoRA variants, and under active LoRA dropout. In the fused q/k/v/gate path the four projections share
+        one input (one cast at most).
     compile_blocks(transformer, **torch_compile_kwargs)
         Regional `torch.compile` of `Krea2TransformerBlock` (diffusers `compile_repeated_blocks`).
 
 Order for the trainer: load -> inject LoRA (PEFT) -> memory.apply_memory_settings(transformer, settings, device),
 which quantises, places, then calls set_fast_attention -> enable_text_padding_trim -> fuse_qkv (after the model is
-on its device and dtype: moving it afterwards unfuses, with a warning) -> checkpointing/offload -> compile_blocks (last).
-`unfuse_qkv` gives each projection its own weight again (state_dict keys and values are the same either way).
+on its device and dtype: moving it afterwards unfuses, with a warning) -> share_lora_input -> checkpointing/offload
+-> compile_blocks (last). `unfuse_qkv` gives each projection its own weight again (state_dict keys and values are
+the same either way).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import types
 
 import torch
 import torch.nn as nn
@@ -290,8 +298,18 @@ def _lora_ok(layer) -> bool:
         getattr(layer, "use_dora", {}).values())
 
 
-def _add_lora(layer, x, result):
-    """PEFT `lora.Linear.forward` without the base matmul (same casts and order)."""
+def _lora_input(layer, x, dtype, casts: dict):
+    """`layer._cast_input_dtype(x, dtype)`, made once per kind of cast and shared by the four projections."""
+    if _keeps_input(layer, x, dtype):
+        return x
+    key = (getattr(layer, "cast_input_dtype_enabled", True), dtype)
+    if key not in casts:
+        casts[key] = layer._cast_input_dtype(x, dtype)
+    return casts[key]
+
+
+def _add_lora(layer, x, result, casts: dict):
+    """PEFT `lora.Linear.forward` without the base matmul (same casts and order); `casts` shares the input copy."""
     if not hasattr(layer, "lora_A") or layer.disable_adapters:
         return result
     dtype = result.dtype
@@ -299,20 +317,89 @@ def _add_lora(layer, x, result):
         if name not in layer.lora_A.keys():
             continue
         lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-        xa = layer._cast_input_dtype(x, lora_A.weight.dtype)
+        xa = _lora_input(layer, x, lora_A.weight.dtype, casts)
         result = result + lora_B(lora_A(layer.lora_dropout[name](xa))) * layer.scaling[name]
     return result.to(dtype)
 
 
 def project_qkvg(attn, hidden_states):
-    """q, k, v, gate projections: one fused frozen matmul plus per-projection LoRA, or the four modules as is."""
+    """q, k, v, gate projections: one fused frozen matmul plus per-projection LoRA, or the four modules as is.
+    The LoRA branches share one input: `hidden_states` itself under `share_lora_input` + autocast, else one cast copy
+    (PEFT would make one per projection; the values are the same)."""
     weight = _fused_weight(attn)
     layers = [getattr(attn, n) for n in FUSED_PROJECTIONS]
     if weight is None or not all(_lora_ok(layer) for layer in layers):
         return tuple(layer(hidden_states) for layer in layers)
     base = F.linear(hidden_states, weight)
     sizes = [base_linear(layer).out_features for layer in layers]
-    return tuple(_add_lora(layer, hidden_states, part) for layer, part in zip(layers, base.split(sizes, dim=-1)))
+    casts = {}
+    return tuple(_add_lora(layer, hidden_states, part, casts)
+                 for layer, part in zip(layers, base.split(sizes, dim=-1)))
+
+
+# ------------------------------------------------------------------------------------------------ shared LoRA input
+def _autocast_dtype(device_type: str):
+    """The autocast dtype active for `device_type`, or None (a hook: scripts/estimate_memory.py may emulate autocast
+    on meta by replacing it)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _keeps_input(layer, x, dtype) -> bool:
+    """Whether a `share_lora_input` layer feeds x to its LoRA uncast (see `_cast_input_dtype`)."""
+    return getattr(layer, "_krea2_shared_input", False) and x is not None and dtype == torch.float32 \
+        and x.dtype != dtype and not layer.lora_variant and _autocast_dtype(x.device.type) == x.dtype \
+        and (not layer.training or all(isinstance(d, nn.Identity) for d in layer.lora_dropout.values()))
+
+
+def _cast_input_dtype(self, x, dtype):
+    """Bound to each LoRA layer by `share_lora_input` in place of PEFT's `BaseTunerLayer._cast_input_dtype`.
+
+    Skips the cast exactly when it cannot change a value: autocast is on with x's own dtype and the cast would widen
+    to float32, so `lora_A`'s matmul would cast the fp32 copy straight back to x.dtype; the layer is vanilla LoRA (DoRA
+    and other variants compute weight norms etc. in the input's dtype); and no dropout runs on the input (dropout in
+    bf16 would round its 1/(1-p) scale, and its output is a new tensor per projection anyway: nothing to save).
+    Otherwise PEFT's cast (which also honours `cast_input_dtype_enabled` / `disable_input_dtype_casting`)."""
+    if _keeps_input(self, x, dtype):
+        return x
+    return type(self)._cast_input_dtype(self, x, dtype)
+
+
+def _lora_linears(model: nn.Module):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def share_lora_input(transformer: nn.Module) -> nn.Module:
+    """Let every PEFT LoRA Linear pass its input to the LoRA matmul uncast when training under autocast to the
+    input's dtype (bf16 base + fp32 LoRA + bf16 autocast, the trainer's default).
+
+    PEFT casts the layer input to the LoRA weight dtype (fp32) before `lora_A`; autocast then casts that copy back to
+    bf16 for the matmul, which saves the bf16 re-cast for backward. So each adapted projection keeps its own copy of
+    its input (for q/k/v/gate: four copies of the same hidden state) although the values equal the input's. With this
+    path on, `lora_A` sees the input itself, which the q/k/v/gate (and MLP gate/up) LoRAs then share: the same values
+    reach the same bf16 matmuls, so outputs and gradients are the same (bit for bit unfused; with fuse_qkv up to the
+    order bf16 gradient contributions are summed). Without autocast (an fp32 run, or a bf16 run without autocast,
+    where the LoRA matmul really runs in fp32), with DoRA/variants, with active LoRA dropout, or for non-float32 LoRA
+    weights nothing changes: the check runs on every call, so it holds under checkpoint recomputation and
+    torch.compile too. `unshare_lora_input` undoes it."""
+    n = 0
+    for layer in _lora_linears(transformer):
+        layer._cast_input_dtype = types.MethodType(_cast_input_dtype, layer)
+        layer._krea2_shared_input = True
+        n += 1
+    log.debug("share_lora_input: %d LoRA layers", n)
+    return transformer
+
+
+def unshare_lora_input(transformer: nn.Module) -> nn.Module:
+    """PEFT's own cast again (an fp32 copy of the input per LoRA layer)."""
+    for layer in _lora_linears(transformer):
+        layer.__dict__.pop("_cast_input_dtype", None)
+        layer.__dict__.pop("_krea2_shared_input", None)
+    return transformer
 
 
 # ------------------------------------------------------------------------------------------------------ compile
