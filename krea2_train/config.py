@@ -131,6 +131,8 @@ class MemorySection:
     attention_backend: Optional[str] = "auto"
     # Drop text padding per batch (same result, fewer tokens).
     trim_text_padding: Optional[bool] = None
+    # Under bf16 autocast, LoRA layers share their bf16 input instead of an fp32 copy each (same result, less memory).
+    share_lora_input: Optional[bool] = None
 
 
 @dataclass

@@ -169,12 +169,17 @@ def bench_config(name, args, device, dtype):
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator(device="cpu").manual_seed(1)
 
+    # bf16 runs compute under autocast, as the trainer (and the diffusers example, through accelerate) does: the fp32
+    # LoRA weights then run bf16 matmuls
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
     def step():
         sigma = torch.rand(1, generator=gen).to(device)
         s = sigma.to(dtype)[:, None, None]
         x_t = (1 - s) * batch["x0"] + s * batch["noise"]
-        out = model(hidden_states=x_t, encoder_hidden_states=batch["text"], timestep=sigma,
-                    position_ids=batch["pos"], encoder_attention_mask=batch["mask"], return_dict=False)[0]
+        with autocast:
+            out = model(hidden_states=x_t, encoder_hidden_states=batch["text"], timestep=sigma,
+                        position_ids=batch["pos"], encoder_attention_mask=batch["mask"], return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(out.float(), (batch["noise"] - batch["x0"]).float())
         loss.backward()
         opt.step()

@@ -328,3 +328,26 @@ def test_int8_layer_keeps_no_input_under_checkpointing_unlike_bitsandbytes():
     layer = bnb.nn.Linear8bitLt(96, 48, bias=False, has_fp16_weights=False, threshold=6.0, device="meta")
     layer.weight = bnb.nn.Int8Params(lin.weight.detach(), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
     assert _input_alive_after_checkpointed_forward(layer), "bitsandbytes changed: its int8 matmul frees its input"
+
+
+def test_memory_settings_wire_the_shared_lora_input():
+    """memory.share_lora_input (default on) reaches every LoRA layer; under bf16 autocast the result is the same as
+    with it off, bit for bit (speed tests cover the path itself)."""
+    shared = add_lora(tiny_model(torch.bfloat16))
+    for p in shared.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # the trainer's fp32 LoRA on a bf16 base
+    plain = twin(shared)
+    on = memory.resolve_memory_settings(dict(gradient_checkpointing=False))
+    off = memory.resolve_memory_settings(dict(gradient_checkpointing=False, share_lora_input=False))
+    assert on.share_lora_input and not off.share_lora_input
+    memory.apply_memory_settings(shared, on, "cpu")
+    memory.apply_memory_settings(plain, off, "cpu")
+    for model, flag in ((shared, True), (plain, False)):
+        layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+        assert layers and all(getattr(m, "_krea2_shared_input", False) is flag for m in layers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = run(plain, inputs(dtype=torch.bfloat16))
+        b = run(shared, inputs(dtype=torch.bfloat16))
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    assert_close_grads(a[1], b[1], rtol=0, atol=0)
