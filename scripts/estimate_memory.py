@@ -7,6 +7,7 @@ batch 1, 1024 px (4096 image tokens), text padded to 512 tokens with 128 valid. 
 
     python scripts/estimate_memory.py                      # every bench_step config, one table
     python scripts/estimate_memory.py --configs int8 --json out.json
+    python scripts/estimate_memory.py --configs '' --fsdp 2,4,8   # FSDP rows only (per GPU, N processes)
 
 What is modelled
   * Static, from the real module tree (after PEFT and the config's memory settings):
@@ -120,6 +121,11 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.ops = 0
         self.softmax_ops = 0
+        # bytes of the LoRA .grad tensors (marked by trace_step's post-accumulate hooks): the peak without them is
+        # what FSDP adds its sharded grads to
+        self.grad_keys: set[int] = set()
+        self.grad_cur = 0
+        self.peak_without_grads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -138,11 +144,22 @@ class LiveBytes(TorchDispatchMode):
             self.live[key] = n
             self.cur += n
             self.peak = max(self.peak, self.cur)
+            self.peak_without_grads = max(self.peak_without_grads, self.cur - self.grad_cur)
             weakref.finalize(st, self._free, key)
         return out
 
+    def mark_grad(self, grad):
+        key = id(grad.untyped_storage())
+        if key in self.live and key not in self.grad_keys:
+            self.grad_keys.add(key)
+            self.grad_cur += self.live[key]
+
     def _free(self, key):
-        self.cur -= self.live.pop(key, 0)
+        n = self.live.pop(key, 0)
+        self.cur -= n
+        if key in self.grad_keys:
+            self.grad_keys.discard(key)
+            self.grad_cur -= n
 
 
 # --------------------------------------------------------------------------------------------- attention model
@@ -287,10 +304,15 @@ def build_meta(tiny: bool, rank: int, dtype=torch.bfloat16):
     return model.eval()
 
 
-def prepare(model, name):
-    """bench_step.bench_config's set-up on meta. Returns (effective settings, is_baseline)."""
+def prepare(model, name, fsdp=False):
+    """bench_step.bench_config's set-up on meta. Returns (effective settings, is_baseline). `fsdp`: as the trainer's
+    _build_model under FSDP (q/k/v fusion and compile off)."""
     overrides, is_baseline = bench.CONFIGS[name]
     settings = memory.resolve_memory_settings(dict(overrides))
+    if fsdp:
+        if is_baseline or settings.quantize != "none" or settings.offload_blocks or settings.optimizer_8bit:
+            raise ValueError(f"{name}: FSDP trains a bf16 base with AdamW, no offload (sharding.check_fsdp_settings)")
+        settings = dataclasses.replace(settings, fuse_qkv=False, compile=False)
     if is_baseline:
         speed.set_plain_attention(model)
         memory.enable_checkpointing(model, None)
@@ -359,6 +381,8 @@ def trace_step(model, settings, is_baseline, resolution=1024, text_tokens=512, c
     tracker = LiveBytes()
     marks = []
     hooks = [b.register_forward_hook(lambda m, a, o: marks.append(tracker.cur)) for b in model.transformer_blocks]
+    hooks += [p.register_post_accumulate_grad_hook(lambda p: tracker.mark_grad(p.grad))
+              for p in model.parameters() if p.requires_grad]
     try:
         with traced_kernels(workspace), tracker:
             if inputs is None:
@@ -390,7 +414,8 @@ def trace_step(model, settings, is_baseline, resolution=1024, text_tokens=512, c
         raise RuntimeError("a softmax ran in the trace: some attention escaped the flash cost model")
     per_block = [b - a for a, b in zip(marks, marks[1:])][: len(model.transformer_blocks) - 1]
     return dict(peak=tracker.peak, after_backward=after, after_forward=after_forward, ops=tracker.ops,
-                saved_per_block=max(per_block) if per_block else 0)
+                saved_per_block=max(per_block) if per_block else 0, peak_without_grads=tracker.peak_without_grads,
+                grads_after_backward=tracker.grad_cur)
 
 
 def estimate(name, tiny=False, rank=32, resolution=None, text_tokens=512, caption_tokens=128) -> dict:
@@ -421,6 +446,128 @@ def estimate(name, tiny=False, rank=32, resolution=None, text_tokens=512, captio
                 seconds=time.perf_counter() - t0)
 
 
+# ------------------------------------------------------------------------------------------------------- FSDP
+# FSDP row -> the bench_step config whose memory settings it trains with (fuse_qkv and compile off, as the trainer's
+# _build_model does under FSDP; no quantisation / offload / 8-bit optimiser: sharding.check_fsdp_settings refuses them)
+FSDP_CONFIGS = {"fsdp_ckpt": "bf16_ckpt_nofuse", "fsdp_48gb": "preset_48gb"}
+FSDP_GATHERED_BLOCKS = 2  # the running block's unsharded params + the prefetched next block's all-gather output
+FSDP_RS_BUFFERS = 2  # fp32 reduce-scatter inputs: the block being reduced + one in flight (max_input_buffers=1)
+NCCL_GIB = 0.25  # NCCL communicator buffers, outside torch's allocator
+CARDS_GIB = (16, 24, 48)
+
+
+def _dim0_chunks(rows: int, n: int) -> list[int]:
+    """Rows of each rank's shard: FSDP2 shards dim 0 like torch.chunk (ceil(rows/n) each, the tail short or empty)."""
+    c = -(-rows // n)
+    return [max(0, min(c, rows - r * c)) for r in range(n)]
+
+
+def fsdp_layout(model, n: int, param_dtype=torch.bfloat16) -> dict:
+    """Per-rank bytes of `sharding.shard_transformer`'s groups (one per transformer block + the root), from the real
+    module tree as built (stored dtypes: bf16 base, fp32 norms, fp32 LoRA). `param_dtype`: MixedPrecisionPolicy's
+    (bf16: every parameter, fp32 LoRA and norm scales included, is all-gathered in bf16); None = stored dtype.
+
+    Per group: `shard` = bytes each rank's local shards hold (list over ranks, unpadded torch.chunk pieces: they add
+    up to the unsharded bytes exactly), `shard_padded` = what FSDP2 allocates per rank (every rank's shard padded to
+    ceil(rows/n): the sharded storage, the all-gather input view and the reduce-scatter output); `gathered` = bytes of
+    the unsharded parameters after the all-gather; `ag_buffer` = the flat all-gather output (n x padded shard, in
+    param_dtype); `trainable` = numel of the LoRA params (grads: unsharded in param_dtype, reduce-scatter in fp32)."""
+    if any(True for _ in model.buffers()):
+        raise ValueError("the model has buffers: FSDP replicates them, which fsdp_layout does not count")
+    gsize = torch.empty((), dtype=param_dtype).element_size() if param_dtype is not None else None
+    blocks = list(model.transformer_blocks)
+    in_block = {id(p) for b in blocks for p in b.parameters()}
+    groups = [(f"block{i}", list(b.parameters())) for i, b in enumerate(blocks)]
+    groups.append(("root", [p for p in model.parameters() if id(p) not in in_block]))
+    out = []
+    for name, params in groups:
+        shard = [0] * n
+        padded = gathered = ag_bytes = trainable = trainable_padded = frozen = lora = 0
+        for p in params:
+            rows = p.shape[0] if p.ndim else 1
+            rest = p.numel() // max(rows, 1)
+            chunks = _dim0_chunks(rows, n)
+            es = p.element_size()
+            for r, c in enumerate(chunks):
+                shard[r] += c * rest * es
+            padded += chunks[0] * rest * es
+            gathered += p.numel() * (gsize or es)
+            ag_bytes += n * chunks[0] * rest * (gsize or es)
+            if p.requires_grad:
+                trainable += p.numel()
+                trainable_padded += n * chunks[0] * rest
+                lora += p.numel() * es
+            else:
+                frozen += p.numel() * es
+        out.append(dict(name=name, numel=sum(p.numel() for p in params), bytes=frozen + lora, frozen_bytes=frozen,
+                        lora_bytes=lora, shard=shard, shard_padded=padded, gathered=gathered, ag_buffer=ag_bytes,
+                        trainable=trainable, trainable_padded=trainable_padded, grad_size=gsize or 4))
+    return dict(n=n, groups=out, blocks=out[:-1], root=out[-1])
+
+
+def fsdp_bytes(layout: dict, activations: int) -> dict:
+    """Per-GPU allocated peak of one FSDP LoRA step (rank 0, which holds the largest shards), in bytes.
+
+    sharded     base + LoRA params, padded shards (1/n)
+    grads       fp32 LoRA grads, sharded (1/n; all of them counted although the traced peak is early in backward)
+    optimizer   AdamW 2 x fp32 states of the local LoRA shards
+    root        the root's gathered params (embedders, text fusion, final layer), kept from forward to backward
+    blocks      FSDP_GATHERED_BLOCKS x the largest block's all-gather output (padded, param dtype): the running
+                block's unsharded params + the next block's prefetch (at copy-out the same block's buffer and params
+                are both live, while the previous block has already been resharded: still 2 blocks' worth)
+    rs          the running block's unsharded LoRA grads (param dtype) + FSDP_RS_BUFFERS fp32 reduce-scatter inputs
+    activations the traced dynamic peak without the LoRA grads (taken with the bf16-cast model, as FSDP computes)"""
+    g = layout["groups"]
+    big = max(layout["blocks"], key=lambda b: b["ag_buffer"])
+    lora_shard = sum(x["trainable_padded"] for x in g) // layout["n"]  # numel per rank
+    parts = dict(
+        sharded=sum(x["shard_padded"] for x in g),
+        grads=4 * lora_shard,
+        optimizer=2 * 4 * lora_shard,
+        root=layout["root"]["gathered"],
+        blocks=FSDP_GATHERED_BLOCKS * big["ag_buffer"],
+        rs=max(b["trainable"] * b["grad_size"] + FSDP_RS_BUFFERS * 4 * b["trainable_padded"]
+               for b in layout["blocks"]),
+        activations=activations,
+    )
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def estimate_fsdp(name, ns, tiny=False, rank=32, resolution=None, text_tokens=512, caption_tokens=128) -> list[dict]:
+    """FSDP rows of FSDP_CONFIGS[name] for each process count in `ns` (one trace: activations do not depend on n)."""
+    import warnings
+
+    resolution = resolution or (256 if tiny else 1024)
+    t0 = time.perf_counter()
+    base_name = FSDP_CONFIGS[name]
+    model = build_meta(tiny, rank)
+    settings, is_baseline = prepare(model, base_name, fsdp=True)
+    layouts = {n: fsdp_layout(model, n) for n in ns}
+    # the blocks compute with the all-gathered bf16 params (MixedPrecisionPolicy(param_dtype=bf16)): trace that
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+        tr = trace_step(model, settings, is_baseline, resolution, text_tokens, caption_tokens)
+    act = tr["peak_without_grads"]
+    rows = []
+    for n in ns:
+        b = fsdp_bytes(layouts[n], act)
+        transient = b["activations"] + b["root"] + b["blocks"] + b["rs"]
+        allowance = (CONTEXT_GIB + WORKSPACE_GIB + NCCL_GIB) * GiB + FRAGMENTATION * transient
+        card = b["total"] + allowance
+        rows.append(dict(config=name, base_config=base_name, processes=n,
+                         checkpoint_blocks=getattr(model, "_krea2_checkpoint_blocks", 0)
+                         if model.gradient_checkpointing else 0,
+                         **{f"{k}_gib": v / GiB for k, v in b.items() if k != "total"},
+                         gathered_gib=(b["root"] + b["blocks"]) / GiB,
+                         est_alloc_gib=b["total"] / GiB, allowance_gib=allowance / GiB, est_card_gib=card / GiB,
+                         fits={f"{c}gb": card <= c * GiB for c in CARDS_GIB},
+                         seconds=time.perf_counter() - t0))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(bench.CONFIGS), help=f"comma list of {', '.join(bench.CONFIGS)}")
@@ -429,22 +576,47 @@ def main(argv=None):
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default 1024, tiny 256)")
     ap.add_argument("--text-tokens", type=int, default=512)
     ap.add_argument("--caption-tokens", type=int, default=128)
+    ap.add_argument("--fsdp", default=None, help="also FSDP rows (per GPU) for these process counts, e.g. 2,4,8")
+    ap.add_argument("--fsdp-configs", default=",".join(FSDP_CONFIGS),
+                    help=f"comma list of {', '.join(f'{k} (= {v})' for k, v in FSDP_CONFIGS.items())}")
     ap.add_argument("--json", default=None, help="also write the rows here ('-' = stdout only JSON)")
     args = ap.parse_args(argv)
-    names = args.configs.split(",")
+    names = [n for n in args.configs.split(",") if n]  # --configs '' : FSDP rows only
     unknown = [n for n in names if n not in bench.CONFIGS]
     if unknown:
         ap.error(f"unknown configs {unknown}; known: {list(bench.CONFIGS)}")
+    ns = [int(x) for x in args.fsdp.split(",")] if args.fsdp else []
+    fsdp_names = [n for n in args.fsdp_configs.split(",") if n] if ns else []
+    unknown = [n for n in fsdp_names if n not in FSDP_CONFIGS]
+    if unknown or any(n < 1 for n in ns):
+        ap.error(f"unknown FSDP configs {unknown} (known: {list(FSDP_CONFIGS)}) or a process count < 1")
     torch.set_num_threads(1)
     rows = [estimate(n, args.tiny, args.rank, args.resolution, args.text_tokens, args.caption_tokens) for n in names]
+    fsdp_rows = [r for n in fsdp_names
+                 for r in estimate_fsdp(n, ns, args.tiny, args.rank, args.resolution, args.text_tokens,
+                                        args.caption_tokens)]
     header = dict(model="tiny" if args.tiny else "full 12.9B", resolution=args.resolution or (256 if args.tiny else 1024),
                   batch=1, rank=args.rank, text_tokens=args.text_tokens, caption_tokens=args.caption_tokens,
                   allowance=f"{CONTEXT_GIB} GiB context + {WORKSPACE_GIB} GiB workspaces + "
                             f"{FRAGMENTATION:.0%} of dynamic peak", torch=torch.__version__)
+    if fsdp_rows:
+        header["fsdp_allowance"] = f"{header['allowance']} + {NCCL_GIB} GiB NCCL (fragmentation on activations + " \
+                                   "gathered params + reduce-scatter buffers)"
+    result = dict(header=header, rows=rows, fsdp_rows=fsdp_rows) if fsdp_rows else dict(header=header, rows=rows)
     if args.json == "-":
-        print(json.dumps(dict(header=header, rows=rows), indent=2))
-        return rows
+        print(json.dumps(result, indent=2))
+        return (rows, fsdp_rows) if ns else rows
     print("# " + json.dumps(header))
+    if rows:
+        _print_rows(rows)
+    if fsdp_rows:
+        _print_fsdp_rows(fsdp_rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return (rows, fsdp_rows) if ns else rows
+
+
+def _print_rows(rows):
     print(f"{'config':<18}{'base W':>8}{'LoRA+g+opt':>11}{'act peak':>9}{'est alloc':>10}{'est card':>9}"
           f"  {'target':<28}{'fits?':>5}")
     for r in rows:
@@ -454,9 +626,21 @@ def main(argv=None):
               f"  {r['target']:<28}{fits:>5}")
     print("GiB. act peak = traced dynamic peak minus the LoRA grads; est alloc ~ torch.cuda.max_memory_allocated; "
           "est card = alloc + allowance (see docstring). compile rows: eager estimate.")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(header=header, rows=rows), indent=2))
-    return rows
+
+
+def _print_fsdp_rows(rows):
+    print("\nFSDP, per GPU (bf16 base + LoRA sharded, AdamW; q/k/v fusion and compile off; batch 1 per GPU)")
+    print(f"{'config':<11}{'N':>3}{'ckpt':>5}{'shards':>8}{'g+opt':>7}{'gathered':>9}{'rs':>6}{'act':>7}"
+          f"{'est alloc':>10}{'est card':>9}  " + " ".join(f"{c}GB" for c in CARDS_GIB))
+    for r in rows:
+        fits = " ".join(f"{'yes' if r['fits'][f'{c}gb'] else 'NO':>4}" for c in CARDS_GIB)
+        print(f"{r['config']:<11}{r['processes']:>3}{r['checkpoint_blocks']:>5}{r['sharded_gib']:>8.2f}"
+              f"{r['grads_gib'] + r['optimizer_gib']:>7.2f}{r['gathered_gib']:>9.2f}{r['rs_gib']:>6.2f}"
+              f"{r['activations_gib']:>7.2f}{r['est_alloc_gib']:>10.2f}{r['est_card_gib']:>9.2f}  {fits}")
+    print("GiB. shards = this GPU's 1/N of base + LoRA; g+opt = its fp32 LoRA grads + AdamW states; gathered = root "
+          f"(kept gathered) + {FSDP_GATHERED_BLOCKS} blocks in bf16; rs = unsharded block LoRA grads + fp32 "
+          "reduce-scatter buffers; act = traced peak (bf16 params) without grads; est card adds the allowance "
+          f"(+{NCCL_GIB} GiB NCCL). Cards: usable GiB = nominal GB.")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """scripts/estimate_memory.py: static bytes match real (quantised) tiny models; the traced activation peak on meta
-matches a real CPU step measured by the torch profiler's allocator events; the full-size path runs."""
+matches a real CPU step measured by the torch profiler's allocator events; the FSDP arithmetic matches the module
+tree and a real 2-process CPU fully_shard; the full-size path runs."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -142,11 +146,125 @@ def test_int8_keeps_what_bf16_keeps_through_checkpointing():
     assert est_i8["after_forward"] == est_bf["after_forward"]
 
 
+# ------------------------------------------------------------------------------------------------------------ FSDP
+def _tiny_fsdp_meta():
+    model = em.build_meta(True, 32)
+    settings, is_baseline = em.prepare(model, "bf16_ckpt_nofuse", fsdp=True)
+    assert not settings.fuse_qkv and not is_baseline
+    return model, settings
+
+
+def _bytes(params):
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def test_fsdp_layout_matches_module_tree():
+    model, _ = _tiny_fsdp_meta()
+    st = em.static_bytes(model)
+    blocks = list(model.transformer_blocks)
+    in_block = {id(p) for b in blocks for p in b.parameters()}
+    root = [p for p in model.parameters() if id(p) not in in_block]
+    for n in (1, 2, 3, 4, 8):
+        lay = em.fsdp_layout(model, n)
+        assert len(lay["blocks"]) == len(blocks)
+        # the shards add back up to the unsharded groups exactly, and the groups to the whole model
+        for g in lay["groups"]:
+            assert sum(g["shard"]) == g["bytes"] and len(g["shard"]) == n
+            assert g["shard_padded"] == g["shard"][0] == max(g["shard"])  # rank 0 holds the padded size
+        assert sum(g["bytes"] for g in lay["groups"]) == st["weights"] + st["lora_params"]
+        assert sum(g["trainable"] for g in lay["groups"]) == st["trainable_numel"]
+        # gathered = the group's real parameters as the bf16 policy all-gathers them; without a policy, as stored
+        plain = em.fsdp_layout(model, n, param_dtype=None)
+        for b, g, g0 in zip(blocks, lay["blocks"], plain["blocks"]):
+            assert g["bytes"] == g0["gathered"] == _bytes(b.parameters())
+            assert g["gathered"] == _bytes(p.to(torch.bfloat16) for p in b.parameters())
+            assert g["ag_buffer"] >= g["gathered"] and g["trainable"] == sum(p.numel() for p in b.parameters()
+                                                                            if p.requires_grad)
+        assert plain["root"]["gathered"] == _bytes(root)
+        assert lay["root"]["gathered"] == 2 * sum(p.numel() for p in root)
+        if n == 1:
+            assert all(g["ag_buffer"] == g["gathered"] for g in lay["groups"])
+
+
+def test_fsdp_one_process_is_single_gpu_plus_gathered_overhead():
+    model, settings = _tiny_fsdp_meta()
+    st = em.static_bytes(model)
+    tr = em.trace_step(model, settings, False, 256)
+    assert tr["grads_after_backward"] == tr["after_backward"] == st["lora_grads"]  # the grad marking sees them all
+    act = tr["peak_without_grads"]
+    one = em.fsdp_bytes(em.fsdp_layout(model, 1), act)
+    assert one["sharded"] == st["weights"] + st["lora_params"]
+    assert one["grads"] == st["lora_grads"] and one["optimizer"] == st["optimizer"]
+    lay = em.fsdp_layout(model, 1)
+    block = max(g["gathered"] for g in lay["blocks"])
+    assert one["blocks"] == em.FSDP_GATHERED_BLOCKS * block and one["root"] == lay["root"]["gathered"]
+    overhead = one["root"] + one["blocks"] + one["rs"]
+    single = st["weights"] + st["lora_params"] + st["optimizer"] + tr["peak"]
+    assert one["total"] == st["weights"] + st["lora_params"] + st["optimizer"] + st["lora_grads"] + act + overhead
+    assert single <= one["total"] - overhead <= single + st["lora_grads"]  # grads counted whole, wherever the peak
+    two = em.fsdp_bytes(em.fsdp_layout(model, 2), act)
+    assert two["total"] - two["activations"] - overhead < one["total"] - one["activations"] - overhead
+
+
+SHARD_SCRIPT = textwrap.dedent('''
+    import importlib.util, json, os, sys
+    import torch, torch.distributed as dist
+    root, out = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location("_em", os.path.join(root, "scripts", "estimate_memory.py"))
+    em = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(em)
+    from krea2_train.train import sharding
+    dist.init_process_group("gloo")
+    model = em.bench.build_model(True, torch.device("cpu"), torch.bfloat16)
+    em.bench.add_lora(model, 32)
+    sharding.shard_transformer(model, sharding.make_mesh(torch.device("cpu")), "bf16")
+    blocks = list(model.transformer_blocks)
+    in_block = {id(p) for b in blocks for p in b.parameters()}
+    groups = [(b, list(b.parameters())) for b in blocks]
+    groups.append((model, [p for p in model.parameters() if id(p) not in in_block]))
+    res = dict(shard=[], gathered=[], types=[])
+    for mod, params in groups:
+        res["shard"].append(sum(p.to_local().numel() * p.to_local().element_size() for p in params))
+        mod.unshard()  # this group's all-gather only
+        params = list(mod.parameters()) if mod is not model else [
+            p for p in model.parameters() if id(p) not in {id(q) for b in blocks for q in b.parameters()}]
+        res["gathered"].append(sum(p.numel() * p.element_size() for p in params))
+        res["types"].append(sorted({f"{type(p).__name__} {p.dtype}" for p in params}))
+        mod.reshard()
+    json.dump(res, open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w"))
+    dist.destroy_process_group()
+''')
+
+
+def test_fsdp_shards_match_real_two_process_fully_shard(tmp_path):
+    """torch fully_shard of the tiny model on 2 CPU processes (gloo), as sharding.shard_transformer does with bf16:
+    each rank's local shard bytes per group and each group's all-gathered bytes equal the estimator's (~10 s)."""
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--standalone", str(script), str(ROOT), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    model, _ = _tiny_fsdp_meta()
+    lay = em.fsdp_layout(model, 2)
+    for rank in (0, 1):
+        real = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert real["shard"] == [g["shard"][rank] for g in lay["groups"]]
+        assert real["gathered"] == [g["gathered"] for g in lay["groups"]]
+        assert all(t == ["Parameter torch.bfloat16"] for t in real["types"])  # unsharded, in the policy's dtype
+    # the root's split is uneven on the tiny model (odd rows): rank 0 holds the padded size
+    assert lay["root"]["shard"][0] > lay["root"]["shard"][1]
+
+
 def test_full_size_script_runs(tmp_path):
     out = tmp_path / "est.json"
-    rows = em.main(["--configs", "nf4_offload,bf16_ckpt", "--json", str(out)])
+    rows, fsdp_rows = em.main(["--configs", "nf4_offload,bf16_ckpt", "--fsdp", "2,4,8", "--json", str(out)])
     data = json.loads(out.read_text())
     assert [r["config"] for r in data["rows"]] == ["nf4_offload", "bf16_ckpt"]
+    assert [(r["config"], r["processes"]) for r in data["fsdp_rows"]] == [
+        (c, n) for c in ("fsdp_ckpt", "fsdp_48gb") for n in (2, 4, 8)]
     nf4, bf16 = rows
     # 12.8B params: bf16 base ~23.9 GiB; NF4 + offload keeps only non-block bf16 weights, stats and 2 blocks
     assert 23.5 < bf16["weights_gib"] < 24.2
@@ -160,3 +278,16 @@ def test_full_size_script_runs(tmp_path):
         # checkpointed: ~one 4224 x 6144 bf16 hidden state kept per block, a few GiB at peak
         assert r["saved_per_block_gib"] == pytest.approx(4224 * 6144 * 2 / 2**30, rel=0.05)
         assert 1.5 < r["activation_peak_gib"] < 6
+    # FSDP: 1/N of the bf16 base + LoRA; root (~0.66B params) + 2 blocks (~0.44B each) gathered in bf16
+    for r in fsdp_rows:
+        n = r["processes"]
+        assert r["sharded_gib"] == pytest.approx((bf16["weights_gib"] + bf16["lora_params_gib"]) / n, rel=1e-3)
+        assert 2.7 < r["gathered_gib"] < 3.0 and r["rs_gib"] < 0.05
+        parts = ("sharded", "grads", "optimizer", "root", "blocks", "rs", "activations")
+        assert sum(r[f"{k}_gib"] for k in parts) == pytest.approx(r["est_alloc_gib"], rel=1e-9)
+    ckpt = [r for r in fsdp_rows if r["config"] == "fsdp_ckpt"]
+    part = [r for r in fsdp_rows if r["config"] == "fsdp_48gb"]
+    assert all(r["checkpoint_blocks"] == 28 for r in ckpt) and all(r["checkpoint_blocks"] == 16 for r in part)
+    assert ckpt[0]["activations_gib"] < bf16["activation_peak_gib"] + bf16["grads_gib"]  # bf16 LoRA inputs
+    assert all(p["activations_gib"] > 3 * c["activations_gib"] for c, p in zip(ckpt, part))
+    assert [r["est_card_gib"] for r in ckpt] == sorted((r["est_card_gib"] for r in ckpt), reverse=True)
