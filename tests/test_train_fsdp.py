@@ -1,7 +1,7 @@
 """Two-process FSDP (torch `fully_shard` on a CPU mesh, gloo) through `accelerate launch` with the shipped CPU
 config and `train.fsdp=true`, on cached demo images. One launch trains three runs of the same settings:
 
-    ddp       the DDP reference
+    ddp       the DDP reference (fp32; ddp_bf16 / fsdp_bf16: the same pair in bf16 with autocast)
     fsdp      FSDP straight through, with a Raw + Turbo preview at step 2 (Turbo swapped into the shards and back)
     resumed   FSDP stopped at step 3 (as Ctrl-C does), then resumed by a new Trainer from the checkpoint
 
@@ -90,6 +90,9 @@ SCRIPT = textwrap.dedent('''
         assert res.step == 4 and not res.interrupted, res
         if name == "fsdp":
             check_turbo_swap(t)
+    bf16 = ["model.dtype=bfloat16", "train.mixed_precision=bf16", "train.stages=[{resolution: 128, steps: 2, batch_size: 1}]"]
+    for name, extra in (("ddp_bf16", ["train.fsdp=false"]), ("fsdp_bf16", ["train.fsdp=true"])):
+        assert trainer(f"run_name={name}", *extra, *bf16).run().step == 2
     t = trainer("run_name=resumed", "train.fsdp=true")
 
     def stop_at_three(tr, step):
@@ -140,6 +143,13 @@ def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path, demo_image
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-6, msg=k)
         torch.testing.assert_close(resumed[k], fsdp[k], rtol=0, atol=0, msg=k)
         torch.testing.assert_close(adapters["launched"][k], fsdp[k], rtol=0, atol=0, msg=k)
+
+    # the real precision (bf16 base, fp32 LoRA, bf16 autocast): FSDP gathers the stored dtypes, so same arithmetic
+    a = load_file(str(tmp_path / "ddp_bf16" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp_bf16" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() == ddp.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-6, msg=k)
 
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step-000004"
     assert (ckpt / "optimizer_sharded" / ".metadata").exists() and not (ckpt / "optimizer.bin").exists()

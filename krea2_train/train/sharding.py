@@ -11,8 +11,9 @@ Why the trainer calls `fully_shard` itself instead of accelerate's FSDP `prepare
     CPU mesh with gloo, and tests/test_train_fsdp.py checks it against DDP and across a resume.
 
 Sharding unit: one FSDP group per transformer block (all-gathered just before the block runs, freed after), plus the
-root for the embedders and final layer. With bf16 mixed precision the parameters are all-gathered in bf16 (the fp32
-LoRA weights too, as autocast would compute them) and gradients are reduced in fp32.
+root for the embedders and final layer. Parameters are gathered in the dtypes they are stored in (bf16 base, fp32
+LoRA and RMSNorm scales) and compute runs under the same autocast as DDP, so both do the same arithmetic; only the
+gradient reduction differs (reduce-scatter instead of all-reduce).
 """
 
 from __future__ import annotations
@@ -71,17 +72,14 @@ def make_mesh(device: torch.device):
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
-def shard_transformer(transformer: nn.Module, mesh, mixed_precision: str,
-                      reshard_after_forward: bool = True) -> nn.Module:
+def shard_transformer(transformer: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:
     """Shard every block and the root over `mesh`; each process keeps its shards, moved to the mesh's device (no
     communication: processes may do this one after another). Call after the LoRA is injected and before the
     optimiser is built (fully_shard replaces the parameters with sharded ones)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     from .memory import unwrap_transformer
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if mixed_precision == "bf16" else MixedPrecisionPolicy()
     model = unwrap_transformer(transformer)
     import warnings
 
@@ -89,8 +87,8 @@ def shard_transformer(transformer: nn.Module, mesh, mixed_precision: str,
     # FSDP test compares the gradients with DDP's), so the per-step warning about in-place ops on views is noise
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for block in model.transformer_blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     n = sum(p.numel() for p in model.parameters())
     log.info("FSDP: %d parameters sharded over %d processes (%d blocks + root)", n, mesh.size(),
              len(model.transformer_blocks))

@@ -223,7 +223,7 @@ class Trainer:
         # q/k/v fusion makes weights views of one tensor, which sharding would split apart; compile goes last
         transformer = apply_memory_settings(transformer, replace(mem, fuse_qkv=False, compile=False),
                                             torch.device("cpu"), compute_dtype=compute)
-        transformer = sharding.shard_transformer(transformer, mesh, cfg.train.mixed_precision,
+        transformer = sharding.shard_transformer(transformer, mesh,
                                                  reshard_after_forward=sharding.reshard_after_forward())
         if mem.compile:
             from .speed import compile_blocks
