@@ -25,6 +25,28 @@ What is modelled
     bytes of every tensor a dispatched op allocates (a TorchDispatchMode; views and in-place ops allocate nothing)
     until its storage dies, like torch.cuda.max_memory_allocated counts the caching allocator's live blocks.
     The 28 blocks are all traced (no extrapolation).
+      - bf16 autocast, as bench_step's step() and the trainer (accelerate, mixed_precision bf16) run the forward:
+        real torch.autocast does not act on meta tensors, so EmulatedAutocast (a TorchFunctionMode, i.e. above
+        autograd like the real Autocast key) applies CUDA autocast's casts: linear / matmul / bmm / baddbmm / SDPA
+        (the AUTOCAST_LOWER list) get their floating args in bf16, the AUTOCAST_FP32 ops (norms, pow, exp, losses...)
+        in fp32. A cast is a differentiable .to(), so its copy is counted, saved and freed as autograd does; the bf16
+        copies of the fp32 LoRA weights are cached until the autocast region exits, as autocast's weight cache is.
+        `torch.autocast` / `torch.amp.autocast` on meta enter the emulated region (so checkpoint recomputation, which
+        re-enters the autocast state it recorded, is cast too), and torch.is_autocast_enabled / get_autocast_dtype
+        and speed._autocast_dtype answer "on, bf16" inside it: memory.share_lora_input (default on) then feeds the
+        bf16 layer input to lora_A, and memory.QuantLinear dequantises straight to bf16, as on the GPU. With
+        `memory.share_lora_input` off (`--no-share-lora-input`), PEFT's fp32 copy of each LoRA input is made and
+        autocast's bf16 re-cast of it is what lora_A saves: allocated +0.14 GiB (bf16_ckpt, int8: only at the
+        recompute peak), +1.74 GiB (48gb), +4.06 GiB (80gb). Before the emulation the trace ran without autocast
+        (fp32 LoRA matmuls keeping PEFT's fp32 input copies), est. card: 80gb 58.57 -> 55.65, 48gb 40.73 -> 39.48,
+        bf16_ckpt 28.31 -> 28.20 (bf16_ckpt_nofuse 28.63 -> 28.20), int8 17.19 -> 16.77, nf4_offload 6.44 -> 6.02.
+        FSDP (sharding.shard_transformer since 5a4e002) gathers the stored dtypes, no bf16 param policy, and
+        computes under the same autocast: its activations are the single-GPU trace's (share_lora_input included)
+        and its gathered blocks/root hold fp32 LoRA and norm scales (N=2 est. card, before with the bf16 policy:
+        fsdp_ckpt 19.50 -> 19.51, fsdp_48gb 30.74 -> 30.79 GiB).
+        tests/test_estimate_memory.py compares the emulated trace with real CPU bf16-autocast steps of the tiny
+        model (CPU autocast casts the same matmul ops; the trace asserts no op of CUDA's fp32 list met a bf16
+        input there), share_lora_input on and off: the on/off difference matches to the byte.
       - Attention: on meta/CPU SDPA would take the math path and materialise L x L scores that flash attention on an
         H100 never stores. SDPA is replaced during the trace by a cost model of the CUDA kernels: the forward saves
         q, k, v, out and an fp32 logsumexp; the backward holds an fp32 dQ accumulator and (GQA) k/v-head-expanded
@@ -70,6 +92,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,25 +218,156 @@ def _sdpa_cost(workspace):
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if key.shape[-3] != query.shape[-3] and not enable_gqa:
             raise ValueError("k/v heads differ from q heads without enable_gqa")
+        if _EMULATED is not None and _EMULATED.enabled:  # SDPA is an autocast lower-precision op
+            (query, key, value), _ = _EMULATED.cast((query, key, value), {}, _EMULATED.dtype, "lower")
         return _FlashAttentionCost.apply(query, key, value, workspace)
     return sdpa
 
 
+# ------------------------------------------------------------------------------------------- autocast on meta
+# CUDA autocast's op lists (aten/src/ATen/autocast_mode.h of torch 2.13: AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32,
+# AT_FORALL_FP32_SET_OPT_DTYPE; every name has an AutocastCUDA kernel in the installed torch, which
+# tests/test_estimate_memory.py checks), by the Python name the op is called under (F.linear -> "linear",
+# x @ w -> "__matmul__"). The recurrent cells and the promote list (ops that already promote mixed dtypes) are left out.
+# Real torch.autocast does nothing to meta tensors (there is no Autocast key for the Meta backend), so the trace casts.
+AUTOCAST_LOWER = frozenset({  # floating args cast to the autocast dtype (bf16)
+    "linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "addr", "mv",
+    "einsum", "chain_matmul", "linalg_multi_dot", "linalg_vecdot", "conv1d", "conv2d", "conv3d", "conv_tbc",
+    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution", "prelu", "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention"})
+AUTOCAST_FP32 = frozenset({  # floating args cast to float32
+    "acos", "asin", "cosh", "sinh", "tan", "erfinv", "exp", "expm1", "log", "log10", "log1p", "log2", "reciprocal",
+    "rsqrt", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "native_layer_norm", "group_norm", "rms_norm",
+    "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
+    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
+    "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp"})
+AUTOCAST_FP32_OUT = frozenset({  # dtype=float32 unless given
+    "sum", "prod", "cumsum", "cumprod", "softmax", "log_softmax", "linalg_vector_norm", "linalg_matrix_norm"})
+
+
+class EmulatedAutocast(TorchFunctionMode):
+    """CUDA autocast for tensors on `device` (meta), as a torch-function mode, i.e. above autograd like the real
+    Autocast dispatch key: a cast is a differentiable `.to()` whose copy autograd saves or frees like the real one.
+
+    Only while an emulated `torch.autocast(device)` region is enabled (`traced_kernels` routes `torch.autocast` /
+    `torch.amp.autocast` for the device here, and answers `torch.is_autocast_enabled` / `get_autocast_dtype` and
+    speed._autocast_dtype from it, so checkpoint recomputation re-enters it and speed.share_lora_input and
+    memory.QuantLinear see "autocast on, bf16" as on the GPU). Policies: AUTOCAST_LOWER ops get their floating
+    (non-float64) args in the autocast dtype; AUTOCAST_FP32 in float32; AUTOCAST_FP32_OUT get dtype=float32. As
+    cached_cast does, the lower-precision copies of float32 leaf tensors that require grad (the LoRA weights) are
+    cached until the outermost region exits. `changed` counts, per policy, the calls whose dtypes it changed."""
+
+    def __init__(self, device="meta"):
+        super().__init__()
+        self.device = device
+        self.enabled, self.dtype, self.cache_enabled = False, torch.float16, True  # torch's CUDA defaults
+        self.depth = 0
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.changed = {"lower": 0, "fp32": 0, "fp32_out": 0}
+
+    def _eligible(self, t):
+        return isinstance(t, torch.Tensor) and t.device.type == self.device and t.is_floating_point() \
+            and t.dtype != torch.float64
+
+    def _cast(self, x, dtype, hit):
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._cast(v, dtype, hit) for v in x)
+        if not self._eligible(x) or x.dtype == dtype:
+            return x
+        hit.append(True)
+        if dtype == self.dtype and x.dtype == torch.float32 and x.requires_grad and x.is_leaf \
+                and x._base is None and self.cache_enabled:
+            got = self.cache.get(id(x))
+            if got is None:
+                got = self.cache[id(x)] = (x, x.to(dtype))
+            return got[1]
+        return x.to(dtype)
+
+    def cast(self, args, kwargs, dtype, policy):
+        hit = []
+        args = tuple(self._cast(a, dtype, hit) for a in args)
+        kwargs = {k: self._cast(v, dtype, hit) for k, v in kwargs.items()}
+        self.changed[policy] += bool(hit)
+        return args, kwargs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.enabled:
+            name = getattr(func, "__name__", "")
+            if name in AUTOCAST_LOWER:
+                args, kwargs = self.cast(args, kwargs, self.dtype, "lower")
+            elif name in AUTOCAST_FP32:
+                args, kwargs = self.cast(args, kwargs, torch.float32, "fp32")
+            elif name in AUTOCAST_FP32_OUT and kwargs.get("dtype") is None and args and self._eligible(args[0]):
+                kwargs = {**kwargs, "dtype": torch.float32}
+                self.changed["fp32_out"] += args[0].dtype != torch.float32
+        return func(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def region(self, enabled=True, dtype=None, cache_enabled=None):
+        """The emulated `torch.autocast(device, dtype, enabled, cache_enabled)`."""
+        old = self.enabled, self.dtype, self.cache_enabled
+        self.enabled = bool(enabled)
+        self.dtype = dtype if dtype is not None else self.dtype
+        self.cache_enabled = self.cache_enabled if cache_enabled is None else bool(cache_enabled)
+        self.depth += 1
+        try:
+            # the mode is on the torch-function stack only inside regions: the backward (called outside) then runs
+            # the engine with no mode popped, and checkpoint's recomputation, which re-enters the region it recorded,
+            # is intercepted like the forward
+            with self:
+                yield self
+        finally:
+            self.depth -= 1
+            self.enabled, self.dtype, self.cache_enabled = old
+            if self.depth == 0:
+                self.cache.clear()  # autocast's cache lives until the outermost region exits
+
+
+_EMULATED: EmulatedAutocast | None = None
+
+
 @contextlib.contextmanager
-def traced_kernels(workspace=True):
-    """SDPA -> flash cost model; fused q/k/v without the data-pointer check (meta tensors all point at 0); autocast
-    queries on "meta" (memory.QuantLinear asks) answered as for a device with autocast off."""
-    old = F.scaled_dot_product_attention, speed._fused_weight, torch.is_autocast_enabled, torch.autocast
-    is_enabled, autocast = torch.is_autocast_enabled, torch.autocast
+def traced_kernels(workspace=True, device="meta"):
+    """SDPA -> flash cost model; fused q/k/v without the data-pointer check (meta tensors all point at 0); autocast on
+    `device` emulated by an EmulatedAutocast (yielded): `torch.autocast` / `torch.amp.autocast` for the device enter
+    its regions and the autocast queries (torch's, and speed._autocast_dtype) answer from it."""
+    global _EMULATED
+    emu = EmulatedAutocast(device)
+    names = ("is_autocast_enabled", "get_autocast_dtype", "autocast")
+    old_torch = {n: getattr(torch, n) for n in names}
+    old_amp = torch.amp.autocast, torch.amp.is_autocast_available
+    old = F.scaled_dot_product_attention, speed._fused_weight, speed._autocast_dtype
+    is_enabled, get_dtype, autocast, available = (torch.is_autocast_enabled, torch.get_autocast_dtype, torch.autocast,
+                                                  torch.amp.is_autocast_available)
+    autocast_dtype = speed._autocast_dtype
+
+    def ours(a, k):
+        dev = a[0] if a else k.get("device_type")
+        return isinstance(dev, str) and dev == device
+
+    def amp_autocast(device_type, dtype=None, enabled=True, cache_enabled=None):
+        if device_type == device:
+            return emu.region(enabled, dtype, cache_enabled)
+        return autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
     F.scaled_dot_product_attention = _sdpa_cost(workspace)
     speed._fused_weight = lambda attn: getattr(attn, "_krea2_fused_weight", None)
-    torch.is_autocast_enabled = lambda *a: False if a and a[0] == "meta" else is_enabled(*a)
-    torch.autocast = lambda device_type, *a, **k: (contextlib.nullcontext() if device_type == "meta"
-                                                    else autocast(device_type, *a, **k))
+    speed._autocast_dtype = lambda dev: (emu.dtype if emu.enabled else None) if dev == device else autocast_dtype(dev)
+    torch.is_autocast_enabled = lambda *a, **k: emu.enabled if ours(a, k) else is_enabled(*a, **k)
+    torch.get_autocast_dtype = lambda *a, **k: emu.dtype if ours(a, k) else get_dtype(*a, **k)
+    torch.autocast = torch.amp.autocast = amp_autocast
+    torch.amp.is_autocast_available = lambda dev: dev == device or available(dev)
+    _EMULATED = emu
     try:
-        yield
+        yield emu
     finally:
-        F.scaled_dot_product_attention, speed._fused_weight, torch.is_autocast_enabled, torch.autocast = old
+        _EMULATED = None
+        for n, v in old_torch.items():
+            setattr(torch, n, v)
+        torch.amp.autocast, torch.amp.is_autocast_available = old_amp
+        F.scaled_dot_product_attention, speed._fused_weight, speed._autocast_dtype = old
 
 
 # ----------------------------------------------------------------------------------------- quantised stand-ins
@@ -304,11 +458,12 @@ def build_meta(tiny: bool, rank: int, dtype=torch.bfloat16):
     return model.eval()
 
 
-def prepare(model, name, fsdp=False):
+def prepare(model, name, fsdp=False, memory_overrides=None):
     """bench_step.bench_config's set-up on meta. Returns (effective settings, is_baseline). `fsdp`: as the trainer's
-    _build_model under FSDP (q/k/v fusion and compile off)."""
+    _build_model under FSDP (q/k/v fusion and compile off). `memory_overrides`: memory settings put over the config's
+    (e.g. share_lora_input=False)."""
     overrides, is_baseline = bench.CONFIGS[name]
-    settings = memory.resolve_memory_settings(dict(overrides))
+    settings = memory.resolve_memory_settings({**overrides, **(memory_overrides or {})})
     if fsdp:
         if is_baseline or settings.quantize != "none" or settings.offload_blocks or settings.optimizer_8bit:
             raise ValueError(f"{name}: FSDP trains a bf16 base with AdamW, no offload (sharding.check_fsdp_settings)")
@@ -371,8 +526,11 @@ def static_bytes(model, offload: bool = False, optimizer_8bit: bool = False) -> 
 # ----------------------------------------------------------------------------------------------------- trace
 def trace_step(model, settings, is_baseline, resolution=1024, text_tokens=512, caption_tokens=128,
                dtype=torch.bfloat16, device="meta", workspace=True, inputs=None):
-    """Forward + backward of bench_step's step under LiveBytes. Returns (peak bytes, bytes live after backward,
-    per-block saved bytes in forward). `inputs` (tests): a real batch from bench_step.make_batch."""
+    """Forward + backward of bench_step's step under LiveBytes, the forward under (emulated) autocast to `dtype` unless
+    that is float32, as bench_step and the trainer run it. Returns a dict of bytes: peak, after_forward,
+    after_backward, saved_per_block (forward), peak_without_grads, grads_after_backward; ops; autocast_casts (the
+    EmulatedAutocast's count of calls it cast, per policy). `inputs` (tests): a real batch from
+    bench_step.make_batch."""
     cfg = model.config
     trim = settings.trim_text_padding and not is_baseline
     n_text = caption_tokens if trim else text_tokens
@@ -384,7 +542,7 @@ def trace_step(model, settings, is_baseline, resolution=1024, text_tokens=512, c
     hooks += [p.register_post_accumulate_grad_hook(lambda p: tracker.mark_grad(p.grad))
               for p in model.parameters() if p.requires_grad]
     try:
-        with traced_kernels(workspace), tracker:
+        with traced_kernels(workspace, device) as emu, tracker:
             if inputs is None:
                 x0 = torch.empty(1, n_img, cfg.in_channels, dtype=dtype, device=device)
                 noise = torch.empty_like(x0)
@@ -399,8 +557,9 @@ def trace_step(model, settings, is_baseline, resolution=1024, text_tokens=512, c
             sigma = torch.rand(1, device=device)
             s = sigma.to(dtype)[:, None, None]
             x_t = (1 - s) * x0 + s * noise
-            out = model(hidden_states=x_t, encoder_hidden_states=text, timestep=sigma, position_ids=pos,
-                        encoder_attention_mask=mask, return_dict=False)[0]
+            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                out = model(hidden_states=x_t, encoder_hidden_states=text, timestep=sigma, position_ids=pos,
+                            encoder_attention_mask=mask, return_dict=False)[0]
             loss = F.mse_loss(out.float(), (noise - x0).float())
             del out
             after_forward = tracker.cur
@@ -415,14 +574,15 @@ def trace_step(model, settings, is_baseline, resolution=1024, text_tokens=512, c
     per_block = [b - a for a, b in zip(marks, marks[1:])][: len(model.transformer_blocks) - 1]
     return dict(peak=tracker.peak, after_backward=after, after_forward=after_forward, ops=tracker.ops,
                 saved_per_block=max(per_block) if per_block else 0, peak_without_grads=tracker.peak_without_grads,
-                grads_after_backward=tracker.grad_cur)
+                grads_after_backward=tracker.grad_cur, autocast_casts=dict(emu.changed))
 
 
-def estimate(name, tiny=False, rank=32, resolution=None, text_tokens=512, caption_tokens=128) -> dict:
+def estimate(name, tiny=False, rank=32, resolution=None, text_tokens=512, caption_tokens=128,
+             memory_overrides=None) -> dict:
     resolution = resolution or (256 if tiny else 1024)
     t0 = time.perf_counter()
     model = build_meta(tiny, rank)
-    settings, is_baseline = prepare(model, name)
+    settings, is_baseline = prepare(model, name, memory_overrides=memory_overrides)
     opt8 = settings.optimizer_8bit and not is_baseline
     st = static_bytes(model, offload=settings.offload_blocks, optimizer_8bit=opt8)
     tr = trace_step(model, settings, is_baseline, resolution, text_tokens, caption_tokens)
@@ -462,10 +622,11 @@ def _dim0_chunks(rows: int, n: int) -> list[int]:
     return [max(0, min(c, rows - r * c)) for r in range(n)]
 
 
-def fsdp_layout(model, n: int, param_dtype=torch.bfloat16) -> dict:
+def fsdp_layout(model, n: int, param_dtype=None) -> dict:
     """Per-rank bytes of `sharding.shard_transformer`'s groups (one per transformer block + the root), from the real
-    module tree as built (stored dtypes: bf16 base, fp32 norms, fp32 LoRA). `param_dtype`: MixedPrecisionPolicy's
-    (bf16: every parameter, fp32 LoRA and norm scales included, is all-gathered in bf16); None = stored dtype.
+    module tree as built (stored dtypes: bf16 base, fp32 norms, fp32 LoRA). `param_dtype`: a MixedPrecisionPolicy's
+    (bf16: every parameter is all-gathered in bf16); None = the stored dtypes, which sharding.shard_transformer
+    gathers (no policy since it computes under the same autocast as DDP).
 
     Per group: `shard` = bytes each rank's local shards hold (list over ranks, unpadded torch.chunk pieces: they add
     up to the unsharded bytes exactly), `shard_padded` = what FSDP2 allocates per rank (every rank's shard padded to
@@ -516,7 +677,8 @@ def fsdp_bytes(layout: dict, activations: int) -> dict:
                 block's unsharded params + the next block's prefetch (at copy-out the same block's buffer and params
                 are both live, while the previous block has already been resharded: still 2 blocks' worth)
     rs          the running block's unsharded LoRA grads (param dtype) + FSDP_RS_BUFFERS fp32 reduce-scatter inputs
-    activations the traced dynamic peak without the LoRA grads (taken with the bf16-cast model, as FSDP computes)"""
+    activations the traced dynamic peak without the LoRA grads (the gathered params are the stored ones, so the
+                single-GPU trace: bf16 autocast, share_lora_input as configured)"""
     g = layout["groups"]
     big = max(layout["blocks"], key=lambda b: b["ag_buffer"])
     lora_shard = sum(x["trainable_padded"] for x in g) // layout["n"]  # numel per rank
@@ -534,22 +696,18 @@ def fsdp_bytes(layout: dict, activations: int) -> dict:
     return parts
 
 
-def estimate_fsdp(name, ns, tiny=False, rank=32, resolution=None, text_tokens=512, caption_tokens=128) -> list[dict]:
+def estimate_fsdp(name, ns, tiny=False, rank=32, resolution=None, text_tokens=512, caption_tokens=128,
+                  memory_overrides=None) -> list[dict]:
     """FSDP rows of FSDP_CONFIGS[name] for each process count in `ns` (one trace: activations do not depend on n)."""
-    import warnings
-
     resolution = resolution or (256 if tiny else 1024)
     t0 = time.perf_counter()
     base_name = FSDP_CONFIGS[name]
     model = build_meta(tiny, rank)
-    settings, is_baseline = prepare(model, base_name, fsdp=True)
+    settings, is_baseline = prepare(model, base_name, fsdp=True, memory_overrides=memory_overrides)
     layouts = {n: fsdp_layout(model, n) for n in ns}
-    # the blocks compute with the all-gathered bf16 params (MixedPrecisionPolicy(param_dtype=bf16)): trace that
-    for p in model.parameters():
-        p.data = p.data.to(torch.bfloat16)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
-        tr = trace_step(model, settings, is_baseline, resolution, text_tokens, caption_tokens)
+    # sharding.shard_transformer gathers the stored dtypes (bf16 base, fp32 LoRA and norm scales) and the trainer
+    # computes under the same bf16 autocast as DDP: the blocks run what a single GPU runs, so that is what is traced
+    tr = trace_step(model, settings, is_baseline, resolution, text_tokens, caption_tokens)
     act = tr["peak_without_grads"]
     rows = []
     for n in ns:
@@ -579,6 +737,8 @@ def main(argv=None):
     ap.add_argument("--fsdp", default=None, help="also FSDP rows (per GPU) for these process counts, e.g. 2,4,8")
     ap.add_argument("--fsdp-configs", default=",".join(FSDP_CONFIGS),
                     help=f"comma list of {', '.join(f'{k} (= {v})' for k, v in FSDP_CONFIGS.items())}")
+    ap.add_argument("--no-share-lora-input", action="store_true",
+                    help="memory.share_lora_input off (PEFT's fp32 copy of each LoRA input, re-cast by autocast)")
     ap.add_argument("--json", default=None, help="also write the rows here ('-' = stdout only JSON)")
     args = ap.parse_args(argv)
     names = [n for n in args.configs.split(",") if n]  # --configs '' : FSDP rows only
@@ -591,12 +751,15 @@ def main(argv=None):
     if unknown or any(n < 1 for n in ns):
         ap.error(f"unknown FSDP configs {unknown} (known: {list(FSDP_CONFIGS)}) or a process count < 1")
     torch.set_num_threads(1)
-    rows = [estimate(n, args.tiny, args.rank, args.resolution, args.text_tokens, args.caption_tokens) for n in names]
+    mem = dict(share_lora_input=False) if args.no_share_lora_input else None
+    rows = [estimate(n, args.tiny, args.rank, args.resolution, args.text_tokens, args.caption_tokens, mem)
+            for n in names]
     fsdp_rows = [r for n in fsdp_names
                  for r in estimate_fsdp(n, ns, args.tiny, args.rank, args.resolution, args.text_tokens,
-                                        args.caption_tokens)]
+                                        args.caption_tokens, mem)]
     header = dict(model="tiny" if args.tiny else "full 12.9B", resolution=args.resolution or (256 if args.tiny else 1024),
                   batch=1, rank=args.rank, text_tokens=args.text_tokens, caption_tokens=args.caption_tokens,
+                  autocast="bf16 (CUDA op lists, emulated on meta)", share_lora_input=not args.no_share_lora_input,
                   allowance=f"{CONTEXT_GIB} GiB context + {WORKSPACE_GIB} GiB workspaces + "
                             f"{FRAGMENTATION:.0%} of dynamic peak", torch=torch.__version__)
     if fsdp_rows:
@@ -624,12 +787,13 @@ def _print_rows(rows):
         print(f"{r['config']:<18}{r['weights_gib']:>8.2f}{r['lora_grads_optim_gib']:>11.2f}"
               f"{r['activation_peak_gib']:>9.2f}{r['est_alloc_gib']:>10.2f}{r['est_card_gib']:>9.2f}"
               f"  {r['target']:<28}{fits:>5}")
-    print("GiB. act peak = traced dynamic peak minus the LoRA grads; est alloc ~ torch.cuda.max_memory_allocated; "
-          "est card = alloc + allowance (see docstring). compile rows: eager estimate.")
+    print("GiB. act peak = traced dynamic peak (bf16 autocast) minus the LoRA grads; est alloc ~ "
+          "torch.cuda.max_memory_allocated; est card = alloc + allowance (see docstring). "
+          "compile rows: eager estimate.")
 
 
 def _print_fsdp_rows(rows):
-    print("\nFSDP, per GPU (bf16 base + LoRA sharded, AdamW; q/k/v fusion and compile off; batch 1 per GPU)")
+    print("\nFSDP, per GPU (bf16 base + fp32 LoRA sharded, AdamW; q/k/v fusion and compile off; batch 1 per GPU)")
     print(f"{'config':<11}{'N':>3}{'ckpt':>5}{'shards':>8}{'g+opt':>7}{'gathered':>9}{'rs':>6}{'act':>7}"
           f"{'est alloc':>10}{'est card':>9}  " + " ".join(f"{c}GB" for c in CARDS_GIB))
     for r in rows:
@@ -638,8 +802,8 @@ def _print_fsdp_rows(rows):
               f"{r['grads_gib'] + r['optimizer_gib']:>7.2f}{r['gathered_gib']:>9.2f}{r['rs_gib']:>6.2f}"
               f"{r['activations_gib']:>7.2f}{r['est_alloc_gib']:>10.2f}{r['est_card_gib']:>9.2f}  {fits}")
     print("GiB. shards = this GPU's 1/N of base + LoRA; g+opt = its fp32 LoRA grads + AdamW states; gathered = root "
-          f"(kept gathered) + {FSDP_GATHERED_BLOCKS} blocks in bf16; rs = unsharded block LoRA grads + fp32 "
-          "reduce-scatter buffers; act = traced peak (bf16 params) without grads; est card adds the allowance "
+          f"(kept gathered) + {FSDP_GATHERED_BLOCKS} blocks, stored dtypes; rs = unsharded block LoRA grads + fp32 "
+          "reduce-scatter buffers; act = traced peak (bf16 autocast) without grads; est card adds the allowance "
           f"(+{NCCL_GIB} GiB NCCL). Cards: usable GiB = nominal GB.")
 
 

@@ -1,6 +1,7 @@
-"""scripts/estimate_memory.py: static bytes match real (quantised) tiny models; the traced activation peak on meta
-matches a real CPU step measured by the torch profiler's allocator events; the FSDP arithmetic matches the module
-tree and a real 2-process CPU fully_shard; the full-size path runs."""
+"""scripts/estimate_memory.py: static bytes match real (quantised) tiny models; the traced activation peak on meta,
+under the estimator's emulated bf16 autocast, matches a real CPU bf16-autocast step measured by the torch profiler's
+allocator events (memory.share_lora_input on and off); the FSDP arithmetic matches the module tree and a real
+2-process CPU fully_shard; the full-size path runs."""
 
 from __future__ import annotations
 
@@ -70,16 +71,17 @@ def test_offload_keeps_two_blocks_of_frozen_weights():
     assert off["weights_all_on_gpu"] == on["weights"]
 
 
-def _real_step(name, resolution, dtype=torch.bfloat16):
-    """One real CPU step of the tiny model set up as bench_step does; peak / after-forward / after-backward bytes
-    from the profiler's allocator events (independent of the estimator's counting)."""
+def _real_step(name, resolution, dtype=torch.bfloat16, share=True):
+    """One real CPU step of the tiny model set up and run as bench_step does (the forward under bf16 autocast, real
+    torch.autocast on CPU); peak / after-forward / after-backward bytes from the profiler's allocator events
+    (independent of the estimator's counting). `share`: memory.share_lora_input."""
     from torch.profiler import ProfilerActivity, profile
 
     bench = em.bench
     model = bench.build_model(True, torch.device("cpu"), dtype)
     bench.add_lora(model, 32)
     overrides, is_baseline = bench.CONFIGS[name]
-    settings = memory.resolve_memory_settings(dict(overrides))
+    settings = memory.resolve_memory_settings(dict(overrides, share_lora_input=share))
     if is_baseline:
         from krea2_train.train import speed
         speed.set_plain_attention(model)
@@ -93,8 +95,9 @@ def _real_step(name, resolution, dtype=torch.bfloat16):
         sigma = torch.rand(1)
         s = sigma.to(dtype)[:, None, None]
         x_t = (1 - s) * x0 + s * noise
-        out = model(hidden_states=x_t, encoder_hidden_states=text, timestep=sigma, position_ids=pos,
-                    encoder_attention_mask=mask, return_dict=False)[0]
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = model(hidden_states=x_t, encoder_hidden_states=text, timestep=sigma, position_ids=pos,
+                        encoder_attention_mask=mask, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(out.float(), (noise - x0).float())
         del out
         marker = torch.empty(MARK, dtype=torch.uint8)
@@ -114,11 +117,16 @@ def _real_step(name, resolution, dtype=torch.bfloat16):
     return dict(peak=peak, after_forward=fwd, after_backward=cur, ops=ops)
 
 
-def _estimated_step(name, resolution, dtype=torch.bfloat16):
+def _estimated_step(name, resolution, dtype=torch.bfloat16, share=True):
     model = em.build_meta(True, 32, dtype)
-    settings, is_baseline = em.prepare(model, name)
+    settings, is_baseline = em.prepare(model, name, memory_overrides=dict(share_lora_input=share))
     # CPU flash attention has no fp32 dQ accumulator / GQA expansion: compare without the CUDA workspace terms
-    return em.trace_step(model, settings, is_baseline, resolution, 512, 128, dtype=dtype, workspace=False)
+    tr = em.trace_step(model, settings, is_baseline, resolution, 512, 128, dtype=dtype, workspace=False)
+    # CPU autocast's fp32 list differs from CUDA's (emulated): the comparison holds as long as no fp32-list op met a
+    # non-fp32 input (the model upcasts before its norms); the LoRA matmuls were cast
+    assert tr["autocast_casts"]["fp32"] == tr["autocast_casts"]["fp32_out"] == 0, tr["autocast_casts"]
+    assert tr["autocast_casts"]["lower"] > 0
+    return tr
 
 
 @pytest.mark.parametrize("name", ["bf16_ckpt_nofuse", "preset_80gb", "int8"])
@@ -128,11 +136,59 @@ def test_activation_estimate_matches_real_cpu_step(name):
     est = _estimated_step(name, 512)
     # the real run took the flash path (what the estimate's attention model stands for), not the L x L math path
     assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in real["ops"]
-    # measured on this CPU: estimate/real = 0.95 (bf16_ckpt), 0.97 (80gb), 0.95 (int8); the rest is CPU kernel
-    # scratch and the untrimmed input copy the real trim hook keeps
+    # measured on this CPU (both under bf16 autocast): estimate/real = 0.935 (bf16_ckpt), 0.965 (80gb), 0.935 (int8);
+    # the rest is CPU kernel scratch and the untrimmed input copy the real trim hook keeps
     assert 0.88 <= est["peak"] / real["peak"] <= 1.08, (est, real["peak"])
     assert est["after_backward"] == real["after_backward"]  # the LoRA grads, exactly
     assert abs(est["after_forward"] - real["after_forward"]) <= 0.25 * real["after_forward"]
+
+
+@pytest.mark.parametrize("name", ["bf16_ckpt_nofuse", "bf16_ckpt", "preset_80gb"])
+def test_share_lora_input_on_and_off_match_real_autocast_step(name):
+    """memory.share_lora_input under autocast: with it off, PEFT's fp32 copy of each LoRA input is re-cast to bf16 by
+    autocast and that copy is saved (per projection unfused, per projection from one shared fp32 copy fused). The
+    estimate with it on and off each matches a real CPU bf16-autocast step, and so does the difference (measured:
+    equal to the byte; 80gb keeps the copies past the forward, the checkpointed configs only at the recompute peak)."""
+    torch.set_num_threads(1)
+    real = {sh: _real_step(name, 512, share=sh) for sh in (True, False)}
+    est = {sh: _estimated_step(name, 512, share=sh) for sh in (True, False)}
+    for sh in (True, False):
+        assert 0.88 <= est[sh]["peak"] / real[sh]["peak"] <= 1.08, (sh, est[sh], real[sh])
+        assert est[sh]["after_backward"] == real[sh]["after_backward"]
+    for key in ("peak", "after_forward"):
+        d_real = real[False][key] - real[True][key]
+        d_est = est[False][key] - est[True][key]
+        assert abs(d_est - d_real) <= 0.02 * real[True][key], (key, d_est, d_real)
+    assert real[False]["peak"] > real[True]["peak"] and est[False]["peak"] > est[True]["peak"]
+    if name == "preset_80gb":  # nothing checkpointed: the copies are still saved after the forward
+        assert est[False]["after_forward"] - est[True]["after_forward"] > 0.05 * est[True]["after_forward"]
+
+
+def test_emulated_autocast_lists_are_cuda_autocast_ops():
+    """Every op name the emulation casts has a CUDA autocast kernel in the installed torch; and a LoRA-like step on
+    meta gets bf16 matmuls, the cached bf16 weight copy, and speed's autocast hook answering bf16 only inside."""
+    from krea2_train.train import speed
+
+    registered = {r.split("::")[1].split(".")[0]
+                  for r in torch._C._dispatch_get_registrations_for_dispatch_key("AutocastCUDA")}
+    alias = {"__matmul__": "matmul", "__rmatmul__": "matmul", "__pow__": "pow", "__rpow__": "pow"}
+    for names in (em.AUTOCAST_LOWER, em.AUTOCAST_FP32, em.AUTOCAST_FP32_OUT):
+        assert {alias.get(n, n) for n in names} <= registered
+    x = torch.empty(4, 8, dtype=torch.bfloat16, device="meta")
+    w = torch.nn.Parameter(torch.empty(3, 8, device="meta"))  # fp32 leaf, like a LoRA weight
+    with em.traced_kernels() as emu:
+        assert speed._autocast_dtype("meta") is None and not torch.is_autocast_enabled("meta")
+        with torch.autocast("meta", dtype=torch.bfloat16):
+            assert speed._autocast_dtype("meta") == torch.bfloat16 == torch.get_autocast_dtype("meta")
+            y1 = torch.nn.functional.linear(x.float(), w)
+            y2 = x @ w.t()
+            assert y1.dtype == y2.dtype == torch.bfloat16
+            assert y1.grad_fn.next_functions[1][0] is not None and len(emu.cache) == 1  # one cached weight cast
+            assert torch.exp(x).dtype == torch.float32 and x.sum().dtype == torch.float32
+            with torch.autocast("meta", enabled=False):
+                assert torch.nn.functional.linear(x.float(), w).dtype == torch.float32
+        assert not emu.cache and torch.nn.functional.linear(x.float(), w).dtype == torch.float32
+    assert speed._autocast_dtype.__module__ == "krea2_train.train.speed"  # restored
 
 
 def test_int8_keeps_what_bf16_keeps_through_checkpointing():
@@ -173,15 +229,16 @@ def test_fsdp_layout_matches_module_tree():
             assert g["shard_padded"] == g["shard"][0] == max(g["shard"])  # rank 0 holds the padded size
         assert sum(g["bytes"] for g in lay["groups"]) == st["weights"] + st["lora_params"]
         assert sum(g["trainable"] for g in lay["groups"]) == st["trainable_numel"]
-        # gathered = the group's real parameters as the bf16 policy all-gathers them; without a policy, as stored
-        plain = em.fsdp_layout(model, n, param_dtype=None)
-        for b, g, g0 in zip(blocks, lay["blocks"], plain["blocks"]):
-            assert g["bytes"] == g0["gathered"] == _bytes(b.parameters())
-            assert g["gathered"] == _bytes(p.to(torch.bfloat16) for p in b.parameters())
+        # gathered = the group's real parameters as stored (shard_transformer has no dtype policy); with a bf16
+        # policy, as it would all-gather them
+        cast = em.fsdp_layout(model, n, param_dtype=torch.bfloat16)
+        for b, g, g16 in zip(blocks, lay["blocks"], cast["blocks"]):
+            assert g["bytes"] == g["gathered"] == _bytes(b.parameters())
+            assert g16["gathered"] == _bytes(p.to(torch.bfloat16) for p in b.parameters())
             assert g["ag_buffer"] >= g["gathered"] and g["trainable"] == sum(p.numel() for p in b.parameters()
                                                                             if p.requires_grad)
-        assert plain["root"]["gathered"] == _bytes(root)
-        assert lay["root"]["gathered"] == 2 * sum(p.numel() for p in root)
+        assert lay["root"]["gathered"] == _bytes(root)
+        assert cast["root"]["gathered"] == 2 * sum(p.numel() for p in root)
         if n == 1:
             assert all(g["ag_buffer"] == g["gathered"] for g in lay["groups"])
 
@@ -206,6 +263,21 @@ def test_fsdp_one_process_is_single_gpu_plus_gathered_overhead():
     assert two["total"] - two["activations"] - overhead < one["total"] - one["activations"] - overhead
 
 
+def test_fsdp_activations_are_the_single_gpu_trace_with_share_lora_input():
+    """FSDP gathers the stored dtypes and computes under the same bf16 autocast as a single GPU: its activations are
+    the single-GPU trace's peak without grads, and memory.share_lora_input changes them as it does there."""
+    rows = {sh: em.estimate_fsdp("fsdp_ckpt", [2], tiny=True, memory_overrides=dict(share_lora_input=sh))[0]
+            for sh in (True, False)}
+    for sh in (True, False):
+        model, settings = _tiny_fsdp_meta()
+        if not sh:
+            from krea2_train.train import speed
+            speed.unshare_lora_input(model)
+        tr = em.trace_step(model, settings, False, 256)
+        assert rows[sh]["activations_gib"] * 2**30 == tr["peak_without_grads"]
+    assert rows[False]["activations_gib"] > rows[True]["activations_gib"]
+
+
 SHARD_SCRIPT = textwrap.dedent('''
     import importlib.util, json, os, sys
     import torch, torch.distributed as dist
@@ -218,7 +290,7 @@ SHARD_SCRIPT = textwrap.dedent('''
     dist.init_process_group("gloo")
     model = em.bench.build_model(True, torch.device("cpu"), torch.bfloat16)
     em.bench.add_lora(model, 32)
-    sharding.shard_transformer(model, sharding.make_mesh(torch.device("cpu")), "bf16")
+    sharding.shard_transformer(model, sharding.make_mesh(torch.device("cpu")))
     blocks = list(model.transformer_blocks)
     in_block = {id(p) for b in blocks for p in b.parameters()}
     groups = [(b, list(b.parameters())) for b in blocks]
@@ -238,8 +310,8 @@ SHARD_SCRIPT = textwrap.dedent('''
 
 
 def test_fsdp_shards_match_real_two_process_fully_shard(tmp_path):
-    """torch fully_shard of the tiny model on 2 CPU processes (gloo), as sharding.shard_transformer does with bf16:
-    each rank's local shard bytes per group and each group's all-gathered bytes equal the estimator's (~10 s)."""
+    """torch fully_shard of the tiny model on 2 CPU processes (gloo), as sharding.shard_transformer does: each rank's
+    local shard bytes per group and each group's all-gathered bytes (stored dtypes) equal the estimator's (~10 s)."""
     script = tmp_path / "shard.py"
     script.write_text(SHARD_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -253,7 +325,8 @@ def test_fsdp_shards_match_real_two_process_fully_shard(tmp_path):
         real = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert real["shard"] == [g["shard"][rank] for g in lay["groups"]]
         assert real["gathered"] == [g["gathered"] for g in lay["groups"]]
-        assert all(t == ["Parameter torch.bfloat16"] for t in real["types"])  # unsharded, in the policy's dtype
+        # unsharded in the stored dtypes: bf16 base, fp32 LoRA and norm scales (every block has all three)
+        assert all(t == ["Parameter torch.bfloat16", "Parameter torch.float32"] for t in real["types"]), real["types"]
     # the root's split is uneven on the tiny model (odd rows): rank 0 holds the padded size
     assert lay["root"]["shard"][0] > lay["root"]["shard"][1]
 
@@ -275,8 +348,9 @@ def test_full_size_script_runs(tmp_path):
         assert r["checkpoint_blocks"] == 28 and r["fits"] in (True, False)
         total = r["weights_gib"] + r["lora_grads_optim_gib"] + r["activation_peak_gib"]
         assert total == pytest.approx(r["est_alloc_gib"], rel=1e-9)
-        # checkpointed: ~one 4224 x 6144 bf16 hidden state kept per block, a few GiB at peak
-        assert r["saved_per_block_gib"] == pytest.approx(4224 * 6144 * 2 / 2**30, rel=0.05)
+        # checkpointed: one 4224 x 6144 bf16 hidden state kept per block, plus the bf16 copies of the block's LoRA
+        # weights that autocast's weight cache holds until the forward ends; a few GiB at peak
+        assert r["saved_per_block_gib"] == pytest.approx((4224 * 6144 + 32 * 52224) * 2 / 2**30, rel=0.01)
         assert 1.5 < r["activation_peak_gib"] < 6
     # FSDP: 1/N of the bf16 base + LoRA; root (~0.66B params) + 2 blocks (~0.44B each) gathered in bf16
     for r in fsdp_rows:
@@ -288,6 +362,8 @@ def test_full_size_script_runs(tmp_path):
     ckpt = [r for r in fsdp_rows if r["config"] == "fsdp_ckpt"]
     part = [r for r in fsdp_rows if r["config"] == "fsdp_48gb"]
     assert all(r["checkpoint_blocks"] == 28 for r in ckpt) and all(r["checkpoint_blocks"] == 16 for r in part)
-    assert ckpt[0]["activations_gib"] < bf16["activation_peak_gib"] + bf16["grads_gib"]  # bf16 LoRA inputs
+    # the same trace (fsdp_ckpt = bf16_ckpt_nofuse): FSDP's non-grad peak lies within the single-GPU dynamic peak,
+    # which holds some fp32 grads (its "act peak" subtracts all of them)
+    assert bf16["activation_peak_gib"] < ckpt[0]["activations_gib"] <= bf16["activation_peak_gib"] + bf16["grads_gib"]
     assert all(p["activations_gib"] > 3 * c["activations_gib"] for c, p in zip(ckpt, part))
     assert [r["est_card_gib"] for r in ckpt] == sorted((r["est_card_gib"] for r in ckpt), reverse=True)
