@@ -48,6 +48,9 @@ CONFIGS = {
     "bf16_ckpt_nofuse": (dict(quantize="none", gradient_checkpointing=True, fuse_qkv=False), False),
     "bf16_ckpt": (dict(quantize="none", gradient_checkpointing=True, fuse_qkv=True), False),
     "bf16_ckpt_compile": (dict(quantize="none", gradient_checkpointing=True, fuse_qkv=True, compile=True), False),
+    # the target (bf16 + checkpointing, <= 33 GiB): skip recompute on as many blocks as fit (estimate_memory)
+    "bf16_33gb": (dict(quantize="none", gradient_checkpointing=True, checkpoint_blocks=24, fuse_qkv=True, compile=True),
+                  False),
     "int8": (dict(preset="24gb"), False),
     "fp8": (dict(preset="24gb", quantize="fp8"), False),
     "fp8_mm": (dict(preset="24gb", quantize="fp8", fp8_matmul=True), False),

@@ -114,6 +114,7 @@ TARGETS = {
     "bf16_ckpt_nofuse": (33.0, "bf16+ckpt <= 33"),
     "bf16_ckpt": (33.0, "bf16+ckpt <= 33"),
     "bf16_ckpt_compile": (33.0, "bf16+ckpt <= 33"),
+    "bf16_33gb": (33.0, "bf16+ckpt <= 33"),
     "int8": (20.0, "8-bit <= 20"),
     "fp8": (20.0, "8-bit <= 20"),
     "fp8_mm": (20.0, "8-bit <= 20"),
