@@ -3,7 +3,8 @@ config and `train.fsdp=true`, on cached demo images. One launch trains three run
 
     ddp       the DDP reference (fp32; ddp_bf16 / fsdp_bf16: the same pair in bf16 with autocast)
     fsdp      FSDP straight through, with a Raw + Turbo preview at step 2 (Turbo swapped into the shards and back)
-    resumed   FSDP stopped at step 3 (as Ctrl-C does), then resumed by a new Trainer from the checkpoint
+    resumed   FSDP stopped at step 3 (as Ctrl-C does), then resumed by a new Trainer from the checkpoint (and
+              ddp_resumed the same under DDP; each refuses to resume the other way with a clear error)
 
 FSDP must learn what DDP learns (same data, noise and dropout; only the gradient reduction differs), the resumed run
 must end exactly where the straight one did (so the sharded optimiser checkpoint and the preview's weight swap are
@@ -93,19 +94,29 @@ SCRIPT = textwrap.dedent('''
     bf16 = ["model.dtype=bfloat16", "train.mixed_precision=bf16", "train.stages=[{resolution: 128, steps: 2, batch_size: 1}]"]
     for name, extra in (("ddp_bf16", ["train.fsdp=false"]), ("fsdp_bf16", ["train.fsdp=true"])):
         assert trainer(f"run_name={name}", *extra, *bf16).run().step == 2
-    t = trainer("run_name=resumed", "train.fsdp=true")
 
     def stop_at_three(tr, step):
         if step == 3:
             tr.request_stop()
-    t.on_step = stop_at_three
-    res = t.run()
-    assert res.interrupted and res.step == 3, res
-    t2 = trainer("run_name=resumed", "train.fsdp=true")
-    res = t2.run()
-    assert res.step == 4 and not res.interrupted, res
-    shapes = {type(p).__name__ for p in t2.transformer.parameters()}
-    open(f"{out}/result_rank{rank}.txt", "w").write(f"OK {t2.acc.num_processes} {sorted(shapes)}")
+
+    from krea2_train.errors import UserError
+    for name, mode, other in (("resumed", "train.fsdp=true", "train.fsdp=false"),
+                              ("ddp_resumed", "train.fsdp=false", "train.fsdp=true")):
+        t = trainer(f"run_name={name}", mode)
+        t.on_step = stop_at_three
+        res = t.run()
+        assert res.interrupted and res.step == 3, res
+        try:  # the other way of splitting the work cannot read this checkpoint: a clear error, nothing trained
+            trainer(f"run_name={name}", other).run()
+            raise AssertionError("resumed across DDP/FSDP")
+        except UserError as e:
+            assert "resume it the way it was trained" in str(e), e
+        t2 = trainer(f"run_name={name}", mode)
+        res = t2.run()
+        assert res.step == 4 and not res.interrupted, res
+        if name == "resumed":
+            shapes = {type(p).__name__ for p in t2.transformer.parameters()}
+            open(f"{out}/result_rank{rank}.txt", "w").write(f"OK {t2.acc.num_processes} {sorted(shapes)}")
 ''')
 
 
@@ -134,7 +145,7 @@ def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path, demo_image
         assert launched.startswith("OK 2 ") and "DTensor" in launched, launched
 
     adapters = {name: load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
-                for name in ("ddp", "fsdp", "resumed", "launched")}
+                for name in ("ddp", "fsdp", "resumed", "launched", "ddp_resumed")}
     ddp, fsdp, resumed = adapters["ddp"], adapters["fsdp"], adapters["resumed"]
     assert ddp.keys() == fsdp.keys() == resumed.keys() and ddp
     assert any(float(v.abs().max()) > 0 for k, v in fsdp.items() if "lora_B" in k)  # B starts at zero: it trained
@@ -142,6 +153,7 @@ def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path, demo_image
         assert fsdp[k].shape == ddp[k].shape, k  # whole tensors, not one process's shard
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-6, msg=k)
         torch.testing.assert_close(resumed[k], fsdp[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(adapters["ddp_resumed"][k], ddp[k], rtol=0, atol=0, msg=k)
         torch.testing.assert_close(adapters["launched"][k], fsdp[k], rtol=0, atol=0, msg=k)
 
     # the real precision (bf16 base, fp32 LoRA, bf16 autocast): FSDP gathers the stored dtypes, so same arithmetic
