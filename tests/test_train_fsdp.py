@@ -62,6 +62,7 @@ SCRIPT = textwrap.dedent('''
         with torch.no_grad():
             out_raw = m(**batch, return_dict=False)[0]  # leaves the root's gathered weights behind
             copy_base_weights(m, turbo_file)
+            m.state_dict()  # FSDP regathers the root from its shards here: Turbo must be in the shards, too
             out_turbo = m(**batch, return_dict=False)[0]
             copy_base_weights(m, raw_file)
             out_back = m(**batch, return_dict=False)[0]
@@ -84,13 +85,18 @@ SCRIPT = textwrap.dedent('''
         open(f"{out}/launched_rank{t.acc.process_index}.txt", "w").write(f"OK {t.acc.num_processes} {sorted(shapes)}")
         sys.exit(0)
     rank = None
+    import os
     for name, extra in (("ddp", ["train.fsdp=false"]), ("fsdp", ["train.fsdp=true"] + preview)):
+        # fsdp keeps blocks gathered from forward to backward (fsdp_reshard_after_forward: false in an accelerate
+        # config), the other FSDP runs reshard: same numbers either way
+        os.environ["FSDP_RESHARD_AFTER_FORWARD"] = "false" if name == "fsdp" else "true"
         t = trainer(f"run_name={name}", *extra)
         res = t.run()
         rank = t.acc.process_index
         assert res.step == 4 and not res.interrupted, res
         if name == "fsdp":
             check_turbo_swap(t)
+    os.environ.pop("FSDP_RESHARD_AFTER_FORWARD")
     bf16 = ["model.dtype=bfloat16", "train.mixed_precision=bf16", "train.stages=[{resolution: 128, steps: 2, batch_size: 1}]"]
     for name, extra in (("ddp_bf16", ["train.fsdp=false"]), ("fsdp_bf16", ["train.fsdp=true"])):
         assert trainer(f"run_name={name}", *extra, *bf16).run().step == 2
@@ -100,18 +106,23 @@ SCRIPT = textwrap.dedent('''
             tr.request_stop()
 
     from krea2_train.errors import UserError
+    # the 48gb preset (its compile and q/k/v fusion are skipped under FSDP) with Prodigy, whose state shapes depend
+    # on the weights: straight through, and stopped at step 3 then resumed
+    prodigy = ["train.fsdp=true", "memory.preset=48gb", "optimizer.name=prodigy", "optimizer.lr=1.0"]
+    assert trainer("run_name=prodigy", *prodigy).run().step == 4
     for name, mode, other in (("resumed", "train.fsdp=true", "train.fsdp=false"),
-                              ("ddp_resumed", "train.fsdp=false", "train.fsdp=true")):
-        t = trainer(f"run_name={name}", mode)
+                              ("ddp_resumed", "train.fsdp=false", "train.fsdp=true"),
+                              ("prodigy_resumed", " ".join(prodigy), " ".join(["train.fsdp=false"] + prodigy[1:]))):
+        t = trainer(f"run_name={name}", *mode.split())
         t.on_step = stop_at_three
         res = t.run()
         assert res.interrupted and res.step == 3, res
         try:  # the other way of splitting the work cannot read this checkpoint: a clear error, nothing trained
-            trainer(f"run_name={name}", other).run()
+            trainer(f"run_name={name}", *other.split()).run()
             raise AssertionError("resumed across DDP/FSDP")
         except UserError as e:
             assert "resume it the way it was trained" in str(e), e
-        t2 = trainer(f"run_name={name}", mode)
+        t2 = trainer(f"run_name={name}", *mode.split())
         res = t2.run()
         assert res.step == 4 and not res.interrupted, res
         if name == "resumed":
@@ -145,7 +156,7 @@ def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path, demo_image
         assert launched.startswith("OK 2 ") and "DTensor" in launched, launched
 
     adapters = {name: load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
-                for name in ("ddp", "fsdp", "resumed", "launched", "ddp_resumed")}
+                for name in ("ddp", "fsdp", "resumed", "launched", "ddp_resumed", "prodigy", "prodigy_resumed")}
     ddp, fsdp, resumed = adapters["ddp"], adapters["fsdp"], adapters["resumed"]
     assert ddp.keys() == fsdp.keys() == resumed.keys() and ddp
     assert any(float(v.abs().max()) > 0 for k, v in fsdp.items() if "lora_B" in k)  # B starts at zero: it trained
@@ -154,6 +165,7 @@ def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path, demo_image
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-6, msg=k)
         torch.testing.assert_close(resumed[k], fsdp[k], rtol=0, atol=0, msg=k)
         torch.testing.assert_close(adapters["ddp_resumed"][k], ddp[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(adapters["prodigy_resumed"][k], adapters["prodigy"][k], rtol=0, atol=0, msg=k)
         torch.testing.assert_close(adapters["launched"][k], fsdp[k], rtol=0, atol=0, msg=k)
 
     # the real precision (bf16 base, fp32 LoRA, bf16 autocast): FSDP gathers the stored dtypes, so same arithmetic
@@ -164,7 +176,7 @@ def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path, demo_image
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-6, msg=k)
 
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step-000004"
-    assert (ckpt / "optimizer_sharded" / ".metadata").exists() and not (ckpt / "optimizer.bin").exists()
+    assert (ckpt / "optimizer_sharded" / "rank_1.pt").exists() and not (ckpt / "optimizer.bin").exists()
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
     assert load_file(str(ckpt / "adapter_model.safetensors")).keys() == fsdp.keys()
     assert (tmp_path / "fsdp" / "previews" / "step-000002.png").exists()
@@ -200,3 +212,15 @@ def test_fsdp_with_one_process_says_how_to_launch():
 
     with pytest.raises(UserError, match="accelerate launch --config_file configs/accelerate/fsdp.yaml"):
         make_mesh(torch.device("cpu"))
+
+
+def test_lokr_module_dropout_refused_on_several_processes():
+    from krea2_train.config import load_config
+    from krea2_train.errors import UserError
+    from krea2_train.train.trainer import check_multiprocess_lora
+
+    cfg = load_config(None, ["model.transformer=x.safetensors", "model.text_encoder=x", "model.vae=x",
+                             "lora.type=lokr", "lora.dropout=0.1", "export.formats=[]"], warn_paths=False)
+    check_multiprocess_lora(cfg, 1)  # one process: fine
+    with pytest.raises(UserError, match=r"lora\.dropout: 0"):
+        check_multiprocess_lora(cfg, 2)

@@ -6,7 +6,7 @@ full-model dump with the adapter alone (a 12.9B base must not be copied into eve
 
 Layout: RUN/checkpoints/step-000120/{adapter_model.safetensors, adapter_config.json, optimizer.bin, scheduler.bin,
 random_states_<rank>.pkl, custom_checkpoint_0.pkl, state.json}. Under FSDP (train/sharding.py) the adapter file is
-the same (gathered from the shards), the optimiser states are a sharded DCP folder `optimizer_sharded/` and the
+the same (gathered from the shards), each process's optimiser shard is `optimizer_sharded/rank_<rank>.pt` and the
 scheduler is `custom_checkpoint_1.pkl`. Each is written into a hidden temporary folder
 that is renamed into place only when every process has finished, so a killed run never leaves a half checkpoint
 that `resume` would pick; only the newest `keep_last` are kept.
@@ -60,11 +60,30 @@ def latest_checkpoint(run_dir) -> Path | None:
     return found[-1] if found else None
 
 
+def check_checkpoint_kind(path, fsdp: bool, num_processes: int) -> None:
+    """A checkpoint resumes only the way it was written: DDP or FSDP (their optimiser files differ) and, under FSDP,
+    on as many processes (each holds its own optimiser shard). Checked before the model is loaded."""
+    from .sharding import OPTIMIZER_DIR
+
+    path = Path(path)
+    if not (path / "state.json").exists():
+        return
+    if fsdp != (path / OPTIMIZER_DIR).exists():
+        how = ("with FSDP (train.fsdp or an accelerate FSDP launch)" if not fsdp
+               else "without FSDP (one model copy per process)")
+        raise UserError(f"{path} was written by a run {how}; resume it the way it was trained, or start a new "
+                        "run_name")
+    written = json.loads((path / "state.json").read_text()).get("num_processes", 1)
+    if fsdp and written != num_processes:
+        raise UserError(f"{path} was written by {written} FSDP processes, each with its own optimiser shard; resume "
+                        f"it with {written} (accelerate launch --num_processes {written}), or start a new run_name")
+
+
 class Checkpointer:
     def __init__(self, accelerator, run_dir, keep_last: int, transformer, peft_config, state: TrainState,
                  settings: dict | None = None, fsdp: tuple | None = None):
         """`fsdp`: (sharded model, optimizer, scheduler) when training under FSDP: accelerate does not hold them,
-        this class saves them (the adapter gathered, the optimiser as a sharded DCP folder)."""
+        this class saves them (the adapter gathered, the optimiser one shard per process)."""
         self.acc = accelerator
         self.settings = settings  # training_settings(cfg), stored so a resume can compare its config
         self.root = Path(run_dir) / "checkpoints"
@@ -131,7 +150,7 @@ class Checkpointer:
         if self.fsdp is not None:
             from .sharding import save_optimizer
 
-            save_optimizer(self.fsdp[0], self.fsdp[1], tmp)
+            save_optimizer(self.fsdp[1], tmp, self.acc.process_index)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             info = {"step": self.state.step, "reason": reason, "num_processes": self.acc.num_processes,
@@ -162,16 +181,10 @@ class Checkpointer:
             if missing:
                 raise UserError(f"{path} has no RNG state for process(es) {missing}: resume with "
                                 f"{saved.get('num_processes')} processes, as the checkpoint was written")
-        from .sharding import OPTIMIZER_DIR
-
-        if (self.fsdp is not None) != (path / OPTIMIZER_DIR).exists():
-            how = ("with FSDP (train.fsdp or an accelerate FSDP launch)" if self.fsdp is None
-                   else "without FSDP (one model copy per process)")
-            raise UserError(f"{path} was written by a run {how}; resume it the way it was trained, or start a new "
-                            "run_name")
+        check_checkpoint_kind(path, self.fsdp is not None, self.acc.num_processes)
         self.acc.load_state(str(path))
         if self.fsdp is not None:
             from .sharding import load_optimizer
 
-            load_optimizer(self.fsdp[0], self.fsdp[1], path)
+            load_optimizer(self.fsdp[1], path, self.acc.process_index)
         log.info("resumed from %s at step %d", path, self.state.step)

@@ -113,6 +113,16 @@ def local_part(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
 
 
+def reshard_all(module: nn.Module) -> None:
+    """Drop the gathered parameters FSDP keeps between uses (the root group stays gathered after a forward) so the
+    shards are the only copy: weights written into them are what the next forward gathers."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     """torch's clipping over sharded gradients (the norm is reduced across processes); returns a plain tensor."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -120,22 +130,42 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- optimiser checkpoints
+# Each process saves its own shard of the optimiser states (the local tensors, plus how to rebuild the sharded ones),
+# so a resume needs the same number of processes (the per-process RNG states need that anyway). Not DCP: its load
+# needs a template from a dummy optimiser step, and Prodigy's state shapes depend on the weights' values (a scalar
+# for an all-zero lora_B at the first step), so a Prodigy run could not be resumed.
 OPTIMIZER_DIR = "optimizer_sharded"
 
 
-def save_optimizer(model: nn.Module, optimizer, directory) -> None:
-    """Each process writes its shard of the optimiser states (DCP folder); a resume may use another process count."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory / OPTIMIZER_DIR))
+def _optimizer_file(directory, rank: int):
+    return directory / OPTIMIZER_DIR / f"rank_{rank}.pt"
 
 
-def load_optimizer(model: nn.Module, optimizer, directory) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+def save_optimizer(optimizer, directory, rank: int) -> None:
+    state = optimizer.state_dict()
+    state["state"] = {pid: dict(st) for pid, st in state["state"].items()}  # copies: the live state stays sharded
+    sharded = {}
+    for pid, st in state["state"].items():
+        for key, value in st.items():
+            if is_sharded(value):
+                sharded[(pid, key)] = (tuple(value.shape), tuple(value.placements))
+                st[key] = value.to_local()
+    path = _optimizer_file(directory, rank)  # inside the checkpoint's temporary folder, renamed when all is written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"optimizer": state, "sharded": sharded}, path)
 
-    path = directory / OPTIMIZER_DIR  # present: Checkpointer.load checked it
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(path))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+def load_optimizer(optimizer, directory, rank: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    # our own file from this run's checkpoint; it holds placement objects, which weights_only would refuse
+    data = torch.load(_optimizer_file(directory, rank), map_location="cpu", weights_only=False)
+    state = data["optimizer"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict numbers them in this order
+    for (pid, key), (shape, placements) in data["sharded"].items():
+        p = params[pid]
+        local = state["state"][pid][key].to(p.to_local().device)
+        stride = torch.empty(shape, device="meta").stride()
+        state["state"][pid][key] = DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape,
+                                                      stride=stride)
+    optimizer.load_state_dict(state)

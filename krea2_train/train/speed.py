@@ -48,9 +48,12 @@ FUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "to_gate")
 
 # ----------------------------------------------------------------------------------------------------- helpers
 def unwrap_transformer(model: nn.Module) -> nn.Module:
-    """The `Krea2Transformer2DModel` inside `model` (itself, a PeftModel, a compiled module, a DDP wrapper)."""
+    """The `Krea2Transformer2DModel` inside `model` (itself, a PeftModel, a compiled module, a DDP wrapper, an FSDP
+    module, whose class is a subclass made by fully_shard)."""
+    from diffusers import Krea2Transformer2DModel
+
     for m in model.modules():
-        if type(m).__name__ == "Krea2Transformer2DModel":
+        if isinstance(m, Krea2Transformer2DModel):
             return m
     raise TypeError(f"no Krea2Transformer2DModel inside {type(model).__name__}")
 

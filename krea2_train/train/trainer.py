@@ -146,6 +146,11 @@ class Trainer:
         self.fsdp = sharding.fsdp_requested(cfg, acc)
         if self.fsdp:
             sharding.check_fsdp_settings(cfg, mem)  # before the model is loaded
+        if resume_path(cfg) is not None:  # the checkpoint's kind too: a mismatch is found now, not after loading 26 GB
+            from .checkpoint import check_checkpoint_kind
+
+            check_checkpoint_kind(resume_path(cfg), self.fsdp, acc.num_processes)
+        check_multiprocess_lora(cfg, acc.num_processes)
 
         if (acc.is_main_process or self.fsdp) and cfg.preview.prompts:
             # encode the preview prompts now, before the transformer takes the GPU; the encoder is released after
@@ -220,16 +225,14 @@ class Trainer:
 
         from . import sharding
 
-        # q/k/v fusion makes weights views of one tensor, which sharding would split apart; compile goes last
+        # q/k/v fusion makes weights views of one tensor, which sharding would split apart. Compile is off too:
+        # diffusers' regional compile looks blocks up by class name, which fully_shard changes, and FSDP + compile is
+        # untested here (no GPU); the 48gb/80gb presets turn it on, so say so rather than fail.
+        if mem.fuse_qkv or mem.compile:
+            log.info("FSDP: memory.fuse_qkv and memory.compile are not used (sharded blocks)")
         transformer = apply_memory_settings(transformer, replace(mem, fuse_qkv=False, compile=False),
                                             torch.device("cpu"), compute_dtype=compute)
-        transformer = sharding.shard_transformer(transformer, mesh,
-                                                 reshard_after_forward=sharding.reshard_after_forward())
-        if mem.compile:
-            from .speed import compile_blocks
-
-            compile_blocks(transformer)
-        return transformer
+        return sharding.shard_transformer(transformer, mesh, reshard_after_forward=sharding.reshard_after_forward())
 
     def _resume(self):
         path = resume_path(self.cfg)
@@ -507,6 +510,14 @@ class _null:
 
 def train(cfg: RunConfig, source=None, transformer=None) -> TrainResult:
     return Trainer(cfg, source=source, transformer=transformer).run()
+
+
+def check_multiprocess_lora(cfg: RunConfig, num_processes: int) -> None:
+    """LoKr's dropout drops whole modules with each process's own random numbers, so processes disagree on which
+    gradients exist and the gradient reduction fails (DDP) or aborts (FSDP)."""
+    if num_processes > 1 and cfg.lora.type == "lokr" and cfg.lora.dropout > 0:
+        raise UserError(f"lora.type=lokr with lora.dropout={cfg.lora.dropout} cannot train on {num_processes} "
+                        "processes (LoKr drops whole modules per process); set lora.dropout: 0, or train on one GPU")
 
 
 def training_settings(cfg: RunConfig) -> dict:
