@@ -1,6 +1,9 @@
-"""`krea2-train run CONFIG` (also the bare `krea2-train CONFIG`) and `krea2-train train CONFIG`."""
+"""`krea2-train run CONFIG` (also the bare `krea2-train CONFIG`), `krea2-train train CONFIG`, `config` and
+`estimate` (peak GPU memory per stage, train/estimate.py)."""
 
 from __future__ import annotations
+
+import argparse
 
 
 def _config(args):
@@ -42,6 +45,12 @@ def show_config(args) -> int:
     return 0
 
 
+def estimate(args) -> int:
+    from .estimate import estimate_command
+
+    return estimate_command(args)
+
+
 def register(sub) -> None:
     help_overrides = "key=value overrides, e.g. lora.rank=32 train.stages.0.steps=500"
     p = sub.add_parser("run", help="the whole job: check-data, cache, train, export, verify (each skipped when "
@@ -58,3 +67,15 @@ def register(sub) -> None:
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help=help_overrides)
     p.set_defaults(func=show_config)
+    p = sub.add_parser("estimate", help="estimate the peak GPU memory of each training stage, on the CPU, before any "
+                       "download (which card the config needs)")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help=help_overrides)
+    p.add_argument("--gpus", type=int, default=1, help="processes (GPUs); with FSDP the figures are per GPU")
+    p.add_argument("--fsdp", action="store_true", help="estimate FSDP sharding (as train.fsdp: true)")
+    p.add_argument("--card", type=float, default=None,
+                   help="GPU memory in GB to check against (default: the memory preset's size, else 24)")
+    p.add_argument("--caption-tokens", type=int, default=128,
+                   help="valid caption tokens per image (of the 512-token text; default 128)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: the tiny architecture
+    p.set_defaults(func=estimate)
