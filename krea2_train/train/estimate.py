@@ -821,8 +821,8 @@ def estimate_command(args) -> int:
              (f"checkpointing {'all' if s.checkpoint_blocks is None else s.checkpoint_blocks} blocks"
               if s.gradient_checkpointing or s.offload_blocks else "no checkpointing"),
              "fused q/k/v" if s.fuse_qkv and not result["fsdp"] else None]
-    print(f"{args.config}: {arch} ({cfg.model.dtype}, mixed precision {cfg.train.mixed_precision}), LoRA "
-          f"{cfg.lora.type} rank {cfg.lora.rank} on {cfg.lora.targets}, {result['optimizer']}, {mem} "
+    print(f"{args.config}: {arch} ({cfg.model.dtype}, mixed precision {cfg.train.mixed_precision}), "
+          f"{ {'lora': 'LoRA', 'dora': 'DoRA', 'lokr': 'LoKr'}[cfg.lora.type]} rank {cfg.lora.rank} on {cfg.lora.targets}, {result['optimizer']}, {mem} "
           f"({', '.join(k for k in knobs if k)})")
     if result["fsdp"]:
         print(f"FSDP over {result['gpus']} GPU(s): figures are per GPU (batch_size per GPU)")
