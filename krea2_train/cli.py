@@ -44,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = ["run", *argv]  # the bare config form runs the whole job
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `key=value` overrides may follow flags (`estimate CFG --gpus 2 memory.preset=24gb`): argparse leaves those
+    # unparsed, so they join the command's overrides; anything else is still an error
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.parse_args(argv)  # the usual argparse error and exit
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

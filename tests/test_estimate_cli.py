@@ -38,7 +38,7 @@ def test_style_config_full_size(capsys):
     out = capsys.readouterr().out
     rows = _rows(out)
     assert [(r[1], r[3]) for r in rows] == [("512", "4"), ("1024", "1")]
-    assert "full 12.9B model" in out and "memory.preset: 48gb" in out
+    assert "full-size model" in out and "memory.preset: 48gb" in out
     assert "fits a 48 GB card" in out  # the preset's size is the default card
     assert sum("<- largest" in line for line in out.splitlines()) == 1
     card = [float(r[6]) for r in rows]
@@ -114,3 +114,29 @@ def test_user_errors_are_one_line(capsys):
     assert "memory.quantize=int8" in err and len(err.strip().splitlines()) == 1
     assert main(["estimate", DEMO, "lora.blocks=[99]"]) == 2
     assert "lora.blocks" in capsys.readouterr().err
+
+
+def test_verdict_first_suggests_checkpointing_every_block():
+    """Recompute is the cheapest fix when some blocks keep their activations (and the only one under FSDP, where
+    the quantised presets are refused)."""
+    cfg = load_config(DEMO, ["memory.preset=48gb"], warn_paths=False)
+    settings = est.memory.resolve_memory_settings(dict(preset="48gb"))
+    assert settings.checkpoint_blocks == 16
+
+    def res(card):
+        return dict(settings=settings, fsdp=True, stages=[dict(stage=0, resolution=1024, batch=1, est_card_gib=card)])
+
+    lines = est.verdict(cfg, res(25.6), 24, lambda preset: None, lambda: res(19.5))
+    assert lines[0].startswith("needs ~25.6 GiB per GPU")
+    assert "memory.checkpoint_blocks: null" in lines[1] and "est. 19.5 GiB per GPU" in lines[1]
+    lines = est.verdict(cfg, res(25.6), 24, lambda preset: None, lambda: res(24.5))  # does not fit either
+    assert "checkpoint_blocks" not in " ".join(lines)
+
+
+def test_overrides_may_follow_flags_and_fsdp_needs_gpus(capsys):
+    assert main(["estimate", DEMO, "--card", "80", "lora.rank=4"]) == 0
+    assert "LoRA rank 4 on" in capsys.readouterr().out
+    assert main(["estimate", DEMO, "--fsdp"]) == 2
+    assert "--gpus N" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["estimate", DEMO, "--card", "80", "--no-such-flag"])

@@ -69,10 +69,10 @@ def check_checkpoint_kind(path, fsdp: bool, num_processes: int) -> None:
     if not (path / "state.json").exists():
         return
     if fsdp != (path / OPTIMIZER_DIR).exists():
-        how = ("with FSDP (train.fsdp or an accelerate FSDP launch)" if not fsdp
-               else "without FSDP (one model copy per process)")
-        raise UserError(f"{path} was written by a run {how}; resume it the way it was trained, or start a new "
-                        "run_name")
+        how = ("with FSDP; resume it the way it was trained (train.fsdp=true, or configs/accelerate/fsdp.yaml)"
+               if not fsdp else "without FSDP; resume it the way it was trained (train.fsdp=false and a "
+               "non-FSDP accelerate config)")
+        raise UserError(f"{path} was written by a run {how}, or start a new run_name")
     written = json.loads((path / "state.json").read_text()).get("num_processes", 1)
     if fsdp and written != num_processes:
         raise UserError(f"{path} was written by {written} FSDP processes, each with its own optimiser shard; resume "

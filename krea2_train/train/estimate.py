@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 import weakref
@@ -737,17 +738,30 @@ def smaller_presets(current: str | None, card_gb: float) -> list[str]:
     return [p for p, gb in PRESET_GB.items() if gb <= card_gb]
 
 
-def verdict(cfg, result: dict, card_gb: float, estimate_preset=None) -> list[str]:
+def _a(gb: float) -> str:
+    return f"an {gb:g}" if str(f"{gb:g}").startswith(("8", "11", "18")) else f"a {gb:g}"
+
+
+def verdict(cfg, result: dict, card_gb: float, estimate_preset=None, estimate_all_checkpointed=None) -> list[str]:
     """Lines saying whether the largest stage fits `card_gb` (usable GiB taken = nominal GB, as BENCHMARKS.md does),
-    and if not, the next smaller preset that fits by re-estimating (`estimate_preset(name)` -> result)."""
+    and if not what would, found by re-estimating: first checkpointing every block (`estimate_all_checkpointed()`,
+    when some are not), then the next smaller preset (`estimate_preset(name)` -> result)."""
     worst = max(result["stages"], key=lambda r: r["est_card_gib"])
     need = worst["est_card_gib"]
     where = "per GPU " if result["fsdp"] else ""
     if need <= card_gb:
-        return [f"fits a {card_gb:g} GB card {where}with {card_gb - need:.1f} GiB to spare "
+        return [f"fits {_a(card_gb)} GB card {where}with {card_gb - need:.1f} GiB to spare "
                 f"(largest: stage {worst['stage']}, {worst['resolution']} px x {worst['batch']})"]
     line = (f"needs ~{need:.1f} GiB {where}(stage {worst['stage']}, {worst['resolution']} px x {worst['batch']}): "
-            f"more than a {card_gb:g} GB card")
+            f"more than {_a(card_gb)} GB card")
+    s = result["settings"]
+    if estimate_all_checkpointed is not None and not s.offload_blocks and (
+            not s.gradient_checkpointing or s.checkpoint_blocks is not None):
+        other = estimate_all_checkpointed()
+        est = max(r["est_card_gib"] for r in other["stages"]) if other else None
+        if est is not None and est <= card_gb:  # cheapest fix: recompute more, same precision
+            return [line, f"try memory.gradient_checkpointing: true with memory.checkpoint_blocks: null (every "
+                          f"block; est. {est:.1f} GiB {where}- slower per step)"]
     tried = []
     for preset in smaller_presets(result["settings"].preset, card_gb) if estimate_preset else []:
         other = estimate_preset(preset)
@@ -797,7 +811,11 @@ def estimate_command(args) -> int:
     card_gb = args.card if args.card is not None else PRESET_GB.get(settings.preset, DEFAULT_CARD_GB)
     if card_gb <= 0:
         raise UserError(f"--card={card_gb} must be a positive number of GB")
+    if (args.fsdp or cfg.train.fsdp) and args.gpus < 2:
+        raise UserError("FSDP shards over several GPUs: pass --gpus N (N >= 2) to estimate the per-GPU figure")
     common = dict(gpus=args.gpus, fsdp=fsdp, tiny=args.tiny, caption_tokens=args.caption_tokens)
+    # the re-estimates for suggestions build quantised layers; their INFO lines are not news to the user
+    logging.getLogger("krea2_train.train.memory").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     with console.status("estimating ...") as status:
         def progress(what):
@@ -813,17 +831,25 @@ def estimate_command(args) -> int:
             except UserError:  # e.g. FSDP refuses a quantised preset
                 return None
 
-        lines = verdict(cfg, result, card_gb, estimate_preset)
+        def estimate_all_checkpointed():
+            every = dataclasses.replace(settings, gradient_checkpointing=True, checkpoint_blocks=None)
+            try:
+                return estimate_config(cfg, every, on_stage=progress("every block checkpointed, "), **common)
+            except UserError:
+                return None
+
+        lines = verdict(cfg, result, card_gb, estimate_preset, estimate_all_checkpointed)
     s = result["settings"]
-    arch = "tiny test model" if result["architecture"] == "tiny" else "full 12.9B model"
+    arch = "tiny test model" if result["architecture"] == "tiny" else "full-size model"
     mem = f"memory.preset: {s.preset}" if s.preset else "memory: no preset"
     knobs = [f"quantize {s.quantize}", "offload" if s.offload_blocks else None,
              (f"checkpointing {'all' if s.checkpoint_blocks is None else s.checkpoint_blocks} blocks"
               if s.gradient_checkpointing or s.offload_blocks else "no checkpointing"),
-             "fused q/k/v" if s.fuse_qkv and not result["fsdp"] else None]
-    print(f"{args.config}: {arch} ({cfg.model.dtype}, mixed precision {cfg.train.mixed_precision}), "
-          f"{ {'lora': 'LoRA', 'dora': 'DoRA', 'lokr': 'LoKr'}[cfg.lora.type]} rank {cfg.lora.rank} on {cfg.lora.targets}, {result['optimizer']}, {mem} "
-          f"({', '.join(k for k in knobs if k)})")
+             "fused q/k/v" if s.fuse_qkv and not result["fsdp"] and s.quantize == "none" and not s.offload_blocks
+             else None]
+    kind = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr"}[cfg.lora.type]
+    print(f"{args.config}: {arch} ({cfg.model.dtype}, mixed precision {cfg.train.mixed_precision}), {kind} rank "
+          f"{cfg.lora.rank} on {cfg.lora.targets}, {result['optimizer']}, {mem} ({', '.join(k for k in knobs if k)})")
     if result["fsdp"]:
         print(f"FSDP over {result['gpus']} GPU(s): figures are per GPU (batch_size per GPU)")
     elif args.gpus > 1:
