@@ -96,9 +96,10 @@ def saved_for_backward(model, batch, autocast=True):
     """What autograd saves in one forward. Returns (total bytes, {module name: set of storages}): storages are
     counted once however many ops save them (what the allocator really holds); the dict maps each attention and each
     LoRA `lora_A` Linear to the storages of its input (attention) or of what its matmul saved (lora_A)."""
-    saved, owners, current = {}, {}, []
+    saved, owners, current, alive = {}, {}, [], []
 
     def pack(t):
+        alive.append(t)  # held until the end: a freed storage's address reused by a later one would count once
         ptr = t.untyped_storage().data_ptr()
         saved[ptr] = t.untyped_storage().nbytes()
         if current:
