@@ -19,6 +19,16 @@ _AREAS = ["krea2_train.models.cli", "krea2_train.data.cli", "krea2_train.train.c
           "krea2_train.inference_cli"]
 
 
+def add_config_command(sub, name: str, help: str, func, overrides_help: str = "key=value overrides, e.g. "
+                       "lora.rank=32 train.stages.0.steps=500") -> argparse.ArgumentParser:
+    """A subcommand that takes a run config YAML plus key=value overrides (the areas add their own flags)."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("config", help="run config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="krea2-train", description="LoRA fine-tuning for Krea 2: train on Raw, "
                                      "deploy on Turbo. `krea2-train CONFIG.yaml` runs the whole job.")

@@ -66,6 +66,13 @@ def twin(model):
     return copy.deepcopy(model)
 
 
+def assert_same_run(a, b):
+    """Two `run` results (output, LoRA grads, input grad) equal bit for bit."""
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    assert_close_grads(a[1], b[1], atol=0, rtol=0)
+    torch.testing.assert_close(a[2], b[2], atol=0, rtol=0)
+
+
 def assert_close_grads(a, b, atol, rtol):
     assert a.keys() == b.keys() and a
     for name in a:

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _speed_helpers import (add_lora, assert_close_grads, autocast_run, bf16_inputs, inputs, run,  # noqa: E402
-                            saved_for_backward, tiny_model, trainer_like, twin)
+from _speed_helpers import (add_lora, assert_close_grads, assert_same_run, autocast_run, bf16_inputs,  # noqa: E402
+                            inputs, run, saved_for_backward, tiny_model, trainer_like, twin)
 
 from krea2_train.train import speed
 from krea2_train.train.memory import apply_memory_settings  # noqa: E402
@@ -37,9 +37,7 @@ def test_fast_attention_masked_batch_is_identical(plain):
     batch = inputs(batch=2, lengths=(10, 6))
     o1, g1, x1 = run(plain, batch)
     o2, g2, x2 = run(fast, batch)
-    torch.testing.assert_close(o2, o1, atol=0, rtol=0)
-    assert_close_grads(g2, g1, atol=0, rtol=0)
-    torch.testing.assert_close(x2, x1, atol=0, rtol=0)
+    assert_same_run((o2, g2, x2), (o1, g1, x1))
 
 
 def test_fast_attention_gqa_without_mask_equals_plain_with_full_mask(plain):
@@ -230,9 +228,7 @@ def test_share_lora_input_inert_without_bf16_autocast(model_dtype, autocast):
     batch = inputs() if model_dtype == torch.float32 else bf16_inputs()
     o1, g1, x1 = autocast_run(plain, batch, enabled=autocast)
     o2, g2, x2 = autocast_run(shared, batch, enabled=autocast)
-    torch.testing.assert_close(o2, o1, atol=0, rtol=0)
-    assert_close_grads(g2, g1, atol=0, rtol=0)
-    torch.testing.assert_close(x2, x1, atol=0, rtol=0)
+    assert_same_run((o2, g2, x2), (o1, g1, x1))
     assert saved_for_backward(shared, batch, autocast)[0] == saved_for_backward(plain, batch, autocast)[0]
 
 
@@ -248,9 +244,7 @@ def test_share_lora_input_rslora_dora_dropout(lora_kwargs, active):
     o1, g1, x1 = autocast_run(plain, batch)
     torch.manual_seed(3)
     o2, g2, x2 = autocast_run(shared, batch)
-    torch.testing.assert_close(o2, o1, atol=0, rtol=0)
-    assert_close_grads(g2, g1, atol=0, rtol=0)
-    torch.testing.assert_close(x2, x1, atol=0, rtol=0)
+    assert_same_run((o2, g2, x2), (o1, g1, x1))
     bytes_plain, _ = saved_for_backward(plain, batch)
     bytes_shared, owners = saved_for_backward(shared, batch)
     assert all(_shares_block_input(owners, shared)) == active
@@ -289,9 +283,7 @@ def test_share_lora_input_with_checkpointing_deepcopy_and_undo(bf16_plain):
     batch = bf16_inputs(batch=2, lengths=(10, 6))
     o1, g1, x1 = autocast_run(bf16_plain, batch)
     o2, g2, x2 = autocast_run(copy, batch)
-    torch.testing.assert_close(o2, o1, atol=0, rtol=0)
-    assert_close_grads(g2, g1, atol=0, rtol=0)
-    torch.testing.assert_close(x2, x1, atol=0, rtol=0)
+    assert_same_run((o2, g2, x2), (o1, g1, x1))
     speed.unshare_lora_input(shared)
     assert saved_for_backward(shared, batch)[0] == saved_for_backward(bf16_plain, batch)[0]
 

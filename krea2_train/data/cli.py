@@ -52,16 +52,13 @@ def cache(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("check-data", help="validate every image and caption of the configured datasets")
-    p.add_argument("config", help="run config YAML")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.allow_upscale=true)")
+    from ..cli import add_config_command
+
+    p = add_config_command(sub, "check-data", "validate every image and caption of the configured datasets",
+                           check_data, overrides_help="key=value overrides (e.g. data.allow_upscale=true)")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any file would be skipped")
     p.add_argument("-v", "--verbose", action="store_true", help="also list informational notes")
-    p.set_defaults(func=check_data)
-    p = sub.add_parser("cache", help="encode captions and images into the on-disk caches (resumable; "
-                       "splits across processes under accelerate launch)")
-    p.add_argument("config", help="run config YAML")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p = add_config_command(sub, "cache", "encode captions and images into the on-disk caches (resumable; splits "
+                           "across processes under accelerate launch)", cache)
     p.add_argument("--prune", action="store_true", help="first delete entries that no manifest in cache_dir uses "
                    "(stale after caption, image, model or setting changes); not while another run uses the cache")
-    p.set_defaults(func=cache)

@@ -52,25 +52,16 @@ def estimate(args) -> int:
 
 
 def register(sub) -> None:
-    help_overrides = "key=value overrides, e.g. lora.rank=32 train.stages.0.steps=500"
-    p = sub.add_parser("run", help="the whole job: check-data, cache, train, export, verify (each skipped when "
-                       "already done)")
-    p.add_argument("config", help="run config YAML (see configs/)")
-    p.add_argument("overrides", nargs="*", help=help_overrides)
-    p.set_defaults(func=run)
-    p = sub.add_parser("train", help="train the LoRA only (caches are built first if missing); resumes from the "
-                       "latest checkpoint")
-    p.add_argument("config", help="run config YAML")
-    p.add_argument("overrides", nargs="*", help=help_overrides)
-    p.set_defaults(func=train)
-    p = sub.add_parser("config", help="check a run config (no work done) and print it with every default filled in")
-    p.add_argument("config", help="run config YAML")
-    p.add_argument("overrides", nargs="*", help=help_overrides)
-    p.set_defaults(func=show_config)
-    p = sub.add_parser("estimate", help="estimate the peak GPU memory of each training stage, on the CPU, before any "
-                       "download (which card the config needs)")
-    p.add_argument("config", help="run config YAML")
-    p.add_argument("overrides", nargs="*", help=help_overrides)
+    from ..cli import add_config_command
+
+    add_config_command(sub, "run", "the whole job: check-data, cache, train, export, verify (each skipped when "
+                       "already done)", run)
+    add_config_command(sub, "train", "train the LoRA only (caches are built first if missing); resumes from the "
+                       "latest checkpoint", train)
+    add_config_command(sub, "config", "check a run config (no work done) and print it with every default filled in",
+                       show_config)
+    p = add_config_command(sub, "estimate", "estimate the peak GPU memory of each training stage, on the CPU, before "
+                           "any download (which card the config needs)", estimate)
     p.add_argument("--gpus", type=int, default=1, help="processes (GPUs); with FSDP the figures are per GPU")
     p.add_argument("--fsdp", action="store_true", help="estimate FSDP sharding (as train.fsdp: true)")
     p.add_argument("--card", type=float, default=None,
@@ -78,4 +69,3 @@ def register(sub) -> None:
     p.add_argument("--caption-tokens", type=int, default=128,
                    help="valid caption tokens per image (of the 512-token text; default 128)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: the tiny architecture
-    p.set_defaults(func=estimate)
