@@ -319,11 +319,10 @@ def copy_base_weights(transformer, path) -> int:
     """
     from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
 
-    path = _require_path(path, "Krea 2 transformer", "model.turbo")
     from ..train.sharding import is_sharded, local_part, reshard_all
 
+    path = _require_path(path, "Krea 2 transformer", "model.turbo")
     reshard_all(transformer)  # FSDP: parameters are the shards from here on (no-op otherwise)
-
     params = {n.replace(".base_layer.", "."): p for n, p in transformer.named_parameters() if "lora_" not in n}
     for p in params.values():
         if not p.dtype.is_floating_point or (type(p) is not torch.nn.Parameter and not is_sharded(p)):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -81,8 +82,6 @@ def shard_transformer(transformer: nn.Module, mesh, reshard_after_forward: bool 
     from .memory import unwrap_transformer
 
     model = unwrap_transformer(transformer)
-    import warnings
-
     # diffusers returns the prediction as a reshaped view; the loss only reads it out of place, which is safe (the
     # FSDP test compares the gradients with DDP's), so the per-step warning about in-place ops on views is noise
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -114,8 +113,8 @@ def local_part(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 
 def reshard_all(module: nn.Module) -> None:
-    """Drop the gathered parameters FSDP keeps between uses (the root group stays gathered after a forward) so the
-    shards are the only copy: weights written into them are what the next forward gathers."""
+    """Drop the gathered parameters FSDP keeps between uses (after a forward, with fsdp_reshard_after_forward: false)
+    so the shards are the only copy: weights written into them are what the next forward gathers."""
     from torch.distributed.fsdp import FSDPModule
 
     for m in module.modules():

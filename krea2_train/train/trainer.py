@@ -14,6 +14,7 @@ train/timesteps.py (logit-normal, Raw's resolution-aware shift by default).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,10 +147,11 @@ class Trainer:
         self.fsdp = sharding.fsdp_requested(cfg, acc)
         if self.fsdp:
             sharding.check_fsdp_settings(cfg, mem)  # before the model is loaded
-        if resume_path(cfg) is not None:  # the checkpoint's kind too: a mismatch is found now, not after loading 26 GB
+        resume_from = resume_path(cfg)
+        if resume_from is not None:  # the checkpoint's kind too: a mismatch is found now, not after loading 26 GB
             from .checkpoint import check_checkpoint_kind
 
-            check_checkpoint_kind(resume_path(cfg), self.fsdp, acc.num_processes)
+            check_checkpoint_kind(resume_from, self.fsdp, acc.num_processes)
         check_multiprocess_lora(cfg, acc.num_processes)
 
         if (acc.is_main_process or self.fsdp) and cfg.preview.prompts:
@@ -163,8 +165,6 @@ class Trainer:
         if self.fsdp:
             # One process per machine at a time holds the whole bf16 base in CPU memory (26 GB at full size): each
             # loads it, keeps its shard and frees the rest before the next one starts, instead of N copies at once.
-            import os
-
             mesh = sharding.make_mesh(acc.device)
             for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))):
                 if acc.local_process_index == turn:
