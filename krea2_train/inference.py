@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from . import facts
-from .schedule import make_scheduler, mu_for, pack_latents, position_ids, unpack_latents
+from krea2_train import facts
+from krea2_train.schedule import make_scheduler, mu_for, pack_latents, position_ids, unpack_latents
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class SampleSettings:
 def initial_noise(batch: int, height: int, width: int, seed: int, channels: int = 16) -> torch.Tensor:
     """Packed starting noise, drawn like the pipeline's `randn_tensor` on a CPU generator."""
     if height % facts.PIXEL_MULTIPLE or width % facts.PIXEL_MULTIPLE:
-        from .errors import UserError
+        from krea2_train.errors import UserError
 
         raise UserError(f"height and width must be multiples of {facts.PIXEL_MULTIPLE}, got {height}x{width} "
                         f"(try {round(height / 16) * 16}x{round(width / 16) * 16})")
@@ -115,7 +115,7 @@ def apply_lora(transformer, path_or_state, strength: float = 1.0, adapter_name: 
 
 def apply_loras(transformer, loras, names: list[str] | None = None) -> list[str]:
     """Load several (LoRA, strength) pairs and activate them together; returns their adapter names."""
-    from .export.formats import read_lora_for_diffusers  # knows every peer layout, not only diffusers' own
+    from krea2_train.lora.formats import read_lora_for_diffusers  # knows every peer layout, not only diffusers' own
 
     taken = set(getattr(transformer, "peft_config", {}) or {})
     chosen = []
@@ -145,7 +145,7 @@ class Generator:
         return self.text_encoder.encode(prompts)
 
     def __call__(self, prompts: list[str], settings: SampleSettings, negative_prompt: str = "", progress=False):
-        from .models.vae import to_pil
+        from krea2_train.models.vae import to_pil
 
         embeds, mask = self.encode(prompts)
         neg = neg_mask = None

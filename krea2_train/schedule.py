@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from . import facts
+from krea2_train import facts
 
 
 def time_shift(mu: float, sigma):

@@ -89,8 +89,8 @@ def rate_naive(src: Path, res, batch, seconds) -> float:
 
 def caching_rate(tmp: Path):
     from krea2_train.data.cache import build_caches
-    from krea2_train.data.config import DataConfig, DatasetConfig
-    from krea2_train.models.config import ModelConfig
+    from krea2_train.config.data import DataConfig, DatasetConfig
+    from krea2_train.config.model import ModelConfig
     from krea2_train.models.tiny import make_tiny
 
     tiny = make_tiny(tmp / "tiny")

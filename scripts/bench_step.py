@@ -37,13 +37,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from krea2_train.train import memory, speed  # noqa: E402
+from krea2_train.train.step import flow_matching_loss  # noqa: E402
+from krea2_train.runtime import memory  # noqa: E402
+
+from krea2_train.runtime import speed  # noqa: E402
 
 LORA_TARGETS = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|to_gate)"
 
 # name -> (memory settings, baseline?)
 CONFIGS = {
-    "baseline": (dict(quantize="none", gradient_checkpointing=True, attention_backend=None, trim_text_padding=False),
+    "baseline": (dict(quantize="none", gradient_checkpointing=True, attention_backend="torch", trim_text_padding=False),
                  True),
     "bf16_ckpt_nofuse": (dict(quantize="none", gradient_checkpointing=True, fuse_qkv=False), False),
     "bf16_ckpt": (dict(quantize="none", gradient_checkpointing=True, fuse_qkv=True), False),
@@ -176,14 +179,10 @@ def bench_config(name, args, device, dtype):
     # LoRA weights then run bf16 matmuls
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def step():
+    def step():  # the trainer's own loss (train/step.py), so the figures are training's
         sigma = torch.rand(1, generator=gen).to(device)
-        s = sigma.to(dtype)[:, None, None]
-        x_t = (1 - s) * batch["x0"] + s * batch["noise"]
-        with autocast:
-            out = model(hidden_states=x_t, encoder_hidden_states=batch["text"], timestep=sigma,
-                        position_ids=batch["pos"], encoder_attention_mask=batch["mask"], return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(out.float(), (batch["noise"] - batch["x0"]).float())
+        loss = flow_matching_loss(model, batch["x0"], batch["noise"], sigma, batch["text"], batch["pos"],
+                                  batch["mask"], dtype=dtype, autocast=autocast).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -217,7 +216,7 @@ def bench_config(name, args, device, dtype):
         peak = args.peak_tflops * 1e12
         row["mfu"] = model_flops / s_per_step / peak
         row["hfu"] = hw_flops / s_per_step / peak
-    del model, opt, params, batch
+    model = opt = params = batch = None  # free the GPU before the next configuration
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -90,10 +90,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from krea2_train.train import memory  # noqa: E402,F401
+from krea2_train.runtime import memory  # noqa: E402,F401
 # the estimator itself (tracing, static bytes, FSDP arithmetic) lives in the package, shared with `krea2-train
 # estimate`; its names are re-exported here for the tests and for interactive use
-from krea2_train.train.estimate import (  # noqa: E402,F401
+from krea2_train.estimate.estimate import (  # noqa: E402,F401
     AUTOCAST_FP32, AUTOCAST_FP32_OUT, AUTOCAST_LOWER, BNB8_BLOCK, CARDS_GIB, CONTEXT_GIB, FRAGMENTATION,
     FSDP_GATHERED_BLOCKS, FSDP_RS_BUFFERS, NCCL_GIB, NF4_BLOCK, NF4_BLOCK2, OFFLOAD_RESIDENT_BLOCKS, WORKSPACE_GIB,
     EmulatedAutocast, GiB, LiveBytes, Nf4StandIn, apply_settings, build_meta_model, estimate_model, fsdp_bytes,

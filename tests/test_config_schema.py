@@ -123,7 +123,7 @@ def test_override_into_a_missing_list_entry_says_how_many_there_are():
 
 
 def test_model_paths_are_checked_naming_the_key(tiny_dir, tmp_path, caplog):
-    from krea2_train.config import check_model_paths
+    from krea2_train.models.paths import check_model_paths
     from krea2_train.models.loading import ModelLoadError
 
     good = [f"model.transformer={tiny_dir}/transformer_raw.safetensors", f"model.text_encoder={tiny_dir}/text_encoder",
@@ -152,7 +152,7 @@ def test_model_paths_are_checked_naming_the_key(tiny_dir, tmp_path, caplog):
 
 
 def test_paths_under_make_tiny_are_not_reported_before_it_is_written(tmp_path):
-    from krea2_train.config import model_path_problems
+    from krea2_train.models.paths import model_path_problems
 
     tiny = tmp_path / "tiny"
     cfg = load_config(None, [f"make_tiny={tiny}", f"model.transformer={tiny}/transformer_raw.safetensors",

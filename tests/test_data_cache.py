@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from krea2_train.data import cache as cache_mod
 from krea2_train.data.cache import Manifest, build_caches, entry_valid
-from krea2_train.data.config import DataConfig, DatasetConfig
-from krea2_train.models.config import ModelConfig
+from krea2_train.config.data import DataConfig, DatasetConfig
+from krea2_train.config.model import ModelConfig
 
 CAPTIONS = ["a red square", "two blue circles on white", "green", "a yellow star over a dark sea at night", "pink"]
 SIZES = [(96, 80), (80, 96), (64, 64), (112, 64), (72, 72)]
@@ -188,8 +188,8 @@ SCRIPT = """
 import json, sys
 from accelerate import PartialState
 from krea2_train.data.cache import build_caches
-from krea2_train.data.config import DataConfig, DatasetConfig
-from krea2_train.models.config import ModelConfig
+from krea2_train.config.data import DataConfig, DatasetConfig
+from krea2_train.config.model import ModelConfig
 root, cache, tiny, out = sys.argv[1:]
 state = PartialState(cpu=True)
 

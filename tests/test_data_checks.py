@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from krea2_train.data.checks import scan_data
-from krea2_train.data.config import DataConfig, DatasetConfig
+from krea2_train.config.data import DataConfig, DatasetConfig
 from krea2_train.errors import UserError
 
 

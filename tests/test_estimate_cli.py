@@ -13,7 +13,7 @@ import pytest
 
 from krea2_train.cli import main
 from krea2_train.config import load_config
-from krea2_train.train import estimate as est
+from krea2_train.estimate import estimate as est
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

@@ -22,7 +22,8 @@ em = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = em
 _spec.loader.exec_module(em)
 
-from krea2_train.train import memory  # noqa: E402
+from krea2_train.runtime import memory  # noqa: E402
+from krea2_train.train.step import flow_matching_loss  # noqa: E402
 
 MARK = 123457  # odd allocation size marking the end of the forward in the profiler's event stream
 
@@ -72,7 +73,7 @@ def test_offload_keeps_two_blocks_of_frozen_weights():
 
 
 def _real_step(name, resolution, dtype=torch.bfloat16, share=True):
-    """One real CPU step of the tiny model set up and run as bench_step does (the forward under bf16 autocast, real
+    """One real CPU step of the tiny model set up as bench_step does and run by the trainer's own loss (the forward under bf16 autocast, real
     torch.autocast on CPU); peak / after-forward / after-backward bytes from the profiler's allocator events
     (independent of the estimator's counting). `share`: memory.share_lora_input."""
     from torch.profiler import ProfilerActivity, profile
@@ -83,7 +84,7 @@ def _real_step(name, resolution, dtype=torch.bfloat16, share=True):
     overrides, is_baseline = bench.CONFIGS[name]
     settings = memory.resolve_memory_settings(dict(overrides, share_lora_input=share))
     if is_baseline:
-        from krea2_train.train import speed
+        from krea2_train.runtime import speed
         speed.set_plain_attention(model)
         memory.enable_checkpointing(model, None)
     else:
@@ -93,17 +94,12 @@ def _real_step(name, resolution, dtype=torch.bfloat16, share=True):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         x0, noise, text, pos, mask = (batch[k].clone() for k in ("x0", "noise", "text", "pos", "mask"))
         sigma = torch.rand(1)
-        s = sigma.to(dtype)[:, None, None]
-        x_t = (1 - s) * x0 + s * noise
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            out = model(hidden_states=x_t, encoder_hidden_states=text, timestep=sigma, position_ids=pos,
-                        encoder_attention_mask=mask, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(out.float(), (noise - x0).float())
-        del out
+        loss = flow_matching_loss(model, x0, noise, sigma, text, pos, mask, dtype=dtype,
+                                  autocast=torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)).mean()
         marker = torch.empty(MARK, dtype=torch.uint8)
         del marker
         loss.backward()
-        del loss, x0, noise, text, pos, mask, x_t, s, sigma
+        del loss, x0, noise, text, pos, mask, sigma
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     cur = peak = 0
@@ -167,7 +163,7 @@ def test_share_lora_input_on_and_off_match_real_autocast_step(name):
 def test_emulated_autocast_lists_are_cuda_autocast_ops():
     """Every op name the emulation casts has a CUDA autocast kernel in the installed torch; and a LoRA-like step on
     meta gets bf16 matmuls, the cached bf16 weight copy, and speed's autocast hook answering bf16 only inside."""
-    from krea2_train.train import speed
+    from krea2_train.runtime import speed
 
     registered = {r.split("::")[1].split(".")[0]
                   for r in torch._C._dispatch_get_registrations_for_dispatch_key("AutocastCUDA")}
@@ -188,7 +184,7 @@ def test_emulated_autocast_lists_are_cuda_autocast_ops():
             with torch.autocast("meta", enabled=False):
                 assert torch.nn.functional.linear(x.float(), w).dtype == torch.float32
         assert not emu.cache and torch.nn.functional.linear(x.float(), w).dtype == torch.float32
-    assert speed._autocast_dtype.__module__ == "krea2_train.train.speed"  # restored
+    assert speed._autocast_dtype.__module__ == "krea2_train.runtime.speed"  # restored
 
 
 def test_int8_keeps_what_bf16_keeps_through_checkpointing():
@@ -271,7 +267,7 @@ def test_fsdp_activations_are_the_single_gpu_trace_with_share_lora_input():
     for sh in (True, False):
         model, settings = _tiny_fsdp_meta()
         if not sh:
-            from krea2_train.train import speed
+            from krea2_train.runtime import speed
             speed.unshare_lora_input(model)
         tr = em.trace_step(model, settings, False, 256)
         assert rows[sh]["activations_gib"] * 2**30 == tr["peak_without_grads"]
@@ -286,7 +282,7 @@ SHARD_SCRIPT = textwrap.dedent('''
     spec = importlib.util.spec_from_file_location("_em", os.path.join(root, "scripts", "estimate_memory.py"))
     em = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(em)
-    from krea2_train.train import sharding
+    from krea2_train.runtime import sharding
     dist.init_process_group("gloo")
     model = em.bench.build_model(True, torch.device("cpu"), torch.bfloat16)
     em.bench.add_lora(model, 32)

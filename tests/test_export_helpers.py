@@ -26,7 +26,7 @@ def trained_transformer(tiny_dir, seed=0, use_rslora=False, r=4, alpha=8, rank_p
 
 
 def trained_adapter(tiny_dir, **kw):
-    from krea2_train.export.formats import TrainedAdapter
+    from krea2_train.lora.formats import TrainedAdapter
 
     return TrainedAdapter.from_model(trained_transformer(tiny_dir, **kw))
 

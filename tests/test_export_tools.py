@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 from test_export_helpers import max_delta_error, peer_state, trained_adapter
 
 from krea2_train.errors import UserError
-from krea2_train.export.formats import TrainedAdapter, read_lora_file, write_lora_file
-from krea2_train.export.tools import (convert_lora, extract_lora, format_inspect, inspect_lora, merge_into_checkpoint,
+from krea2_train.lora.formats import TrainedAdapter, read_lora_file, write_lora_file
+from krea2_train.lora.tools import (convert_lora, extract_lora, format_inspect, inspect_lora, merge_into_checkpoint,
                                       merge_loras, resize_lora)
 
 
@@ -100,7 +100,7 @@ def test_merge_into_checkpoint_then_extract_recovers_the_lora(adapter, tiny_dir,
 
 def test_extract_turbo_minus_raw(tiny_dir):
     raw, turbo = tiny_dir / "transformer_raw.safetensors", tiny_dir / "transformer_turbo.safetensors"
-    from krea2_train.export.tools import _linear_weights
+    from krea2_train.lora.tools import _linear_weights
 
     wr, wt = _linear_weights(raw), _linear_weights(turbo)
     full, report = extract_lora(raw, turbo, rank=512)  # at full rank: exact, Raw + LoRA = Turbo

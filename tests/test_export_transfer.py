@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_export_helpers import trained_adapter
 
-from krea2_train.export.formats import write_lora_file
+from krea2_train.lora.formats import write_lora_file
 
 PROMPTS, SIGMAS, SIZE, SEED = ["x", "y"], (0.8, 0.3), 32, 0
 
@@ -103,7 +103,7 @@ def test_transfer_report_one_transformer_at_a_time_same_numbers(mode, tiny_dir, 
                                                                 monkeypatch):
     """Every way of reaching Raw gives the directly computed numbers; Turbo's weights come back exactly; and with
     Turbo's checkpoint known, one transformer only ever exists (its base weights are swapped to Raw and back)."""
-    import krea2_train.models.loading as loading
+    import krea2_train.runtime.swap as swap
     from krea2_train.export.transfer import transfer_report
 
     raw_path, turbo_path = tiny_dir / "transformer_raw.safetensors", tiny_dir / "transformer_turbo.safetensors"
@@ -114,7 +114,7 @@ def test_transfer_report_one_transformer_at_a_time_same_numbers(mode, tiny_dir, 
         def refuse(*a, **kw):
             raise TypeError("the base weights are quantised; they cannot be swapped in place")
 
-        monkeypatch.setattr(loading, "copy_base_weights", refuse)
+        monkeypatch.setattr(swap, "copy_base_weights", refuse)
     watch = _Watch(monkeypatch)
     report = transfer_report(lora_file, raw_path, turbo, tmp_path, turbo_path=turbo_path if mode != "loaded_turbo_only"
                              else None, prompts=PROMPTS, sigmas=SIGMAS, height=SIZE, width=SIZE, seed=SEED,
@@ -161,7 +161,7 @@ def test_loaded_turbo_is_offloaded_while_raw_runs(tiny_dir, monkeypatch):
 
 def test_export_cli_formats_and_default_out(tiny_dir, tmp_path):
     from krea2_train.cli import main
-    from krea2_train.export.cli import default_export_dir
+    from krea2_train.cli.export import default_export_dir
 
     adapter = trained_adapter(tiny_dir, r=2, alpha=2)
     src = write_lora_file(adapter, tmp_path / "style.safetensors", "comfyui", dtype="float32")
@@ -180,7 +180,8 @@ def test_export_cli_formats_and_default_out(tiny_dir, tmp_path):
 
 
 def test_one_number_helper():
-    from krea2_train.export import formats, tools
+    from krea2_train.lora import formats
+    from krea2_train.lora import tools
 
     assert tools._num is formats._num
     assert formats._num(16.0) == 16 and isinstance(formats._num(16.0), int)

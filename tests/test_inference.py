@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from krea2_train import facts
-from krea2_train.inference import SampleSettings, apply_lora, sample_latents
+from krea2_train.inference import SampleSettings, sample_latents
 from krea2_train.models.loading import load_transformer
 from krea2_train.models.text_encoder import TextEncoder
 from krea2_train.models.vae import VAE

@@ -12,7 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _speed_helpers import add_lora, assert_close_grads, inputs, run, tiny_model, twin  # noqa: E402
 
-from krea2_train.train import memory, speed  # noqa: E402
+from krea2_train.runtime import memory  # noqa: E402
+
+from krea2_train.runtime import speed  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEV = "cuda"

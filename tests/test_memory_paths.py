@@ -13,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _speed_helpers import (add_lora, assert_close_grads, assert_same_run, inputs, run, tiny_model,  # noqa: E402
                             twin)
 
-from krea2_train.train import memory, speed  # noqa: E402
+from krea2_train.runtime import memory  # noqa: E402
+
+from krea2_train.runtime import speed  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_export_helpers import trained_transformer
 
-from krea2_train.models.loading import ModelLoadError, copy_base_weights, load_transformer
+from krea2_train.models.loading import ModelLoadError, load_transformer
+from krea2_train.runtime.swap import copy_base_weights
 from krea2_train.train import preview
 
 
@@ -30,7 +31,7 @@ def cfg_for(tiny_dir):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_swap_equals_separate_turbo_and_restores_raw(tiny_dir, fused):
-    from krea2_train.train.speed import fuse_qkv
+    from krea2_train.runtime.speed import fuse_qkv
 
     model = lora_model(tiny_dir)
     if fused:

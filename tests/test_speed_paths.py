@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _speed_helpers import (add_lora, assert_close_grads, assert_same_run, autocast_run, bf16_inputs,  # noqa: E402
                             inputs, run, saved_for_backward, tiny_model, trainer_like, twin)
 
-from krea2_train.train import speed
-from krea2_train.train.memory import apply_memory_settings  # noqa: E402
+from krea2_train.runtime import speed
+from krea2_train.runtime.memory import apply_memory_settings  # noqa: E402
 
 OUT = dict(atol=1e-5, rtol=1e-5)
 GRAD = dict(atol=1e-6, rtol=1e-4)
@@ -272,7 +272,7 @@ def test_fused_qkv_casts_the_lora_input_once_without_autocast(bf16_plain):
 def test_share_lora_input_with_checkpointing_deepcopy_and_undo(bf16_plain):
     """Checkpoint recomputation runs under the same autocast, so it shares too (non-reentrant checkpointing checks
     the recomputed tensors match); a deep copy keeps the path bound to its own layers; unshare_lora_input undoes it."""
-    from krea2_train.train.memory import enable_checkpointing
+    from krea2_train.runtime.memory import enable_checkpointing
 
     shared = speed.share_lora_input(twin(bf16_plain))
     copy = twin(shared)

@@ -13,8 +13,8 @@ import torch
 SCRIPT = textwrap.dedent('''
     import sys, torch
     from krea2_train.config import load_config
-    from krea2_train.train import pipeline
-    from krea2_train.train.data_source import CachedData
+    from krea2_train import pipeline
+    from krea2_train.data.source import CachedData
     from krea2_train.train.trainer import Trainer
     from krea2_train.train.lora import adapter_state_dict
     tiny, out, data = sys.argv[1], sys.argv[2], sys.argv[3]

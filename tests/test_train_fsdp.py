@@ -22,8 +22,8 @@ import torch
 SCRIPT = textwrap.dedent('''
     import sys, torch
     from krea2_train.config import load_config
-    from krea2_train.train import pipeline
-    from krea2_train.train.data_source import CachedData
+    from krea2_train import pipeline
+    from krea2_train.data.source import CachedData
     from krea2_train.train.trainer import Trainer
     tiny, out, data = sys.argv[1], sys.argv[2], sys.argv[3]
     base = [
@@ -53,7 +53,8 @@ SCRIPT = textwrap.dedent('''
         sys.path.insert(0, tests_dir)
         from _speed_helpers import inputs
         from peft import set_peft_model_state_dict
-        from krea2_train.models.loading import copy_base_weights, load_transformer
+        from krea2_train.models.loading import load_transformer
+        from krea2_train.runtime.swap import copy_base_weights
         from krea2_train.train.lora import adapter_state_dict
         m, raw_file, turbo_file = t.transformer, t.cfg.model.transformer, t.cfg.model.turbo
         m.eval()
@@ -194,7 +195,7 @@ def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path, demo_image
 def test_fsdp_refuses_what_it_cannot_shard(override, key):
     from krea2_train.config import load_config
     from krea2_train.errors import UserError
-    from krea2_train.train.sharding import check_fsdp_settings
+    from krea2_train.runtime.sharding import check_fsdp_settings
     from krea2_train.train.trainer import memory_settings
 
     cfg = load_config(None, ["model.transformer=x.safetensors", "model.text_encoder=x", "model.vae=x",
@@ -208,7 +209,7 @@ def test_fsdp_refuses_what_it_cannot_shard(override, key):
 
 def test_fsdp_with_one_process_says_how_to_launch():
     from krea2_train.errors import UserError
-    from krea2_train.train.sharding import make_mesh
+    from krea2_train.runtime.sharding import make_mesh
 
     with pytest.raises(UserError, match="accelerate launch --config_file configs/accelerate/fsdp.yaml"):
         make_mesh(torch.device("cpu"))

@@ -134,8 +134,8 @@ def test_resume_on_cached_data_matches_straight_run(tiny_dir, tmp_path):
     from safetensors.torch import load_file
 
     from krea2_train.config import load_config
-    from krea2_train.train import pipeline
-    from krea2_train.train.data_source import CachedData
+    from krea2_train import pipeline
+    from krea2_train.data.source import CachedData
     from krea2_train.train.trainer import Trainer
 
     path = write_config(tiny_dir, tmp_path, steps=4)
@@ -170,8 +170,8 @@ def test_demo_config_lowers_the_loss(tiny_dir, tmp_path):
     """configs/demo.yaml as shipped (shortened to its first stage): the held-out validation loss, at fixed sigmas and
     noise, goes down, and so does the training loss."""
     from krea2_train.config import load_config
-    from krea2_train.train import pipeline
-    from krea2_train.train.data_source import CachedData
+    from krea2_train import pipeline
+    from krea2_train.data.source import CachedData
     from krea2_train.train.trainer import Trainer
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [
@@ -225,7 +225,7 @@ def _export_cfg(tmp_path, *extra):
 
 
 def test_export_freshness_compares_name_and_metadata(tmp_path):
-    from krea2_train.train.pipeline import export_settings, export_valid
+    from krea2_train.pipeline import export_settings, export_valid
 
     cfg = _export_cfg(tmp_path)
     (cfg.run_dir / "adapter").mkdir(parents=True)
@@ -244,7 +244,7 @@ def test_export_freshness_compares_name_and_metadata(tmp_path):
 
 
 def test_export_lines_come_before_verify(tmp_path, monkeypatch, capsys):
-    from krea2_train.train import pipeline
+    from krea2_train import pipeline
 
     cfg = _export_cfg(tmp_path, "export.verify=true", "model.turbo=t")
     fake = {"comfyui": tmp_path / "r_comfyui.safetensors"}
@@ -266,7 +266,7 @@ def test_wrong_model_path_fails_before_any_work(tiny_dir, tmp_path, capsys):
 
 
 def test_one_stage_resolutions_for_data_commands_and_trainer():
-    from krea2_train.data import cli as data_cli
-    from krea2_train.train import data_source
+    from krea2_train.cli import data as data_cli
+    from krea2_train.data import source as data_source
 
     assert data_cli.stage_resolutions is data_source.stage_resolutions

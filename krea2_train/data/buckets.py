@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from PIL import Image
 
-from .. import facts
+from krea2_train import facts
 
 STEP = facts.PIXEL_MULTIPLE
 

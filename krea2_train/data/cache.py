@@ -36,12 +36,12 @@ from typing import Optional
 
 import torch
 
-from .. import facts
-from ..utils.io import save_safetensors_atomic, write_json_atomic
-from .buckets import Placement, apply
-from .checks import Item, Scan, scan_data
-from .config import DataConfig
-from .images import ImageProblem, open_image, parse_colour
+from krea2_train import facts
+from krea2_train.utils.io import save_safetensors_atomic, write_json_atomic
+from krea2_train.data.buckets import Placement, apply
+from krea2_train.data.checks import Item, Scan, scan_data
+from krea2_train.config.data import DataConfig
+from krea2_train.data.images import ImageProblem, open_image, parse_colour
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def resolve_encoder_dtype(name: str, device) -> str:
 
 def text_fingerprint(text_encoder_path, dtype: str) -> str:
     """Identifies everything that shapes a text embedding, without loading the model."""
-    from ..models.text_encoder import files_fingerprint
+    from krea2_train.models.text_encoder import files_fingerprint
 
     return _sha({"v": CACHE_VERSION, "files": files_fingerprint(os.path.expanduser(str(text_encoder_path))),
                  "dtype": dtype, "taps": list(facts.TEXT_TAP_LAYERS), "prefix": facts.PROMPT_PREFIX,
@@ -74,7 +74,7 @@ def text_fingerprint(text_encoder_path, dtype: str) -> str:
 
 
 def vae_fingerprint(vae_path, dtype: str) -> str:
-    from ..models.text_encoder import files_fingerprint
+    from krea2_train.models.text_encoder import files_fingerprint
 
     return _sha({"v": CACHE_VERSION, "files": files_fingerprint(os.path.expanduser(str(vae_path))), "dtype": dtype,
                  "posterior": "mode", "normalised": True})
@@ -219,7 +219,7 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
     if scan is None:
         scan = scan_data(data_cfg, resolutions, cache_dir if state.is_main_process else None, progress=progress)
     if scan.fatal:
-        from ..errors import UserError
+        from krea2_train.errors import UserError
 
         raise UserError("the data has fatal problems; run `krea2-train check-data CONFIG`:\n" +
                         "\n".join(p.message for p in scan.problems if p.severity == "fatal"))
@@ -248,7 +248,7 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
     if mine:
         owned = text_encoder is None
         if owned:
-            from ..models.text_encoder import TextEncoder
+            from krea2_train.models.text_encoder import TextEncoder
 
             text_encoder = TextEncoder.from_path(model_cfg.text_encoder, dtype=dtype, device=device)
         mine.sort(key=lambda k: len(captions[k]))  # similar lengths together: less padding
@@ -275,7 +275,7 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
     if mine:
         owned = vae is None
         if owned:
-            from ..models.vae import VAE
+            from krea2_train.models.vae import VAE
 
             vae = VAE.from_path(model_cfg.vae, dtype=dtype, device=device)
         mine.sort(key=lambda j: (j[2].bucket, j[3][0][0]))  # batches from one bucket

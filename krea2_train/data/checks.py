@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .buckets import make_buckets, nearest_bucket, needs_upscale, place
-from .config import DataConfig, validate_data_config
-from .images import ImageProblem, open_image, parse_colour
-from .sources import SEVERITIES, Problem, Record, load_records
+from krea2_train.data.buckets import make_buckets, nearest_bucket, needs_upscale, place
+from krea2_train.config.data import DataConfig, validate_data_config
+from krea2_train.data.images import ImageProblem, open_image, parse_colour
+from krea2_train.data.sources import SEVERITIES, Problem, Record, load_records
 
 SCAN_VERSION = 1
 
@@ -134,7 +134,7 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
     try:
         parse_colour(data_cfg.background)  # fail early on a bad colour
     except ValueError as exc:
-        from ..errors import UserError
+        from krea2_train.errors import UserError
 
         raise UserError(str(exc)) from exc
     if not data_cfg.datasets:
@@ -272,7 +272,7 @@ def _save_index(cache_dir, known: dict) -> None:
     path = _index_path(cache_dir)
     if path is None:
         return
-    from ..utils.io import write_json_atomic
+    from krea2_train.utils.io import write_json_atomic
 
     try:
         write_json_atomic(path, {"version": SCAN_VERSION, "images": known})

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import Manifest, entry_path
+from krea2_train.data.cache import Manifest, entry_path
 
 
 class BatchPlan:
@@ -44,7 +44,7 @@ class BatchPlan:
 
     def __init__(self, manifest: Manifest, resolution: int, batch_size: int, seed: int, split: str = "train",
                  drop_last: bool = False):
-        from ..errors import UserError
+        from krea2_train.errors import UserError
 
         self.manifest, self.resolution, self.batch_size, self.seed = manifest, int(resolution), int(batch_size), seed
         self.drop_last = drop_last
@@ -270,7 +270,7 @@ def make_loader(manifest: Manifest, resolution: int, batch_size: int, seed: int,
     worker_type "thread" (default; fastest, see ThreadLoader) or "process" (a torch DataLoader with worker
     processes). num_workers=0 reads in the calling thread. The batches are identical in every mode."""
     if process_index is None or num_processes is None:
-        from .cache import _state
+        from krea2_train.data.cache import _state
 
         state = _state()
         process_index, num_processes = state.process_index, state.num_processes

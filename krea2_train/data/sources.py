@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import DatasetConfig
-from .images import IMAGE_EXTENSIONS
+from krea2_train.config.data import DatasetConfig
+from krea2_train.data.images import IMAGE_EXTENSIONS
 
 SEVERITIES = ("fatal", "error", "warning", "info")
 # Files that belong in a dataset folder but are not training images.

@@ -5,6 +5,6 @@ The one in-memory form is `TrainedAdapter` (diffusers module names, per-module A
 and every writer consumes it, so the effective scale is handled in exactly one place.
 """
 
-from .formats import FORMATS, LoraFile, LoraFormatError, TrainedAdapter, read_lora_file, write_lora_file  # noqa: F401
-from .export import export_and_verify, export_lora  # noqa: F401,E402
-from .verify import LoraVerifyError, verify_lora_file  # noqa: F401,E402
+from krea2_train.lora.formats import FORMATS, LoraFile, LoraFormatError, TrainedAdapter, read_lora_file, write_lora_file  # noqa: F401
+from krea2_train.export.export import export_and_verify, export_lora  # noqa: F401,E402
+from krea2_train.export.verify import LoraVerifyError, verify_lora_file  # noqa: F401,E402

@@ -17,8 +17,8 @@ import hashlib
 import logging
 from pathlib import Path
 
-from ..errors import UserError
-from .formats import (DIFFUSERS_WEIGHT_NAME, LoraFile, TrainedAdapter, normalize_format, read_lora_file,
+from krea2_train.errors import UserError
+from krea2_train.lora.formats import (DIFFUSERS_WEIGHT_NAME, LoraFile, TrainedAdapter, normalize_format, read_lora_file,
                       write_lora_file)
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None
     `metadata`: training information for the headers (name, trigger_words, resolution, steps, dataset_size,
     turbo_strength, description, author, license, tags). `preview_png`: PNG bytes for the Civitai thumbnail.
     """
-    from ..utils.io import write_json_atomic
+    from krea2_train.utils.io import write_json_atomic
 
     adapter = as_adapter(adapter)
     if not formats:
@@ -129,9 +129,9 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
     verify.json (and transfer_report.json, transfer_grid.png) next to the files. Raises LoraVerifyError (a
     UserError, so the run fails) listing every file that failed.
     """
-    from ..models.loading import load_transformer
-    from ..utils.io import write_json_atomic
-    from .verify import LoraVerifyError, auto_dtype, default_device, verify_lora_file
+    from krea2_train.models.loading import load_transformer
+    from krea2_train.utils.io import write_json_atomic
+    from krea2_train.export.verify import LoraVerifyError, auto_dtype, default_device, verify_lora_file
 
     adapter = as_adapter(adapter)
     metadata = dict(metadata or {})
@@ -142,7 +142,7 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
         transformer = load_transformer(turbo_path, dtype=dtype_, device=default_device(device))
     transfer_result = None
     if transfer:
-        from .transfer import transfer_report
+        from krea2_train.export.transfer import transfer_report
 
         if raw_path is None:
             raise UserError("the transfer report needs the Raw checkpoint (model.transformer)")

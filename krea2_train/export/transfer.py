@@ -26,7 +26,7 @@ STRENGTH_RANGE = (0.25, 3.0)
 
 
 def _transformer(obj, dtype, device):
-    from ..models.loading import load_transformer
+    from krea2_train.models.loading import load_transformer
 
     if obj is None or isinstance(obj, torch.nn.Module):
         return obj
@@ -43,7 +43,7 @@ def _noisy_inputs(x0: torch.Tensor, sigmas, seed: int):
 @torch.no_grad()
 def _deltas(transformer, lora, strengths, inputs, embeds, mask, grid) -> dict[float, list[torch.Tensor]]:
     """{strength: [velocity delta per sigma]} for `transformer` with `lora` at each strength."""
-    from ..inference import apply_lora, predict_velocity
+    from krea2_train.inference import apply_lora, predict_velocity
 
     def run():
         return [predict_velocity(transformer, x, s, embeds, mask, grid).float().cpu() for x, s in inputs]
@@ -86,22 +86,22 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     `text_encoder` (models.text_encoder.TextEncoder or a folder) encodes the prompts; without it, random text
     embeddings stand in (numbers only, no images). `vae` (models.vae.VAE or a path) is needed to render the grid.
     """
-    from .. import facts
-    from ..inference import SampleSettings, apply_lora, sample_latents
-    from ..models.text_encoder import TextEncoder
-    from ..models.vae import VAE, to_pil
-    from ..schedule import pack_latents
-    from ..utils.io import write_bytes_atomic, write_json_atomic
+    from krea2_train import facts
+    from krea2_train.inference import SampleSettings, apply_lora, sample_latents
+    from krea2_train.models.text_encoder import TextEncoder
+    from krea2_train.models.vae import VAE, to_pil
+    from krea2_train.schedule import pack_latents
+    from krea2_train.utils.io import write_bytes_atomic, write_json_atomic
 
     raw, turbo = raw if raw is not None else raw_path, turbo if turbo is not None else turbo_path
     if raw is None or turbo is None or out_dir is None:
-        from ..errors import UserError
+        from krea2_train.errors import UserError
 
         raise UserError("the transfer report needs the Raw and the Turbo checkpoints (model.transformer, "
                         "model.turbo) and an output folder")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
-    from .formats import LoraFile, TrainedAdapter
+    from krea2_train.lora.formats import LoraFile, TrainedAdapter
 
     if isinstance(lora, LoraFile):
         lora = lora.adapter
@@ -209,7 +209,7 @@ def _raw_deltas(held: list, raw, turbo_source, owned: bool, measure, dtype, devi
       * Otherwise (quantised bases cannot be swapped; or no checkpoint to read Turbo back from): a Turbo loaded here
         is dropped, Raw loaded, measured, dropped and Turbo reloaded; a Turbo passed in waits on the CPU meanwhile.
     """
-    from ..models.loading import copy_base_weights
+    from krea2_train.runtime.swap import copy_base_weights
 
     turbo_model = held.pop()
     if isinstance(raw, torch.nn.Module):

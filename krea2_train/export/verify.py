@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from .formats import LoraFile, TrainedAdapter, read_lora_file
+from krea2_train.errors import UserError
+from krea2_train.lora.formats import LoraFile, TrainedAdapter, read_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def probe_inputs(transformer, seed: int = 0, grid: int = 4, text_len: int = 8,
 @torch.no_grad()
 def velocity(transformer, inputs) -> torch.Tensor:
     """One forward through the inference core's `predict_velocity`, in float32 on the CPU."""
-    from ..inference import predict_velocity
+    from krea2_train.inference import predict_velocity
 
     device = next(transformer.parameters()).device
     packed, sigma, embeds, grid = inputs
@@ -222,8 +222,8 @@ def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = Non
     the file's own contents). Pass an already loaded Turbo `transformer` to verify several files with one load; it
     is left without adapters. Raises LoraVerifyError with the full report unless every check passes.
     """
-    from ..inference import apply_lora
-    from ..models.loading import load_transformer
+    from krea2_train.inference import apply_lora
+    from krea2_train.models.loading import load_transformer
 
     lora: LoraFile = read_lora_file(path)
     expected = adapter if adapter is not None else lora.adapter
@@ -323,6 +323,6 @@ def _check_with_diffusers(path, lora, expected, transformer, strength, inputs, v
 
 
 def write_report(report: VerifyReport, path) -> Path:
-    from ..utils.io import write_json_atomic
+    from krea2_train.utils.io import write_json_atomic
 
     return write_json_atomic(path, report.to_dict())

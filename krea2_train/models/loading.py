@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .. import facts
+from krea2_train import facts
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ FULL_ARCHITECTURE = dict(
 )
 
 
-from ..errors import UserError
+from krea2_train.errors import UserError
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -60,7 +60,7 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return table[name]
 
 
-def _require_path(path, what: str, config_key: str | None = None) -> Path:
+def require_path(path, what: str, config_key: str | None = None) -> Path:
     p = Path(os.path.expanduser(str(path)))
     if not p.exists():
         where = f" (config key `{config_key}`)" if config_key else ""
@@ -169,7 +169,7 @@ def _check_declared(config: dict, declared: str, path: Path) -> None:
     if declared in ("auto", None):
         return
     if declared == "tiny":
-        from .tiny import TINY_TRANSFORMER as expected
+        from krea2_train.models.tiny import TINY_TRANSFORMER as expected
     elif declared == "krea2":
         expected = FULL_ARCHITECTURE
     else:
@@ -206,7 +206,7 @@ def load_transformer(path, dtype="bfloat16", device="cpu", architecture: str = "
     from diffusers import Krea2Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
 
-    path = _require_path(path, "Krea 2 transformer", config_key)
+    path = require_path(path, "Krea 2 transformer", config_key)
     dtype = resolve_dtype(dtype)
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -250,7 +250,7 @@ def load_text_encoder(path, dtype="bfloat16", device="cpu", config_key: str = "m
     """Qwen3-VL model + tokenizer from a Hugging Face folder. Only the language model is used."""
     from transformers import AutoTokenizer, Qwen3VLModel
 
-    path = _require_path(path, "Qwen3-VL text encoder folder", config_key)
+    path = require_path(path, "Qwen3-VL text encoder folder", config_key)
     if not (path.is_dir() and (path / "config.json").exists()):
         raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json). Point `{config_key}` at "
                              "the Qwen3-VL-4B-Instruct folder that holds config.json, weights and tokenizer files.")
@@ -281,7 +281,7 @@ def load_vae(path, dtype="float32", device="cpu", config_key: str = "model.vae")
     """Qwen-Image VAE from a diffusers folder, or a single file in diffusers or original (Wan-style) names."""
     from diffusers import AutoencoderKLQwenImage
 
-    path = _require_path(path, "Qwen-Image VAE", config_key)
+    path = require_path(path, "Qwen-Image VAE", config_key)
     dtype = resolve_dtype(dtype)
     if path.is_dir():
         sub = path / "vae" if (path / "vae" / "config.json").exists() else path
@@ -305,61 +305,3 @@ def load_vae(path, dtype="float32", device="cpu", config_key: str = "model.vae")
             vae = AutoencoderKLQwenImage(**config)
         vae.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return vae.to(device).eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------- base-weight swap
-@torch.no_grad()
-def copy_base_weights(transformer, path) -> int:
-    """Overwrite the frozen base weights of a loaded transformer, in place, with those of another checkpoint of the
-    same architecture (Raw <-> Turbo), one tensor at a time. LoRA layers stay as they are.
-
-    This is how training previews sample Turbo + the current LoRA without a second 12.9B copy in memory (the
-    alternative, loading Turbo beside Raw, needs ~26 GB more). Works through PEFT wrappers (`base_layer`) and views
-    (fused q/k/v); quantised bases cannot be overwritten this way and raise TypeError. Returns tensors copied.
-    """
-    from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
-
-    from ..train.sharding import is_sharded, local_part, reshard_all
-
-    path = _require_path(path, "Krea 2 transformer", "model.turbo")
-    reshard_all(transformer)  # FSDP: parameters are the shards from here on (no-op otherwise)
-    params = {n.replace(".base_layer.", "."): p for n, p in transformer.named_parameters() if "lora_" not in n}
-    for p in params.values():
-        if not p.dtype.is_floating_point or (type(p) is not torch.nn.Parameter and not is_sharded(p)):
-            raise TypeError("the base weights are quantised; they cannot be swapped in place")
-    # FSDP: each process writes its own shard (every process reads the file); the next forward gathers the new
-    # weights (tests/test_train_fsdp.py checks both ways)
-    if path.is_dir():
-        from safetensors import safe_open
-
-        files = sorted(path.glob("*.safetensors"))
-
-        def tensors():
-            for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        yield k, h.get_tensor(k)
-    else:
-        def tensors():
-            for name, tensor in iter_original_tensors(path, params["img_in.weight"].dtype):
-                yield from convert_krea2_transformer_checkpoint_to_diffusers({name: tensor}).items()
-
-    seen = set()
-    for key, tensor in tensors():
-        if key not in params:
-            raise ModelLoadError(f"{path}: tensor {key} has no place in the loaded model; it is not the same "
-                                 "architecture as model.transformer")
-        target = params[key]
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise ModelLoadError(f"{path}: {key} has shape {tuple(tensor.shape)}, the loaded model "
-                                 f"{tuple(target.shape)}; Raw and Turbo must be the same architecture")
-        tensor = tensor.to(target.device, target.dtype)
-        if is_sharded(target):
-            target.to_local().copy_(local_part(target, tensor))
-        else:
-            target.data.copy_(tensor)
-        seen.add(key)
-    missing = sorted(set(params) - seen)
-    if missing:
-        raise ModelLoadError(f"{path} lacks {len(missing)} tensors of the loaded model (first: {missing[0]})")
-    return len(seen)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .. import facts
-from .loading import load_text_encoder
+from krea2_train import facts
+from krea2_train.models.loading import load_text_encoder
 
 
 def files_fingerprint(path) -> str:

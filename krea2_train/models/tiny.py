@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .. import facts
-from ..utils.io import atomic_dir, save_safetensors_atomic
-from .keys import diffusers_to_original_state_dict
+from krea2_train import facts
+from krea2_train.utils.io import atomic_dir, save_safetensors_atomic
+from krea2_train.models.keys import diffusers_to_original_state_dict
 
 SEED = 20260101
 
@@ -183,3 +183,18 @@ def make_tiny(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
 
     marker.write_text(json.dumps({"seed": SEED, "transformer": TINY_TRANSFORMER}, indent=2))
     return out
+
+
+def ensure_tiny(cfg) -> None:
+    """Write the tiny model to `cfg.make_tiny` if it is set and missing (main process; the others wait)."""
+    if not cfg.make_tiny:
+        return
+    from accelerate import PartialState
+
+    target = Path(cfg.make_tiny)
+    state = PartialState()
+    if not (target / "transformer_raw.safetensors").exists():
+        if state.is_main_process:
+            print(f"==> tiny model: writing {target}", flush=True)
+            make_tiny(target)
+    state.wait_for_everyone()

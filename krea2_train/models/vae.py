@@ -6,8 +6,8 @@ import hashlib
 
 import torch
 
-from .loading import load_vae
-from .text_encoder import files_fingerprint
+from krea2_train.models.loading import load_vae
+from krea2_train.models.text_encoder import files_fingerprint
 
 
 class VAE:

@@ -21,9 +21,9 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from ..utils.io import write_json_atomic
-from . import lora
+from krea2_train.errors import UserError
+from krea2_train.utils.io import write_json_atomic
+from krea2_train.train import lora
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^step-(\d+)$")
@@ -63,7 +63,7 @@ def latest_checkpoint(run_dir) -> Path | None:
 def check_checkpoint_kind(path, fsdp: bool, num_processes: int) -> None:
     """A checkpoint resumes only the way it was written: DDP or FSDP (their optimiser files differ) and, under FSDP,
     on as many processes (each holds its own optimiser shard). Checked before the model is loaded."""
-    from .sharding import OPTIMIZER_DIR
+    from krea2_train.runtime.sharding import OPTIMIZER_DIR
 
     path = Path(path)
     if not (path / "state.json").exists():
@@ -148,7 +148,7 @@ class Checkpointer:
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
         if self.fsdp is not None:
-            from .sharding import save_optimizer
+            from krea2_train.runtime.sharding import save_optimizer
 
             save_optimizer(self.fsdp[1], tmp, self.acc.process_index)
         self.acc.wait_for_everyone()
@@ -184,7 +184,7 @@ class Checkpointer:
         check_checkpoint_kind(path, self.fsdp is not None, self.acc.num_processes)
         self.acc.load_state(str(path))
         if self.fsdp is not None:
-            from .sharding import load_optimizer
+            from krea2_train.runtime.sharding import load_optimizer
 
             load_optimizer(self.fsdp[1], path, self.acc.process_index)
         log.info("resumed from %s at step %d", path, self.state.step)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..utils.io import save_safetensors_atomic, write_json_atomic
+from krea2_train.errors import UserError
+from krea2_train.utils.io import save_safetensors_atomic, write_json_atomic
 
 ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|to_gate)"
 MLP = r"ff\.(gate|up|down)"
@@ -94,7 +94,7 @@ def adapter_state_dict(transformer) -> dict[str, torch.Tensor]:
     process must call it (only the main one needs to write the result)."""
     from peft import get_peft_model_state_dict
 
-    from .sharding import full_tensor
+    from krea2_train.runtime.sharding import full_tensor
 
     return {k: full_tensor(v).detach().cpu().clone() for k, v in get_peft_model_state_dict(transformer).items()}
 

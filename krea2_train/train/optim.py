@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..errors import UserError
+from krea2_train.errors import UserError
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -67,3 +67,9 @@ def lr_factor(step: int, cfg, stages) -> float:
 
 def build_scheduler(optimizer, cfg, stages):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, stages))
+
+
+def optimizer_name(cfg, mem) -> str:
+    """The optimiser that runs: `optimizer.name`, or 8-bit AdamW when a memory preset (or memory.optimizer_8bit)
+    asks for it and the config says plain adamw. The config itself is not changed; RUN/runtime.json records this."""
+    return "adamw8bit" if mem.optimizer_8bit and cfg.name == "adamw" else cfg.name

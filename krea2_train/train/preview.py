@@ -8,7 +8,7 @@ Prompt embeddings are computed once and kept on the CPU; the text encoder is rel
 never holds it. The VAE is loaded on the CPU and moved to the GPU only while decoding.
 
 For Turbo, the training transformer's frozen base weights are overwritten in place with Turbo's, one tensor at a time,
-and Raw's are read back afterwards (`models.loading.copy_base_weights`): no second 12.9B copy, at the cost of reading
+and Raw's are read back afterwards (`runtime.swap.copy_base_weights`): no second 12.9B copy, at the cost of reading
 both checkpoints once per preview (page cache). A quantised base cannot be overwritten; then Turbo is loaded beside
 it for the preview (~26 GB more in bf16) and dropped after.
 """
@@ -30,7 +30,7 @@ def prompt_embeddings(cfg):
     """(embeds, mask, negative embeds, negative mask) for the preview prompts; computed once per process."""
     key = (cfg.model.text_encoder, tuple(cfg.preview.prompts), cfg.preview.negative_prompt)
     if key not in _EMBEDS:
-        from ..models.text_encoder import TextEncoder
+        from krea2_train.models.text_encoder import TextEncoder
 
         enc = TextEncoder.from_path(cfg.model.text_encoder, dtype="float32" if not torch.cuda.is_available()
                                     else "bfloat16", device="cuda" if torch.cuda.is_available() else "cpu")
@@ -46,7 +46,7 @@ def prompt_embeddings(cfg):
 
 
 def _decode(cfg, latents_list, device):
-    from ..models.vae import VAE, to_pil
+    from krea2_train.models.vae import VAE, to_pil
 
     vae = VAE.from_path(cfg.model.vae, dtype="float32", device=device)
     try:
@@ -76,8 +76,8 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
                     write: bool = True):
     """Render the preview grid; returns {"preview": PIL image} (empty if there are no prompts).
     `write=False`: sample only (an FSDP process other than the main one joins the sampling; nothing decoded)."""
-    from ..inference import SampleSettings, sample_latents
-    from ..utils.io import write_bytes_atomic
+    from krea2_train.inference import SampleSettings, sample_latents
+    from krea2_train.utils.io import write_bytes_atomic
 
     p = cfg.preview
     if not p.prompts:
@@ -133,8 +133,8 @@ def _second_copy_fits(transformer, device) -> bool:
 
 def _turbo_latents_swapped(cfg, transformer, emb, mask, size):
     """Turbo + the current LoRA on the training transformer itself: base weights swapped to Turbo and back."""
-    from ..inference import SampleSettings, sample_latents
-    from ..models.loading import copy_base_weights
+    from krea2_train.inference import SampleSettings, sample_latents
+    from krea2_train.runtime.swap import copy_base_weights
 
     copy_base_weights(transformer, cfg.model.turbo)  # raises TypeError before touching anything if quantised
     try:
@@ -148,9 +148,9 @@ def _turbo_latents_swapped(cfg, transformer, emb, mask, size):
 def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config):
     from peft import set_peft_model_state_dict
 
-    from ..inference import SampleSettings, sample_latents
-    from ..models.loading import load_transformer
-    from . import lora as lora_mod
+    from krea2_train.inference import SampleSettings, sample_latents
+    from krea2_train.models.loading import load_transformer
+    from krea2_train.train import lora as lora_mod
 
     m = cfg.model
     turbo = load_transformer(m.turbo, dtype=m.dtype, device=device, architecture=m.architecture,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule import raw_mu, time_shift
+from krea2_train.schedule import raw_mu, time_shift
 
 
 def shift_mu(cfg, image_seq_len: int) -> float | None:

@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 
@@ -137,7 +139,7 @@ def write_loss_curve(history, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..utils.io import write_bytes_atomic
+    from krea2_train.utils.io import write_bytes_atomic
 
     steps = [h[0] for h in history]
     losses = [h[1] for h in history]
@@ -157,3 +159,18 @@ def write_loss_curve(history, path) -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     write_bytes_atomic(path, buf.getvalue())
+
+
+def reset_gpu_peak(device) -> None:
+    """Start a new peak-memory window (each training stage gets its own peaks)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_memory(device) -> dict:
+    """Peak GPU memory of the current window in GiB, as metrics.jsonl logs it (empty off the GPU): what the
+    first GPU run compares with `krea2-train estimate`."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"gpu_peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}

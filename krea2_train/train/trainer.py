@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, save_resolved
-from ..errors import UserError
-from ..schedule import pack_latents, position_ids
-from ..utils.io import write_json_atomic
-from . import lora as lora_mod
-from .checkpoint import Checkpointer, TrainState, latest_checkpoint, list_checkpoints
-from .optim import build_optimizer, build_scheduler, stage_boundaries
-from .timesteps import loss_weights, sample_sigmas
-from .tracking import Tracker, tracker_names
+from krea2_train.config import RunConfig, save_resolved
+from krea2_train.errors import UserError
+from krea2_train.schedule import pack_latents, position_ids
+from krea2_train.utils.io import write_json_atomic
+from krea2_train.train import lora as lora_mod
+from krea2_train.train.checkpoint import Checkpointer, TrainState, latest_checkpoint, list_checkpoints
+from krea2_train.train.step import flow_matching_loss
+from krea2_train.train.optim import build_optimizer, build_scheduler, stage_boundaries
+from krea2_train.train.timesteps import loss_weights, sample_sigmas
+from krea2_train.train.tracking import Tracker, tracker_names
 
 log = logging.getLogger(__name__)
 DONE_FILE = "train_done.json"
@@ -70,7 +71,7 @@ def make_accelerator(cfg: RunConfig, run_dir: Path):
 def memory_settings(cfg: RunConfig):
     from dataclasses import asdict
 
-    from .memory import resolve_memory_settings
+    from krea2_train.runtime.memory import resolve_memory_settings
 
     return resolve_memory_settings(asdict(cfg.memory))
 
@@ -104,7 +105,7 @@ class Trainer:
             raise KeyboardInterrupt
 
     def _load_transformer(self, device):
-        from ..models.loading import load_transformer
+        from krea2_train.models.loading import load_transformer
 
         m = self.cfg.model
         return load_transformer(m.transformer, dtype=m.dtype, device=device, architecture=m.architecture,
@@ -112,14 +113,14 @@ class Trainer:
 
     def _source(self):
         if self.source is None:
-            from .data_source import CachedData
+            from krea2_train.data.source import CachedData
 
             self.source = CachedData(self.cfg, self.acc)
         return self.source
 
     def _check_model_paths(self):
         """The model files this run will open, checked before any work (not at the first preview, steps later)."""
-        from ..config import check_model_paths
+        from krea2_train.models.paths import check_model_paths
 
         cfg = self.cfg
         keys = [] if self._transformer is not None else ["model.transformer"]
@@ -141,7 +142,7 @@ class Trainer:
         acc.wait_for_everyone()
         from accelerate.utils import set_seed
 
-        from . import sharding
+        from krea2_train.runtime import sharding
 
         mem = memory_settings(cfg)
         self.fsdp = sharding.fsdp_requested(cfg, acc)
@@ -149,7 +150,7 @@ class Trainer:
             sharding.check_fsdp_settings(cfg, mem)  # before the model is loaded
         resume_from = resume_path(cfg)
         if resume_from is not None:  # the checkpoint's kind too: a mismatch is found now, not after loading 26 GB
-            from .checkpoint import check_checkpoint_kind
+            from krea2_train.train.checkpoint import check_checkpoint_kind
 
             check_checkpoint_kind(resume_from, self.fsdp, acc.num_processes)
         check_multiprocess_lora(cfg, acc.num_processes)
@@ -157,7 +158,7 @@ class Trainer:
         if (acc.is_main_process or self.fsdp) and cfg.preview.prompts:
             # encode the preview prompts now, before the transformer takes the GPU; the encoder is released after
             # (under FSDP every process samples the previews together, so each needs the embeddings)
-            from .preview import prompt_embeddings
+            from krea2_train.train.preview import prompt_embeddings
 
             prompt_embeddings(cfg)
         # after the encoder: model building draws random numbers, the training RNG must not depend on it
@@ -216,14 +217,14 @@ class Trainer:
             transformer = transformer.to(acc.device)
         self.peft_config = lora_mod.add_lora(transformer, cfg.lora, seed=cfg.seed)
         # quantised base, checkpointing, offload, fast attention, fused qkv, compile (train/memory.py decides order)
-        from .memory import apply_memory_settings
+        from krea2_train.runtime.memory import apply_memory_settings
 
         compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
         if mesh is None:
             return apply_memory_settings(transformer, mem, acc.device, compute_dtype=compute)
         from dataclasses import replace
 
-        from . import sharding
+        from krea2_train.runtime import sharding
 
         # q/k/v fusion makes weights views of one tensor, which sharding would split apart. Compile is off too:
         # diffusers' regional compile looks blocks up by class name, which fully_shard changes, and FSDP + compile is
@@ -259,19 +260,12 @@ class Trainer:
             noise = torch.randn(x0.shape, generator=generator)
         if sigmas is None:
             sigmas = sample_sigmas(self.cfg.timesteps, b, x0.shape[1], generator)
-        x0, noise, sigmas = x0.to(dev), noise.to(dev), sigmas.to(dev)
-        s = sigmas.view(b, 1, 1)
-        xt = (1 - s) * x0 + s * noise
-        target = noise - x0
         text = batch["text"].to(dev)
         mask = batch.get("text_mask")
-        mask = mask.to(dev) if mask is not None else None
-        dtype = self.transformer.img_in.weight.dtype
         pos = position_ids(text.shape[1], h // 2, w // 2, device=dev)
-        with self.acc.autocast():
-            pred = model(hidden_states=xt.to(dtype), encoder_hidden_states=text.to(dtype), timestep=sigmas.to(dtype),
-                         position_ids=pos, encoder_attention_mask=mask, return_dict=False)[0]
-        per = ((pred.float() - target) ** 2).mean(dim=(1, 2))
+        per = flow_matching_loss(model, x0.to(dev), noise.to(dev), sigmas.to(dev), text, pos,
+                                 mask.to(dev) if mask is not None else None,
+                                 dtype=self.transformer.img_in.weight.dtype, autocast=self.acc.autocast())
         return per * loss_weights(self.cfg.timesteps, sigmas).to(per.device)
 
     @torch.no_grad()
@@ -402,7 +396,7 @@ class Trainer:
             losses.append(loss.detach())
         if ok and cfg.optimizer.max_grad_norm:
             if self.fsdp:
-                from .sharding import clip_grad_norm
+                from krea2_train.runtime.sharding import clip_grad_norm
 
                 self.grad_norm = clip_grad_norm(self.params, cfg.optimizer.max_grad_norm)
             else:
@@ -461,7 +455,7 @@ class Trainer:
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             self.ckpt.save("periodic")
             if self.acc.is_main_process:  # keep the curve current during long runs
-                from .tracking import write_loss_curve
+                from krea2_train.train.tracking import write_loss_curve
 
                 write_loss_curve(state.history, self.run_dir / "loss.png")
         if cfg.preview.every_steps and cfg.preview.prompts and step % cfg.preview.every_steps == 0:
@@ -473,7 +467,7 @@ class Trainer:
         # under FSDP each block's forward is a collective: every process samples, the main one decodes and writes
         if self.acc.is_main_process or self.fsdp:
             try:
-                from .preview import render_previews
+                from krea2_train.train.preview import render_previews
             except ImportError:
                 return
             with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
@@ -579,7 +573,7 @@ def _checkpoint_settings(cfg: RunConfig, path: Path) -> dict | None:
             return saved
     resolved = path.parent.parent / "config.yaml"
     if resolved.exists():
-        from ..config import load_config
+        from krea2_train.config import load_config
 
         try:
             old = load_config(resolved, warn_paths=False)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
-from ..errors import UserError
+from krea2_train.errors import UserError
+from krea2_train.models.tiny import ensure_tiny
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +39,9 @@ def _say(msg: str) -> None:
         print(f"==> {msg}", flush=True)
 
 
-def ensure_tiny(cfg) -> None:
-    if not cfg.make_tiny:
-        return
-    from accelerate import PartialState
-
-    from ..models.tiny import make_tiny
-
-    target = Path(cfg.make_tiny)
-    state = PartialState()
-    if not (target / "transformer_raw.safetensors").exists():
-        if state.is_main_process:
-            _say(f"tiny model: writing {target}")
-            make_tiny(target)
-    state.wait_for_everyone()
-
-
 def check_data(cfg):
-    from ..data.checks import format_report, scan_data
-    from .data_source import stage_resolutions
+    from krea2_train.data.checks import format_report, scan_data
+    from krea2_train.data.source import stage_resolutions
 
     scan = scan_data(cfg.data, stage_resolutions(cfg), cfg.cache_dir)
     if scan.fatal:
@@ -69,8 +53,8 @@ def check_data(cfg):
 def cache(cfg, scan):
     from accelerate import PartialState
 
-    from ..data import cache as data_cache
-    from .data_source import stage_resolutions
+    from krea2_train.data import cache as data_cache
+    from krea2_train.data.source import stage_resolutions
 
     res = stage_resolutions(cfg)
     ready = getattr(data_cache, "manifest_if_ready", None)
@@ -102,7 +86,7 @@ def export_valid(cfg, manifest=None) -> bool:
     if not (adapter.exists() and done.exists()) or done.stat().st_mtime < adapter.stat().st_mtime:
         return False
     meta = json.loads(done.read_text())
-    from ..export.formats import normalize_format
+    from krea2_train.lora.formats import normalize_format
 
     if set(meta.get("files", {})) != {normalize_format(f) for f in cfg.export.formats}:  # aliases: ai-toolkit...
         return False
@@ -127,7 +111,7 @@ def _json_equal(a, b) -> bool:
 
 
 def export(cfg, manifest=None):
-    from ..export.export import export_and_verify, export_lora
+    from krea2_train.export.export import export_and_verify, export_lora
 
     run = cfg.run_dir
     name, metadata = export_settings(cfg, manifest)
@@ -171,7 +155,7 @@ def _transfer_kwargs(cfg) -> dict:
 
 def _transfer_report(cfg, run, out):
     """How the LoRA acts on Turbo compared with Raw (strength suggestion + side-by-side grid), next to the files."""
-    from ..export.transfer import transfer_report
+    from krea2_train.export.transfer import transfer_report
 
     report = transfer_report(run / "adapter" / "adapter_model.safetensors", out_dir=out,
                              raw_path=cfg.model.transformer, turbo_path=cfg.model.turbo,
@@ -184,9 +168,9 @@ def _transfer_report(cfg, run, out):
 def run_all(cfg) -> int:
     from accelerate import PartialState
 
-    from ..config import check_model_paths
-    from .data_source import CachedData
-    from .trainer import Trainer, check_resume_settings, training_done
+    from krea2_train.models.paths import check_model_paths
+    from krea2_train.data.source import CachedData
+    from krea2_train.train.trainer import Trainer, check_resume_settings, training_done
 
     init_distributed()
     ensure_tiny(cfg)

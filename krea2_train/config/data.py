@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from krea2_train.config.choices import choice, validate_choices
+from krea2_train.errors import UserError
+
 
 @dataclass
 class DatasetConfig:
@@ -22,7 +25,7 @@ class DatasetConfig:
     path: str = "???"
     # auto | folder | imagefolder | disk. auto: save_to_disk output -> disk, metadata.jsonl/.csv -> imagefolder,
     # anything else -> folder.
-    type: str = "auto"
+    type: str = choice("auto", ("auto", "folder", "imagefolder", "disk"))
     # How many times each image is seen per epoch (its weight relative to other datasets).
     repeats: int = 1
     # Added to every caption of this dataset (position: data.trigger_position); null for none.
@@ -44,13 +47,13 @@ class DatasetConfig:
 class DataConfig:
     datasets: List[DatasetConfig] = field(default_factory=list)
     # Where the trigger word goes: prefix ("trigger, caption") or suffix ("caption, trigger").
-    trigger_position: str = "prefix"
+    trigger_position: str = choice("prefix", ("prefix", "suffix"))
     trigger_separator: str = ", "
     # Aspect-ratio buckets: width/height between these, sides multiples of 16, area about resolution^2.
     min_aspect: float = 0.5
     max_aspect: float = 2.0
     # center | random. A random crop is drawn once per image (from `seed`) and recorded, so the cache stays valid.
-    crop: str = "center"
+    crop: str = choice("center", ("center", "random"))
     # Random horizontal flips: both variants are cached, the loader picks one per sample and epoch.
     flip: bool = False
     # Images smaller than their bucket are skipped for that resolution unless upscaling is allowed.
@@ -71,22 +74,20 @@ class DataConfig:
     text_batch_size: int = 8
     vae_batch_size: int = 4
     # Encoder dtype while caching: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.
-    encoder_dtype: str = "auto"
+    encoder_dtype: str = choice("auto", ("auto", "bfloat16", "float16", "float32"))
     # Seed for held-out selection and random crops (the loader's order comes from the run seed).
     seed: int = 0
 
 
 def validate_data_config(cfg: DataConfig) -> None:
-    """Impossible values fail before any work, naming the key and the fix."""
-    from ..errors import UserError
+    """Impossible values fail before any work, naming the key and the fix (the choices are checked by
+    config/load.validate_choices with every other section's)."""
+    validate_choices(cfg, "data.", "config")
 
     def need(ok, key, msg):
         if not ok:
             raise UserError(f"config key `data.{key}` {msg}")
 
-    need(cfg.trigger_position in ("prefix", "suffix"), "trigger_position", f"= {cfg.trigger_position!r}: use prefix "
-         "or suffix")
-    need(cfg.crop in ("center", "random"), "crop", f"= {cfg.crop!r}: use center or random")
     need(0 < cfg.min_aspect <= 1 <= cfg.max_aspect, "min_aspect",
          f"/ max_aspect = {cfg.min_aspect} / {cfg.max_aspect}: need 0 < min_aspect <= 1 <= max_aspect")
     need(cfg.max_image_pixels > 0, "max_image_pixels", "must be positive")
@@ -95,10 +96,6 @@ def validate_data_config(cfg: DataConfig) -> None:
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
     need(cfg.text_batch_size >= 1 and cfg.vae_batch_size >= 1, "text_batch_size",
          "and data.vae_batch_size must be >= 1")
-    need(cfg.encoder_dtype in ("auto", "bfloat16", "float16", "float32"), "encoder_dtype",
-         f"= {cfg.encoder_dtype!r}: use auto, bfloat16, float16 or float32")
     for i, d in enumerate(cfg.datasets):
-        need(d.type in ("auto", "folder", "imagefolder", "disk"), f"datasets[{i}].type",
-             f"= {d.type!r}: use auto, folder, imagefolder or disk")
         need(d.repeats >= 1, f"datasets[{i}].repeats", f"= {d.repeats}: must be >= 1")
         need(0 <= d.caption_dropout <= 1, f"datasets[{i}].caption_dropout", f"= {d.caption_dropout}: must be in [0, 1]")

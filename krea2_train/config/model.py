@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from krea2_train.config.choices import choice
+
 
 @dataclass
 class ModelConfig:
     # Raw transformer to train on: official single file, ComfyUI fp8-scaled file, or diffusers folder.
     transformer: str = "???"
     # What `transformer` is: "raw" (train here) or "turbo" (training on it needs allow_turbo_training).
-    variant: str = "raw"
+    variant: str = choice("raw", ("raw", "turbo"))
     # Turbo transformer for previews, export verification and the transfer report (null: skip Turbo steps).
     turbo: Optional[str] = None
     # Qwen3-VL folder (Hugging Face layout, weights + tokenizer).
@@ -19,8 +21,8 @@ class ModelConfig:
     # Qwen-Image VAE: diffusers folder or single safetensors file.
     vae: str = "???"
     # Expected architecture: "krea2" (the 12.9B model), "tiny" (the embedded test model) or "auto" (from shapes).
-    architecture: str = "auto"
+    architecture: str = choice("auto", ("krea2", "tiny", "auto"))
     # Training on a Turbo checkpoint is almost always a mistake; this makes it a warning instead of an error.
     allow_turbo_training: bool = False
     # Storage dtype of the frozen base weights: bfloat16, float16 or float32.
-    dtype: str = "bfloat16"
+    dtype: str = choice("bfloat16", ("bfloat16", "float16", "float32"))

@@ -19,8 +19,8 @@ def stage_resolutions(cfg) -> list[int]:
 def prepare_manifest(cfg, progress: bool = True):
     """Check the data and make sure every cache entry exists (encoders load only if something is missing).
     Every set `model.*` path is checked first, so a wrong one fails before the caching, not after it."""
-    from ..config import check_model_paths
-    from ..data.cache import build_caches
+    from krea2_train.models.paths import check_model_paths
+    from krea2_train.data.cache import build_caches
 
     check_model_paths(cfg)
 
@@ -34,7 +34,7 @@ class CachedData:
         self._val: dict = {}
 
     def stage_batches(self, stage_index, stage, start, seed, process_index=0, num_processes=1, global_offset=0):
-        from ..data.loader import make_loader
+        from krea2_train.data.loader import make_loader
 
         loader = make_loader(self.manifest, stage.resolution, stage.batch_size, seed, start_step=start,
                              num_workers=self.cfg.data.num_workers, process_index=process_index,
@@ -42,7 +42,7 @@ class CachedData:
         return _start_ignoring_sigint(loader)
 
     def validation_batches(self, stage):
-        from ..data.loader import validation_batches
+        from krea2_train.data.loader import validation_batches
 
         if stage.resolution not in self._val:
             self._val[stage.resolution] = validation_batches(self.manifest, stage.resolution, stage.batch_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from krea2_train.errors import UserError
 
 _FORMAT_HELP = ("diffusers (Krea2Pipeline.load_lora_weights), comfyui (diffusion_model. lora_down/up + alpha), "
                 "civitai (comfyui + model metadata), original (diffusion_model. lora_A/B, scale baked; ai-toolkit), "
@@ -49,7 +49,7 @@ def default_export_dir(source) -> Path:
 
 
 def _export(args) -> int:
-    from .export import export_and_verify, export_lora
+    from krea2_train.export.export import export_and_verify, export_lora
 
     formats = [f.strip() for item in args.formats for f in item.split(",") if f.strip()]
     metadata = _kv(args.meta)
@@ -81,9 +81,9 @@ def _export(args) -> int:
 
 
 def _verify(args) -> int:
-    from .verify import verify_lora_file, write_report
+    from krea2_train.export.verify import verify_lora_file, write_report
 
-    from .export import as_adapter
+    from krea2_train.export.export import as_adapter
 
     against = as_adapter(args.against) if args.against else None
     report = verify_lora_file(args.lora, args.turbo, adapter=against, dtype=args.dtype, device=_device(args.device),
@@ -95,7 +95,7 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .tools import format_inspect, inspect_lora
+    from krea2_train.lora.tools import format_inspect, inspect_lora
 
     for path in args.lora:
         info = inspect_lora(path)
@@ -104,7 +104,7 @@ def _inspect(args) -> int:
 
 
 def _convert(args) -> int:
-    from .tools import convert_lora
+    from krea2_train.lora.tools import convert_lora
 
     print(convert_lora(args.source, args.dest, args.format, dtype=args.dtype, comfyui_style=args.comfyui_style,
                        scale=args.scale))
@@ -112,12 +112,12 @@ def _convert(args) -> int:
 
 
 def _report_out(adapter, report, args) -> int:
-    from .formats import write_lora_file
-    from .tools import energy_summary
+    from krea2_train.lora.formats import write_lora_file
+    from krea2_train.lora.tools import energy_summary
 
     path = write_lora_file(adapter, args.dest, args.format, dtype=args.dtype, comfyui_style=args.comfyui_style)
     if args.report:
-        from ..utils.io import write_json_atomic
+        from krea2_train.utils.io import write_json_atomic
 
         write_json_atomic(args.report, report)
     if args.verbose:
@@ -129,7 +129,7 @@ def _report_out(adapter, report, args) -> int:
 
 
 def _resize(args) -> int:
-    from .tools import resize_lora
+    from krea2_train.lora.tools import resize_lora
 
     adapter, report = resize_lora(args.source, rank=args.rank, min_energy=args.min_energy)
     return _report_out(adapter, report, args)
@@ -150,7 +150,7 @@ def _parse_weighted(items) -> list:
 
 
 def _merge(args) -> int:
-    from .tools import merge_into_checkpoint, merge_loras
+    from krea2_train.lora.tools import merge_into_checkpoint, merge_loras
 
     items = _parse_weighted(args.loras)
     if args.into:
@@ -161,14 +161,14 @@ def _merge(args) -> int:
 
 
 def _extract(args) -> int:
-    from .tools import extract_lora
+    from krea2_train.lora.tools import extract_lora
 
     adapter, report = extract_lora(args.base, args.target, rank=args.rank, min_energy=args.min_energy)
     return _report_out(adapter, report, args)
 
 
 def _transfer(args) -> int:
-    from .transfer import transfer_report
+    from krea2_train.export.transfer import transfer_report
 
     models = Path(args.models) if args.models else None
     pick = (lambda given, name: given or (str(models / name) if models else None))

@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from krea2_train.config.memory import SDPA_BACKENDS
+
 log = logging.getLogger(__name__)
 
 FUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "to_gate")
@@ -85,7 +87,6 @@ def _sdpa_backends():
     }
 
 
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 def _sdpa(query, key, value, attn_mask, enable_gqa, backends):
@@ -105,7 +106,7 @@ class Krea2FastAttnProcessor:
     * mask given: repeat k/v heads and pass the mask, exactly as diffusers does (flash rejects masks; the efficient
       kernel takes a mask but not GQA). `enable_text_padding_trim` makes this path rare: only batches with captions
       of different lengths still need a mask.
-    * `backend`: one of SDPA_BACKENDS (None = torch's own choice), or "diffusers:<name>" to route through diffusers'
+    * `backend`: one of SDPA_BACKENDS ("torch" or None = torch's own choice), or "diffusers:<name>" to route through diffusers'
       `dispatch_attention_fn` with that backend (e.g. "diffusers:_flash_3_hub"); that route repeats k/v like diffusers.
     """
 
@@ -116,8 +117,8 @@ class Krea2FastAttnProcessor:
         self.backend = backend
         self._dispatch_backend = None
         self._backends = None
-        if backend is None:
-            pass
+        if backend in (None, "torch"):
+            pass  # torch picks the kernel
         elif backend.startswith("diffusers:"):
             self._dispatch_backend = backend.split(":", 1)[1]
         elif backend in SDPA_BACKENDS:

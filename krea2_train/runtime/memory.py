@@ -51,7 +51,6 @@ like bf16 ones; scales and NF4's quant_state stay resident.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -59,98 +58,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .speed import base_linear, unwrap_transformer
+from krea2_train.config.memory import PRESETS, QUANT_MODES, MemorySettings, resolve_memory_settings  # noqa: F401 (re-exported)
+from krea2_train.runtime.speed import unwrap_transformer
 
 log = logging.getLogger(__name__)
-
-QUANT_MODES = ("none", "int8", "nf4", "fp8")
-
-
-# ------------------------------------------------------------------------------------------------------ presets
-@dataclasses.dataclass
-class MemorySettings:
-    preset: str | None = None
-    quantize: str = "none"
-    gradient_checkpointing: bool = True
-    checkpoint_blocks: int | None = None  # None = all blocks
-    offload_blocks: bool = False
-    fuse_qkv: bool = False
-    compile: bool = False
-    attention_backend: str | None = "auto"
-    trim_text_padding: bool = True
-    optimizer_8bit: bool = False  # hint for the trainer's optimiser choice
-    fp8_matmul: bool = False  # quantize=fp8 only: fp8 tensor-core forward (torch._scaled_mm) instead of dequantising
-    # Under bf16 autocast, LoRA layers take their bf16 input as it is instead of PEFT's fp32 copy per projection
-    # (same results; ~4 GiB less at 1024 px without checkpointing). See speed.share_lora_input.
-    share_lora_input: bool = True
-
-    def __post_init__(self):
-        if self.quantize not in QUANT_MODES:
-            raise ValueError(f"memory.quantize={self.quantize!r}: use one of {QUANT_MODES}")
-        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
-            raise ValueError("memory.checkpoint_blocks must be >= 0 or null (all)")
-
-
-# Sized for the 12.9B model at 1024 px, batch 1, rank 32 (bf16 weights 26 GB, int8 13 GB, nf4 ~7 GB; one block's
-# activations without checkpointing ~1.3 GB). GPU figures to confirm with scripts/bench_step.py (BENCHMARKS.md).
-PRESETS: dict[str, dict[str, Any]] = {
-    "80gb": dict(quantize="none", gradient_checkpointing=False, checkpoint_blocks=None, offload_blocks=False,
-                 fuse_qkv=True, compile=True, optimizer_8bit=False),
-    "48gb": dict(quantize="none", gradient_checkpointing=True, checkpoint_blocks=16, offload_blocks=False,
-                 fuse_qkv=True, compile=True, optimizer_8bit=False),
-    "24gb": dict(quantize="int8", gradient_checkpointing=True, checkpoint_blocks=None, offload_blocks=False,
-                 fuse_qkv=False, compile=False, optimizer_8bit=True),
-    "16gb": dict(quantize="nf4", gradient_checkpointing=True, checkpoint_blocks=None, offload_blocks=True,
-                 fuse_qkv=False, compile=False, optimizer_8bit=True),
-}
-
-
-def resolve_memory_settings(cfg: Any = None, **overrides) -> MemorySettings:
-    """A preset (if named) with every explicitly set (non-None) field of `cfg` on top.
-
-    `cfg` may be a dict, an omegaconf node, a dataclass or any object with the field attributes.
-    """
-    if cfg is None:
-        values = {}
-    elif isinstance(cfg, dict):
-        values = dict(cfg)
-    elif dataclasses.is_dataclass(cfg):
-        values = dataclasses.asdict(cfg)
-    else:
-        try:
-            from omegaconf import OmegaConf
-
-            values = OmegaConf.to_container(cfg, resolve=True)
-        except Exception:  # noqa: BLE001 - plain objects
-            values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(MemorySettings) if hasattr(cfg, f.name)}
-    values.update(overrides)
-    preset = values.get("preset")
-    merged: dict[str, Any] = {}
-    if preset is not None:
-        key = str(preset).lower()
-        if key not in PRESETS:
-            raise ValueError(f"memory.preset={preset!r}: use one of {sorted(PRESETS)} or null")
-        merged.update(PRESETS[key], preset=key)
-    known = {f.name for f in dataclasses.fields(MemorySettings)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown memory settings {sorted(unknown)}; known: {sorted(known)}")
-    # Explicit values win over the preset; None means "unset" except where None is a meaningful value without preset.
-    for k, v in values.items():
-        if v is not None or k not in merged:
-            merged[k] = v
-    if merged.get("quantize") is None:
-        merged["quantize"] = "none"
-    if merged.get("gradient_checkpointing") is None:
-        merged["gradient_checkpointing"] = True
-    for flag in ("offload_blocks", "fuse_qkv", "compile", "optimizer_8bit", "fp8_matmul"):
-        if merged.get(flag) is None:
-            merged[flag] = False
-    for flag in ("trim_text_padding", "share_lora_input"):
-        if merged.get(flag) is None:
-            merged[flag] = True
-    return MemorySettings(**merged)
-
 
 # ------------------------------------------------------------------------------------------------- quantisation
 # int8 is hand-written (QuantLinear below) rather than bitsandbytes' Linear8bitLt: bnb's MatMul8bitLt keeps its input
@@ -497,7 +408,7 @@ def apply_memory_settings(transformer: nn.Module, settings: MemorySettings | dic
                           compute_dtype: torch.dtype | None = None, compile_kwargs: dict | None = None) -> nn.Module:
     """Apply a `memory:` config (see module docstring for the order). Call after PEFT LoRA injection.
     `compute_dtype`: NF4 matmul dtype (default: the layer's dtype). `compile_kwargs`: passed to torch.compile."""
-    from . import speed
+    from krea2_train.runtime import speed
 
     if not isinstance(settings, MemorySettings):
         settings = resolve_memory_settings(settings)

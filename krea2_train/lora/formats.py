@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..models.keys import _STANDALONE, diffusers_to_original_module, original_to_diffusers_module
+from krea2_train.errors import UserError
+from krea2_train.models.keys import _STANDALONE, diffusers_to_original_module, original_to_diffusers_module
 
 DIFFUSERS_META_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `load_lora_weights(folder)` looks for
@@ -169,7 +169,7 @@ class TrainedAdapter:
         return {m: self.scale(m) * self.rank(m) for m in self.down}
 
     def to(self, dtype) -> "TrainedAdapter":
-        from ..models.loading import resolve_dtype
+        from krea2_train.models.loading import resolve_dtype
 
         dtype = resolve_dtype(dtype)
         return TrainedAdapter({m: t.to(dtype) for m, t in self.down.items()},
@@ -296,7 +296,7 @@ def read_lora_file(path) -> LoraFile:
 
     The inference core loads the result with `lora.adapter.peft_state_dict()` and `lora_config_dict()`.
     """
-    from ..models.loading import ModelLoadError, open_safetensors
+    from krea2_train.models.loading import ModelLoadError, open_safetensors
 
     path = Path(path).expanduser()
     if path.is_dir():
@@ -502,7 +502,7 @@ def write_lora_file(adapter: TrainedAdapter, path, fmt: str, dtype="bfloat16", m
     `metadata` (training info: name, trigger_words, resolution, steps, dataset_size, ...) goes into the header as
     `krea2_train.info`, and for civitai also as `modelspec.*` / `ss_*` keys.
     """
-    from ..utils.io import save_safetensors_atomic
+    from krea2_train.utils.io import save_safetensors_atomic
 
     fmt = normalize_format(fmt)
     if dtype is not None:

@@ -6,12 +6,12 @@ from pathlib import Path
 
 
 def _sample(args) -> int:
-    from .errors import UserError
-    from .inference import Generator, SampleSettings, apply_loras, initial_noise
-    from .models.loading import load_transformer
-    from .models.text_encoder import TextEncoder
-    from .models.vae import VAE
-    from .utils.io import write_bytes_atomic
+    from krea2_train.errors import UserError
+    from krea2_train.inference import Generator, SampleSettings, apply_loras, initial_noise
+    from krea2_train.models.loading import load_transformer
+    from krea2_train.models.text_encoder import TextEncoder
+    from krea2_train.models.vae import VAE
+    from krea2_train.utils.io import write_bytes_atomic
 
     models = Path(args.models) if args.models else None
     default = (lambda name: str(models / name) if models else None)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from .formats import LoraFile, TrainedAdapter, _num, read_lora_file, write_lora_file
+from krea2_train.errors import UserError
+from krea2_train.lora.formats import LoraFile, TrainedAdapter, _num, read_lora_file, write_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,10 @@ class _CheckpointReader:
     so merging into or extracting from a 12.9B model never holds a float32 copy of it."""
 
     def __init__(self, path):
-        from .. import facts
-        from ..models.loading import _require_path, open_safetensors, original_names
+        from krea2_train import facts
+        from krea2_train.models.loading import require_path, open_safetensors, original_names
 
-        self.path = _require_path(path, "transformer checkpoint")
+        self.path = require_path(path, "transformer checkpoint")
         if self.path.is_dir():
             raise UserError(f"{self.path} is a folder; pass the transformer's single .safetensors file")
         self.handle, keys = open_safetensors(self.path)
@@ -183,7 +183,7 @@ class _CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor in its stored dtype, except fp8 weights, which come back dequantised (float32)."""
-        from ..models.loading import FP8_DTYPES
+        from krea2_train.models.loading import FP8_DTYPES
 
         t = self.handle.get_tensor(self.names[name])
         if t.dtype in FP8_DTYPES:
@@ -195,7 +195,7 @@ class _CheckpointReader:
 
     def linear_modules(self) -> dict[str, str]:
         """{diffusers Linear module: original weight name}."""
-        from ..models.keys import original_to_diffusers_module
+        from krea2_train.models.keys import original_to_diffusers_module
 
         out = {}
         for n in self.tensor_names():
@@ -209,9 +209,9 @@ class _CheckpointReader:
 def merge_into_checkpoint(items, checkpoint, out_path, dtype="bfloat16") -> Path:
     """Add sum(weight_i * delta_i) to a transformer checkpoint; write it in the official single-file layout
     (matmuls in `dtype`, norms and modulation tables float32 as the official file stores them)."""
-    from ..models.keys import diffusers_to_original_module
-    from ..models.loading import resolve_dtype
-    from ..utils.io import save_safetensors_atomic
+    from krea2_train.models.keys import diffusers_to_original_module
+    from krea2_train.models.loading import resolve_dtype
+    from krea2_train.utils.io import save_safetensors_atomic
 
     reader = _CheckpointReader(checkpoint)
     out_dtype = resolve_dtype(dtype)
@@ -244,9 +244,9 @@ class _LinearWeights:
     diffusers folder."""
 
     def __init__(self, path):
-        from ..models.loading import _require_path, load_transformer
+        from krea2_train.models.loading import require_path, load_transformer
 
-        p = _require_path(path, "transformer checkpoint")
+        p = require_path(path, "transformer checkpoint")
         if p.is_dir():
             model = load_transformer(p, dtype="bfloat16")
             self._mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -7,21 +7,22 @@ import argparse
 
 
 def _config(args):
-    from ..config import load_config
+    from krea2_train.config import load_config
 
     return load_config(args.config, args.overrides)
 
 
 def run(args) -> int:
-    from .pipeline import run_all
+    from krea2_train.pipeline import run_all
 
     return run_all(_config(args))
 
 
 def train(args) -> int:
-    from .data_source import CachedData
-    from .pipeline import ensure_tiny, init_distributed
-    from .trainer import Trainer
+    from krea2_train.data.source import CachedData
+    from krea2_train.models.tiny import ensure_tiny
+    from krea2_train.pipeline import init_distributed
+    from krea2_train.train.trainer import Trainer
 
     cfg = _config(args)
     init_distributed()
@@ -37,7 +38,7 @@ def train(args) -> int:
 
 def show_config(args) -> int:
     """Check a config without doing any work and print it fully resolved (every default filled in)."""
-    from ..config import to_yaml
+    from krea2_train.config import to_yaml
 
     cfg = _config(args)
     print(to_yaml(cfg), end="")
@@ -46,13 +47,13 @@ def show_config(args) -> int:
 
 
 def estimate(args) -> int:
-    from .estimate import estimate_command
+    from krea2_train.estimate.estimate import estimate_command
 
     return estimate_command(args)
 
 
 def register(sub) -> None:
-    from ..cli import add_config_command
+    from krea2_train.cli.common import add_config_command
 
     add_config_command(sub, "run", "the whole job: check-data, cache, train, export, verify (each skipped when "
                        "already done)", run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def _make_tiny(args) -> int:
-    from .tiny import make_tiny
+    from krea2_train.models.tiny import make_tiny
 
     out = make_tiny(args.dir, overwrite=args.overwrite)
     for p in sorted(out.iterdir()):

@@ -3,45 +3,25 @@
     krea2-train CONFIG [key=value ...]      check-data -> cache -> train -> export -> verify
     krea2-train SUBCOMMAND ...              see `krea2-train --help`
 
-Each area registers its own subcommands (one module per concern); this file only wires them together.
+Each area registers its own subcommands (cli/models.py, data.py, train.py, export.py, sample.py); this file only
+wires them together. `python -m krea2_train.cli` is the same command (what `accelerate launch -m` runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
-
-# Areas that contribute subcommands, in pipeline order. Each module has `register(subparsers)`.
-_AREAS = ["krea2_train.models.cli", "krea2_train.data.cli", "krea2_train.train.cli", "krea2_train.export.cli",
-          "krea2_train.inference_cli"]
-
-
-def add_config_command(sub, name: str, help: str, func, overrides_help: str = "key=value overrides, e.g. "
-                       "lora.rank=32 train.stages.0.steps=500") -> argparse.ArgumentParser:
-    """A subcommand that takes a run config YAML plus key=value overrides (the areas add their own flags)."""
-    p = sub.add_parser(name, help=help)
-    p.add_argument("config", help="run config YAML (see configs/)")
-    p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.set_defaults(func=func)
-    return p
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="krea2-train", description="LoRA fine-tuning for Krea 2: train on Raw, "
                                      "deploy on Turbo. `krea2-train CONFIG.yaml` runs the whole job.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for area in _AREAS:
-        try:
-            module = importlib.import_module(area)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("krea2_train"):
-                logging.getLogger(__name__).warning("commands of %s unavailable: %s", area, exc)
-                continue
-            raise
-        module.register(sub)
+    from krea2_train.cli import data, export, models, sample, train
+
+    for area in (models, data, train, export, sample):  # pipeline order; each module has `register(subparsers)`
+        area.register(sub)
     return parser
 
 
@@ -65,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .errors import UserError
+    from krea2_train.errors import UserError
 
     try:
         result = args.func(args)

@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import memory, speed
+from krea2_train.runtime import memory
+
+from krea2_train.runtime import speed
+from krea2_train.train.step import flow_matching_loss
 
 GiB = 2**30
 CONTEXT_GIB = 0.5
@@ -447,16 +450,12 @@ def trace_step(model, settings, is_baseline, resolution=1024, text_tokens=512, c
                 if trim:
                     text, mask, pos = speed.trim_text_padding(text, mask, pos)
             sigma = torch.rand(x0.shape[0], device=device)
-            s = sigma.to(dtype)[:, None, None]
-            x_t = (1 - s) * x0 + s * noise
-            with torch.autocast(device, dtype=cast or dtype, enabled=cast is not None):
-                out = model(hidden_states=x_t, encoder_hidden_states=text, timestep=sigma, position_ids=pos,
-                            encoder_attention_mask=mask, return_dict=False)[0]
-            loss = F.mse_loss(out.float(), (noise - x0).float())
-            del out
+            loss = flow_matching_loss(model, x0, noise, sigma, text, pos, mask, dtype=dtype,
+                                      autocast=torch.autocast(device, dtype=cast or dtype, enabled=cast is not None))
+            loss = loss.mean()
             after_forward = tracker.cur
             loss.backward()
-            del loss, x0, noise, text, pos, mask, x_t, s, sigma
+            del loss, x0, noise, text, pos, mask, sigma
             after = tracker.cur
     finally:
         for h in hooks:
@@ -663,10 +662,10 @@ def estimate_config(cfg, memory_settings=None, *, gpus: int = 1, fsdp: bool | No
     (default train.fsdp): per-GPU FSDP figures over `gpus` processes. `tiny`: the tiny architecture whatever
     model.architecture says. `on_stage(i, stage)` is called before each stage's trace (progress).
     Returns dict(settings, optimizer, fsdp, gpus, architecture, stages=[row per stage])."""
-    from ..errors import UserError
-    from ..facts import MAX_PROMPT_TOKENS
-    from . import lora as lora_mod
-    from .sharding import check_fsdp_settings
+    from krea2_train.errors import UserError
+    from krea2_train.facts import MAX_PROMPT_TOKENS
+    from krea2_train.train import lora as lora_mod
+    from krea2_train.runtime.sharding import check_fsdp_settings
 
     text_tokens = text_tokens or MAX_PROMPT_TOKENS
     if not 1 <= caption_tokens <= text_tokens:
@@ -687,7 +686,7 @@ def estimate_config(cfg, memory_settings=None, *, gpus: int = 1, fsdp: bool | No
         optimizer = "adamw8bit"
     architecture = "tiny" if tiny else cfg.model.architecture
     if architecture == "tiny":
-        from ..models.tiny import TINY_TRANSFORMER as arch
+        from krea2_train.models.tiny import TINY_TRANSFORMER as arch
     else:  # krea2, or auto (no file is read): the full 12.9B model, diffusers' defaults
         arch = {}
     dtype = getattr(torch, cfg.model.dtype)
@@ -723,10 +722,10 @@ def estimate_config(cfg, memory_settings=None, *, gpus: int = 1, fsdp: bool | No
 
 def _explicit_memory_keys(cfg) -> list[str]:
     """memory.* keys the user set besides the preset (they would win over a suggested preset)."""
-    from ..config import MemorySection
+    from krea2_train.config.memory import MemorySettings
 
-    default = MemorySection()
-    return [f.name for f in dataclasses.fields(MemorySection)
+    default = MemorySettings()
+    return [f.name for f in dataclasses.fields(MemorySettings)
             if f.name != "preset" and getattr(cfg.memory, f.name) != getattr(default, f.name)]
 
 
@@ -800,8 +799,8 @@ def estimate_command(args) -> int:
     """`krea2-train estimate CONFIG [key=value ...] [--gpus N] [--card GB] [--fsdp] [--caption-tokens N]`."""
     from rich.console import Console
 
-    from ..config import load_config
-    from ..errors import UserError
+    from krea2_train.config import load_config
+    from krea2_train.errors import UserError
 
     cfg = load_config(args.config, args.overrides, warn_paths=False)
     torch.set_num_threads(1)
@@ -815,7 +814,7 @@ def estimate_command(args) -> int:
         raise UserError("FSDP shards over several GPUs: pass --gpus N (N >= 2) to estimate the per-GPU figure")
     common = dict(gpus=args.gpus, fsdp=fsdp, tiny=args.tiny, caption_tokens=args.caption_tokens)
     # the re-estimates for suggestions build quantised layers; their INFO lines are not news to the user
-    logging.getLogger("krea2_train.train.memory").setLevel(logging.WARNING)
+    logging.getLogger("krea2_train.runtime.memory").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     with console.status("estimating ...") as status:
         def progress(what):

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from ..train.data_source import stage_resolutions  # one definition, shared with the trainer
+from krea2_train.data.source import stage_resolutions  # one definition, shared with the trainer
 
 
 def _load(args):
-    from ..config import load_config
+    from krea2_train.config import load_config
 
     return load_config(args.config, args.overrides)
 
 
 def check_data(args) -> int:
-    from .checks import format_report, scan_data
+    from krea2_train.data.checks import format_report, scan_data
 
     cfg = _load(args)
     scan = scan_data(cfg.data, stage_resolutions(cfg), cfg.cache_dir)
@@ -25,18 +25,18 @@ def check_data(args) -> int:
 
 
 def cache(args) -> int:
-    from ..errors import UserError
-    from .cache import build_caches
-    from .checks import format_report, scan_data
+    from krea2_train.errors import UserError
+    from krea2_train.data.cache import build_caches
+    from krea2_train.data.checks import format_report, scan_data
 
-    from ..config import check_model_paths
-    from ..train.pipeline import ensure_tiny
+    from krea2_train.models.paths import check_model_paths
+    from krea2_train.models.tiny import ensure_tiny
 
     cfg = _load(args)
     ensure_tiny(cfg)  # the demo config names a tiny model written on first use
     check_model_paths(cfg, ["model.text_encoder", "model.vae"])  # before any image is read, not at encoder load
     if args.prune:
-        from .cache import prune_cache
+        from krea2_train.data.cache import prune_cache
 
         files, nbytes = prune_cache(cfg.cache_dir)
         print(f"pruned {files} stale cache entries ({nbytes / 1e6:.1f} MB) from {cfg.cache_dir}")
@@ -52,7 +52,7 @@ def cache(args) -> int:
 
 
 def register(sub) -> None:
-    from ..cli import add_config_command
+    from krea2_train.cli.common import add_config_command
 
     p = add_config_command(sub, "check-data", "validate every image and caption of the configured datasets",
                            check_data, overrides_help="key=value overrides (e.g. data.allow_upscale=true)")

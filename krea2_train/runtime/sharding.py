@@ -25,7 +25,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import UserError
+from krea2_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def shard_transformer(transformer: nn.Module, mesh, reshard_after_forward: bool 
     optimiser is built (fully_shard replaces the parameters with sharded ones)."""
     from torch.distributed.fsdp import fully_shard
 
-    from .memory import unwrap_transformer
+    from krea2_train.runtime.memory import unwrap_transformer
 
     model = unwrap_transformer(transformer)
     # diffusers returns the prediction as a reshaped view; the loss only reads it out of place, which is safe (the

@@ -1,0 +1,137 @@
+"""The run config's sections other than model/data/memory (those have their own files): LoRA, stages, optimiser,
+timesteps, checkpoints, logging, previews, validation and export. Each is an OmegaConf structured config; string
+options declare their choices on the field (config/choices.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from krea2_train.config.choices import EXPORT_FORMATS, choice
+
+LORA_TARGETS = ("attention", "attention_mlp", "all_linear", "custom")
+
+
+@dataclass
+class LoraSection:
+    rank: int = 16
+    # null: alpha = rank. The effective scale is alpha/rank (1 when null), or alpha/sqrt(rank) with rslora
+    # (sqrt(rank) when null).
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    # lora | dora | lokr (LoKr uses PEFT's LoKrConfig; dropout then means module dropout).
+    type: str = choice("lora", ("lora", "dora", "lokr"))
+    use_rslora: bool = False
+    # PEFT init: default (kaiming A, zero B) | gaussian. Not PiSSA/OLoRA: they rewrite the base weights, so the
+    # adapter would no longer apply to an untouched Raw or Turbo checkpoint.
+    init: str = choice("default", ("default", "gaussian"))
+    # attention: q/k/v/out/gate of the transformer blocks; attention_mlp: + the block MLPs;
+    # all_linear: every Linear incl. text fusion, text/time/image projections and the final layer; custom: `pattern`.
+    targets: str = choice("attention", LORA_TARGETS)
+    # Regular expression over diffusers module names (full match), used when targets=custom.
+    pattern: Optional[str] = None
+    # Only adapt these block indices (null: all blocks).
+    blocks: Optional[List[int]] = None
+
+
+@dataclass
+class StageSection:
+    resolution: int = 512
+    steps: int = 1000
+    batch_size: int = 1
+    lr_factor: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    # Progressive resolution: stages run in order; buckets and caches switch at each boundary.
+    stages: List[StageSection] = field(default_factory=lambda: [StageSection()])
+    gradient_accumulation: int = 1
+    # no | bf16 | fp16 (fp16 is accepted for old GPUs; bf16 is what Krea 2 was trained in)
+    mixed_precision: str = choice("bf16", ("no", "bf16", "fp16"))
+    # Consecutive non-finite losses tolerated (each such step is skipped) before the run stops with a checkpoint.
+    nan_patience: int = 3
+    # Print/track every N optimiser steps.
+    log_every: int = 1
+    # Shard the frozen base and the LoRA across processes (torch FSDP2) instead of a full copy per GPU (DDP). Also on
+    # when launched with an accelerate FSDP config (configs/accelerate/fsdp.yaml). Needs an unquantised base.
+    fsdp: bool = False
+
+
+@dataclass
+class OptimizerSection:
+    name: str = choice("adamw", ("adamw", "adamw8bit", "prodigy"))
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # constant | linear | cosine (decay after warm-up, down to min_lr_factor * lr)
+    scheduler: str = choice("constant", ("constant", "linear", "cosine"))
+    warmup_steps: int = 0
+    min_lr_factor: float = 0.0
+    # Gradient clipping by global norm (null: off).
+    max_grad_norm: Optional[float] = 1.0
+
+
+@dataclass
+class TimestepSection:
+    sampling: str = choice("logit_normal", ("logit_normal", "uniform"))
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # raw: shift with Raw's resolution-aware mu (as at inference); fixed: use `mu`; none: no shift.
+    shift: str = choice("raw", ("raw", "fixed", "none"))
+    mu: Optional[float] = None
+    # Loss weighting per sample.
+    weighting: str = choice("none", ("none", "sigma_sqrt", "cosmap"))
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 250
+    keep_last: int = 3
+    # auto: continue from the latest checkpoint in the run folder if there is one; never: start fresh
+    # (fails if checkpoints exist, so nothing is overwritten by accident); or a path to a checkpoint folder.
+    resume: str = "auto"
+
+
+@dataclass
+class LoggingSection:
+    progress: str = choice("rich", ("rich", "tqdm", "none"))
+    tensorboard: bool = True
+    # wandb runs offline when not logged in (no WANDB_API_KEY / netrc).
+    wandb: bool = False
+    wandb_project: str = "krea2-train"
+
+
+@dataclass
+class PreviewSection:
+    every_steps: int = 0  # 0: off (previews also run once at the end when prompts are given)
+    prompts: List[str] = field(default_factory=list)
+    seed: int = 0
+    resolution: int = 1024
+    raw_steps: int = 28
+    raw_guidance: float = 4.5
+    negative_prompt: str = ""
+    # Also sample Turbo with the current LoRA at 8 steps (needs model.turbo).
+    turbo: bool = True
+    turbo_steps: int = 8
+
+
+@dataclass
+class ValidationSection:
+    every_steps: int = 0  # 0: off
+    # Fixed sigmas and fixed noise so validation curves are comparable across runs.
+    sigmas: List[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    seed: int = 1234
+    max_samples: int = 8
+
+
+@dataclass
+class ExportSection:
+    # Any of config/choices.EXPORT_FORMATS (checked per item at load).
+    formats: List[str] = field(default_factory=lambda: ["diffusers", "comfyui"], metadata={"item_choices": EXPORT_FORMATS})
+    verify: bool = True
+    transfer_report: bool = False
+    # File name stem of the exported LoRA (null: run_name).
+    name: Optional[str] = None
+    trigger_words: List[str] = field(default_factory=list)
