@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/krea2-train configs/demo.yaml
 
 test: $(STAMP)
+	$(BIN)/ruff check krea2_train scripts tests   # unused imports, dead names, import order
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -1,11 +1,16 @@
 """krea2-train: LoRA fine-tuning for Krea 2. Train on Raw, deploy on Turbo.
 
-Pipeline layout (one module per concern):
-    data/     datasets, validation, aspect buckets, on-disk caches
-    models/   loading (real formats), the tiny embedded Krea 2, text encoding, VAE
-    inference.py  the shared sampling core (previews, `sample`, export verification)
-    train/    config-driven LoRA training under Accelerate
-    export/   LoRA file formats, Turbo verification, transfer report, LoRA tools
+The folders follow the pipeline; imports only go down this list (the pipeline and the CLI use every stage):
+    config/     the run config: one typed section per file, every check before any work
+    models/     loading the real on-disk formats, key maps, the tiny model, text encoder and VAE wrappers
+    runtime/    how the frozen base runs: quantised layers, checkpointing, offload, attention, fusion, FSDP, swaps
+    lora/       LoRA file layouts (read and write) and LoRA tools
+    inference.py  the shared sampler (previews, `sample`, verification)
+    data/       datasets, checks, aspect buckets, on-disk caches, the batch loader
+    train/      the training recipe and its parts
+    export/     export for each tool, verification on Turbo, the Raw -> Turbo transfer report
+    estimate/   peak GPU memory of a training step, estimated on the CPU
+    pipeline.py the whole job; cli/ the `krea2-train` commands
 """
 
 __version__ = "0.1.0"

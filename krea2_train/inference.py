@@ -115,7 +115,7 @@ def apply_lora(transformer, path_or_state, strength: float = 1.0, adapter_name: 
 
 def apply_loras(transformer, loras, names: list[str] | None = None) -> list[str]:
     """Load several (LoRA, strength) pairs and activate them together; returns their adapter names."""
-    from krea2_train.lora.formats import read_lora_for_diffusers  # knows every peer layout, not only diffusers' own
+    from krea2_train.lora.writers import read_lora_for_diffusers  # knows every peer layout, not only diffusers' own
 
     taken = set(getattr(transformer, "peft_config", {}) or {})
     chosen = []

@@ -53,17 +53,16 @@ def check_data(cfg):
 def cache(cfg, scan):
     from accelerate import PartialState
 
-    from krea2_train.data import cache as data_cache
+    from krea2_train.data.cache import build_caches, manifest_if_ready
     from krea2_train.data.source import stage_resolutions
 
     res = stage_resolutions(cfg)
-    ready = getattr(data_cache, "manifest_if_ready", None)
-    manifest = ready(cfg.data, cfg.model, cfg.cache_dir, res, scan, device=PartialState().device) if ready else None
+    manifest = manifest_if_ready(cfg.data, cfg.model, cfg.cache_dir, res, scan, device=PartialState().device)
     if manifest is not None:
         _say(f"cache: up to date ({len(manifest.items)} images at {res} px), skipped")
         return manifest
     _say(f"cache: {res} px into {cfg.cache_dir} (only missing entries are encoded)")
-    return data_cache.build_caches(cfg.data, cfg.model, cfg.cache_dir, res, scan=scan)
+    return build_caches(cfg.data, cfg.model, cfg.cache_dir, res, scan=scan)
 
 
 def export_settings(cfg, manifest=None) -> tuple[str, dict]:
@@ -86,7 +85,7 @@ def export_valid(cfg, manifest=None) -> bool:
     if not (adapter.exists() and done.exists()) or done.stat().st_mtime < adapter.stat().st_mtime:
         return False
     meta = json.loads(done.read_text())
-    from krea2_train.lora.formats import normalize_format
+    from krea2_train.lora.writers import normalize_format
 
     if set(meta.get("files", {})) != {normalize_format(f) for f in cfg.export.formats}:  # aliases: ai-toolkit...
         return False
@@ -168,9 +167,10 @@ def _transfer_report(cfg, run, out):
 def run_all(cfg) -> int:
     from accelerate import PartialState
 
-    from krea2_train.models.paths import check_model_paths
     from krea2_train.data.source import CachedData
-    from krea2_train.train.trainer import Trainer, check_resume_settings, training_done
+    from krea2_train.models.paths import check_model_paths
+    from krea2_train.train.resume import check_resume_settings, training_done
+    from krea2_train.train.trainer import Trainer
 
     init_distributed()
     ensure_tiny(cfg)

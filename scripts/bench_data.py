@@ -31,7 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from krea2_train.data.buckets import make_buckets, nearest_bucket, place, apply  # noqa: E402
+from krea2_train.data.buckets import apply, make_buckets, nearest_bucket, place  # noqa: E402
 from krea2_train.data.cache import Manifest, _save_entry, entry_path  # noqa: E402
 from krea2_train.data.loader import make_loader  # noqa: E402
 from krea2_train.utils.io import write_json_atomic  # noqa: E402
@@ -88,9 +88,9 @@ def rate_naive(src: Path, res, batch, seconds) -> float:
 
 
 def caching_rate(tmp: Path):
-    from krea2_train.data.cache import build_caches
     from krea2_train.config.data import DataConfig, DatasetConfig
     from krea2_train.config.model import ModelConfig
+    from krea2_train.data.cache import build_caches
     from krea2_train.models.tiny import make_tiny
 
     tiny = make_tiny(tmp / "tiny")

@@ -37,10 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from krea2_train.config.memory import resolve_memory_settings  # noqa: E402
+from krea2_train.runtime import (
+    memory,  # noqa: E402
+    speed,  # noqa: E402
+)
 from krea2_train.train.step import flow_matching_loss  # noqa: E402
-from krea2_train.runtime import memory  # noqa: E402
-
-from krea2_train.runtime import speed  # noqa: E402
 
 LORA_TARGETS = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|to_gate)"
 
@@ -147,7 +149,7 @@ def sync(device):
 
 def bench_config(name, args, device, dtype):
     overrides, is_baseline = CONFIGS[name]
-    settings = memory.resolve_memory_settings(dict(overrides))
+    settings = resolve_memory_settings(dict(overrides))
     if args.attention_backend and not is_baseline:
         settings.attention_backend = args.attention_backend
     compile_kwargs = {} if device.type == "cuda" else dict(backend="aot_eager")

@@ -33,17 +33,14 @@ What is modelled
         copies of the fp32 LoRA weights are cached until the autocast region exits, as autocast's weight cache is.
         `torch.autocast` / `torch.amp.autocast` on meta enter the emulated region (so checkpoint recomputation, which
         re-enters the autocast state it recorded, is cast too), and torch.is_autocast_enabled / get_autocast_dtype
-        and speed._autocast_dtype answer "on, bf16" inside it: memory.share_lora_input (default on) then feeds the
+        answer "on, bf16" inside it: memory.share_lora_input (default on) then feeds the
         bf16 layer input to lora_A, and memory.QuantLinear dequantises straight to bf16, as on the GPU. With
         `memory.share_lora_input` off (`--no-share-lora-input`), PEFT's fp32 copy of each LoRA input is made and
         autocast's bf16 re-cast of it is what lora_A saves: allocated +0.14 GiB (bf16_ckpt, int8: only at the
-        recompute peak), +1.74 GiB (48gb), +4.06 GiB (80gb). Before the emulation the trace ran without autocast
-        (fp32 LoRA matmuls keeping PEFT's fp32 input copies), est. card: 80gb 58.57 -> 55.65, 48gb 40.73 -> 39.48,
-        bf16_ckpt 28.31 -> 28.20 (bf16_ckpt_nofuse 28.63 -> 28.20), int8 17.19 -> 16.77, nf4_offload 6.44 -> 6.02.
-        FSDP (sharding.shard_transformer since 5a4e002) gathers the stored dtypes, no bf16 param policy, and
-        computes under the same autocast: its activations are the single-GPU trace's (share_lora_input included)
-        and its gathered blocks/root hold fp32 LoRA and norm scales (N=2 est. card, before with the bf16 policy:
-        fsdp_ckpt 19.50 -> 19.51, fsdp_48gb 30.74 -> 30.79 GiB).
+        recompute peak), +1.74 GiB (48gb), +4.06 GiB (80gb).
+        FSDP (sharding.shard_transformer) gathers the stored dtypes, no bf16 param policy, and computes under the
+        same autocast: its activations are the single-GPU trace's and its gathered blocks/root hold fp32 LoRA and
+        norm scales.
         tests/test_estimate_memory.py compares the emulated trace with real CPU bf16-autocast steps of the tiny
         model (CPU autocast casts the same matmul ops; the trace asserts no op of CUDA's fp32 list met a bf16
         input there), share_lora_input on and off: the on/off difference matches to the byte.
@@ -56,9 +53,8 @@ What is modelled
         bytes and the same autograd memory pattern as bitsandbytes 0.50 on CUDA (MatMul4Bit at M=4224 on sm90:
         dequantise + F.linear): a transient bf16 weight in forward and again in backward; keeps nothing.
       - int8 / fp8 / fp8_mm: the real memory.Int8Linear / Fp8Linear code runs on meta (a transient bf16 weight per
-        matmul; only the 1-byte weight and its scale saved). The int8 path used bnb's Linear8bitLt before, which
-        keeps each layer's input outside save_for_backward: its stand-in here estimated 25.7 GiB for the `int8`
-        row (0.32 GiB saved per block instead of 0.05, ~9 GiB in all at 1024 px); see memory.py.
+        matmul; only the 1-byte weight and its scale saved). Not bitsandbytes'
+        Linear8bitLt, which keeps each layer's input outside save_for_backward (see runtime/memory.py).
       - RMSNorm runs as torch's composite on meta (CUDA has a fused kernel): same saved tensors (input + rstd), one
         extra fp32 transient (x**2) per norm in forward: a slight over-estimate.
   * Total allocated peak = resident weights + LoRA params + optimiser states + traced dynamic peak (the optimiser step
@@ -90,14 +86,43 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from krea2_train.runtime import memory  # noqa: E402,F401
 # the estimator itself (tracing, static bytes, FSDP arithmetic) lives in the package, shared with `krea2-train
 # estimate`; its names are re-exported here for the tests and for interactive use
-from krea2_train.estimate.estimate import (  # noqa: E402,F401
-    AUTOCAST_FP32, AUTOCAST_FP32_OUT, AUTOCAST_LOWER, BNB8_BLOCK, CARDS_GIB, CONTEXT_GIB, FRAGMENTATION,
-    FSDP_GATHERED_BLOCKS, FSDP_RS_BUFFERS, NCCL_GIB, NF4_BLOCK, NF4_BLOCK2, OFFLOAD_RESIDENT_BLOCKS, WORKSPACE_GIB,
-    EmulatedAutocast, GiB, LiveBytes, Nf4StandIn, apply_settings, build_meta_model, estimate_model, fsdp_bytes,
-    fsdp_layout, fsdp_totals, nf4_bytes, quantize_standins, static_bytes, trace_step, traced_kernels)
+from krea2_train.config.memory import resolve_memory_settings  # noqa: E402
+from krea2_train.estimate.static import (  # noqa: E402,F401
+    CARDS_GIB,
+    CONTEXT_GIB,
+    FRAGMENTATION,
+    FSDP_GATHERED_BLOCKS,
+    FSDP_RS_BUFFERS,
+    NCCL_GIB,
+    OFFLOAD_RESIDENT_BLOCKS,
+    WORKSPACE_GIB,
+    GiB,
+    apply_settings,
+    build_meta_model,
+    estimate_model,
+    fsdp_bytes,
+    fsdp_layout,
+    fsdp_totals,
+    static_bytes,
+)
+from krea2_train.estimate.trace import (  # noqa: E402,F401
+    AUTOCAST_FP32,
+    AUTOCAST_FP32_OUT,
+    AUTOCAST_LOWER,
+    BNB8_BLOCK,
+    NF4_BLOCK,
+    NF4_BLOCK2,
+    EmulatedAutocast,
+    LiveBytes,
+    Nf4StandIn,
+    nf4_bytes,
+    quantize_standins,
+    trace_step,
+    traced_kernels,
+)
+from krea2_train.runtime import memory  # noqa: E402,F401
 
 # config -> (target GiB, what the target is)
 TARGETS = {
@@ -142,7 +167,7 @@ def prepare(model, name, fsdp=False, memory_overrides=None):
     _build_model under FSDP (q/k/v fusion and compile off). `memory_overrides`: memory settings put over the config's
     (e.g. share_lora_input=False)."""
     overrides, is_baseline = bench.CONFIGS[name]
-    settings = memory.resolve_memory_settings({**overrides, **(memory_overrides or {})})
+    settings = resolve_memory_settings({**overrides, **(memory_overrides or {})})
     return apply_settings(model, settings, is_baseline, fsdp=fsdp, compute_dtype=torch.bfloat16, what=name)
 
 

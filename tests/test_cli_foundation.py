@@ -46,7 +46,8 @@ def test_sample_applies_every_lora(tiny_dir, tmp_path):
     """Two LoRAs (same file name in different folders) are both active; a zero LoRA leaves the image unchanged."""
     from peft import LoraConfig
 
-    from krea2_train.lora.formats import TrainedAdapter, write_lora_file
+    from krea2_train.lora.formats import TrainedAdapter
+    from krea2_train.lora.writers import write_lora_file
     from krea2_train.models.loading import load_transformer
 
     model = load_transformer(tiny_dir / "transformer_turbo.safetensors", dtype="float32")

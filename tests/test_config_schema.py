@@ -1,6 +1,7 @@
 """The run config: shipped configs load; misspelled keys, wrong types and impossible values fail before any work,
 naming the key and the closest valid one; overrides; the resolved config round-trips."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,8 @@ def test_override_into_a_missing_list_entry_says_how_many_there_are():
 
 
 def test_model_paths_are_checked_naming_the_key(tiny_dir, tmp_path, caplog):
-    from krea2_train.models.paths import check_model_paths
     from krea2_train.models.loading import ModelLoadError
+    from krea2_train.models.paths import check_model_paths
 
     good = [f"model.transformer={tiny_dir}/transformer_raw.safetensors", f"model.text_encoder={tiny_dir}/text_encoder",
             f"model.vae={tiny_dir}/vae", f"model.turbo={tiny_dir}/transformer_turbo.safetensors"]
@@ -140,8 +141,8 @@ def test_model_paths_are_checked_naming_the_key(tiny_dir, tmp_path, caplog):
     assert "`model.turbo`" in msg and "turbo_typo" in msg and "Fix the path" in msg and "model.vae" not in msg
 
     # a file that exists but is no Krea 2 transformer (cheap header check)
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     vae_file = tmp_path / "vae.safetensors"
     save_file({"decoder.conv_in.weight": torch.zeros(1)}, str(vae_file))
@@ -170,3 +171,32 @@ def test_dora_with_export_formats_is_refused_before_training():
         load_config(None, paths + ["lora.type=dora", "export.formats=[diffusers]"], warn_paths=False)
     cfg = load_config(None, paths + ["lora.type=dora", "export.formats=[]"], warn_paths=False)
     assert cfg.lora.type == "dora"
+
+
+def test_every_memory_setting_is_settable_from_yaml_and_checked_at_load():
+    """One settings type: each MemorySettings field is a config key; bad values fail at load, naming the key."""
+    import dataclasses
+
+    from krea2_train.config import MemorySettings, resolve_memory_settings
+
+    values = dict(preset="24gb", quantize="fp8", gradient_checkpointing=True, checkpoint_blocks=3,
+                  offload_blocks=False, fuse_qkv=False, compile=False, attention_backend="math",
+                  trim_text_padding=False, share_lora_input=False, optimizer_8bit=False, fp8_matmul=True)
+    assert set(values) == {f.name for f in dataclasses.fields(MemorySettings)}
+    cfg = load_config(None, PATHS + [f"memory.{k}={v}" for k, v in values.items()], warn_paths=False)
+    resolved = resolve_memory_settings(cfg.memory)
+    assert dataclasses.asdict(resolved) == values  # explicit values win over the 24gb preset's
+    for key, bad, hint in (("memory.attention_backend", "fastest", "diffusers:"),
+                           ("memory.quantize", "int4", "int8"), ("memory.preset", "12gb", "16gb"),
+                           ("memory.checkpoint_blocks", "-1", ">= 0")):
+        with pytest.raises(ConfigError, match=rf"`{re.escape(key)}`.*{re.escape(hint)}"):
+            load_config(None, PATHS + [f"{key}={bad}"], warn_paths=False)
+
+
+def test_export_formats_are_the_exporters_formats():
+    from krea2_train.lora.formats import FORMATS
+
+    cfg = load_config(None, PATHS + ["export.formats=[original, musubi, civitai]"], warn_paths=False)
+    assert list(cfg.export.formats) == ["original", "musubi", "civitai"] and set(cfg.export.formats) <= set(FORMATS)
+    with pytest.raises(ConfigError, match=r"`export.formats` has 'comfyu'.*Did you mean `comfyui`"):
+        load_config(None, PATHS + ["export.formats=[comfyu]"], warn_paths=False)

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from krea2_train.data import cache as cache_mod
-from krea2_train.data.cache import Manifest, build_caches, entry_valid
 from krea2_train.config.data import DataConfig, DatasetConfig
 from krea2_train.config.model import ModelConfig
+from krea2_train.data import cache as cache_mod
+from krea2_train.data.cache import Manifest, build_caches, entry_valid
 
 CAPTIONS = ["a red square", "two blue circles on white", "green", "a yellow star over a dark sea at night", "pink"]
 SIZES = [(96, 80), (80, 96), (64, 64), (112, 64), (72, 72)]

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from krea2_train.data.checks import scan_data
 from krea2_train.config.data import DataConfig, DatasetConfig
+from krea2_train.data.checks import scan_data
 from krea2_train.errors import UserError
 
 

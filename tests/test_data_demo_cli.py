@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from krea2_train.data.checks import scan_data
 from krea2_train.config.data import DataConfig, DatasetConfig
+from krea2_train.data.checks import scan_data
 
 ROOT = Path(__file__).resolve().parent.parent
 

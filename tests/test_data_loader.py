@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from krea2_train.data.cache import build_caches
 from krea2_train.config.data import DataConfig, DatasetConfig
-from krea2_train.data.loader import BatchPlan, make_loader, validation_batches
 from krea2_train.config.model import ModelConfig
+from krea2_train.data.cache import build_caches
+from krea2_train.data.loader import BatchPlan, make_loader, validation_batches
 
 SIZES = [(96, 64), (64, 96), (80, 80), (96, 64), (64, 96), (80, 80), (112, 64), (80, 80), (96, 64)]
 

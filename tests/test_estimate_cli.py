@@ -13,7 +13,8 @@ import pytest
 
 from krea2_train.cli import main
 from krea2_train.config import load_config
-from krea2_train.estimate import estimate as est
+from krea2_train.config.memory import resolve_memory_settings
+from krea2_train.estimate import command as est
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -87,7 +88,7 @@ def test_verdict_suggests_only_estimated_presets(capsys):
 
 def test_verdict_logic_with_a_stub_estimate():
     cfg = load_config(DEMO, ["memory.preset=80gb"], warn_paths=False)
-    settings = est.memory.resolve_memory_settings(dict(preset="80gb"))
+    settings = resolve_memory_settings(dict(preset="80gb"))
 
     def res(card, fsdp=False):
         return dict(settings=settings, fsdp=fsdp, stages=[dict(stage=0, resolution=1024, batch=1, est_card_gib=card)])
@@ -120,7 +121,7 @@ def test_verdict_first_suggests_checkpointing_every_block():
     """Recompute is the cheapest fix when some blocks keep their activations (and the only one under FSDP, where
     the quantised presets are refused)."""
     cfg = load_config(DEMO, ["memory.preset=48gb"], warn_paths=False)
-    settings = est.memory.resolve_memory_settings(dict(preset="48gb"))
+    settings = resolve_memory_settings(dict(preset="48gb"))
     assert settings.checkpoint_blocks == 16
 
     def res(card):

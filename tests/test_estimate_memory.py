@@ -22,6 +22,7 @@ em = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = em
 _spec.loader.exec_module(em)
 
+from krea2_train.config.memory import resolve_memory_settings  # noqa: E402
 from krea2_train.runtime import memory  # noqa: E402
 from krea2_train.train.step import flow_matching_loss  # noqa: E402
 
@@ -73,16 +74,16 @@ def test_offload_keeps_two_blocks_of_frozen_weights():
 
 
 def _real_step(name, resolution, dtype=torch.bfloat16, share=True):
-    """One real CPU step of the tiny model set up as bench_step does and run by the trainer's own loss (the forward under bf16 autocast, real
-    torch.autocast on CPU); peak / after-forward / after-backward bytes from the profiler's allocator events
-    (independent of the estimator's counting). `share`: memory.share_lora_input."""
+    """One real CPU step of the tiny model set up as bench_step does and run by the trainer's own loss (the forward
+    under bf16 autocast, real torch.autocast on CPU); peak / after-forward / after-backward bytes from the profiler's
+    allocator events (independent of the estimator's counting). `share`: memory.share_lora_input."""
     from torch.profiler import ProfilerActivity, profile
 
     bench = em.bench
     model = bench.build_model(True, torch.device("cpu"), dtype)
     bench.add_lora(model, 32)
     overrides, is_baseline = bench.CONFIGS[name]
-    settings = memory.resolve_memory_settings(dict(overrides, share_lora_input=share))
+    settings = resolve_memory_settings(dict(overrides, share_lora_input=share))
     if is_baseline:
         from krea2_train.runtime import speed
         speed.set_plain_attention(model)
@@ -172,6 +173,8 @@ def test_emulated_autocast_lists_are_cuda_autocast_ops():
         assert {alias.get(n, n) for n in names} <= registered
     x = torch.empty(4, 8, dtype=torch.bfloat16, device="meta")
     w = torch.nn.Parameter(torch.empty(3, 8, device="meta"))  # fp32 leaf, like a LoRA weight
+    real = (torch.is_autocast_enabled, torch.get_autocast_dtype, torch.autocast, torch.amp.autocast,
+            torch.nn.functional.scaled_dot_product_attention)
     with em.traced_kernels() as emu:
         assert speed._autocast_dtype("meta") is None and not torch.is_autocast_enabled("meta")
         with torch.autocast("meta", dtype=torch.bfloat16):
@@ -184,7 +187,8 @@ def test_emulated_autocast_lists_are_cuda_autocast_ops():
             with torch.autocast("meta", enabled=False):
                 assert torch.nn.functional.linear(x.float(), w).dtype == torch.float32
         assert not emu.cache and torch.nn.functional.linear(x.float(), w).dtype == torch.float32
-    assert speed._autocast_dtype.__module__ == "krea2_train.runtime.speed"  # restored
+    assert real == (torch.is_autocast_enabled, torch.get_autocast_dtype, torch.autocast, torch.amp.autocast,
+                    torch.nn.functional.scaled_dot_product_attention)  # restored
 
 
 def test_int8_keeps_what_bf16_keeps_through_checkpointing():
@@ -341,7 +345,7 @@ def test_full_size_script_runs(tmp_path):
     assert 5.5 < nf4["weights_all_on_gpu_gib"] < 8.0
     assert bf16["trainable_params"] == 28 * 32 * (3 * 2 * 6144 + 2 * (6144 + 1536))
     for r in rows:
-        assert r["checkpoint_blocks"] == 28 and r["fits"] in (True, False)
+        assert r["checkpoint_blocks"] == 28 and r["fits"] == (r["est_card_gib"] <= r["target_gib"])
         total = r["weights_gib"] + r["lora_grads_optim_gib"] + r["activation_peak_gib"]
         assert total == pytest.approx(r["est_alloc_gib"], rel=1e-9)
         # checkpointed: one 4224 x 6144 bf16 hidden state kept per block, plus the bf16 copies of the block's LoRA

@@ -12,11 +12,18 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_export_helpers import (PEER_LAYOUTS, loaded_deltas, max_delta_error, max_loaded_error, peer_state,
-                                 trained_adapter, trained_transformer)
+from test_export_helpers import (
+    PEER_LAYOUTS,
+    loaded_deltas,
+    max_delta_error,
+    max_loaded_error,
+    peer_state,
+    trained_adapter,
+    trained_transformer,
+)
 
-from krea2_train.lora.formats import (FORMATS, LoraFormatError, TrainedAdapter, read_lora_file, read_lora_state,
-                                        write_lora_file)
+from krea2_train.lora.formats import FORMATS, LoraFormatError, TrainedAdapter, read_lora_file, read_lora_state
+from krea2_train.lora.writers import write_lora_file
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +144,7 @@ def test_peft_folder_with_adapter_config(adapter, tmp_path):
 
 def test_diffusers_layout_loads_through_diffusers_from_dict(adapter, turbo):
     """read_lora_for_diffusers gives what load_lora_adapter takes, with the scale in its metadata."""
-    from krea2_train.lora.formats import read_lora_for_diffusers
+    from krea2_train.lora.writers import read_lora_for_diffusers
 
     state, meta = read_lora_for_diffusers(peer_state(adapter, "musubi")[0])
     turbo.load_lora_adapter(state, prefix="transformer", adapter_name="dict", metadata=meta)
@@ -284,8 +291,10 @@ def test_sidecar_adapter_config_does_not_rescale_other_files(tiny_dir, tmp_path,
     """A file written next to a PEFT adapter_config.json (e.g. converted into RUN/adapter) keeps its own scale."""
     import json
 
-    from krea2_train.lora.formats import read_lora_file, write_lora_file
     from test_export_helpers import max_delta_error, trained_adapter
+
+    from krea2_train.lora.formats import read_lora_file
+    from krea2_train.lora.writers import write_lora_file
 
     adapter = trained_adapter(tiny_dir, r=4, alpha=8)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 1, "peft_type": "LORA"}))

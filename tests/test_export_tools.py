@@ -8,9 +8,17 @@ from safetensors.torch import save_file
 from test_export_helpers import max_delta_error, peer_state, trained_adapter
 
 from krea2_train.errors import UserError
-from krea2_train.lora.formats import TrainedAdapter, read_lora_file, write_lora_file
-from krea2_train.lora.tools import (convert_lora, extract_lora, format_inspect, inspect_lora, merge_into_checkpoint,
-                                      merge_loras, resize_lora)
+from krea2_train.lora.formats import TrainedAdapter, read_lora_file
+from krea2_train.lora.tools import (
+    convert_lora,
+    extract_lora,
+    format_inspect,
+    inspect_lora,
+    merge_into_checkpoint,
+    merge_loras,
+    resize_lora,
+)
+from krea2_train.lora.writers import write_lora_file
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +32,9 @@ def other(tiny_dir):
 
 
 def test_inspect(adapter, tmp_path):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="PNG")

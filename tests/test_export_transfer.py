@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_export_helpers import trained_adapter
 
-from krea2_train.lora.formats import write_lora_file
+from krea2_train.lora.writers import write_lora_file
 
 PROMPTS, SIGMAS, SIZE, SEED = ["x", "y"], (0.8, 0.3), 32, 0
 
@@ -180,8 +180,7 @@ def test_export_cli_formats_and_default_out(tiny_dir, tmp_path):
 
 
 def test_one_number_helper():
-    from krea2_train.lora import formats
-    from krea2_train.lora import tools
+    from krea2_train.lora import formats, tools
 
     assert tools._num is formats._num
     assert formats._num(16.0) == 16 and isinstance(formats._num(16.0), int)

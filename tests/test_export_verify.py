@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import save_file
 from test_export_helpers import peer_state, trained_adapter, trained_transformer
 
-from krea2_train.lora.formats import TrainedAdapter, read_lora_file, write_lora_file
 from krea2_train.export.verify import LoraVerifyError, verify_lora_file
+from krea2_train.lora.formats import TrainedAdapter, read_lora_file
+from krea2_train.lora.writers import write_lora_file
 
 
 @pytest.fixture(scope="module")

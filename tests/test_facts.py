@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from krea2_train import facts
-from krea2_train.schedule import (image_seq_len, make_scheduler, pack_latents, position_ids, raw_mu,
-                                  sampling_sigmas, time_shift, unpack_latents)
+from krea2_train.schedule import (
+    image_seq_len,
+    make_scheduler,
+    pack_latents,
+    position_ids,
+    raw_mu,
+    sampling_sigmas,
+    time_shift,
+    unpack_latents,
+)
 
 
 def test_prompt_template_matches_pipeline():

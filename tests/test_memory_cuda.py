@@ -12,9 +12,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _speed_helpers import add_lora, assert_close_grads, inputs, run, tiny_model, twin  # noqa: E402
 
-from krea2_train.runtime import memory  # noqa: E402
-
-from krea2_train.runtime import speed  # noqa: E402
+from krea2_train.config.memory import resolve_memory_settings  # noqa: E402
+from krea2_train.runtime import (
+    memory,  # noqa: E402
+    speed,  # noqa: E402
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEV = "cuda"
@@ -46,7 +48,7 @@ def test_quantized_trains_on_cuda(mode):
         pytest.skip("fp8 tensor cores need sm_89+")
     model = add_lora(tiny_model().to(torch.bfloat16))
     settings = dict(quantize="fp8", fp8_matmul=True) if mode == "fp8_mm" else dict(quantize=mode)
-    memory.apply_memory_settings(model, memory.resolve_memory_settings(settings), DEV, compute_dtype=torch.bfloat16)
+    memory.apply_memory_settings(model, resolve_memory_settings(settings), DEV, compute_dtype=torch.bfloat16)
     expected = {"int8": "Int8Linear", "nf4": "Linear4bit", "fp8": "Fp8Linear", "fp8_mm": "Fp8Linear"}[mode]
     assert type(model.transformer_blocks[0].attn.to_q.base_layer).__name__ == expected
     params = [p for p in model.parameters() if p.requires_grad]

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _speed_helpers import (add_lora, assert_close_grads, assert_same_run, inputs, run, tiny_model,  # noqa: E402
-                            twin)
+from _speed_helpers import add_lora, assert_close_grads, assert_same_run, inputs, run, tiny_model, twin  # noqa: E402
 
-from krea2_train.runtime import memory  # noqa: E402
-
-from krea2_train.runtime import speed  # noqa: E402
+from krea2_train.config.memory import resolve_memory_settings  # noqa: E402
+from krea2_train.runtime import (
+    memory,  # noqa: E402
+    speed,  # noqa: E402
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_quantized_backward_equals_autograd_on_dequantized_weights(plain, mode):
 
 def test_block_offload_is_exact_and_leaves_lora_resident(plain):
     off = twin(plain)
-    settings = memory.resolve_memory_settings(dict(offload_blocks=True, gradient_checkpointing=False))
+    settings = resolve_memory_settings(dict(offload_blocks=True, gradient_checkpointing=False))
     memory.apply_memory_settings(off, settings, "cpu")
     assert off.gradient_checkpointing and off._krea2_checkpoint_blocks == len(off.transformer_blocks)
     offloader = off._krea2_offloader
@@ -186,28 +187,28 @@ def test_block_offload_never_computes_with_an_offloaded_weight(plain, mode, earl
 
 def test_presets_resolve_and_overrides_win():
     for name in ("16gb", "24gb", "48gb", "80gb"):
-        s = memory.resolve_memory_settings(dict(preset=name))
+        s = resolve_memory_settings(dict(preset=name))
         assert s.preset == name
-    assert memory.resolve_memory_settings(dict(preset="16gb")).quantize == "nf4"
-    assert memory.resolve_memory_settings(dict(preset="16gb")).offload_blocks
-    assert memory.resolve_memory_settings(dict(preset="24gb")).quantize == "int8"
-    s = memory.resolve_memory_settings(dict(preset="24gb", quantize="fp8", compile=None, checkpoint_blocks=None))
+    assert resolve_memory_settings(dict(preset="16gb")).quantize == "nf4"
+    assert resolve_memory_settings(dict(preset="16gb")).offload_blocks
+    assert resolve_memory_settings(dict(preset="24gb")).quantize == "int8"
+    s = resolve_memory_settings(dict(preset="24gb", quantize="fp8", compile=None, checkpoint_blocks=None))
     assert s.quantize == "fp8" and s.compile is False and s.gradient_checkpointing
-    plain = memory.resolve_memory_settings(None)
+    plain = resolve_memory_settings(None)
     assert plain.quantize == "none" and plain.gradient_checkpointing and not plain.offload_blocks
     with pytest.raises(ValueError):
-        memory.resolve_memory_settings(dict(preset="12gb"))
+        resolve_memory_settings(dict(preset="12gb"))
     with pytest.raises(ValueError):
-        memory.resolve_memory_settings(dict(quantize="int4"))
+        resolve_memory_settings(dict(quantize="int4"))
     with pytest.raises(ValueError):
-        memory.resolve_memory_settings(dict(bogus=1))
+        resolve_memory_settings(dict(bogus=1))
 
 
 @pytest.mark.parametrize("preset", ["16gb", "24gb", "48gb", "80gb"])
 def test_every_preset_trains_tiny(preset):
     torch._dynamo.reset()
     model = add_lora(tiny_model())
-    settings = memory.resolve_memory_settings(dict(preset=preset))
+    settings = resolve_memory_settings(dict(preset=preset))
     # aot_eager: the compile wiring without inductor's C++ build time on the CI's 2 cores
     memory.apply_memory_settings(model, settings, "cpu", compile_kwargs=dict(backend="aot_eager"))
     assert isinstance(model.transformer_blocks[0].attn.processor, speed.Krea2FastAttnProcessor)
@@ -224,7 +225,7 @@ def test_paths_under_bf16_autocast(mode):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         o1, g1, _ = run(ref, batch)
     model = add_lora(tiny_model())
-    memory.apply_memory_settings(model, memory.resolve_memory_settings(dict(quantize=mode, fuse_qkv=True)), "cpu")
+    memory.apply_memory_settings(model, resolve_memory_settings(dict(quantize=mode, fuse_qkv=True)), "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         o2, g2, _ = run(model, batch)
     assert o2.dtype == torch.bfloat16 and all(torch.isfinite(g).all() for g in g2.values())
@@ -339,8 +340,8 @@ def test_memory_settings_wire_the_shared_lora_input():
         if p.requires_grad:
             p.data = p.data.float()  # the trainer's fp32 LoRA on a bf16 base
     plain = twin(shared)
-    on = memory.resolve_memory_settings(dict(gradient_checkpointing=False))
-    off = memory.resolve_memory_settings(dict(gradient_checkpointing=False, share_lora_input=False))
+    on = resolve_memory_settings(dict(gradient_checkpointing=False))
+    off = resolve_memory_settings(dict(gradient_checkpointing=False, share_lora_input=False))
     assert on.share_lora_input and not off.share_lora_input
     memory.apply_memory_settings(shared, on, "cpu")
     memory.apply_memory_settings(plain, off, "cpu")

@@ -16,8 +16,19 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _speed_helpers import (add_lora, assert_close_grads, assert_same_run, autocast_run, bf16_inputs,  # noqa: E402
-                            inputs, run, saved_for_backward, tiny_model, trainer_like, twin)
+from _speed_helpers import (  # noqa: E402
+    add_lora,
+    assert_close_grads,
+    assert_same_run,
+    autocast_run,
+    bf16_inputs,
+    inputs,
+    run,
+    saved_for_backward,
+    tiny_model,
+    trainer_like,
+    twin,
+)
 
 from krea2_train.runtime import speed
 from krea2_train.runtime.memory import apply_memory_settings  # noqa: E402
@@ -158,9 +169,8 @@ def bf16_plain():
 
 
 def _lora_config_model(**lora_kwargs):
-    from peft import LoraConfig
-
     from _speed_helpers import TARGETS
+    from peft import LoraConfig
 
     model = tiny_model(torch.bfloat16).requires_grad_(False)
     model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian",

@@ -193,18 +193,17 @@ def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path, demo_image
     ("train.mixed_precision=fp16", "train.mixed_precision=fp16"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard(override, key):
-    from krea2_train.config import load_config
+    from krea2_train.config import load_config, resolve_memory_settings
     from krea2_train.errors import UserError
     from krea2_train.runtime.sharding import check_fsdp_settings
-    from krea2_train.train.trainer import memory_settings
 
     cfg = load_config(None, ["model.transformer=x.safetensors", "model.text_encoder=x", "model.vae=x",
                              "train.fsdp=true", override], warn_paths=False)
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        check_fsdp_settings(cfg, memory_settings(cfg))
+        check_fsdp_settings(cfg, resolve_memory_settings(cfg.memory))
     cfg = load_config(None, ["model.transformer=x.safetensors", "model.text_encoder=x", "model.vae=x",
                              "train.fsdp=true", "memory.preset=80gb"], warn_paths=False)
-    check_fsdp_settings(cfg, memory_settings(cfg))  # bf16 presets shard fine
+    check_fsdp_settings(cfg, resolve_memory_settings(cfg.memory))  # bf16 presets shard fine
 
 
 def test_fsdp_with_one_process_says_how_to_launch():
@@ -218,7 +217,7 @@ def test_fsdp_with_one_process_says_how_to_launch():
 def test_lokr_module_dropout_refused_on_several_processes():
     from krea2_train.config import load_config
     from krea2_train.errors import UserError
-    from krea2_train.train.trainer import check_multiprocess_lora
+    from krea2_train.train.strategy import check_multiprocess_lora
 
     cfg = load_config(None, ["model.transformer=x.safetensors", "model.text_encoder=x", "model.vae=x",
                              "lora.type=lokr", "lora.dropout=0.1", "export.formats=[]"], warn_paths=False)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from krea2_train.config import load_config
 from krea2_train.train.batches import SyntheticData
 from krea2_train.train.checkpoint import latest_checkpoint, list_checkpoints
-from krea2_train.train.trainer import NonFiniteLossError, Trainer, train, training_done
+from krea2_train.train.resume import training_done
+from krea2_train.train.trainer import NonFiniteLossError, Trainer, train
 
 
 def tiny_cfg(tiny_dir, out, *overrides):
@@ -292,3 +293,23 @@ def test_validation_noise_is_fixed_per_image_not_per_batch(tiny_dir, tmp_path):
     t.source.batch = 2
     two = t.validation_loss(cfg.train.stages[0])
     assert one == pytest.approx(two, rel=1e-5)
+
+
+def test_preset_optimiser_switch_is_recorded_not_written_into_the_config(tiny_dir, tmp_path):
+    """memory.optimizer_8bit (what the 24gb/16gb presets set) runs 8-bit AdamW; the config the user wrote stays as it
+    is (config.yaml says adamw) and RUN/runtime.json records what ran, so a resume compares like with like."""
+    import json
+
+    import bitsandbytes as bnb
+
+    cfg = tiny_cfg(tiny_dir, tmp_path, "memory.optimizer_8bit=true", "train.stages=[{resolution: 64, steps: 2, batch_size: 1}]")
+    t = Trainer(cfg, source=SyntheticData(num_samples=2))
+    t.run()
+    assert cfg.optimizer.name == "adamw"
+    assert isinstance(t.optimizer.optimizer if hasattr(t.optimizer, "optimizer") else t.optimizer, bnb.optim.AdamW8bit)
+    assert load_config(cfg.run_dir / "config.yaml").optimizer.name == "adamw"
+    runtime = json.loads((cfg.run_dir / "runtime.json").read_text())
+    assert runtime["optimizer"] == "adamw8bit" and runtime["memory"]["optimizer_8bit"] is True
+    assert runtime["strategy"] == "single" and runtime["memory"]["quantize"] == "none"
+    # the same command again: a finished run with the same settings, nothing retrained
+    assert Trainer(cfg, source=SyntheticData(num_samples=2)).run().step == 2

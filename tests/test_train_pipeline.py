@@ -133,8 +133,8 @@ def test_resume_on_cached_data_matches_straight_run(tiny_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from krea2_train.config import load_config
     from krea2_train import pipeline
+    from krea2_train.config import load_config
     from krea2_train.data.source import CachedData
     from krea2_train.train.trainer import Trainer
 
@@ -169,8 +169,8 @@ def test_resume_on_cached_data_matches_straight_run(tiny_dir, tmp_path):
 def test_demo_config_lowers_the_loss(tiny_dir, tmp_path):
     """configs/demo.yaml as shipped (shortened to its first stage): the held-out validation loss, at fixed sigmas and
     noise, goes down, and so does the training loss."""
-    from krea2_train.config import load_config
     from krea2_train import pipeline
+    from krea2_train.config import load_config
     from krea2_train.data.source import CachedData
     from krea2_train.train.trainer import Trainer
 

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="krea2-train", description="LoRA fine-tuning for Krea 2: train on Raw, "
                                      "deploy on Turbo. `krea2-train CONFIG.yaml` runs the whole job.")

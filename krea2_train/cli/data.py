@@ -25,10 +25,9 @@ def check_data(args) -> int:
 
 
 def cache(args) -> int:
-    from krea2_train.errors import UserError
     from krea2_train.data.cache import build_caches
     from krea2_train.data.checks import format_report, scan_data
-
+    from krea2_train.errors import UserError
     from krea2_train.models.paths import check_model_paths
     from krea2_train.models.tiny import ensure_tiny
 

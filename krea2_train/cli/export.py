@@ -81,9 +81,8 @@ def _export(args) -> int:
 
 
 def _verify(args) -> int:
-    from krea2_train.export.verify import verify_lora_file, write_report
-
     from krea2_train.export.export import as_adapter
+    from krea2_train.export.verify import verify_lora_file, write_report
 
     against = as_adapter(args.against) if args.against else None
     report = verify_lora_file(args.lora, args.turbo, adapter=against, dtype=args.dtype, device=_device(args.device),
@@ -112,8 +111,8 @@ def _convert(args) -> int:
 
 
 def _report_out(adapter, report, args) -> int:
-    from krea2_train.lora.formats import write_lora_file
     from krea2_train.lora.tools import energy_summary
+    from krea2_train.lora.writers import write_lora_file
 
     path = write_lora_file(adapter, args.dest, args.format, dtype=args.dtype, comfyui_style=args.comfyui_style)
     if args.report:

@@ -1,5 +1,5 @@
 """`krea2-train run CONFIG` (also the bare `krea2-train CONFIG`), `krea2-train train CONFIG`, `config` and
-`estimate` (peak GPU memory per stage, train/estimate.py)."""
+`estimate` (peak GPU memory per stage, estimate/)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def show_config(args) -> int:
 
 
 def estimate(args) -> int:
-    from krea2_train.estimate.estimate import estimate_command
+    from krea2_train.estimate.command import estimate_command
 
     return estimate_command(args)
 

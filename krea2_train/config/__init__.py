@@ -8,6 +8,15 @@
 from krea2_train.config.load import ConfigError, load_config, save_resolved, to_yaml, validate  # noqa: F401
 from krea2_train.config.memory import MemorySettings, resolve_memory_settings  # noqa: F401
 from krea2_train.config.run import RunConfig  # noqa: F401
-from krea2_train.config.sections import (CheckpointSection, ExportSection, LoggingSection, LoraSection,  # noqa: F401
-                                         OptimizerSection, PreviewSection, StageSection, TimestepSection,
-                                         TrainSection, ValidationSection)
+from krea2_train.config.sections import (  # noqa: F401
+                                         CheckpointSection,
+                                         ExportSection,
+                                         LoggingSection,
+                                         LoraSection,
+                                         OptimizerSection,
+                                         PreviewSection,
+                                         StageSection,
+                                         TimestepSection,
+                                         TrainSection,
+                                         ValidationSection,
+)

@@ -19,7 +19,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from krea2_train.config.choices import ConfigError, closest as _closest, validate_choices
+from krea2_train.config.choices import ConfigError, validate_choices
+from krea2_train.config.choices import closest as _closest
 from krea2_train.config.data import validate_data_config
 from krea2_train.config.memory import memory_problems, resolve_memory_settings
 from krea2_train.config.run import RunConfig

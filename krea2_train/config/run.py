@@ -9,9 +9,17 @@ from typing import Optional
 from krea2_train.config.data import DataConfig
 from krea2_train.config.memory import MemorySettings
 from krea2_train.config.model import ModelConfig
-from krea2_train.config.sections import (CheckpointSection, ExportSection, LoggingSection, LoraSection,
-                                         OptimizerSection, PreviewSection, TimestepSection, TrainSection,
-                                         ValidationSection)
+from krea2_train.config.sections import (
+    CheckpointSection,
+    ExportSection,
+    LoggingSection,
+    LoraSection,
+    OptimizerSection,
+    PreviewSection,
+    TimestepSection,
+    TrainSection,
+    ValidationSection,
+)
 
 
 @dataclass

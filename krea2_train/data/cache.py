@@ -37,11 +37,11 @@ from typing import Optional
 import torch
 
 from krea2_train import facts
-from krea2_train.utils.io import save_safetensors_atomic, write_json_atomic
+from krea2_train.config.data import DataConfig
 from krea2_train.data.buckets import Placement, apply
 from krea2_train.data.checks import Item, Scan, scan_data
-from krea2_train.config.data import DataConfig
 from krea2_train.data.images import ImageProblem, open_image, parse_colour
+from krea2_train.utils.io import save_safetensors_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 

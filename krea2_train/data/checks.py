@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from krea2_train.data.buckets import make_buckets, nearest_bucket, needs_upscale, place
 from krea2_train.config.data import DataConfig, validate_data_config
+from krea2_train.data.buckets import make_buckets, nearest_bucket, needs_upscale, place
 from krea2_train.data.images import ImageProblem, open_image, parse_colour
 from krea2_train.data.sources import SEVERITIES, Problem, Record, load_records
 

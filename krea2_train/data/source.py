@@ -19,8 +19,8 @@ def stage_resolutions(cfg) -> list[int]:
 def prepare_manifest(cfg, progress: bool = True):
     """Check the data and make sure every cache entry exists (encoders load only if something is missing).
     Every set `model.*` path is checked first, so a wrong one fails before the caching, not after it."""
-    from krea2_train.models.paths import check_model_paths
     from krea2_train.data.cache import build_caches
+    from krea2_train.models.paths import check_model_paths
 
     check_model_paths(cfg)
 
@@ -51,8 +51,9 @@ class CachedData:
 
 
 def _start_ignoring_sigint(loader):
-    """Start the loader's worker processes (data.worker_type process) with SIGINT ignored: Ctrl-C reaches the whole process group, and a worker
-    killed by it would break the batches the trainer still reads before it saves its checkpoint and exits."""
+    """Start the loader's worker processes (data.worker_type process) with SIGINT ignored: Ctrl-C reaches the whole
+    process group, and a worker killed by it would break the batches the trainer still reads before it saves its
+    checkpoint and exits."""
     import signal
     import threading
 

@@ -18,8 +18,8 @@ import logging
 from pathlib import Path
 
 from krea2_train.errors import UserError
-from krea2_train.lora.formats import (DIFFUSERS_WEIGHT_NAME, LoraFile, TrainedAdapter, normalize_format, read_lora_file,
-                      write_lora_file)
+from krea2_train.lora.formats import DIFFUSERS_WEIGHT_NAME, LoraFile, TrainedAdapter, read_lora_file
+from krea2_train.lora.writers import normalize_format, write_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,9 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
     verify.json (and transfer_report.json, transfer_grid.png) next to the files. Raises LoraVerifyError (a
     UserError, so the run fails) listing every file that failed.
     """
+    from krea2_train.export.verify import LoraVerifyError, auto_dtype, default_device, verify_lora_file
     from krea2_train.models.loading import load_transformer
     from krea2_train.utils.io import write_json_atomic
-    from krea2_train.export.verify import LoraVerifyError, auto_dtype, default_device, verify_lora_file
 
     adapter = as_adapter(adapter)
     metadata = dict(metadata or {})

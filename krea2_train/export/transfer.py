@@ -78,7 +78,8 @@ def _cos(a, b) -> float:
 def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, turbo_path=None, text_encoder=None,
                     vae=None, prompts=None, sigmas=DEFAULT_SIGMAS, height: int = 1024, width: int = 1024,
                     seed: int = 0, dtype="bfloat16", device=None, render: bool = True) -> dict:
-    """Measure Raw vs Turbo effect of `lora` (a file in any layout, or a TrainedAdapter) and write the report; returns the report dict.
+    """Measure Raw vs Turbo effect of `lora` (a file in any layout, or a TrainedAdapter) and write the report;
+    returns the report dict.
 
     `raw`/`turbo`: checkpoint paths or loaded transformers. Only one transformer is on the accelerator at a time:
     with Turbo's checkpoint known (`turbo` a path, or a loaded Turbo plus `turbo_path`) its base weights are swapped

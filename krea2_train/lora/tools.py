@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from krea2_train.errors import UserError
-from krea2_train.lora.formats import LoraFile, TrainedAdapter, _num, read_lora_file, write_lora_file
+from krea2_train.lora.formats import LoraFile, TrainedAdapter, _num, read_lora_file
+from krea2_train.lora.writers import write_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class _CheckpointReader:
 
     def __init__(self, path):
         from krea2_train import facts
-        from krea2_train.models.loading import require_path, open_safetensors, original_names
+        from krea2_train.models.loading import open_safetensors, original_names, require_path
 
         self.path = require_path(path, "transformer checkpoint")
         if self.path.is_dir():
@@ -244,7 +245,7 @@ class _LinearWeights:
     diffusers folder."""
 
     def __init__(self, path):
-        from krea2_train.models.loading import require_path, load_transformer
+        from krea2_train.models.loading import load_transformer, require_path
 
         p = require_path(path, "transformer checkpoint")
         if p.is_dir():

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from krea2_train import facts
+from krea2_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,6 @@ FULL_ARCHITECTURE = dict(
     num_refiner_text_blocks=2,
     axes_dims_rope=(32, 48, 48),
 )
-
-
-from krea2_train.errors import UserError
 
 
 class ModelLoadError(UserError, RuntimeError):

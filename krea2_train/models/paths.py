@@ -9,7 +9,6 @@ from pathlib import Path
 from krea2_train import facts
 from krea2_train.models.loading import ModelLoadError, open_safetensors, original_names
 
-
 MODEL_PATH_KEYS = {  # config key -> (what it is, expected on disk)
     "model.transformer": "Krea 2 Raw transformer (single .safetensors file or diffusers folder)",
     "model.turbo": "Krea 2 Turbo transformer (single .safetensors file or diffusers folder)",

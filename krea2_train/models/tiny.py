@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from krea2_train import facts
-from krea2_train.utils.io import atomic_dir, save_safetensors_atomic
 from krea2_train.models.keys import diffusers_to_original_state_dict
+from krea2_train.utils.io import atomic_dir, save_safetensors_atomic
 
 SEED = 20260101
 

@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from krea2_train.config.memory import PRESETS, QUANT_MODES, MemorySettings, resolve_memory_settings  # noqa: F401 (re-exported)
+from krea2_train.config.memory import QUANT_MODES, MemorySettings, resolve_memory_settings
 from krea2_train.runtime.speed import unwrap_transformer
 
 log = logging.getLogger(__name__)

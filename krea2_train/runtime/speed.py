@@ -281,8 +281,8 @@ def _fused_weight(attn):
     weight = getattr(attn, "_krea2_fused_weight", None)
     if weight is None:
         return None
-    if torch.compiler.is_compiling():
-        return weight  # checked in eager on the first call; data pointers cannot be traced
+    if torch.compiler.is_compiling() or weight.is_meta:
+        return weight  # checked in eager on the first call; data pointers cannot be traced (meta: all 0)
     ptr, step = weight.data_ptr(), weight.stride(0) * weight.element_size()
     start = 0
     for n in FUSED_PROJECTIONS:
@@ -343,8 +343,7 @@ def project_qkvg(attn, hidden_states):
 
 # ------------------------------------------------------------------------------------------------ shared LoRA input
 def _autocast_dtype(device_type: str):
-    """The autocast dtype active for `device_type`, or None (a hook: scripts/estimate_memory.py may emulate autocast
-    on meta by replacing it)."""
+    """The autocast dtype active for `device_type`, or None."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None

@@ -5,7 +5,7 @@ Accelerate's `save_state` writes the optimiser, scheduler, every process's RNG s
 full-model dump with the adapter alone (a 12.9B base must not be copied into every checkpoint).
 
 Layout: RUN/checkpoints/step-000120/{adapter_model.safetensors, adapter_config.json, optimizer.bin, scheduler.bin,
-random_states_<rank>.pkl, custom_checkpoint_0.pkl, state.json}. Under FSDP (train/sharding.py) the adapter file is
+random_states_<rank>.pkl, custom_checkpoint_0.pkl, state.json}. Under FSDP (runtime/sharding.py) the adapter file is
 the same (gathered from the shards), each process's optimiser shard is `optimizer_sharded/rank_<rank>.pt` and the
 scheduler is `custom_checkpoint_1.pkl`. Each is written into a hidden temporary folder
 that is renamed into place only when every process has finished, so a killed run never leaves a half checkpoint
@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from krea2_train.errors import UserError
-from krea2_train.utils.io import write_json_atomic
 from krea2_train.train import lora
+from krea2_train.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^step-(\d+)$")

@@ -1,4 +1,6 @@
-"""The training loop: a PEFT LoRA on the Raw transformer under Accelerate (CPU, one GPU, DDP; bf16; accumulation).
+"""The training recipe: a PEFT LoRA on the Raw transformer under Accelerate (CPU, one GPU, DDP or FSDP; bf16;
+gradient accumulation). `Trainer.setup()` reads as the list of what a run needs; each part is built by the module
+named in it.
 
     result = train(cfg)                      # batches from the data caches
     result = train(cfg, source=SyntheticData())
@@ -7,33 +9,37 @@ Determinism: batches, noise and sigmas are pure functions of (seed, step, proces
 initialised from the seed on every process; together with the checkpointed optimiser/scheduler/RNG states a run
 stopped and resumed ends with the same adapter as one that ran straight through.
 
-Flow matching (FACTS.md): x_t = (1 - s) x0 + s noise, target noise - x0, model input s; s drawn by
+The loss is train/step.py's `flow_matching_loss` (also what scripts/bench_step.py times); sigmas come from
 train/timesteps.py (logit-normal, Raw's resolution-aware shift by default).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from krea2_train.config import RunConfig, save_resolved
+from krea2_train.config import RunConfig, resolve_memory_settings, save_resolved
 from krea2_train.errors import UserError
+from krea2_train.models.loading import load_transformer
+from krea2_train.models.paths import check_model_paths
 from krea2_train.schedule import pack_latents, position_ids
-from krea2_train.utils.io import write_json_atomic
 from krea2_train.train import lora as lora_mod
-from krea2_train.train.checkpoint import Checkpointer, TrainState, latest_checkpoint, list_checkpoints
+from krea2_train.train.checkpoint import Checkpointer, TrainState, check_checkpoint_kind, list_checkpoints
+from krea2_train.train.optim import build_optimizer, build_scheduler, optimizer_name, stage_boundaries
+from krea2_train.train.resume import DONE_FILE, check_resume_settings, resume_path, training_done, training_settings
 from krea2_train.train.step import flow_matching_loss
-from krea2_train.train.optim import build_optimizer, build_scheduler, stage_boundaries
+from krea2_train.train.strategy import check_multiprocess_lora, make_strategy
 from krea2_train.train.timesteps import loss_weights, sample_sigmas
-from krea2_train.train.tracking import Tracker, tracker_names
+from krea2_train.train.tracking import Tracker, gpu_memory, reset_gpu_peak, tracker_names
+from krea2_train.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
-DONE_FILE = "train_done.json"
+RUNTIME_FILE = "runtime.json"  # what actually ran (resolved memory settings, optimiser, strategy), beside config.yaml
 
 
 class NonFiniteLossError(UserError):
@@ -51,6 +57,7 @@ class TrainResult:
 
 def make_accelerator(cfg: RunConfig, run_dir: Path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
     cpu = not torch.cuda.is_available()  # on CPU, force it so `accelerate launch`/torchrun gives gloo DDP
@@ -58,22 +65,12 @@ def make_accelerator(cfg: RunConfig, run_dir: Path):
     if cpu and mp == "fp16":
         log.warning("train.mixed_precision=fp16 is not available on CPU; using bf16")
         mp = "bf16"
-    from accelerate.state import AcceleratorState
-
     if AcceleratorState._shared_state.get("_mixed_precision", mp) != mp:
         # a second run in the same process (tests, notebooks) with another precision; the process group is kept
         AcceleratorState._reset_state()
     return Accelerator(cpu=cpu, mixed_precision=mp, log_with=tracker_names(cfg) or None,
                        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
                        step_scheduler_with_optimizer=False)
-
-
-def memory_settings(cfg: RunConfig):
-    from dataclasses import asdict
-
-    from krea2_train.runtime.memory import resolve_memory_settings
-
-    return resolve_memory_settings(asdict(cfg.memory))
 
 
 class Trainer:
@@ -85,8 +82,7 @@ class Trainer:
         self._stop_requested = False
         self._transformer = transformer
         self.on_step = None  # optional callback(trainer, step) used by tests and previews
-        # What the adapter is made of, taken before setup adapts the config (a memory preset may switch the
-        # optimiser to 8-bit): stored in checkpoints and train_done.json, compared on resume.
+        # What the adapter is made of: stored in checkpoints and train_done.json, compared on resume.
         self.settings = training_settings(cfg)
         self.step_lr = None  # the learning rate the last optimiser step used (logged as `lr`)
         # Before any work: a finished run is a no-op (or an error with other settings); checkpoints written with
@@ -96,144 +92,100 @@ class Trainer:
             check_resume_settings(cfg)
 
     # ------------------------------------------------------------------------------------------------- setup
-    def request_stop(self, *_):
-        """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit cleanly."""
-        if not self._stop_requested:
-            log.warning("stop requested: saving a checkpoint after this step (press again to abort hard)")
-            self._stop_requested = True
-        else:
-            raise KeyboardInterrupt
+    def setup(self):
+        """Everything a run needs, in order; nothing heavy happens before every check has passed."""
+        self._check_before_work()
+        self._write_run_folder()
+        self._encode_preview_prompts()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_checkpointer()
+        self._resume()
+        self._setup_trackers()
 
-    def _load_transformer(self, device):
-        from krea2_train.models.loading import load_transformer
-
-        m = self.cfg.model
-        return load_transformer(m.transformer, dtype=m.dtype, device=device, architecture=m.architecture,
-                                expect="raw", allow_turbo=m.allow_turbo_training)
-
-    def _source(self):
-        if self.source is None:
-            from krea2_train.data.source import CachedData
-
-            self.source = CachedData(self.cfg, self.acc)
-        return self.source
-
-    def _check_model_paths(self):
-        """The model files this run will open, checked before any work (not at the first preview, steps later)."""
-        from krea2_train.models.paths import check_model_paths
-
-        cfg = self.cfg
+    def _check_before_work(self):
+        """Every refusal that does not need the model: resume settings and kind, model paths, the strategy's limits."""
+        cfg, acc = self.cfg, self.acc
+        if cfg.checkpoint.resume == "never" and list_checkpoints(self.run_dir):
+            raise UserError(f"{self.run_dir} already has checkpoints and checkpoint.resume=never. Use another "
+                            "run_name, delete the folder, or set checkpoint.resume=auto to continue it.")
+        check_resume_settings(cfg)
         keys = [] if self._transformer is not None else ["model.transformer"]
-        if cfg.preview.prompts:
+        if cfg.preview.prompts:  # the files previews open, checked now (not at the first preview, steps later)
             keys += ["model.text_encoder", "model.vae"] + (["model.turbo"] if cfg.preview.turbo else [])
         if keys:
             check_model_paths(cfg, keys)
-
-    def setup(self):
-        cfg, acc = self.cfg, self.acc
-        if cfg.checkpoint.resume == "never" and list_checkpoints(self.run_dir):  # fail before loading anything
-            raise UserError(f"{self.run_dir} already has checkpoints and checkpoint.resume=never. Use another "
-                            "run_name, delete the folder, or set checkpoint.resume=auto to continue it.")
-        check_resume_settings(cfg)  # before config.yaml is rewritten below
-        self._check_model_paths()
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, self.run_dir)
-        acc.wait_for_everyone()
-        from accelerate.utils import set_seed
-
-        from krea2_train.runtime import sharding
-
-        mem = memory_settings(cfg)
-        self.fsdp = sharding.fsdp_requested(cfg, acc)
-        if self.fsdp:
-            sharding.check_fsdp_settings(cfg, mem)  # before the model is loaded
+        self.mem = resolve_memory_settings(cfg.memory)
+        self.strategy = make_strategy(cfg, acc)
+        self.strategy.check(cfg, self.mem)
         resume_from = resume_path(cfg)
         if resume_from is not None:  # the checkpoint's kind too: a mismatch is found now, not after loading 26 GB
-            from krea2_train.train.checkpoint import check_checkpoint_kind
-
-            check_checkpoint_kind(resume_from, self.fsdp, acc.num_processes)
+            check_checkpoint_kind(resume_from, self.strategy.fsdp, acc.num_processes)
         check_multiprocess_lora(cfg, acc.num_processes)
+        # a memory preset's 8-bit hint picks the optimiser; the config is left as written, runtime.json says so
+        self.optimizer_name = optimizer_name(cfg.optimizer, self.mem)
 
-        if (acc.is_main_process or self.fsdp) and cfg.preview.prompts:
-            # encode the preview prompts now, before the transformer takes the GPU; the encoder is released after
-            # (under FSDP every process samples the previews together, so each needs the embeddings)
+    def _write_run_folder(self):
+        """config.yaml as written (resolved defaults) and runtime.json with what actually runs."""
+        acc = self.acc
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(self.cfg, self.run_dir)
+            write_json_atomic(self.run_dir / RUNTIME_FILE, {
+                "memory": asdict(self.mem), "optimizer": self.optimizer_name,
+                "strategy": "fsdp" if self.strategy.fsdp else ("ddp" if acc.num_processes > 1 else "single"),
+                "processes": acc.num_processes, "device": str(acc.device),
+                "mixed_precision": str(acc.mixed_precision)})
+        acc.wait_for_everyone()
+
+    def _encode_preview_prompts(self):
+        """Encode the preview prompts before the transformer takes the GPU; the encoder is released after (every
+        process needs them when every process samples)."""
+        if self.cfg.preview.prompts and (self.acc.is_main_process or self.strategy.every_process_samples):
             from krea2_train.train.preview import prompt_embeddings
 
-            prompt_embeddings(cfg)
-        # after the encoder: model building draws random numbers, the training RNG must not depend on it
-        set_seed(cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
-        if self.fsdp:
-            # One process per machine at a time holds the whole bf16 base in CPU memory (26 GB at full size): each
-            # loads it, keeps its shard and frees the rest before the next one starts, instead of N copies at once.
-            mesh = sharding.make_mesh(acc.device)
-            for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))):
-                if acc.local_process_index == turn:
-                    transformer = self._build_model(mem, mesh)
-                acc.wait_for_everyone()
-        else:
-            transformer = self._build_model(mem)
-        if mem.optimizer_8bit and cfg.optimizer.name == "adamw":
-            log.info("memory preset %s: using 8-bit AdamW states", mem.preset)
-            cfg.optimizer.name = "adamw8bit"
-            if acc.is_main_process:
-                save_resolved(cfg, self.run_dir)  # the saved config says what actually ran
-        self.transformer = transformer
-        params = lora_mod.trainable_parameters(transformer)  # after sharding: fully_shard replaces the parameters
-        n = sum(p.numel() for p in params)
-        log.info("LoRA: %d trainable parameters in %d tensors", n, len(params))
-        optimizer = build_optimizer(params, cfg.optimizer)
-        scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train.stages)
-        transformer.train()
-        if self.fsdp:
-            # sharded by sharding.shard_transformer, not by accelerate (see train/sharding.py for why); the
-            # Checkpointer saves the optimiser shards and the scheduler itself
-            self.model, self.optimizer, self.scheduler = transformer, optimizer, scheduler
-        else:
-            # apply_memory_settings already placed the model (offloaded blocks stay on the CPU): no device move here
-            self.model, self.optimizer, self.scheduler = acc.prepare(transformer, optimizer, scheduler,
-                                                                     device_placement=[False, None, None])
-        self.params = params
-        self.state = TrainState()
-        self.ckpt = Checkpointer(acc, self.run_dir, cfg.checkpoint.keep_last, transformer, self.peft_config,
-                                 self.state, settings=self.settings,
-                                 fsdp=(transformer, optimizer, scheduler) if self.fsdp else None)
-        self._resume()
-        if acc.is_main_process and tracker_names(cfg):
-            acc.init_trackers(cfg.logging.wandb_project,
-                              config={"rank": cfg.lora.rank, "lr": cfg.optimizer.lr, "steps": cfg.total_steps,
-                                      "optimizer": cfg.optimizer.name, "targets": cfg.lora.targets},
-                              init_kwargs={"wandb": {"name": cfg.run_name, "dir": str(self.run_dir)}})
+            prompt_embeddings(self.cfg)
 
-    def _build_model(self, mem, mesh=None):
+    def _setup_model(self):
+        from accelerate.utils import set_seed
+
+        # after the text encoder: model building draws random numbers, the training RNG must not depend on it
+        set_seed(self.cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
+        self.transformer = self.strategy.build(self._build_model)
+
+    def _build_model(self, load_device, mesh=None):
         """The Raw transformer with the LoRA injected and the memory settings applied; sharded over `mesh` (FSDP)."""
-        cfg, acc = self.cfg, self.acc
-        # A base that gets quantised, offloaded or sharded may not fit the GPU in bf16: keep it on the CPU until
-        # apply_memory_settings quantises and places it, or fully_shard moves this process's shard.
-        staged = mem.quantize != "none" or mem.offload_blocks or mesh is not None
-        device = torch.device("cpu") if staged else acc.device
-        transformer = self._transformer if self._transformer is not None else self._load_transformer(device)
-        if not staged and transformer.device != acc.device:
-            transformer = transformer.to(acc.device)
+        cfg, mem = self.cfg, self.mem
+        device = load_device(mem)
+        transformer = self._transformer
+        if transformer is None:
+            m = cfg.model
+            transformer = load_transformer(m.transformer, dtype=m.dtype, device=device, architecture=m.architecture,
+                                           expect="raw", allow_turbo=m.allow_turbo_training)
+        elif device == self.acc.device and transformer.device != device:
+            transformer = transformer.to(device)
         self.peft_config = lora_mod.add_lora(transformer, cfg.lora, seed=cfg.seed)
-        # quantised base, checkpointing, offload, fast attention, fused qkv, compile (train/memory.py decides order)
-        from krea2_train.runtime.memory import apply_memory_settings
-
         compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
-        if mesh is None:
-            return apply_memory_settings(transformer, mem, acc.device, compute_dtype=compute)
-        from dataclasses import replace
+        return self.strategy.finish(transformer, mem, compute, mesh)
 
-        from krea2_train.runtime import sharding
+    def _setup_optimizer(self):
+        cfg = self.cfg
+        params = lora_mod.trainable_parameters(self.transformer)  # after sharding: fully_shard replaces them
+        log.info("LoRA: %d trainable parameters in %d tensors", sum(p.numel() for p in params), len(params))
+        if self.optimizer_name != cfg.optimizer.name:
+            log.info("memory preset %s: using %s optimiser states", self.mem.preset, self.optimizer_name)
+        optimizer = build_optimizer(params, replace(cfg.optimizer, name=self.optimizer_name))
+        scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train.stages)
+        self.transformer.train()
+        self.model, self.optimizer, self.scheduler = self.strategy.prepare(self.transformer, optimizer, scheduler)
+        self.params = params
+        self._parts = (self.transformer, optimizer, scheduler)
 
-        # q/k/v fusion makes weights views of one tensor, which sharding would split apart. Compile is off too:
-        # diffusers' regional compile looks blocks up by class name, which fully_shard changes, and FSDP + compile is
-        # untested here (no GPU); the 48gb/80gb presets turn it on, so say so rather than fail.
-        if mem.fuse_qkv or mem.compile:
-            log.info("FSDP: memory.fuse_qkv and memory.compile are not used (sharded blocks)")
-        transformer = apply_memory_settings(transformer, replace(mem, fuse_qkv=False, compile=False),
-                                            torch.device("cpu"), compute_dtype=compute)
-        return sharding.shard_transformer(transformer, mesh, reshard_after_forward=sharding.reshard_after_forward())
+    def _setup_checkpointer(self):
+        self.state = TrainState()
+        self.ckpt = Checkpointer(self.acc, self.run_dir, self.cfg.checkpoint.keep_last, self.transformer,
+                                 self.peft_config, self.state, settings=self.settings,
+                                 fsdp=self.strategy.checkpoint_parts(*self._parts))
 
     def _resume(self):
         path = resume_path(self.cfg)
@@ -242,6 +194,29 @@ class Trainer:
             self.ckpt.load(path)
             if self.acc.is_main_process:
                 print(f"resuming {self.run_dir} from {path.name} (step {self.state.step}/{self.cfg.total_steps})")
+
+    def _setup_trackers(self):
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process and tracker_names(cfg):
+            acc.init_trackers(cfg.logging.wandb_project,
+                              config={"rank": cfg.lora.rank, "lr": cfg.optimizer.lr, "steps": cfg.total_steps,
+                                      "optimizer": self.optimizer_name, "targets": cfg.lora.targets},
+                              init_kwargs={"wandb": {"name": cfg.run_name, "dir": str(self.run_dir)}})
+
+    def request_stop(self, *_):
+        """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit cleanly."""
+        if not self._stop_requested:
+            log.warning("stop requested: saving a checkpoint after this step (press again to abort hard)")
+            self._stop_requested = True
+        else:
+            raise KeyboardInterrupt
+
+    def _source(self):
+        if self.source is None:
+            from krea2_train.data.source import CachedData
+
+            self.source = CachedData(self.cfg, self.acc)
+        return self.source
 
     # ------------------------------------------------------------------------------------------------- maths
     def _noise_generator(self, micro: int) -> torch.Generator:
@@ -327,6 +302,7 @@ class Trainer:
                 if acc.is_main_process and local == 0:
                     log.info("stage %d: %d px, %d steps, batch %d, lr x%s", si, stage.resolution, stage.steps,
                              stage.batch_size, stage.lr_factor)
+                reset_gpu_peak(acc.device)  # the peaks logged in metrics.jsonl are this stage's
                 batches = self._source().stage_batches(si, stage, local * accum, cfg.seed, acc.process_index,
                                                        acc.num_processes, global_offset=starts[si] * accum)
                 for _ in range(stage.steps - local):
@@ -360,7 +336,7 @@ class Trainer:
         adapter_dir = self.run_dir / "adapter"
         # under FSDP every process joins the gather of the adapter's shards; the main process writes it
         adapter = lora_mod.adapter_state_dict(self.transformer) if not interrupted and (
-            self.fsdp or acc.is_main_process) else None
+            self.strategy.every_process_samples or acc.is_main_process) else None
         if acc.is_main_process and not interrupted:
             lora_mod.save_adapter(self.transformer, self.peft_config, adapter_dir, state=adapter,
                                   metadata={"step": state.step, "run_name": cfg.run_name})
@@ -385,7 +361,7 @@ class Trainer:
                 continue  # keep consuming batches so the data position stays step-aligned
             gen = self._noise_generator(micro)
             sync = k == accum - 1
-            ctx = acc.no_sync(self.model) if not sync else _null()
+            ctx = acc.no_sync(self.model) if not sync else nullcontext()
             with ctx:
                 loss = self.loss_on(batch, gen).mean()
                 finite = self._all(bool(torch.isfinite(loss).item()))
@@ -395,12 +371,7 @@ class Trainer:
                 acc.backward(loss / accum)
             losses.append(loss.detach())
         if ok and cfg.optimizer.max_grad_norm:
-            if self.fsdp:
-                from krea2_train.runtime.sharding import clip_grad_norm
-
-                self.grad_norm = clip_grad_norm(self.params, cfg.optimizer.max_grad_norm)
-            else:
-                self.grad_norm = acc.clip_grad_norm_(self.params, cfg.optimizer.max_grad_norm)
+            self.grad_norm = self.strategy.clip_grad_norm(self.params, cfg.optimizer.max_grad_norm)
             # fp16: the grad scaler handles overflow itself (skips the step, lowers the scale)
             if acc.scaler is None and not bool(torch.isfinite(self.grad_norm).item()):
                 ok, what = False, "gradient"
@@ -446,6 +417,7 @@ class Trainer:
             gn = getattr(self, "grad_norm", None)
             if gn is not None:
                 values["grad_norm"] = float(gn)
+            values.update(gpu_memory(self.acc.device))  # peak allocated/reserved GiB so far in this stage
             tracker.log(step, values)
         if cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
             v = self.validation_loss(stage)
@@ -465,11 +437,9 @@ class Trainer:
 
     def preview(self, step: int, tracker=None):
         # under FSDP each block's forward is a collective: every process samples, the main one decodes and writes
-        if self.acc.is_main_process or self.fsdp:
-            try:
-                from krea2_train.train.preview import render_previews
-            except ImportError:
-                return
+        if self.acc.is_main_process or self.strategy.every_process_samples:
+            from krea2_train.train.preview import render_previews
+
             with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
                 # previews must not move the training RNG (dropout): a run with previews resumes like one without
                 images = render_previews(self.cfg, self.transformer, self.run_dir, step,
@@ -494,122 +464,5 @@ class Trainer:
             signal.signal(s, h)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def train(cfg: RunConfig, source=None, transformer=None) -> TrainResult:
     return Trainer(cfg, source=source, transformer=transformer).run()
-
-
-def check_multiprocess_lora(cfg: RunConfig, num_processes: int) -> None:
-    """LoKr's dropout drops whole modules with each process's own random numbers, so processes disagree on which
-    gradients exist and the gradient reduction fails (DDP) or aborts (FSDP)."""
-    if num_processes > 1 and cfg.lora.type == "lokr" and cfg.lora.dropout > 0:
-        raise UserError(f"lora.type=lokr with lora.dropout={cfg.lora.dropout} cannot train on {num_processes} "
-                        "processes (LoKr drops whole modules per process); set lora.dropout: 0, or train on one GPU")
-
-
-def training_settings(cfg: RunConfig) -> dict:
-    """The config keys that decide what the adapter is (not steps: more steps continue a finished run)."""
-    from omegaconf import OmegaConf
-
-    d = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    keep = {k: d[k] for k in ("model", "data", "lora", "optimizer", "timesteps", "seed")}
-    # fsdp: how the work is split, not what is learnt (the checkpoint format differs; Checkpointer.load says so)
-    keep["train"] = {k: v for k, v in d["train"].items() if k not in ("stages", "log_every", "fsdp")}
-    keep["stages"] = [{k: v for k, v in st.items() if k != "steps"} for st in d["train"]["stages"]]
-    for k in ("turbo", "allow_turbo_training"):
-        keep["model"].pop(k, None)
-    return keep
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flat(v, key) if isinstance(v, (dict, list)) and v else {key: v})
-    return out
-
-
-def different_settings_error(cfg: RunConfig, before: dict, what: str) -> UserError | None:
-    """The error for re-using a run folder with other training settings (None when they match), listing the keys."""
-    before, now = _flat(before or {}), _flat(training_settings(cfg))
-    if not before:
-        return None
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if not changed:
-        return None
-    return UserError(f"{cfg.run_dir} already holds {what} trained with different settings "
-                     f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}). Use a new run_name "
-                     "(or delete that folder) to train with these settings, or restore the old values to "
-                     "continue it.")
-
-
-def resume_path(cfg: RunConfig) -> Path | None:
-    """The checkpoint a run would continue from (checkpoint.resume: auto / never / a path)."""
-    how = cfg.checkpoint.resume
-    if how == "never":
-        return None
-    return latest_checkpoint(cfg.run_dir) if how == "auto" else Path(how)
-
-
-def _checkpoint_settings(cfg: RunConfig, path: Path) -> dict | None:
-    """training_settings() a checkpoint was written with: from its state.json, or (older checkpoints) from the
-    run's saved config.yaml."""
-    import json
-
-    info = path / "state.json"
-    if info.exists():
-        try:
-            saved = json.loads(info.read_text()).get("trained_with")
-        except (OSError, ValueError):
-            saved = None
-        if saved:
-            return saved
-    resolved = path.parent.parent / "config.yaml"
-    if resolved.exists():
-        from krea2_train.config import load_config
-
-        try:
-            old = load_config(resolved, warn_paths=False)
-        except Exception:  # an older schema: nothing reliable to compare
-            return None
-        if old.optimizer.name == "adamw8bit" and cfg.optimizer.name == "adamw":
-            old.optimizer.name = "adamw"  # a memory preset's 8-bit switch, saved into config.yaml by setup
-        return training_settings(old)
-    return None
-
-
-def check_resume_settings(cfg: RunConfig, path: Path | None = None) -> None:
-    """Refuse to continue a checkpoint written with other training settings (lora.rank would otherwise fail inside
-    PyTorch's state loading; an optimizer.lr change would resume silently)."""
-    path = path if path is not None else resume_path(cfg)
-    if path is None or not (Path(path) / "state.json").exists():
-        return
-    err = different_settings_error(cfg, _checkpoint_settings(cfg, Path(path)), f"checkpoints ({Path(path).name})")
-    if err is not None:
-        raise err
-
-
-def training_done(cfg: RunConfig) -> bool:
-    """The run finished all its steps and its adapter is on disk (the pipeline then skips training).
-
-    A finished run whose training settings differ from `cfg` is an error (re-using its adapter would be wrong and
-    silently retraining would overwrite it): the message lists the changed keys."""
-    import json
-
-    done = cfg.run_dir / DONE_FILE
-    if not done.exists() or not (cfg.run_dir / "adapter" / lora_mod.ADAPTER_WEIGHTS).exists():
-        return False
-    info = json.loads(done.read_text())
-    if info.get("step") != cfg.total_steps:
-        return False
-    err = different_settings_error(cfg, info.get("trained_with"), "a finished run")
-    if err is not None:
-        raise err
-    return True

@@ -1,0 +1,189 @@
+"""Writing a `TrainedAdapter` in each layout lora/formats.py describes (diffusers, comfyui, civitai, original,
+musubi), the Civitai header, and the diffusers-loader view of any readable file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from krea2_train.lora.formats import (
+    DIFFUSERS_META_KEY,
+    DIFFUSERS_WEIGHT_NAME,
+    FORMAT_ALIASES,
+    FORMATS,
+    LoraFile,
+    LoraFormatError,
+    TrainedAdapter,
+    _num,
+    read_lora_file,
+    read_lora_state,
+)
+from krea2_train.models.keys import diffusers_to_original_module
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def normalize_format(fmt: str) -> str:
+    fmt = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
+    if fmt not in FORMATS:
+        raise LoraFormatError(f"unknown LoRA format {fmt!r}; use one of {', '.join(FORMATS)} "
+                              f"(aliases: {', '.join(FORMAT_ALIASES)})")
+    return fmt
+
+
+def lora_state_for_format(adapter: TrainedAdapter, fmt: str, comfyui_style: str = "alpha") -> tuple[dict, dict]:
+    """(tensors, header) of `adapter` in layout `fmt`. Header values are strings or JSON-able objects."""
+    fmt = normalize_format(fmt)
+    tensors, header = {}, {}
+    if fmt == "diffusers":
+        tensors = adapter.peft_state_dict(prefix="transformer.")
+        cfg = {f"transformer.{k}": v for k, v in adapter.lora_config_dict().items()}
+        header = {"format": "pt", DIFFUSERS_META_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
+        return tensors, header
+    if fmt == "original" or (fmt in ("comfyui", "civitai") and comfyui_style == "baked"):
+        baked = adapter.baked()
+        for m in baked.modules:
+            orig = _original(m)
+            tensors[f"diffusion_model.{orig}.lora_A.weight"] = baked.down[m]
+            tensors[f"diffusion_model.{orig}.lora_B.weight"] = baked.up[m]
+        return tensors, header
+    if comfyui_style not in ("alpha", "baked"):
+        raise LoraFormatError(f"comfyui_style must be 'alpha' or 'baked', not {comfyui_style!r}")
+    alphas = adapter.kohya_alphas()
+    for m in adapter.modules:
+        orig = _original(m)
+        base = f"lora_unet_{orig.replace('.', '_')}" if fmt == "musubi" else f"diffusion_model.{orig}"
+        tensors[f"{base}.lora_down.weight"] = adapter.down[m]
+        tensors[f"{base}.lora_up.weight"] = adapter.up[m]
+        tensors[f"{base}.alpha"] = torch.tensor(alphas[m], dtype=torch.float32)
+    return tensors, header
+
+
+def _original(module: str) -> str:
+    orig = diffusers_to_original_module(module)
+    if orig is None:
+        raise LoraFormatError(f"module {module} has no original Krea 2 name; it cannot be written for ComfyUI")
+    return orig
+
+
+def write_lora_file(adapter: TrainedAdapter, path, fmt: str, dtype="bfloat16", metadata: dict | None = None,
+                    comfyui_style: str = "alpha", preview_png: bytes | None = None) -> Path:
+    """Write `adapter` to `path` in layout `fmt`, atomically. `dtype` applies to lora weights (None keeps theirs).
+
+    `metadata` (training info: name, trigger_words, resolution, steps, dataset_size, ...) goes into the header as
+    `krea2_train.info`, and for civitai also as `modelspec.*` / `ss_*` keys.
+    """
+    from krea2_train.utils.io import save_safetensors_atomic
+
+    fmt = normalize_format(fmt)
+    if dtype is not None:
+        adapter = adapter.to(dtype)
+    tensors, header = lora_state_for_format(adapter, fmt, comfyui_style)
+    info = {**adapter.info, **(metadata or {})}
+    header["krea2_train.format"] = fmt
+    header["krea2_train.base_model"] = "krea-2-raw"
+    if info:
+        header["krea2_train.info"] = json.dumps(info, sort_keys=True, default=str)
+    if fmt == "civitai":  # ss_network_alpha describes the file as written: baked files have alpha = dim
+        header.update(civitai_header(adapter.baked() if comfyui_style == "baked" else adapter, info, preview_png))
+    path = Path(path)
+    if fmt == "diffusers" and (path.is_dir() or not path.suffix):
+        path = path / DIFFUSERS_WEIGHT_NAME
+    path = save_safetensors_atomic(tensors, path, metadata=header)
+    os.chmod(path, 0o644)  # the safetensors writer leaves 0600; ComfyUI may run as another user
+    return path
+
+
+def _small_png(png: bytes, side: int = 256) -> bytes:
+    """The preview shrunk to at most `side` px (a header thumbnail, not a gallery image)."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png))
+    if max(img.size) <= side:
+        return png
+    img.thumbnail((side, side))
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def civitai_header(adapter: TrainedAdapter, info: dict, preview_png: bytes | None = None) -> dict:
+    """Model-spec 1.0 (`modelspec.*`) and kohya (`ss_*`) keys that Civitai and model-spec readers show.
+
+    ss_network_alpha is informational and equals the `.alpha` tensors actually in the file (scale = alpha / dim).
+    """
+    import base64
+    import datetime
+    from collections import Counter
+
+    ranks = Counter(adapter.rank(m) for m in adapter.down).most_common(1)[0][0]
+    alphas = Counter(round(a, 6) for a in adapter.kohya_alphas().values()).most_common(1)[0][0]
+    name = str(info.get("name") or "krea2-lora")
+    triggers = info.get("trigger_words") or []
+    if isinstance(triggers, str):
+        triggers = [triggers]
+    res = info.get("resolution")
+    res_str = f"{res}x{res}" if isinstance(res, int) else (str(res) if res else "1024x1024")
+    turbo = info.get("turbo_strength")
+    usage = info.get("usage_hint") or (
+        "Trained on Krea 2 Raw. Use on Krea 2 Turbo (8 steps, no guidance)"
+        + (f" at strength {float(turbo):.2f}" if turbo else "") + "; on Raw at strength 1.0.")
+    header = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "krea-2/lora",
+        "modelspec.implementation": "https://github.com/krea-ai/krea-2",
+        "modelspec.title": name,
+        "modelspec.description": str(info.get("description") or f"Krea 2 LoRA {name}"),
+        "modelspec.author": str(info.get("author") or ""),
+        "modelspec.license": str(info.get("license") or ""),
+        "modelspec.date": str(info.get("date") or datetime.date.today().isoformat()),
+        "modelspec.resolution": res_str,
+        "modelspec.prediction_type": "flow",
+        "modelspec.trigger_phrase": ", ".join(map(str, triggers)),
+        "modelspec.tags": ", ".join(map(str, info.get("tags") or [])),
+        "modelspec.usage_hint": usage,
+        "ss_base_model_version": "krea2_raw",
+        "ss_sd_model_name": str(info.get("base_model_name") or "Krea 2 Raw"),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks),
+        "ss_network_alpha": str(_num(alphas)),
+        "ss_resolution": f"({res_str.replace('x', ', ')})",
+        "ss_max_train_steps": str(info.get("steps") or ""),
+        "ss_num_train_images": str(info.get("dataset_size") or ""),
+        "ss_output_name": name,
+        "ss_tag_frequency": json.dumps({"trigger": {t: 1 for t in triggers}} if triggers else {}),
+        "ss_training_comment": usage,
+        "ss_recommended_turbo_strength": str(turbo or ""),
+    }
+    if preview_png:
+        header["modelspec.thumbnail"] = "data:image/png;base64," + base64.b64encode(_small_png(preview_png)).decode()
+    return {k: v for k, v in header.items() if v != ""}
+
+
+# --------------------------------------------------------------------------------------------------- for diffusers
+def read_lora_for_diffusers(path_or_state, header: dict | None = None) -> tuple[dict, dict]:
+    """Any supported LoRA (path, or state dict) -> (state dict `transformer.<module>.lora_A/B.weight`, metadata).
+
+    The metadata is the PEFT config with `transformer.`-prefixed keys, as diffusers'
+    `Krea2Transformer2DModel.load_lora_adapter(state, prefix="transformer", metadata=metadata)` expects; it
+    reproduces every module's rank and scale, whatever the file carried (alpha tensors, header or nothing).
+    """
+    if isinstance(path_or_state, dict):
+        lora = read_lora_state(path_or_state, header)
+    elif isinstance(path_or_state, LoraFile):
+        lora = path_or_state
+    elif isinstance(path_or_state, TrainedAdapter):
+        return adapter_for_diffusers(path_or_state)
+    else:
+        lora = read_lora_file(path_or_state)
+    return adapter_for_diffusers(lora.adapter)
+
+
+def adapter_for_diffusers(adapter: TrainedAdapter) -> tuple[dict, dict]:
+    state = adapter.peft_state_dict(prefix="transformer.")
+    metadata = {f"transformer.{k}": v for k, v in adapter.lora_config_dict().items()}
+    return state, metadata
