@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from krea2_train.errors import UserError
 from krea2_train.models.tiny import ensure_tiny
@@ -149,7 +150,33 @@ def _say_exported(paths) -> None:
 
 def _transfer_kwargs(cfg) -> dict:
     return dict(prompts=list(cfg.preview.prompts) or None, height=cfg.preview.resolution,
-                width=cfg.preview.resolution, seed=cfg.preview.seed)
+                width=cfg.preview.resolution, seed=cfg.preview.seed, style_reference=_style_reference(cfg),
+                sweep=list(cfg.export.strength_sweep))
+
+
+def _style_reference(cfg):
+    """The training images' style statistics (evaluate/style.py) for the transfer report's picture check: the
+    image folders among data.datasets (a dataset saved with save_to_disk has no folder of images to read)."""
+    from krea2_train.evaluate.style import StyleReference
+
+    folders = [d.path for d in cfg.data.datasets if Path(d.path).is_dir() and d.type != "disk"
+               and not (Path(d.path) / "dataset_info.json").exists()]
+    images = []
+    for folder in folders:
+        try:
+            ref = StyleReference.from_folder(folder)
+        except ValueError:
+            continue
+        images.append(ref)
+    if not images:
+        return None
+    if len(images) == 1:
+        return images[0]
+    import numpy as np  # several datasets: their references weighted by image count
+
+    total = sum(r.count for r in images)
+    return StyleReference(sum(r.mean * r.count for r in images) / total,
+                          float(np.mean([r.spread for r in images])), total)
 
 
 def _transfer_report(cfg, run, out):

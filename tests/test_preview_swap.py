@@ -26,7 +26,7 @@ def cfg_for(tiny_dir):
         model=SimpleNamespace(transformer=str(tiny_dir / "transformer_raw.safetensors"),
                               turbo=str(tiny_dir / "transformer_turbo.safetensors"), dtype="float32",
                               architecture="tiny"),
-        preview=SimpleNamespace(turbo_steps=3))
+        preview=SimpleNamespace(turbo_steps=3, prompts=["a red circle"]))
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -39,9 +39,19 @@ def test_swap_equals_separate_turbo_and_restores_raw(tiny_dir, fused):
     before = base_state(model)
     emb, mask = torch.randn(1, 5, 12, 32), torch.ones(1, 5, dtype=torch.bool)
     size = dict(height=64, width=64, seed=1)
-    swapped = preview._turbo_latents_swapped(cfg_for(tiny_dir), model, emb, mask, size)
-    separate = preview._turbo_latents(cfg_for(tiny_dir), model, emb, mask, size, "cpu", None, None)
+    preview._TURBO_ALONE.clear()
+    swapped_base, swapped = preview._turbo_latents_swapped(cfg_for(tiny_dir), model, emb, mask, size)
+    preview._TURBO_ALONE.clear()  # the separate copy samples Turbo without the LoRA itself
+    separate_base, separate = preview._turbo_latents(cfg_for(tiny_dir), model, emb, mask, size, "cpu", None, None)
     torch.testing.assert_close(swapped, separate, rtol=0, atol=1e-6)
+    # the "Turbo" column is Turbo without the LoRA: a plain Turbo checkpoint's own sample
+    from krea2_train.inference import SampleSettings, sample_latents
+
+    plain = load_transformer(tiny_dir / "transformer_turbo.safetensors", dtype="float32")
+    reference = sample_latents(plain, emb, mask, SampleSettings.turbo(steps=3, **size))
+    torch.testing.assert_close(swapped_base, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(separate_base, reference, rtol=0, atol=1e-6)
+    assert (swapped - swapped_base).abs().max() > 1e-3  # the LoRA column differs from it
     after = base_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # Raw is back, bit for bit
     if fused:  # still views of the fused tensor: the fast path is intact

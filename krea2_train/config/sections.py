@@ -10,6 +10,8 @@ from typing import List, Optional
 from krea2_train.config.choices import EXPORT_FORMATS, choice
 
 LORA_TARGETS = ("attention", "attention_mlp", "all_linear", "custom")
+# Turbo strengths the transfer report samples to check its suggestion against pictures (evaluate/strength.py).
+STRENGTH_SWEEP = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 
 
 @dataclass
@@ -132,6 +134,9 @@ class ExportSection:
     formats: List[str] = field(default_factory=lambda: ["diffusers", "comfyui"], metadata={"item_choices": EXPORT_FORMATS})
     verify: bool = True
     transfer_report: bool = False
+    # Turbo strengths sampled by the transfer report, whose style score (against the training images) checks the
+    # suggested strength; [] samples only 0, 1 and the suggestion.
+    strength_sweep: List[float] = field(default_factory=lambda: list(STRENGTH_SWEEP))
     # File name stem of the exported LoRA (null: run_name).
     name: Optional[str] = None
     trigger_words: List[str] = field(default_factory=list)

@@ -4,7 +4,12 @@ For each prompt and sigma, the LoRA's effect on a model is the velocity delta d 
 We compare Turbo's delta with Raw's: ratio |d_turbo| / |d_raw| (below 1: the LoRA acts weaker on Turbo) and their
 cosine (low: it pushes somewhere else, which users see as noise). The suggested Turbo strength s is the least-squares
 fit of s * d_turbo(s) to d_raw(1), refined once at the fitted strength since the effect is not exactly linear.
-Turbo samples without the LoRA, at strength 1 and at s are rendered side by side.
+Turbo samples without the LoRA, at strength 1 and at s are rendered side by side, with Raw + LoRA (28 steps, CFG)
+for reference and the prompt above each row.
+
+With a `style_reference` (the training images' style statistics, evaluate/style.py) the suggestion is also checked
+against pictures: Turbo is sampled over a sweep of strengths, and the strength at which its style distance to the
+training set equals Raw + LoRA's is reported beside the suggestion (evaluate/strength.py).
 
 Writes transfer_report.json and transfer_grid.png into the output folder.
 """
@@ -16,6 +21,7 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,8 @@ def _cos(a, b) -> float:
 
 def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, turbo_path=None, text_encoder=None,
                     vae=None, prompts=None, sigmas=DEFAULT_SIGMAS, height: int = 1024, width: int = 1024,
-                    seed: int = 0, dtype="bfloat16", device=None, render: bool = True) -> dict:
+                    seed: int = 0, dtype="bfloat16", device=None, render: bool = True, style_reference=None,
+                    sweep=None) -> dict:
     """Measure Raw vs Turbo effect of `lora` (a file in any layout, or a TrainedAdapter) and write the report;
     returns the report dict.
 
@@ -86,6 +93,8 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     to Raw in place and back; a loaded Turbo without `turbo_path` waits on the CPU while Raw is measured.
     `text_encoder` (models.text_encoder.TextEncoder or a folder) encodes the prompts; without it, random text
     embeddings stand in (numbers only, no images). `vae` (models.vae.VAE or a path) is needed to render the grid.
+    `style_reference`: an evaluate.style.StyleReference (or an image folder) for the style check over `sweep`
+    strengths (default evaluate.strength.DEFAULT_SWEEP).
     """
     from krea2_train import facts
     from krea2_train.inference import SampleSettings, apply_lora, sample_latents
@@ -138,8 +147,30 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     # accelerator (two bf16 copies + text encoder + VAE do not fit on a 48 GB card): see _raw_deltas.
     d_turbo_1 = _deltas(turbo_model, lora, [1.0], inputs, embeds, mask, grid)[1.0]
     held, turbo_model = [turbo_model], None  # _raw_deltas may have to drop Turbo: no other reference here
-    turbo_model, d_raw = _raw_deltas(held, raw, turbo_source, not isinstance(turbo, torch.nn.Module),
-                                     lambda model: _deltas(model, lora, [1.0], inputs, embeds, mask, grid)[1.0],
+    pictures = render and vae is not None and text_encoder is not None
+    raw_settings = SampleSettings.raw(height=height, width=width, seed=seed)
+    negative = text_encoder.encode([""] * len(prompts)) if pictures else None
+
+    def sample(model, strength):
+        """Decoded samples of `model` with the LoRA at `strength` (None: without it); Raw with CFG, Turbo without."""
+        settings = turbo_settings if model is turbo_model else raw_settings
+        neg = negative if settings.guidance > 0 else (None, None)
+        if strength is None:
+            return to_pil(vae.decode(sample_latents(model, embeds, mask, settings, *neg)))
+        name = apply_lora(model, lora, strength=strength, adapter_name="krea2_transfer_render")
+        try:
+            return to_pil(vae.decode(sample_latents(model, embeds, mask, settings, *neg)))
+        finally:
+            model.delete_adapters([name])
+
+    raw_images = []
+
+    def measure_raw(model):
+        if pictures:
+            raw_images.extend(sample(model, 1.0))
+        return _deltas(model, lora, [1.0], inputs, embeds, mask, grid)[1.0]
+
+    turbo_model, d_raw = _raw_deltas(held, raw, turbo_source, not isinstance(turbo, torch.nn.Module), measure_raw,
                                      dtype, device)
 
     s1 = min(max(_fit(d_turbo_1, d_raw), STRENGTH_RANGE[0]), STRENGTH_RANGE[1])
@@ -168,23 +199,27 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         "reading": _reading(ratio if ratio is not None else 1.0, cosine, s2),
     }
 
-    if render and vae is not None and text_encoder is not None:
-        rows = []
-        for st in (None, 1.0, s2):
-            if st is None:
-                lat = sample_latents(turbo_model, embeds, mask, turbo_settings)
-            else:
-                name = apply_lora(turbo_model, lora, strength=st, adapter_name="krea2_transfer_render")
-                try:
-                    lat = sample_latents(turbo_model, embeds, mask, turbo_settings)
-                finally:
-                    turbo_model.delete_adapters([name])
-            rows.append(to_pil(vae.decode(lat)))
-        grid_png = _grid_png(rows, ["Turbo", "+ LoRA 1.00", f"+ LoRA {s2:.2f}"])
+    if pictures:
+        from krea2_train.evaluate.strength import DEFAULT_SWEEP, style_match
+        from krea2_train.evaluate.style import StyleReference
+
+        if isinstance(style_reference, (str, Path)):
+            style_reference = StyleReference.from_folder(style_reference)
+        strengths = sorted({0.0, 1.0, s2, *(sweep if sweep is not None else DEFAULT_SWEEP)}) \
+            if style_reference is not None else [0.0, 1.0, s2]
+        turbo_images = {}
+        for st in tqdm(strengths, desc="transfer: Turbo samples", unit="strength", disable=len(strengths) < 4):
+            turbo_images[st] = sample(turbo_model, None if st == 0.0 else st)
+        if style_reference is not None:
+            report["style"] = style_match(style_reference, raw_images, turbo_images, s2)
+            report["reading"] += "; " + _style_reading(report["style"])
+        columns = [turbo_images[0.0], turbo_images[1.0], turbo_images[s2], raw_images]
+        grid_png = _grid_png(columns, ["Turbo", "Turbo + LoRA 1.00", f"Turbo + LoRA {s2:.2f} (suggested)",
+                                       "Raw + LoRA 1.00 (CFG)"], row_labels=prompts)
         write_bytes_atomic(out_dir / "transfer_grid.png", grid_png)
         report["grid"] = "transfer_grid.png"
         buf = io.BytesIO()
-        rows[2][0].save(buf, format="PNG")
+        turbo_images[s2][0].save(buf, format="PNG")
         report["_preview_png"] = buf.getvalue()
     write_json_atomic(out_dir / "transfer_report.json", {k: v for k, v in report.items() if not k.startswith("_")})
     return report
@@ -266,22 +301,18 @@ def _reading(ratio: float, cosine: float, strength: float) -> str:
     return "; ".join(parts)
 
 
-def _grid_png(columns: list[list], labels: list[str]) -> bytes:
-    """Columns of PIL images (one column per setting, one row per prompt) with a label strip on top."""
-    from PIL import Image, ImageDraw
+def _style_reading(style: dict) -> str:
+    closed = style["turbo_closure_at_suggested"]
+    text = (f"on pictures, Turbo matches Raw + LoRA's style at strength {style['matched_strength']:.2f}"
+            + ("" if style["matched_reached"] else " (closest swept; not reached)"))
+    if closed is not None:
+        text += f"; at the suggested strength the LoRA closes {100 * closed:.0f}% of Turbo's gap to the training images"
+    return text
 
-    w, h = columns[0][0].size
-    if w < 128:  # tiny test images: enlarge (nearest) so the labels fit
-        f = -(-128 // w)
-        columns = [[img.resize((w * f, h * f), Image.NEAREST) for img in col] for col in columns]
-        w, h = w * f, h * f
-    label_h = 14
-    grid = Image.new("RGB", (w * len(columns), h * len(columns[0]) + label_h), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, (col, label) in enumerate(zip(columns, labels)):
-        draw.text((c * w + 2, 1), label, fill="black")
-        for r, img in enumerate(col):
-            grid.paste(img, (c * w, label_h + r * h))
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    return buf.getvalue()
+
+def _grid_png(columns: list[list], labels: list[str], row_labels: list[str] | None = None) -> bytes:
+    """Columns of PIL images (one column per setting, one row per prompt), the setting above each column and the
+    prompt above each row (lora/writers' and previews' grids read the same)."""
+    from krea2_train.utils.grid import image_grid
+
+    return image_grid(columns, labels, row_labels)

@@ -3,7 +3,8 @@
     Raw   the training transformer with its current LoRA, `preview.raw_steps` steps, CFG `preview.raw_guidance`
     Turbo `model.turbo` + the current LoRA, 8 steps, no guidance (how the LoRA is deployed)
 
-A PNG grid per step (rows: prompts; columns: Raw, Turbo) goes to RUN/previews/step-NNNNNN.png and to the trackers.
+A PNG grid per step (rows: prompts, each under its prompt; columns: Turbo, Turbo + LoRA, Raw + LoRA) goes to
+RUN/previews/step-NNNNNN.png and to the trackers.
 Prompt embeddings are computed once and kept on the CPU; the text encoder is released right after, so training
 never holds it. The VAE is loaded on the CPU and moved to the GPU only while decoding.
 
@@ -56,27 +57,13 @@ def _decode(cfg, latents_list, device):
         gc.collect()
 
 
-def _grid(columns: list[list], labels: list[str]):
-    from PIL import Image, ImageDraw
-
-    rows = len(columns[0])
-    w, h = columns[0][0].size
-    pad = 14
-    grid = Image.new("RGB", (w * len(columns), rows * h + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, (col, label) in enumerate(zip(columns, labels)):
-        draw.text((c * w + 3, 1), label, fill="black")
-        for r, im in enumerate(col):
-            grid.paste(im, (c * w, pad + r * h))
-    return grid
-
-
 @torch.no_grad()
 def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | None = None, peft_config=None,
                     write: bool = True):
     """Render the preview grid; returns {"preview": PIL image} (empty if there are no prompts).
     `write=False`: sample only (an FSDP process other than the main one joins the sampling; nothing decoded)."""
     from krea2_train.inference import SampleSettings, sample_latents
+    from krea2_train.utils.grid import grid_image
     from krea2_train.utils.io import write_bytes_atomic
 
     p = cfg.preview
@@ -91,7 +78,7 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     lat_raw = [sample_latents(transformer, emb[i:i + 1], mask[i:i + 1], raw_settings, neg[i:i + 1],
                               neg_mask[i:i + 1]) for i in range(len(p.prompts))]
     transformer.train(was_training)
-    latents, labels = [torch.cat(lat_raw)], [f"Raw {p.raw_steps} steps, g={p.raw_guidance}"]
+    latents, labels = [], []
     if p.turbo and cfg.model.turbo:
         transformer.eval()
         try:
@@ -107,12 +94,19 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
         finally:
             transformer.train(was_training)
         if lat_turbo is not None:
+            base, lat_turbo = lat_turbo
+            if base is not None:
+                latents.append(base)
+                labels.append(f"Turbo, {p.turbo_steps} steps")
             latents.append(lat_turbo)
             labels.append(f"Turbo + LoRA, {p.turbo_steps} steps")
+    # Raw last: the reference for what the LoRA should do, beside how it is deployed (Turbo with and without it)
+    latents.append(torch.cat(lat_raw))
+    labels.append(f"Raw + LoRA, {p.raw_steps} steps, CFG {p.raw_guidance:g}")
     if not write:
         return {}
     columns = _decode(cfg, latents, device)
-    grid = _grid(columns, labels)
+    grid = grid_image(columns, labels, row_labels=list(p.prompts))
     import io
 
     buf = io.BytesIO()
@@ -133,14 +127,13 @@ def _second_copy_fits(transformer, device) -> bool:
 
 def _turbo_latents_swapped(cfg, transformer, emb, mask, size):
     """Turbo + the current LoRA on the training transformer itself: base weights swapped to Turbo and back."""
-    from krea2_train.inference import SampleSettings, sample_latents
+    from krea2_train.inference import SampleSettings
     from krea2_train.runtime.swap import copy_base_weights
 
     copy_base_weights(transformer, cfg.model.turbo)  # raises TypeError before touching anything if quantised
     try:
         settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
-        return torch.cat([sample_latents(transformer, emb[i:i + 1], mask[i:i + 1], settings)
-                          for i in range(emb.shape[0])])
+        return _with_and_without(transformer, emb, mask, settings, cfg, size)
     finally:
         copy_base_weights(transformer, cfg.model.transformer)  # back to Raw, bit for bit (same file, same dtype)
 
@@ -148,7 +141,7 @@ def _turbo_latents_swapped(cfg, transformer, emb, mask, size):
 def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config):
     from peft import set_peft_model_state_dict
 
-    from krea2_train.inference import SampleSettings, sample_latents
+    from krea2_train.inference import SampleSettings
     from krea2_train.models.loading import load_transformer
     from krea2_train.train import lora as lora_mod
 
@@ -162,10 +155,31 @@ def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, pef
         turbo.add_adapter(config)
         set_peft_model_state_dict(turbo, state)
         settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
-        return torch.cat([sample_latents(turbo, emb[i:i + 1], mask[i:i + 1], settings)
-                          for i in range(emb.shape[0])])
+        return _with_and_without(turbo, emb, mask, settings, cfg, size)
     finally:
         del turbo
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+_TURBO_ALONE: dict = {}
+
+
+def _with_and_without(model, emb, mask, settings, cfg, size):
+    """(Turbo latents without the LoRA, with it). Without it the result never changes during a run: sampled once
+    (adapters disabled on the same model) and kept."""
+    from krea2_train.inference import sample_latents
+
+    def run():
+        return torch.cat([sample_latents(model, emb[i:i + 1], mask[i:i + 1], settings) for i in range(emb.shape[0])])
+
+    key = (str(cfg.model.turbo), tuple(cfg.preview.prompts), cfg.preview.turbo_steps, tuple(sorted(size.items())))
+    if key not in _TURBO_ALONE:
+        model.disable_adapters()
+        try:
+            _TURBO_ALONE.clear()
+            _TURBO_ALONE[key] = run().cpu()
+        finally:
+            model.enable_adapters()
+    return _TURBO_ALONE[key].to(next(model.parameters()).device), run()
