@@ -8,16 +8,19 @@ File names in `out_dir`:
     comfyui   {name}_comfyui.safetensors
     diffusers {name}_diffusers/pytorch_lora_weights.safetensors  (`pipe.load_lora_weights(folder)` finds it)
     original  {name}_original.safetensors;  musubi {name}_musubi.safetensors
-    export.json                                             what was written, with sizes and hashes
+    export.json                                             what was written, with sizes and hashes, the programs
+                                                            each file is written for and (after verify) valid for
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
 from krea2_train.errors import UserError
+from krea2_train.lora.consumers import FORMAT_CONSUMERS
 from krea2_train.lora.formats import DIFFUSERS_WEIGHT_NAME, LoraFile, TrainedAdapter, read_lora_file
 from krea2_train.lora.writers import normalize_format, write_lora_file
 
@@ -97,7 +100,9 @@ def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None
         "parameters": adapter.num_parameters(),
         "dtype": str(dtype),
         "metadata": info,
-        "files": {fmt: {"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+        # written_for: the programs each file is laid out for; export_and_verify adds valid_for, as measured.
+        "files": {fmt: {"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size, "sha256": _sha256(p),
+                        "written_for": list(FORMAT_CONSUMERS[fmt])}
                   for fmt, p in paths.items()},
     }
     write_json_atomic(out_dir / "export.json", manifest)
@@ -157,7 +162,18 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
     paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png)
     reports = {fmt: verify_lora_file(p, adapter=adapter, transformer=transformer, raise_on_failure=False)
                for fmt, p in paths.items()}
+    for fmt, r in reports.items():
+        # A file must be exact in every program it is written for (a consumer that refuses it loudly is fine).
+        short = [c for c in FORMAT_CONSUMERS[fmt] if c not in r.valid_for]
+        if short:
+            r.problems.append(f"{fmt} file {paths[fmt].name} is not valid for {', '.join(short)}: "
+                              + "; ".join(f"{c}: {r.consumers.get(c, 'not checked')}" for c in short))
     write_json_atomic(Path(out_dir) / "verify.json", {fmt: r.to_dict() for fmt, r in reports.items()})
+    manifest_path = Path(out_dir) / "export.json"
+    manifest = json.loads(manifest_path.read_text())
+    for fmt, r in reports.items():
+        manifest["files"][fmt]["valid_for"] = r.valid_for
+    write_json_atomic(manifest_path, manifest)
     failed = [r for r in reports.values() if not r.ok]
     for r in reports.values():
         log.info("%s", r.summary())

@@ -38,8 +38,12 @@ def lora_state_for_format(adapter: TrainedAdapter, fmt: str, comfyui_style: str 
     fmt = normalize_format(fmt)
     tensors, header = {}, {}
     if fmt == "diffusers":
-        tensors = adapter.peft_state_dict(prefix="transformer.")
-        cfg = {f"transformer.{k}": v for k, v in adapter.lora_config_dict().items()}
+        # ComfyUI also loads transformer.<diffusers> lora_A/lora_B keys for Krea 2 but ignores the header (scale 1):
+        # with the scale baked and alpha = rank in the header, diffusers, ComfyUI and every header-less reader apply
+        # the same delta.
+        baked = adapter.baked()
+        tensors = baked.peft_state_dict(prefix="transformer.")
+        cfg = {f"transformer.{k}": v for k, v in baked.lora_config_dict().items()}
         header = {"format": "pt", DIFFUSERS_META_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
         return tensors, header
     if fmt == "original" or (fmt in ("comfyui", "civitai") and comfyui_style == "baked"):
@@ -61,6 +65,11 @@ def lora_state_for_format(adapter: TrainedAdapter, fmt: str, comfyui_style: str 
     return tensors, header
 
 
+def bakes_scale(fmt: str, comfyui_style: str = "alpha") -> bool:
+    """Whether layout `fmt` carries the scale in the weights (alpha = rank) rather than in `.alpha` tensors."""
+    return fmt in ("diffusers", "original") or (fmt in ("comfyui", "civitai") and comfyui_style == "baked")
+
+
 def _original(module: str) -> str:
     orig = diffusers_to_original_module(module)
     if orig is None:
@@ -78,6 +87,8 @@ def write_lora_file(adapter: TrainedAdapter, path, fmt: str, dtype="bfloat16", m
     from krea2_train.utils.io import save_safetensors_atomic
 
     fmt = normalize_format(fmt)
+    if bakes_scale(fmt, comfyui_style):
+        adapter = adapter.baked()  # in the adapter's precision, before rounding to `dtype` (baking again is exact)
     if dtype is not None:
         adapter = adapter.to(dtype)
     tensors, header = lora_state_for_format(adapter, fmt, comfyui_style)
