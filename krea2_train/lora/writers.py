@@ -4,7 +4,6 @@ musubi), the Civitai header, and the diffusers-loader view of any readable file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -102,9 +101,7 @@ def write_lora_file(adapter: TrainedAdapter, path, fmt: str, dtype="bfloat16", m
     path = Path(path)
     if fmt == "diffusers" and (path.is_dir() or not path.suffix):
         path = path / DIFFUSERS_WEIGHT_NAME
-    path = save_safetensors_atomic(tensors, path, metadata=header)
-    os.chmod(path, 0o644)  # the safetensors writer leaves 0600; ComfyUI may run as another user
-    return path
+    return save_safetensors_atomic(tensors, path, metadata=header)  # 0644: ComfyUI may run as another user
 
 
 def _small_png(png: bytes, side: int = 256) -> bytes:
