@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from krea2_train.errors import UserError
 from krea2_train.models.tiny import ensure_tiny
@@ -72,8 +73,25 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
     metadata = {"trigger_words": triggers, "resolution": cfg.train.stages[-1].resolution,
                 "steps": cfg.total_steps, "base_model": "Krea 2 Raw"}
     if manifest is not None:
-        metadata["dataset_size"] = sum(1 for i in manifest.items if i.get("split") == "train")
+        train = [i for i in manifest.items if i.get("split") == "train"]
+        metadata["dataset_size"] = len(train)
+        # Civitai's ss_dataset_dirs / ss_tag_frequency (lora/civitai.py): per dataset folder, its training images
+        # and the tags of their captions as trained (trigger word included).
+        from krea2_train.lora.civitai import tag_frequency
+
+        folders = _dataset_folder_names(cfg)
+        by_dir: dict = {}
+        for item in train:
+            by_dir.setdefault(folders[item["dataset"]], []).append(item.get("caption") or "")
+        metadata["datasets"] = {d: len(c) for d, c in by_dir.items()}
+        metadata["tag_frequency"] = {d: tag_frequency(c) for d, c in by_dir.items()}
     return name, metadata
+
+
+def _dataset_folder_names(cfg) -> list[str]:
+    """A short unique name per data.datasets entry (its folder name; index-suffixed when two share one)."""
+    names = [Path(str(d.path)).name or str(d.path) for d in cfg.data.datasets]
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
 def export_valid(cfg, manifest=None) -> bool:

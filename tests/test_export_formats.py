@@ -168,7 +168,7 @@ def test_civitai_header(adapter, tmp_path):
     with safe_open(str(path), "pt") as f:
         h = f.metadata()
         alpha = f.get_tensor("diffusion_model.blocks.0.attn.wq.alpha").item()
-    assert h["modelspec.sai_model_spec"] == "1.0.0" and h["modelspec.architecture"] == "krea-2/lora"
+    assert h["modelspec.sai_model_spec"] == "1.0.0" and h["modelspec.architecture"] == "Krea-2/lora"
     assert h["modelspec.trigger_phrase"] == "r3d style" and h["modelspec.resolution"] == "1024x1024"
     assert h["ss_max_train_steps"] == "1500" and h["ss_num_train_images"] == "24"
     assert "Turbo" in h["modelspec.usage_hint"] and "1.25" in h["modelspec.usage_hint"]
