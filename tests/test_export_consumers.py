@@ -167,3 +167,16 @@ def test_bf16_diffusers_file_is_baked_in_full_precision(adapter, tiny_dir, tmp_p
     path = write_lora_file(adapter, tmp_path / "l.safetensors", "diffusers", dtype="bfloat16")
     errs = comfyui_errors(adapter, path, tiny_dir / "transformer_turbo.safetensors")
     assert max(errs.values()) < 2e-2
+
+
+def test_inspect_says_how_comfyui_reads_the_file(adapter, tiny_dir, tmp_path):
+    """`inspect` (no Turbo needed) flags the file ComfyUI would load at another strength, with the measured factor."""
+    from krea2_train.lora.tools import format_inspect, inspect_lora
+
+    old = inspect_lora(_unbaked_diffusers_file(adapter, tmp_path / "old.safetensors"))
+    ratios = comfyui_strength_ratio(adapter, tmp_path / "old.safetensors", tiny_dir / "transformer_turbo.safetensors")
+    assert old["comfyui_exact"] is False and f"x{min(ratios.values()):.3g}" in old["comfyui"]
+    assert "WRONG strength" in format_inspect(old)
+    for fmt in FORMATS:
+        info = inspect_lora(write_lora_file(adapter, tmp_path / f"{fmt}.safetensors", fmt, dtype="float32"))
+        assert info["comfyui_exact"] is True, (fmt, info["comfyui"])

@@ -141,3 +141,26 @@ def comfyui_strength_ratios(reading: ComfyUIReading, expected: TrainedAdapter) -
             if den > 0:
                 out[m] = (got * want).sum().item() / den
     return out
+
+
+def comfyui_verdict(state: dict, intended: TrainedAdapter) -> tuple[bool | None, str]:
+    """(exact?, one line) for how ComfyUI applies `state` compared with `intended` (the adapter as diffusers and
+    krea2-train read the same file, header included). None: ComfyUI loads nothing of it."""
+    reading = comfyui_reading(state)
+    if reading.unreadable:
+        return None, f"not checked (weights this check does not model: {reading.unreadable[:2]})"
+    if reading.adapter is None:
+        return None, f"no: no key maps to a Krea 2 weight there (e.g. {reading.unloaded[:2]}); ComfyUI applies nothing"
+    missing = [m for m in intended.modules if m not in reading.adapter.down]
+    if missing or reading.unloaded:
+        return False, (f"only in part: {len(missing)} modules unpatched, {len(reading.unloaded)} tensors unloaded "
+                       f"(e.g. {(missing + reading.unloaded)[:2]})")
+    ratios = comfyui_strength_ratios(reading, intended)
+    if not ratios:  # every delta is zero (an untrained LoRA): there is no strength to get wrong
+        return True, "yes (every delta is zero)"
+    lo, hi = min(ratios.values()), max(ratios.values())
+    if abs(lo - 1) < 1e-3 and abs(hi - 1) < 1e-3:
+        return True, "yes, at the trained strength"
+    span = f"x{lo:.3g}" + (f" to x{hi:.3g}" if hi - lo > 1e-3 else "")
+    return False, (f"at the WRONG strength: {span} of what diffusers applies (ComfyUI ignores the header); "
+                   "convert it with `krea2-train convert FILE OUT --format diffusers` (scale baked)")
