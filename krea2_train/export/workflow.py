@@ -140,11 +140,15 @@ def workflow_graph(lora_name: str, *, strength: float = 1.0, prompt: str = "", t
     return {"workflow": ui, "prompt": api}
 
 
-def workflow_png_chunks(lora_name: str, **kwargs) -> dict[str, str]:
-    """The PNG tEXt chunks ComfyUI reads a graph from: {"workflow": UI form JSON, "prompt": API form JSON}. Same
-    keyword arguments as `workflow_graph` (strength, prompt, trigger_words, models, seed, width, height,
-    filename_prefix)."""
-    graph = workflow_graph(lora_name, **kwargs)
+def workflow_png_chunks(lora_name: str, *, strength: float = 1.0, prompt: str = "", trigger_words=(),
+                        models: ComfyModels | None = None, seed: int = 0, width: int = 1024, height: int = 1024,
+                        filename_prefix: str | None = None) -> dict[str, str]:
+    """The PNG tEXt chunks ComfyUI reads a graph from: {"workflow": UI form JSON, "prompt": API form JSON}, for
+    `embed_png_chunks` (or PIL's PngInfo.add_text). Arguments as `workflow_graph`: `lora_name` as ComfyUI lists the
+    file in models/loras (export/export.py's choice: `comfyui_lora_name(paths, out_dir)`), `strength` the LoRA
+    strength shown, `prompt` + `trigger_words` the positive prompt, `seed`/`width`/`height` those of the picture."""
+    graph = workflow_graph(lora_name, strength=strength, prompt=prompt, trigger_words=trigger_words, models=models,
+                           seed=seed, width=width, height=height, filename_prefix=filename_prefix)
     return {"workflow": json.dumps(graph["workflow"]), "prompt": json.dumps(graph["prompt"])}
 
 
