@@ -72,9 +72,35 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
     triggers = list(cfg.export.trigger_words) or [d.trigger_word for d in cfg.data.datasets if d.trigger_word]
     metadata = {"trigger_words": triggers, "resolution": cfg.train.stages[-1].resolution,
                 "steps": cfg.total_steps, "base_model": "Krea 2 Raw"}
+    if cfg.preview.prompts:  # the prompt of the ComfyUI workflow written beside the export
+        metadata["sample_prompt"] = cfg.preview.prompts[0]
     if manifest is not None:
-        metadata["dataset_size"] = sum(1 for i in manifest.items if i.get("split") == "train")
+        train = [i for i in manifest.items if i.get("split") == "train"]
+        metadata["dataset_size"] = len(train)
+        # Civitai's ss_dataset_dirs / ss_tag_frequency (lora/civitai.py): per dataset folder, its training images
+        # and the tags of their captions as trained (trigger word included).
+        from krea2_train.lora.civitai import tag_frequency
+
+        folders = _dataset_folder_names(cfg)
+        by_dir: dict = {}
+        for item in train:
+            by_dir.setdefault(folders[item["dataset"]], []).append(item.get("caption") or "")
+        metadata["datasets"] = {d: len(c) for d, c in by_dir.items()}
+        metadata["tag_frequency"] = {d: tag_frequency(c) for d, c in by_dir.items()}
     return name, metadata
+
+
+def _workflow_models(cfg):
+    from krea2_train.export.workflow import ComfyModels
+
+    e = cfg.export
+    return ComfyModels(unet=e.comfyui_unet, text_encoder=e.comfyui_text_encoder, vae=e.comfyui_vae)
+
+
+def _dataset_folder_names(cfg) -> list[str]:
+    """A short unique name per data.datasets entry (its folder name; index-suffixed when two share one)."""
+    names = [Path(str(d.path)).name or str(d.path) for d in cfg.data.datasets]
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
 def export_valid(cfg, manifest=None) -> bool:
@@ -95,6 +121,10 @@ def export_valid(cfg, manifest=None) -> bool:
     if meta.get("name") != name or written.get("name", name) != name:
         return False
     if any(not _json_equal(written.get(k), v) for k, v in metadata.items()):  # export adds keys of its own
+        return False
+    from dataclasses import asdict
+
+    if (meta.get("comfyui_workflow") or {}).get("models") != asdict(_workflow_models(cfg)):  # export.comfyui_*
         return False
     if cfg.export.transfer_report and not (run / "export" / "transfer_report.json").exists():
         return False
@@ -129,14 +159,16 @@ def export(cfg, manifest=None):
         result = export_and_verify(
             run / "adapter", out, cfg.model.turbo, formats=list(cfg.export.formats), metadata=metadata, name=name,
             preview_png=None if transfer else preview_png, transfer=transfer, raw_path=cfg.model.transformer,
-            text_encoder=cfg.model.text_encoder, vae=cfg.model.vae, transfer_kwargs=_transfer_kwargs(cfg))
+            text_encoder=cfg.model.text_encoder, vae=cfg.model.vae, transfer_kwargs=_transfer_kwargs(cfg),
+            workflow_models=_workflow_models(cfg))
         paths = result["paths"]
         _say_exported(paths)  # what was written first, then what was checked on it
         _say("verify: every exported file loads on Turbo with the trained effect")
         if transfer:
             _say(f"transfer report: {out / 'transfer_report.json'}")
     else:
-        paths = export_lora(run / "adapter", out, list(cfg.export.formats), metadata, name, preview_png=preview_png)
+        paths = export_lora(run / "adapter", out, list(cfg.export.formats), metadata, name, preview_png=preview_png,
+                            workflow_models=_workflow_models(cfg))
         _say_exported(paths)
         if cfg.export.transfer_report:
             _transfer_report(cfg, run, out)

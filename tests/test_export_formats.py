@@ -66,7 +66,10 @@ def test_format_roundtrip_and_loaders(adapter, turbo, tmp_path, fmt):
     alpha_tensors = [k for k in keys if k.endswith(".alpha")]
     if fmt == "diffusers":
         assert all(k.startswith("transformer.transformer_blocks.") or k.startswith("transformer.") for k in keys)
-        assert not alpha_tensors and json.loads(header["lora_adapter_metadata"])["transformer.use_rslora"] is True
+        # scale baked (ComfyUI reads these keys and ignores the header): the header says alpha = rank, no rsLoRA
+        cfg = json.loads(header["lora_adapter_metadata"])
+        assert not alpha_tensors and cfg["transformer.use_rslora"] is False
+        assert cfg["transformer.lora_alpha"] == cfg["transformer.r"]
     elif fmt in ("comfyui", "civitai"):
         assert all(k.startswith("diffusion_model.") for k in keys)
         assert "diffusion_model.blocks.0.attn.wq.lora_down.weight" in keys and alpha_tensors
@@ -165,7 +168,7 @@ def test_civitai_header(adapter, tmp_path):
     with safe_open(str(path), "pt") as f:
         h = f.metadata()
         alpha = f.get_tensor("diffusion_model.blocks.0.attn.wq.alpha").item()
-    assert h["modelspec.sai_model_spec"] == "1.0.0" and h["modelspec.architecture"] == "krea-2/lora"
+    assert h["modelspec.sai_model_spec"] == "1.0.0" and h["modelspec.architecture"] == "Krea-2/lora"
     assert h["modelspec.trigger_phrase"] == "r3d style" and h["modelspec.resolution"] == "1024x1024"
     assert h["ss_max_train_steps"] == "1500" and h["ss_num_train_images"] == "24"
     assert "Turbo" in h["modelspec.usage_hint"] and "1.25" in h["modelspec.usage_hint"]

@@ -96,6 +96,10 @@ def test_export_and_verify_from_trainer_adapter_folder(tiny_dir, tmp_path):
     assert set(manifest["files"]) == {"diffusers", "comfyui", "civitai"} and manifest["modules"] == len(expected.modules)
     verify = json.loads((out / "verify.json").read_text())
     assert all(r["ok"] for r in verify.values())
+    # each file is measured valid for every program it is written for (the diffusers file in ComfyUI too)
+    for fmt, entry in manifest["files"].items():
+        assert entry["valid_for"] == entry["written_for"] == verify[fmt]["valid_for"]
+    assert "comfyui" in manifest["files"]["diffusers"]["valid_for"]
     # The transfer report ran first: its strength and a Turbo sample land in the Civitai header.
     strength = json.loads((out / "transfer_report.json").read_text())["suggested_turbo_strength"]
     assert (out / "transfer_grid.png").exists()

@@ -235,8 +235,12 @@ def test_export_freshness_compares_name_and_metadata(tmp_path):
     # what export_lora writes: its own keys (name inside metadata, a suggested Turbo strength) come along
     (cfg.run_dir / "export" / "export.json").write_text(json.dumps(
         {"name": name, "metadata": {"name": name, **metadata, "turbo_strength": 0.8},
-         "files": {"comfyui": {"path": f"{name}_comfyui.safetensors"}}}))
+         "files": {"comfyui": {"path": f"{name}_comfyui.safetensors"}},
+         "comfyui_workflow": {"models": {"unet": "krea2_turbo_fp8_scaled.safetensors",
+                                         "text_encoder": "qwen3vl_4b_fp8_scaled.safetensors",
+                                         "vae": "qwen_image_vae.safetensors"}}}))
     assert export_valid(cfg)
+    assert not export_valid(_export_cfg(tmp_path, "export.comfyui_unet=krea2_turbo_bf16.safetensors"))
     assert not export_valid(_export_cfg(tmp_path, "export.name=other"))
     assert not export_valid(_export_cfg(tmp_path, "export.trigger_words=[newword]"))
     assert not export_valid(_export_cfg(tmp_path, "export.formats=[comfyui, diffusers]"))

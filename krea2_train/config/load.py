@@ -198,8 +198,11 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         need(not cfg.lora.use_rslora, "lora.use_rslora", "is not available for LoKr; set it to false")
     # The exporters write plain LoRA (what ComfyUI, diffusers and Civitai load for Krea 2); refuse now, not after
     # hours of training.
+    why = {"dora": " (ComfyUI scales DoRA's magnitude by the norm of the base weight, PEFT by that of the adapted "
+                   "weight, so no DoRA file would apply the trained effect there)",
+           "lokr": " (a LoKr writer in ComfyUI's lokr_w1/lokr_w2 layout is not written yet)"}.get(cfg.lora.type, "")
     need(cfg.lora.type == "lora" or not cfg.export.formats, "lora.type",
-         f"= {cfg.lora.type} cannot be exported to {list(cfg.export.formats)}: use lora.type: lora, or set "
+         f"= {cfg.lora.type} cannot be exported to {list(cfg.export.formats)}{why}: use lora.type: lora, or set "
          "export.formats: [] to keep only the PEFT adapter in RUN/adapter")
     need(len(cfg.train.stages) >= 1, "train.stages", "must list at least one stage")
     for i, st in enumerate(cfg.train.stages):

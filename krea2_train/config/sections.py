@@ -140,3 +140,8 @@ class ExportSection:
     # File name stem of the exported LoRA (null: run_name).
     name: Optional[str] = None
     trigger_words: List[str] = field(default_factory=list)
+    # File names in the ComfyUI workflow written beside the export (NAME_workflow.json), as ComfyUI lists them in
+    # models/diffusion_models, models/text_encoders and models/vae; the defaults are Comfy-Org/Krea-2's.
+    comfyui_unet: str = "krea2_turbo_fp8_scaled.safetensors"
+    comfyui_text_encoder: str = "qwen3vl_4b_fp8_scaled.safetensors"
+    comfyui_vae: str = "qwen_image_vae.safetensors"

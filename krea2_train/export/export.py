@@ -8,16 +8,21 @@ File names in `out_dir`:
     comfyui   {name}_comfyui.safetensors
     diffusers {name}_diffusers/pytorch_lora_weights.safetensors  (`pipe.load_lora_weights(folder)` finds it)
     original  {name}_original.safetensors;  musubi {name}_musubi.safetensors
-    export.json                                             what was written, with sizes and hashes
+    workflow  {name}_workflow.json / _workflow_api.json        ComfyUI's Turbo graph with the LoRA (export/workflow.py)
+    export.json                                             what was written, with sizes and hashes, the programs
+                                                            each file is written for and (after verify) valid for
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from krea2_train.errors import UserError
+from krea2_train.lora.consumers import FORMAT_CONSUMERS
 from krea2_train.lora.formats import DIFFUSERS_WEIGHT_NAME, LoraFile, TrainedAdapter, read_lora_file
 from krea2_train.lora.writers import normalize_format, write_lora_file
 
@@ -68,12 +73,17 @@ def find_lora_in(path) -> Path:
 
 
 def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None = None, name: str = "krea2_lora",
-                dtype="bfloat16", comfyui_style: str = "alpha", preview_png: bytes | None = None) -> dict[str, Path]:
+                dtype="bfloat16", comfyui_style: str = "alpha", preview_png: bytes | None = None,
+                workflow_models=None) -> dict[str, Path]:
     """Write `adapter` (TrainedAdapter, LoRA file or run folder) in each of `formats`; returns {format: path}.
 
     `metadata`: training information for the headers (name, trigger_words, resolution, steps, dataset_size,
-    turbo_strength, description, author, license, tags). `preview_png`: PNG bytes for the Civitai thumbnail.
+    datasets, tag_frequency, turbo_strength, sample_prompt, description, author, license, tags). `preview_png`: PNG
+    bytes for the Civitai thumbnail. Beside the files, NAME_workflow.json (+ _api.json): ComfyUI's Turbo graph with
+    the LoRA at metadata["turbo_strength"] (else 1.0); `workflow_models` (export/workflow.ComfyModels) names the
+    Turbo, text encoder and VAE files in it.
     """
+    from krea2_train.export.workflow import ComfyModels, comfyui_lora_name, write_workflow
     from krea2_train.utils.io import write_json_atomic
 
     adapter = as_adapter(adapter)
@@ -87,6 +97,11 @@ def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None
                                comfyui_style=comfyui_style, preview_png=preview_png)
         paths[fmt] = path
         log.info("exported %s LoRA: %s", fmt, path)
+    lora_name = comfyui_lora_name(paths, out_dir)
+    strength = float(info.get("turbo_strength") or 1.0)
+    ui, api = write_workflow(out_dir / f"{name}_workflow.json", lora_name, strength=strength,
+                             prompt=str(info.get("sample_prompt") or ""), trigger_words=info.get("trigger_words") or (),
+                             models=workflow_models, filename_prefix=name)
     ranks = sorted({adapter.rank(m) for m in adapter.modules})
     manifest = {
         "name": name,
@@ -97,8 +112,12 @@ def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None
         "parameters": adapter.num_parameters(),
         "dtype": str(dtype),
         "metadata": info,
-        "files": {fmt: {"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+        # written_for: the programs each file is laid out for; export_and_verify adds valid_for, as measured.
+        "files": {fmt: {"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size, "sha256": _sha256(p),
+                        "written_for": list(FORMAT_CONSUMERS[fmt])}
                   for fmt, p in paths.items()},
+        "comfyui_workflow": {"ui": ui.name, "api": api.name, "lora_name": lora_name, "strength": strength,
+                             "models": asdict(workflow_models or ComfyModels())},
     }
     write_json_atomic(out_dir / "export.json", manifest)
     return paths
@@ -116,7 +135,7 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
                       name: str = "krea2_lora", dtype="bfloat16", comfyui_style: str = "alpha",
                       preview_png: bytes | None = None, transformer=None, verify_dtype="auto", device=None,
                       raw_path=None, text_encoder=None, vae=None, transfer: bool = False,
-                      transfer_kwargs: dict | None = None) -> dict:
+                      transfer_kwargs: dict | None = None, workflow_models=None) -> dict:
     """Export, then verify every file on Turbo against the trained adapter (one Turbo load for all files).
 
     With `transfer=True` (needs `raw_path`; `text_encoder` and `vae` for prompts and the image grid) the Raw -> Turbo
@@ -154,10 +173,21 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
                                           device=str(transformer.device), **(transfer_kwargs or {}))
         metadata.setdefault("turbo_strength", transfer_result["suggested_turbo_strength"])
         preview_png = preview_png or transfer_result.get("_preview_png")
-    paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png)
+    paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png, workflow_models)
     reports = {fmt: verify_lora_file(p, adapter=adapter, transformer=transformer, raise_on_failure=False)
                for fmt, p in paths.items()}
+    for fmt, r in reports.items():
+        # A file must be exact in every program it is written for (a consumer that refuses it loudly is fine).
+        short = [c for c in FORMAT_CONSUMERS[fmt] if c not in r.valid_for]
+        if short:
+            r.problems.append(f"{fmt} file {paths[fmt].name} is not valid for {', '.join(short)}: "
+                              + "; ".join(f"{c}: {r.consumers.get(c, 'not checked')}" for c in short))
     write_json_atomic(Path(out_dir) / "verify.json", {fmt: r.to_dict() for fmt, r in reports.items()})
+    manifest_path = Path(out_dir) / "export.json"
+    manifest = json.loads(manifest_path.read_text())
+    for fmt, r in reports.items():
+        manifest["files"][fmt]["valid_for"] = r.valid_for
+    write_json_atomic(manifest_path, manifest)
     failed = [r for r in reports.values() if not r.ok]
     for r in reports.values():
         log.info("%s", r.summary())

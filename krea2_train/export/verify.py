@@ -50,6 +50,11 @@ class VerifyReport:
     diffusers: str = "not checked"
     diffusers_delta_error: float | None = None
     diffusers_output_error: float | None = None
+    comfyui: str = "not checked"
+    comfyui_delta_error: float | None = None
+    comfyui_strength_ratio: list | None = None  # [min, max] over modules of ComfyUI's scale / the trained scale
+    # {consumer: "valid" | "not read: ..." | "WRONG: ..." | "not checked"} for krea2-train, diffusers, comfyui
+    consumers: dict = field(default_factory=dict)
     problems: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
 
@@ -57,8 +62,13 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def valid_for(self) -> list[str]:
+        """The programs that apply exactly the trained delta (at `strength`) when they load this file."""
+        return [c for c, v in self.consumers.items() if v == "valid"]
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "ok": self.ok, "valid_for": self.valid_for}
 
     def summary(self) -> str:
         lines = [
@@ -70,6 +80,8 @@ class VerifyReport:
             f"change to {self.output_error:.2e} (tolerance {self.output_tolerance:.0e}"
             + (f" + rounding noise {self.output_noise_floor:.1e})" if self.output_noise_floor else ")"),
             f"  diffusers Krea2Pipeline.load_lora_weights: {self.diffusers}",
+            f"  ComfyUI key rules (LoraLoaderModelOnly, header ignored): {self.comfyui}",
+            f"  valid for: {', '.join(self.valid_for) or 'nothing'}",
         ]
         lines += [f"  warning: {w}" for w in self.warnings]
         lines += [f"  FAILED: {p}" for p in self.problems]
@@ -187,6 +199,8 @@ def lowrank_rel_error(a1, b1, s1, a2, b2, s2) -> float:
 
 
 def _compare_deltas(expected: TrainedAdapter, loaded: dict, strength: float, report: VerifyReport, what: str):
+    """Worst relative error of the loaded deltas, whose scalings already include the strength they were set at
+    (PEFT's set_adapters multiplies `scaling` by it), against the trained deltas at `strength`."""
     missing = [m for m in expected.modules if m not in loaded]
     extra = sorted(set(loaded) - set(expected.modules))
     if missing:
@@ -197,7 +211,7 @@ def _compare_deltas(expected: TrainedAdapter, loaded: dict, strength: float, rep
     for m in expected.modules:
         if m in loaded:
             a, b, s = loaded[m]
-            err = lowrank_rel_error(a, b, s * strength, expected.down[m], expected.up[m], expected.scale(m) * strength)
+            err = lowrank_rel_error(a, b, s, expected.down[m], expected.up[m], expected.scale(m) * strength)
             if err > worst:
                 worst, worst_m = err, m
     return worst, worst_m
@@ -225,6 +239,9 @@ def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = Non
     from krea2_train.inference import apply_lora
     from krea2_train.models.loading import load_transformer
 
+    if not strength:
+        raise UserError(f"verify {path} at strength {strength}: a LoRA at strength 0 applies nothing, so nothing can "
+                        "be checked; pass the strength you deploy it at (--strength, default 1.0)")
     lora: LoraFile = read_lora_file(path)
     expected = adapter if adapter is not None else lora.adapter
     if transformer is None:
@@ -260,7 +277,8 @@ def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = Non
     name = apply_lora(transformer, str(path), strength=strength, adapter_name="krea2_verify")
     try:
         loaded = _loaded_factors(transformer, name)
-        report.max_delta_error, report.worst_module = _compare_deltas(expected, loaded, 1.0, report, "our loader")
+        report.max_delta_error, report.worst_module = _compare_deltas(expected, loaded, strength, report,
+                                                                      "our loader")
         v_lora = velocity(transformer, inputs)
     finally:
         transformer.delete_adapters([name])
@@ -281,8 +299,12 @@ def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = Non
         report.problems.append(f"Turbo's output with the LoRA differs from the expected one by "
                                f"{report.output_error:.2e} of the LoRA's effect (tolerance {report.output_tolerance:.0e})")
 
+    report.consumers["krea2-train"] = "valid" if not report.problems else "WRONG: " + report.problems[0]
     if check_diffusers:
         _check_with_diffusers(path, lora, expected, transformer, strength, inputs, v_lora, report)
+    else:
+        report.consumers["diffusers"] = "not checked"
+    _check_with_comfyui(lora, expected, report)
     if report.problems and raise_on_failure:
         raise LoraVerifyError(report.summary())
     return report
@@ -293,7 +315,9 @@ def _check_with_diffusers(path, lora, expected, transformer, strength, inputs, v
     problem = lora.diffusers_problem
     if problem is not None:
         report.diffusers = f"skipped: diffusers does not read this layout ({problem.split(';')[0]})"
+        report.consumers["diffusers"] = f"not read: {problem}"
         return
+    before = len(report.problems)
     from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline
 
     pipe = Krea2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
@@ -303,11 +327,12 @@ def _check_with_diffusers(path, lora, expected, transformer, strength, inputs, v
     except Exception as exc:  # diffusers' errors are ValueErrors/KeyErrors with its own wording
         report.diffusers = f"FAILED to load: {exc}"
         report.problems.append(f"diffusers' Krea2Pipeline.load_lora_weights rejects the file: {exc}")
+        report.consumers["diffusers"] = f"WRONG: rejects the file ({exc})"
         return
     try:
         pipe.set_adapters(["krea2_verify_diffusers"], adapter_weights=[strength])
         loaded = _loaded_factors(transformer, "krea2_verify_diffusers")
-        err, where = _compare_deltas(expected, loaded, 1.0, report, "diffusers")
+        err, where = _compare_deltas(expected, loaded, strength, report, "diffusers")
         v_diff = velocity(transformer, inputs)
     finally:
         transformer.delete_adapters(["krea2_verify_diffusers"])
@@ -320,6 +345,55 @@ def _check_with_diffusers(path, lora, expected, transformer, strength, inputs, v
                                "differently from our loader")
     if report.diffusers_output_error > max(1e-4, report.output_tolerance * 0.1):
         report.problems.append(f"diffusers and our loader give different outputs ({report.diffusers_output_error:.2e})")
+    new = report.problems[before:]
+    report.consumers["diffusers"] = "valid" if not new else "WRONG: " + new[0]
+
+
+def _check_with_comfyui(lora: LoraFile, expected: TrainedAdapter, report: VerifyReport) -> None:
+    """The file's tensors as ComfyUI's LoRA loader reads them (lora/consumers.py): keys it maps, `.alpha` / rank or
+    scale 1, header ignored. A file ComfyUI loads at another strength, or only in part, fails: it would load there
+    with no error. A file whose keys ComfyUI maps not at all is only "not read" (ComfyUI warns on every key)."""
+    from krea2_train.lora.consumers import comfyui_reading, comfyui_strength_ratios
+    from krea2_train.models.loading import open_safetensors
+
+    handle, keys = open_safetensors(Path(lora.source))
+    reading = comfyui_reading({k: handle.get_tensor(k) for k in keys})
+    fix = (f"re-export it with `krea2-train convert {lora.source} OUT --format comfyui` (or --format diffusers, "
+           "which bakes the scale)")
+    if reading.unreadable:
+        report.comfyui = f"not checked: it has weights this check does not model, e.g. {reading.unreadable[:2]}"
+        report.consumers["comfyui"] = "not checked"
+        return
+    if reading.adapter is None:
+        report.comfyui = (f"not read: no key maps to a Krea 2 weight in ComfyUI (e.g. {reading.unloaded[:2]}); it "
+                          f"would log 'lora key not loaded' and apply nothing; {fix}")
+        report.consumers["comfyui"] = "not read: " + report.comfyui[len("not read: "):]
+        return
+    problems = []
+    missing = [m for m in expected.modules if m not in reading.adapter.down]
+    if missing:
+        problems.append(f"ComfyUI would patch no weight for {len(missing)} trained modules, e.g. {missing[:3]}")
+    if reading.unloaded:
+        problems.append(f"ComfyUI would leave {len(reading.unloaded)} tensors unloaded, e.g. {reading.unloaded[:3]}")
+    worst, worst_m = 0.0, ""
+    for m in expected.modules:
+        if m in reading.adapter.down:
+            err = lowrank_rel_error(reading.adapter.down[m], reading.adapter.up[m], reading.adapter.scale(m),
+                                    expected.down[m], expected.up[m], expected.scale(m))
+            if err > worst:
+                worst, worst_m = err, m
+    ratios = list(comfyui_strength_ratios(reading, expected).values())
+    report.comfyui_delta_error = worst
+    report.comfyui_strength_ratio = [min(ratios), max(ratios)] if ratios else None
+    if worst > report.delta_tolerance:
+        span = (f"x{min(ratios):.3g}" + (f" to x{max(ratios):.3g}" if max(ratios) - min(ratios) > 1e-3 else "")
+                if ratios else "a different delta")
+        problems.append(f"ComfyUI would apply {worst_m} at {span} of the trained strength (delta error "
+                        f"{worst:.2e}): it reads the scale from `.alpha` tensors or takes 1, never from the header; "
+                        f"{fix}")
+    report.problems.extend(problems)
+    report.comfyui = ("loaded; max delta error " + f"{worst:.2e}" if not problems else "WRONG: " + problems[0])
+    report.consumers["comfyui"] = "valid" if not problems else "WRONG: " + problems[0]
 
 
 def write_report(report: VerifyReport, path) -> Path:

@@ -3,8 +3,10 @@ are in lora/writers.py).
 
 Layouts (key = `<prefix><module>.<weight>`):
 
-    diffusers   transformer.<diffusers module>.lora_A/lora_B.weight; alpha in the header `lora_adapter_metadata`
-                (the PEFT config, keys prefixed `transformer.`), never as tensors (diffusers' loader fails on them).
+    diffusers   transformer.<diffusers module>.lora_A/lora_B.weight, scale baked into the weights and the header
+                `lora_adapter_metadata` (the PEFT config, keys prefixed `transformer.`) saying alpha = rank; never
+                `.alpha` tensors (diffusers' loader fails on them). Baked because ComfyUI loads these keys too and
+                ignores the header. Files from other tools may carry alpha != rank in the header (read as such).
     comfyui     diffusion_model.<original module>.lora_down/lora_up.weight + .alpha (scale = alpha / rank), the
                 layout of the Comfy-Org Krea 2 LoRAs. With style="baked": lora_A/lora_B with the scale folded into
                 the weights and no alpha anywhere -- that file also loads in diffusers.
@@ -16,8 +18,8 @@ Read also: PEFT files (no prefix or `base_model.model.`, with a sibling adapter_
 `base_model.model.<original>`, ComfyUI's `transformer.<diffusers>` with lora_down/lora_up, `lora_unet_<diffusers>`.
 
 The effective scale of a module is alpha / r (alpha / sqrt(r) with rsLoRA). Every writer carries it exactly once:
-in the header (diffusers), in `.alpha` tensors (comfyui/civitai/musubi) or baked into the weights (original,
-comfyui baked). q/k/v are never fused.
+in `.alpha` tensors (comfyui/civitai/musubi) or baked into the weights (diffusers, original, comfyui baked); a
+header we write never disagrees with the tensors (lora/consumers.py: how each program reads the scale). q/k/v are never fused.
 """
 
 from __future__ import annotations

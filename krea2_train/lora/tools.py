@@ -47,6 +47,7 @@ def inspect_lora(path) -> dict:
             v = v[:300] + "..."
         header[k] = v
     kinds = Counter(_module_kind(m) for m in a.modules)
+    comfy_ok, comfy_line = _comfyui_verdict(lora)
     return {
         "path": str(path),
         "layout": lora.layout,
@@ -61,9 +62,20 @@ def inspect_lora(path) -> dict:
         "dtype": str(a.dtype).replace("torch.", ""),
         "diffusers_loadable": lora.diffusers_problem is None,
         "diffusers_problem": lora.diffusers_problem,
+        "comfyui_exact": comfy_ok,
+        "comfyui": comfy_line,
         "warnings": lora.warnings,
         "metadata": header,
     }
+
+
+def _comfyui_verdict(lora):
+    """How ComfyUI's loader (keys + .alpha, header ignored) applies the file vs how diffusers/we read it."""
+    from krea2_train.lora.consumers import comfyui_verdict
+    from krea2_train.models.loading import open_safetensors
+
+    handle, keys = open_safetensors(Path(lora.source))
+    return comfyui_verdict({k: handle.get_tensor(k) for k in keys}, lora.adapter)
 
 
 def format_inspect(info: dict) -> str:
@@ -72,6 +84,7 @@ def format_inspect(info: dict) -> str:
              f"  modules: {info['modules']}, parameters: {info['parameters']:,}, dtype {info['dtype']}",
              f"  rank: {_counts(info['ranks'])}; alpha: {_counts(info['alphas'])}; scale: {_counts(info['scales'])}",
              "  loads in diffusers: " + ("yes" if info["diffusers_loadable"] else f"no ({info['diffusers_problem']})"),
+             f"  loads in ComfyUI: {info['comfyui']}",
              "  targets:"]
     lines += [f"    {k}: {v}" for k, v in info["targets"].items()]
     if info["metadata"]:

@@ -1,14 +1,14 @@
 """Writing a `TrainedAdapter` in each layout lora/formats.py describes (diffusers, comfyui, civitai, original,
-musubi), the Civitai header, and the diffusers-loader view of any readable file."""
+musubi), with the Civitai header from lora/civitai.py, and the diffusers-loader view of any readable file."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from krea2_train.lora.civitai import add_hashes, civitai_header  # noqa: F401  (civitai_header: public here too)
 from krea2_train.lora.formats import (
     DIFFUSERS_META_KEY,
     DIFFUSERS_WEIGHT_NAME,
@@ -17,7 +17,6 @@ from krea2_train.lora.formats import (
     LoraFile,
     LoraFormatError,
     TrainedAdapter,
-    _num,
     read_lora_file,
     read_lora_state,
 )
@@ -38,8 +37,12 @@ def lora_state_for_format(adapter: TrainedAdapter, fmt: str, comfyui_style: str 
     fmt = normalize_format(fmt)
     tensors, header = {}, {}
     if fmt == "diffusers":
-        tensors = adapter.peft_state_dict(prefix="transformer.")
-        cfg = {f"transformer.{k}": v for k, v in adapter.lora_config_dict().items()}
+        # ComfyUI also loads transformer.<diffusers> lora_A/lora_B keys for Krea 2 but ignores the header (scale 1):
+        # with the scale baked and alpha = rank in the header, diffusers, ComfyUI and every header-less reader apply
+        # the same delta.
+        baked = adapter.baked()
+        tensors = baked.peft_state_dict(prefix="transformer.")
+        cfg = {f"transformer.{k}": v for k, v in baked.lora_config_dict().items()}
         header = {"format": "pt", DIFFUSERS_META_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
         return tensors, header
     if fmt == "original" or (fmt in ("comfyui", "civitai") and comfyui_style == "baked"):
@@ -61,6 +64,11 @@ def lora_state_for_format(adapter: TrainedAdapter, fmt: str, comfyui_style: str 
     return tensors, header
 
 
+def bakes_scale(fmt: str, comfyui_style: str = "alpha") -> bool:
+    """Whether layout `fmt` carries the scale in the weights (alpha = rank) rather than in `.alpha` tensors."""
+    return fmt in ("diffusers", "original") or (fmt in ("comfyui", "civitai") and comfyui_style == "baked")
+
+
 def _original(module: str) -> str:
     orig = diffusers_to_original_module(module)
     if orig is None:
@@ -78,6 +86,8 @@ def write_lora_file(adapter: TrainedAdapter, path, fmt: str, dtype="bfloat16", m
     from krea2_train.utils.io import save_safetensors_atomic
 
     fmt = normalize_format(fmt)
+    if bakes_scale(fmt, comfyui_style):
+        adapter = adapter.baked()  # in the adapter's precision, before rounding to `dtype` (baking again is exact)
     if dtype is not None:
         adapter = adapter.to(dtype)
     tensors, header = lora_state_for_format(adapter, fmt, comfyui_style)
@@ -88,80 +98,11 @@ def write_lora_file(adapter: TrainedAdapter, path, fmt: str, dtype="bfloat16", m
         header["krea2_train.info"] = json.dumps(info, sort_keys=True, default=str)
     if fmt == "civitai":  # ss_network_alpha describes the file as written: baked files have alpha = dim
         header.update(civitai_header(adapter.baked() if comfyui_style == "baked" else adapter, info, preview_png))
+        header = add_hashes(tensors, header)  # over the tensors exactly as written (after the dtype cast)
     path = Path(path)
     if fmt == "diffusers" and (path.is_dir() or not path.suffix):
         path = path / DIFFUSERS_WEIGHT_NAME
-    path = save_safetensors_atomic(tensors, path, metadata=header)
-    os.chmod(path, 0o644)  # the safetensors writer leaves 0600; ComfyUI may run as another user
-    return path
-
-
-def _small_png(png: bytes, side: int = 256) -> bytes:
-    """The preview shrunk to at most `side` px (a header thumbnail, not a gallery image)."""
-    import io
-
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(png))
-    if max(img.size) <= side:
-        return png
-    img.thumbnail((side, side))
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
-
-
-def civitai_header(adapter: TrainedAdapter, info: dict, preview_png: bytes | None = None) -> dict:
-    """Model-spec 1.0 (`modelspec.*`) and kohya (`ss_*`) keys that Civitai and model-spec readers show.
-
-    ss_network_alpha is informational and equals the `.alpha` tensors actually in the file (scale = alpha / dim).
-    """
-    import base64
-    import datetime
-    from collections import Counter
-
-    ranks = Counter(adapter.rank(m) for m in adapter.down).most_common(1)[0][0]
-    alphas = Counter(round(a, 6) for a in adapter.kohya_alphas().values()).most_common(1)[0][0]
-    name = str(info.get("name") or "krea2-lora")
-    triggers = info.get("trigger_words") or []
-    if isinstance(triggers, str):
-        triggers = [triggers]
-    res = info.get("resolution")
-    res_str = f"{res}x{res}" if isinstance(res, int) else (str(res) if res else "1024x1024")
-    turbo = info.get("turbo_strength")
-    usage = info.get("usage_hint") or (
-        "Trained on Krea 2 Raw. Use on Krea 2 Turbo (8 steps, no guidance)"
-        + (f" at strength {float(turbo):.2f}" if turbo else "") + "; on Raw at strength 1.0.")
-    header = {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "krea-2/lora",
-        "modelspec.implementation": "https://github.com/krea-ai/krea-2",
-        "modelspec.title": name,
-        "modelspec.description": str(info.get("description") or f"Krea 2 LoRA {name}"),
-        "modelspec.author": str(info.get("author") or ""),
-        "modelspec.license": str(info.get("license") or ""),
-        "modelspec.date": str(info.get("date") or datetime.date.today().isoformat()),
-        "modelspec.resolution": res_str,
-        "modelspec.prediction_type": "flow",
-        "modelspec.trigger_phrase": ", ".join(map(str, triggers)),
-        "modelspec.tags": ", ".join(map(str, info.get("tags") or [])),
-        "modelspec.usage_hint": usage,
-        "ss_base_model_version": "krea2_raw",
-        "ss_sd_model_name": str(info.get("base_model_name") or "Krea 2 Raw"),
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks),
-        "ss_network_alpha": str(_num(alphas)),
-        "ss_resolution": f"({res_str.replace('x', ', ')})",
-        "ss_max_train_steps": str(info.get("steps") or ""),
-        "ss_num_train_images": str(info.get("dataset_size") or ""),
-        "ss_output_name": name,
-        "ss_tag_frequency": json.dumps({"trigger": {t: 1 for t in triggers}} if triggers else {}),
-        "ss_training_comment": usage,
-        "ss_recommended_turbo_strength": str(turbo or ""),
-    }
-    if preview_png:
-        header["modelspec.thumbnail"] = "data:image/png;base64," + base64.b64encode(_small_png(preview_png)).decode()
-    return {k: v for k, v in header.items() if v != ""}
+    return save_safetensors_atomic(tensors, path, metadata=header)  # 0644: ComfyUI may run as another user
 
 
 # --------------------------------------------------------------------------------------------------- for diffusers

@@ -20,7 +20,7 @@ import torch
 
 from krea2_train import facts
 from krea2_train.models.keys import diffusers_to_original_state_dict
-from krea2_train.utils.io import atomic_dir, save_safetensors_atomic
+from krea2_train.utils.io import DIR_MODE, atomic_dir, save_safetensors_atomic, write_text_atomic
 
 SEED = 20260101
 
@@ -163,8 +163,9 @@ def make_tiny(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     marker = out / "tiny.json"
     if marker.exists() and not overwrite:
         return out
-    out.mkdir(parents=True, exist_ok=True)
-
+    if not out.exists():
+        out.mkdir(parents=True)
+        os.chmod(out, DIR_MODE)  # a model folder other programs (ComfyUI, diffusers under another user) read
     raw = build_tiny_transformer()
     raw_state = original_file_state(raw)
     meta = {"krea2_variant": "raw", "krea2_note": "tiny random Krea 2 for tests"}
@@ -181,7 +182,7 @@ def make_tiny(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     with atomic_dir(out / "vae") as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
 
-    marker.write_text(json.dumps({"seed": SEED, "transformer": TINY_TRANSFORMER}, indent=2))
+    write_text_atomic(marker, json.dumps({"seed": SEED, "transformer": TINY_TRANSFORMER}, indent=2))  # 0644
     return out
 
 

@@ -1,0 +1,191 @@
+"""ComfyUI's native Krea 2 Turbo text-to-image graph with one LoRA, in both of ComfyUI's forms.
+
+The graph is the one Comfy-Org ships (workflow_templates `templates/image_krea2_turbo_t2i.json`), without its
+prompt-enhancer subgraph: UNETLoader (Turbo) -> LoraLoaderModelOnly (this LoRA at the suggested Turbo strength) ->
+KSampler (8 steps, CFG 1, euler, simple) <- CLIPTextEncode (trigger word + prompt; CLIPLoader type `krea2`,
+Qwen3-VL) and ConditioningZeroOut of it as the negative, EmptyLatentImage 1024 x 1024; VAEDecode (VAELoader) ->
+SaveImage. Node and input names and widget order are ComfyUI's (nodes.py); tests/test_export_workflow.py pins them.
+
+    graph = workflow_graph("my_lora.safetensors", strength=1.2, prompt="a red fox", trigger_words=["zq style"])
+    graph["workflow"]   # UI form: what the ComfyUI editor saves and opens (nodes, links, widgets_values)
+    graph["prompt"]     # API form: {node id: {"class_type", "inputs"}}, what POST /prompt takes
+
+    write_workflow(out_dir / "NAME_workflow.json", ...)     # UI form (drag onto ComfyUI), + NAME_workflow_api.json
+
+For pictures (previews, the transfer grid):
+
+    workflow_png_chunks(lora_name, *, strength=1.0, prompt="", trigger_words=(), models=None, seed=0, width=1024,
+                        height=1024, filename_prefix=None) -> {"workflow": str, "prompt": str}
+    embed_png_chunks(png: bytes, chunks: dict[str, str]) -> bytes
+
+`workflow_png_chunks` returns the PNG tEXt chunks ComfyUI's SaveImage writes (`prompt` = the API form as JSON,
+`workflow` = the UI form as JSON); `embed_png_chunks` adds them to PNG bytes. Dropping such a PNG on ComfyUI opens
+the graph that makes it (with the seed given; the picture itself may come from our sampler, not ComfyUI's).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+# What ComfyUI users have in models/ (Comfy-Org/Krea-2); export.comfyui_* in the config overrides them.
+DEFAULT_UNET = "krea2_turbo_fp8_scaled.safetensors"
+DEFAULT_TEXT_ENCODER = "qwen3vl_4b_fp8_scaled.safetensors"
+DEFAULT_VAE = "qwen_image_vae.safetensors"
+TURBO_STEPS, TURBO_CFG, TURBO_SAMPLER, TURBO_SCHEDULER = 8, 1.0, "euler", "simple"
+DEFAULT_PROMPT = "a photograph"
+
+
+@dataclass(frozen=True)
+class ComfyModels:
+    """File names as ComfyUI lists them (models/diffusion_models, models/text_encoders, models/vae)."""
+
+    unet: str = DEFAULT_UNET
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    vae: str = DEFAULT_VAE
+
+
+# Widget inputs (those ComfyUI shows as widgets, in INPUT_TYPES order) and wired inputs of each node type, and the
+# output types. KSampler's seed gets a UI-only "control after generate" value after it in widgets_values.
+_SPEC = {
+    "UNETLoader": (("unet_name", "weight_dtype"), (), ("MODEL",)),
+    "LoraLoaderModelOnly": (("lora_name", "strength_model"), (("model", "MODEL"),), ("MODEL",)),
+    "CLIPLoader": (("clip_name", "type", "device"), (), ("CLIP",)),
+    "VAELoader": (("vae_name",), (), ("VAE",)),
+    "CLIPTextEncode": (("text",), (("clip", "CLIP"),), ("CONDITIONING",)),
+    "ConditioningZeroOut": ((), (("conditioning", "CONDITIONING"),), ("CONDITIONING",)),
+    "EmptyLatentImage": (("width", "height", "batch_size"), (), ("LATENT",)),
+    "KSampler": (("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"),
+                 (("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")), ("LATENT",)),
+    "VAEDecode": ((), (("samples", "LATENT"), ("vae", "VAE")), ("IMAGE",)),
+    "SaveImage": (("filename_prefix",), (("images", "IMAGE"),), ("IMAGE",)),
+}
+
+
+def _prompt_text(prompt: str, trigger_words) -> str:
+    triggers = [trigger_words] if isinstance(trigger_words, str) else list(trigger_words or [])
+    text = (prompt or DEFAULT_PROMPT).strip()
+    missing = [t for t in triggers if t and t not in text]
+    return ", ".join(missing + [text])
+
+
+def _nodes(lora_name, strength, prompt, trigger_words, models, seed, width, height, filename_prefix):
+    """[(id, type, title, {widget: value}, {input: (source id, slot)}, (x, y))] in execution order."""
+    m = models or ComfyModels()
+    return [
+        (1, "UNETLoader", "Load Krea 2 Turbo", {"unet_name": m.unet, "weight_dtype": "default"}, {}, (0, 0)),
+        (2, "LoraLoaderModelOnly", "LoRA", {"lora_name": lora_name, "strength_model": round(float(strength), 4)},
+         {"model": (1, 0)}, (420, 0)),
+        (3, "CLIPLoader", "Load Qwen3-VL", {"clip_name": m.text_encoder, "type": "krea2", "device": "default"}, {},
+         (0, 200)),
+        (4, "VAELoader", "Load VAE", {"vae_name": m.vae}, {}, (0, 400)),
+        (5, "CLIPTextEncode", "Prompt", {"text": _prompt_text(prompt, trigger_words)}, {"clip": (3, 0)}, (420, 200)),
+        (6, "ConditioningZeroOut", "Negative (zero)", {}, {"conditioning": (5, 0)}, (420, 480)),
+        (7, "EmptyLatentImage", "Size", {"width": int(width), "height": int(height), "batch_size": 1}, {},
+         (420, 600)),
+        (8, "KSampler", "KSampler (Turbo)", {"seed": int(seed), "steps": TURBO_STEPS, "cfg": TURBO_CFG,
+                                             "sampler_name": TURBO_SAMPLER, "scheduler": TURBO_SCHEDULER,
+                                             "denoise": 1.0},
+         {"model": (2, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}, (840, 0)),
+        (9, "VAEDecode", "Decode", {}, {"samples": (8, 0), "vae": (4, 0)}, (1200, 0)),
+        (10, "SaveImage", "Save", {"filename_prefix": filename_prefix or "krea2_lora"}, {"images": (9, 0)},
+         (1200, 200)),
+    ]
+
+
+def workflow_graph(lora_name: str, *, strength: float = 1.0, prompt: str = "", trigger_words=(),
+                   models: ComfyModels | None = None, seed: int = 0, width: int = 1024, height: int = 1024,
+                   filename_prefix: str | None = None) -> dict:
+    """{"workflow": UI form, "prompt": API form} of the Turbo graph with `lora_name` (a file name as ComfyUI's
+    models/loras lists it) at `strength`."""
+    nodes = _nodes(lora_name, strength, prompt, trigger_words, models, seed, width, height, filename_prefix)
+    types = {nid: t for nid, t, *_ in nodes}
+    api = {}
+    for nid, ntype, title, widgets, wires, _ in nodes:
+        inputs = dict(widgets)
+        inputs.update({name: [str(src), slot] for name, (src, slot) in wires.items()})
+        api[str(nid)] = {"class_type": ntype, "inputs": inputs, "_meta": {"title": title}}
+
+    links, ui_nodes = [], []
+    out_links: dict = {}
+    for nid, ntype, _, _, wires, _ in nodes:
+        for slot, (name, typ) in enumerate(_SPEC[ntype][1]):
+            src, src_slot = wires[name]
+            link_id = len(links) + 1
+            links.append([link_id, src, src_slot, nid, slot, typ])
+            out_links.setdefault((src, src_slot), []).append(link_id)
+    link_of = {(lk[3], lk[4]): lk[0] for lk in links}
+    for order, (nid, ntype, title, widgets, _, (x, y)) in enumerate(nodes):
+        widget_names, wired, outputs = _SPEC[ntype]
+        values = []
+        for w in widget_names:
+            values.append(widgets[w])
+            if ntype == "KSampler" and w == "seed":
+                values.append("fixed")  # control_after_generate: keep the seed that made the picture
+        ui_nodes.append({
+            "id": nid, "type": ntype, "title": title, "pos": [x, y], "size": [380, 160], "flags": {}, "order": order,
+            "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": link_of[(nid, i)]} for i, (n, t) in enumerate(wired)],
+            "outputs": [{"name": t, "type": t, "slot_index": i, "links": out_links.get((nid, i), [])}
+                        for i, t in enumerate(outputs)],
+            "properties": {"Node name for S&R": ntype},
+            "widgets_values": values,
+        })
+    ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(api, sort_keys=True))), "revision": 0,
+          "last_node_id": max(types), "last_link_id": len(links), "nodes": ui_nodes, "links": links, "groups": [],
+          "config": {}, "extra": {"krea2_train": "Krea 2 Turbo + LoRA (ComfyUI native nodes)"}, "version": 0.4}
+    return {"workflow": ui, "prompt": api}
+
+
+def workflow_png_chunks(lora_name: str, *, strength: float = 1.0, prompt: str = "", trigger_words=(),
+                        models: ComfyModels | None = None, seed: int = 0, width: int = 1024, height: int = 1024,
+                        filename_prefix: str | None = None) -> dict[str, str]:
+    """The PNG tEXt chunks ComfyUI reads a graph from: {"workflow": UI form JSON, "prompt": API form JSON}, for
+    `embed_png_chunks` (or PIL's PngInfo.add_text). Arguments as `workflow_graph`: `lora_name` as ComfyUI lists the
+    file in models/loras (export/export.py's choice: `comfyui_lora_name(paths, out_dir)`), `strength` the LoRA
+    strength shown, `prompt` + `trigger_words` the positive prompt, `seed`/`width`/`height` those of the picture."""
+    graph = workflow_graph(lora_name, strength=strength, prompt=prompt, trigger_words=trigger_words, models=models,
+                           seed=seed, width=width, height=height, filename_prefix=filename_prefix)
+    return {"workflow": json.dumps(graph["workflow"]), "prompt": json.dumps(graph["prompt"])}
+
+
+def embed_png_chunks(png: bytes, chunks: dict[str, str]) -> bytes:
+    """`png` re-encoded with `chunks` as tEXt (as ComfyUI's SaveImage writes them); pixels unchanged."""
+    import io
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    img = Image.open(io.BytesIO(png))
+    info = PngInfo()
+    for key, value in (getattr(img, "text", None) or {}).items():
+        if key not in chunks:
+            info.add_text(key, value)
+    for key, value in chunks.items():
+        info.add_text(key, value)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def write_workflow(path, lora_name: str, **kwargs) -> tuple[Path, Path]:
+    """Write the UI form to `path` (NAME_workflow.json: drag it onto ComfyUI) and the API form beside it
+    (NAME_workflow_api.json). Returns both paths."""
+    from krea2_train.utils.io import write_json_atomic
+
+    graph = workflow_graph(lora_name, **kwargs)
+    path = Path(path)
+    api_path = path.with_name(path.stem + "_api.json")
+    return write_json_atomic(path, graph["workflow"]), write_json_atomic(api_path, graph["prompt"])
+
+
+def comfyui_lora_name(paths: dict, out_dir) -> str | None:
+    """The exported file a ComfyUI user puts in models/loras, as ComfyUI lists it (relative path): the Civitai file,
+    else the ComfyUI one, else any other (ComfyUI reads them all; see lora/consumers.py)."""
+    for fmt in ("civitai", "comfyui", "original", "musubi", "diffusers"):
+        if fmt in paths:
+            return Path(paths[fmt]).relative_to(out_dir).as_posix()
+    return None
