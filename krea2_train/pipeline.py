@@ -91,7 +91,7 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
 
 
 def _workflow_models(cfg):
-    from krea2_train.export.workflow import ComfyModels
+    from krea2_train.lora.workflow import ComfyModels
 
     e = cfg.export
     return ComfyModels(unet=e.comfyui_unet, text_encoder=e.comfyui_text_encoder, vae=e.comfyui_vae)
@@ -183,7 +183,15 @@ def _say_exported(paths) -> None:
 def _transfer_kwargs(cfg) -> dict:
     return dict(prompts=list(cfg.preview.prompts) or None, height=cfg.preview.resolution,
                 width=cfg.preview.resolution, seed=cfg.preview.seed, style_reference=_style_reference(cfg),
-                sweep=list(cfg.export.strength_sweep))
+                sweep=list(cfg.export.strength_sweep), workflow=_workflow_for_pictures(cfg))
+
+
+def _workflow_for_pictures(cfg) -> dict:
+    """workflow_png_chunks' file and model names for this run's pictures."""
+    from krea2_train.lora.workflow import run_lora_name
+
+    return dict(lora_name=run_lora_name(cfg), trigger_words=tuple(cfg.export.trigger_words),
+                models=_workflow_models(cfg), filename_prefix=cfg.export.name or cfg.run_name)
 
 
 def _style_reference(cfg):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from krea2_train.export.workflow import ComfyModels, embed_png_chunks, workflow_graph, workflow_png_chunks
+from krea2_train.lora.workflow import ComfyModels, embed_png_chunks, workflow_graph, workflow_png_chunks
 
 SPEC = json.loads((Path(__file__).parent / "data" / "comfyui_krea2_t2i_nodes.json").read_text())["nodes"]
 WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "COMBO": str}
@@ -133,3 +133,16 @@ def test_export_writes_the_workflow(tiny_dir, tmp_path, formats, lora_name):
     assert _by_type(api)["CLIPTextEncode"]["text"] == "zq, a cat"
     manifest = json.loads((tmp_path / "export.json").read_text())
     assert manifest["comfyui_workflow"]["ui"] == "w_workflow.json"
+
+
+@pytest.mark.parametrize("formats", [["diffusers", "comfyui", "civitai"], ["comfyui"], ["musubi", "diffusers"],
+                                     ["diffusers"]])
+def test_run_lora_name_is_the_file_the_export_writes(tmp_path, formats):
+    from types import SimpleNamespace
+
+    from krea2_train.export.export import export_path
+    from krea2_train.lora.workflow import comfyui_lora_name, run_lora_name
+
+    cfg = SimpleNamespace(run_name="run", export=SimpleNamespace(name="mystyle", formats=formats))
+    written = {f: export_path(tmp_path, "mystyle", f) for f in formats}
+    assert run_lora_name(cfg) == comfyui_lora_name(written, tmp_path)

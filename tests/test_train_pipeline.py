@@ -77,6 +77,18 @@ def test_run_all_then_everything_is_skipped(tiny_dir, tmp_path, capsys):
     assert all(r["ok"] for r in json.loads((run / "export" / "verify.json").read_text()).values())
     assert (run / "export" / "transfer_report.json").exists() and (run / "export" / "transfer_grid.png").exists()
     assert (run / "previews" / "step-000004.png").exists()  # final preview (Raw + Turbo grid)
+    # both pictures carry ComfyUI's graph for the exported file, as SaveImage writes it (tEXt workflow + prompt)
+    from PIL import Image
+
+    for png, strength in ((run / "previews" / "step-000004.png", 1.0),
+                          (run / "export" / "transfer_grid.png", None)):
+        text = Image.open(png).text
+        api = json.loads(text["prompt"])
+        lora = next(n["inputs"] for n in api.values() if n["class_type"] == "LoraLoaderModelOnly")
+        assert lora["lora_name"] == "pipe_comfyui.safetensors" and "nodes" in json.loads(text["workflow"])
+        report = json.loads((run / "export" / "transfer_report.json").read_text())
+        want = strength if strength is not None else round(report["suggested_turbo_strength"], 2)
+        assert lora["strength_model"] == pytest.approx(want)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in m for m in metrics) and all("lr" in m for m in metrics if "loss" in m)
     assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard events"

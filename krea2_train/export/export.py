@@ -8,7 +8,7 @@ File names in `out_dir`:
     comfyui   {name}_comfyui.safetensors
     diffusers {name}_diffusers/pytorch_lora_weights.safetensors  (`pipe.load_lora_weights(folder)` finds it)
     original  {name}_original.safetensors;  musubi {name}_musubi.safetensors
-    workflow  {name}_workflow.json / _workflow_api.json        ComfyUI's Turbo graph with the LoRA (export/workflow.py)
+    workflow  {name}_workflow.json / _workflow_api.json        ComfyUI's Turbo graph with the LoRA (lora/workflow.py)
     export.json                                             what was written, with sizes and hashes, the programs
                                                             each file is written for and (after verify) valid for
 """
@@ -80,10 +80,10 @@ def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None
     `metadata`: training information for the headers (name, trigger_words, resolution, steps, dataset_size,
     datasets, tag_frequency, turbo_strength, sample_prompt, description, author, license, tags). `preview_png`: PNG
     bytes for the Civitai thumbnail. Beside the files, NAME_workflow.json (+ _api.json): ComfyUI's Turbo graph with
-    the LoRA at metadata["turbo_strength"] (else 1.0); `workflow_models` (export/workflow.ComfyModels) names the
+    the LoRA at metadata["turbo_strength"] (else 1.0); `workflow_models` (lora/workflow.ComfyModels) names the
     Turbo, text encoder and VAE files in it.
     """
-    from krea2_train.export.workflow import ComfyModels, comfyui_lora_name, write_workflow
+    from krea2_train.lora.workflow import ComfyModels, comfyui_lora_name, write_workflow
     from krea2_train.utils.io import write_json_atomic
 
     adapter = as_adapter(adapter)

@@ -84,7 +84,7 @@ def _cos(a, b) -> float:
 def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, turbo_path=None, text_encoder=None,
                     vae=None, prompts=None, sigmas=DEFAULT_SIGMAS, height: int = 1024, width: int = 1024,
                     seed: int = 0, dtype="bfloat16", device=None, render: bool = True, style_reference=None,
-                    sweep=None) -> dict:
+                    sweep=None, workflow: dict | None = None) -> dict:
     """Measure Raw vs Turbo effect of `lora` (a file in any layout, or a TrainedAdapter) and write the report;
     returns the report dict.
 
@@ -94,7 +94,8 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     `text_encoder` (models.text_encoder.TextEncoder or a folder) encodes the prompts; without it, random text
     embeddings stand in (numbers only, no images). `vae` (models.vae.VAE or a path) is needed to render the grid.
     `style_reference`: an evaluate.style.StyleReference (or an image folder) for the style check over `sweep`
-    strengths (default evaluate.strength.DEFAULT_SWEEP).
+    strengths (default evaluate.strength.DEFAULT_SWEEP). `workflow`: lora/workflow.workflow_png_chunks' lora_name,
+    trigger_words and models, to embed ComfyUI's graph for the suggested column in the grid PNG.
     """
     from krea2_train import facts
     from krea2_train.inference import SampleSettings, apply_lora, sample_latents
@@ -216,6 +217,11 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         columns = [turbo_images[0.0], turbo_images[1.0], turbo_images[s2], raw_images]
         grid_png = _grid_png(columns, ["Turbo", "Turbo + LoRA 1.00", f"Turbo + LoRA {s2:.2f} (suggested)",
                                        "Raw + LoRA 1.00 (CFG)"], row_labels=prompts)
+        if workflow is not None:  # the ComfyUI graph for the suggested column: {lora_name, trigger_words, models}
+            from krea2_train.lora.workflow import embed_png_chunks, workflow_png_chunks
+
+            grid_png = embed_png_chunks(grid_png, workflow_png_chunks(
+                strength=round(s2, 2), prompt=prompts[0], width=width, height=height, seed=seed, **workflow))
         write_bytes_atomic(out_dir / "transfer_grid.png", grid_png)
         report["grid"] = "transfer_grid.png"
         buf = io.BytesIO()

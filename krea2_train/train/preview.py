@@ -63,6 +63,7 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     """Render the preview grid; returns {"preview": PIL image} (empty if there are no prompts).
     `write=False`: sample only (an FSDP process other than the main one joins the sampling; nothing decoded)."""
     from krea2_train.inference import SampleSettings, sample_latents
+    from krea2_train.lora.workflow import embed_png_chunks, run_workflow_chunks
     from krea2_train.utils.grid import grid_image
     from krea2_train.utils.io import write_bytes_atomic
 
@@ -112,7 +113,10 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     path = Path(run_dir) / "previews" / f"step-{step:06d}.png"
-    write_bytes_atomic(path, buf.getvalue())
+    # dragged onto ComfyUI, the picture opens the graph that makes its Turbo + LoRA column there
+    chunks = run_workflow_chunks(cfg, strength=1.0, prompt=p.prompts[0], width=p.resolution, height=p.resolution,
+                                 seed=p.seed)
+    write_bytes_atomic(path, embed_png_chunks(buf.getvalue(), chunks))
     log.info("preview: %s", path)
     return {"preview": grid}
 

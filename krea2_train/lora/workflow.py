@@ -189,3 +189,22 @@ def comfyui_lora_name(paths: dict, out_dir) -> str | None:
         if fmt in paths:
             return Path(paths[fmt]).relative_to(out_dir).as_posix()
     return None
+
+
+def run_lora_name(cfg) -> str:
+    """The file of run `cfg` a ComfyUI user puts in models/loras, named as the export writes it (export/export.py's
+    file names), chosen as `comfyui_lora_name` chooses among written files."""
+    name = cfg.export.name or cfg.run_name
+    files = {"civitai": f"{name}.safetensors", "diffusers": f"{name}_diffusers/pytorch_lora_weights.safetensors"}
+    paths = {fmt: files.get(fmt, f"{name}_{fmt}.safetensors") for fmt in cfg.export.formats}
+    return comfyui_lora_name(paths, ".") or f"{name}.safetensors"
+
+
+def run_workflow_chunks(cfg, *, strength: float, prompt: str, width: int, height: int, seed: int = 0) -> dict[str, str]:
+    """The PNG chunks for a picture of run `cfg` (previews, the transfer grid): the graph that makes it in ComfyUI
+    with the run's exported file, the run's trigger words and the export section's model file names."""
+    e = cfg.export
+    models = ComfyModels(unet=e.comfyui_unet, text_encoder=e.comfyui_text_encoder, vae=e.comfyui_vae)
+    return workflow_png_chunks(run_lora_name(cfg), strength=strength, prompt=prompt,
+                               trigger_words=tuple(e.trigger_words), models=models, seed=seed, width=width,
+                               height=height, filename_prefix=e.name or cfg.run_name)
