@@ -5,10 +5,10 @@ from __future__ import annotations
 from krea2_train.data.source import stage_resolutions  # one definition, shared with the trainer
 
 
-def _load(args):
-    from krea2_train.config import load_config
+def _load(args, warn_paths: bool = True):
+    from krea2_train.cli.common import load_run_config
 
-    return load_config(args.config, args.overrides)
+    return load_run_config(args, warn_paths=warn_paths)
 
 
 def check_data(args) -> int:
@@ -31,7 +31,7 @@ def cache(args) -> int:
     from krea2_train.models.paths import check_model_paths
     from krea2_train.models.tiny import ensure_tiny
 
-    cfg = _load(args)
+    cfg = _load(args, warn_paths=False)  # checked below, once
     ensure_tiny(cfg)  # the demo config names a tiny model written on first use
     check_model_paths(cfg, ["model.text_encoder", "model.vae"])  # before any image is read, not at encoder load
     if args.prune:

@@ -4,12 +4,28 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def _config(args):
-    from krea2_train.config import load_config
+    from krea2_train.cli.common import load_run_config
 
-    return load_config(args.config, args.overrides)
+    # the commands here check the model paths themselves (and stop): a warning first would say it twice
+    return load_run_config(args, warn_paths=False)
+
+
+def config_problems(cfg) -> list[str]:
+    """Every path the config names that is not there (model files, then datasets), one message each."""
+    from krea2_train.models.paths import model_path_problems
+
+    problems = model_path_problems(cfg)
+    for i, ds in enumerate(cfg.data.datasets):
+        p = Path(os.path.expanduser(ds.path))
+        if not p.exists():
+            problems.append(f"config key `data.datasets.{i}.path`: dataset folder not found: {p}. Fix the path "
+                            f"(relative paths start at {Path.cwd()}).")
+    return problems
 
 
 def run(args) -> int:
@@ -42,6 +58,12 @@ def show_config(args) -> int:
 
     cfg = _config(args)
     print(to_yaml(cfg), end="")
+    problems = config_problems(cfg)
+    if problems:  # `config` is how people check a config: a missing file is not "ok"
+        print(f"# NOT ok: {len(problems)} missing or wrong path(s):")
+        for problem in problems:
+            print(f"#   {problem}")
+        return 1
     print(f"# ok: {cfg.total_steps} steps in {len(cfg.train.stages)} stage(s) -> {cfg.run_dir}")
     return 0
 
