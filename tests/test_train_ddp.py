@@ -62,4 +62,5 @@ def test_two_process_ddp_same_adapter(tiny_dir, tmp_path, demo_images):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # B starts at zero: it trained
     ckpt = tmp_path / "ddp" / "checkpoints" / "step-000004"
-    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
+    assert (ckpt / "rng_0.safetensors").exists() and (ckpt / "rng_1.safetensors").exists()
+    assert all(f.name.endswith((".safetensors", ".json")) for f in ckpt.rglob("*") if f.is_file())  # no pickle

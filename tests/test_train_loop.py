@@ -93,11 +93,46 @@ def test_ctrl_c_saves_usable_checkpoint(tiny_dir, tmp_path):
     assert res.interrupted and res.step == 2
     ckpt = latest_checkpoint(cfg.run_dir)
     assert ckpt is not None and ckpt.name == "step-000002"
-    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.bin", "scheduler.bin",
-            "random_states_0.pkl", "state.json"} <= {p.name for p in ckpt.iterdir()}
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "scheduler.json",
+            "rng_0.safetensors", "state.json"} <= names
+    assert all(n.endswith((".safetensors", ".json")) for n in names), names  # no pickle
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     res = train(cfg, source=SyntheticData())  # same command again resumes and finishes
     assert res.step == 6 and training_done(cfg)
+
+
+def test_resume_reads_no_pickle_and_refuses_pickle_checkpoints(tiny_dir, tmp_path, monkeypatch):
+    import pickle
+    import shutil
+
+    cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0")
+    t = Trainer(cfg, source=SyntheticData())
+    t.on_step = lambda tr, step: tr.request_stop() if step == 2 else None
+    assert t.run().interrupted
+    ckpt = latest_checkpoint(cfg.run_dir)
+
+    def refuse(*a, **k):
+        raise AssertionError("resume unpickled something")
+
+    with monkeypatch.context() as m:  # the resume itself must not unpickle anything
+        m.setattr(torch, "load", refuse)
+        m.setattr(pickle, "load", refuse)
+        m.setattr(pickle, "loads", refuse)
+        t = Trainer(cfg, source=SyntheticData())
+        t.setup()
+    assert t.state.step == 2
+
+    # an older accelerate checkpoint (optimizer.bin, random_states_0.pkl): refused unless the user opts in
+    old = tmp_path / "old" / "checkpoints" / "step-000002"
+    shutil.copytree(ckpt, old)
+    for name in ("optimizer.safetensors", "rng_0.safetensors"):
+        (old / name).unlink()
+    (old / "optimizer.bin").write_bytes(b"not read")
+    (old / "random_states_0.pkl").write_bytes(b"not read")
+    legacy = tiny_cfg(tiny_dir, tmp_path / "new", f"checkpoint.resume={old}")
+    with pytest.raises(Exception, match="pickle format.*checkpoint.allow_pickle=true"):
+        Trainer(legacy, source=SyntheticData()).setup()
 
 
 def test_keep_last_and_resume_never(tiny_dir, tmp_path):

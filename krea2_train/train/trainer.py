@@ -6,8 +6,9 @@ named in it.
     result = train(cfg, source=SyntheticData())
 
 Determinism: batches, noise and sigmas are pure functions of (seed, step, process), drawn on the CPU, and the LoRA is
-initialised from the seed on every process; together with the checkpointed optimiser/scheduler/RNG states a run
-stopped and resumed ends with the same adapter as one that ran straight through.
+initialised from the seed on every process; together with the checkpointed optimiser/scheduler/RNG states
+(safetensors + JSON, train/checkpoint.py) a run stopped and resumed ends with the same adapter as one that ran
+straight through.
 
 The loss is train/step.py's `flow_matching_loss` (also what scripts/bench_step.py times); sigmas come from
 train/timesteps.py (logit-normal, Raw's resolution-aware shift by default).
@@ -185,7 +186,8 @@ class Trainer:
         self.state = TrainState()
         self.ckpt = Checkpointer(self.acc, self.run_dir, self.cfg.checkpoint.keep_last, self.transformer,
                                  self.peft_config, self.state, settings=self.settings,
-                                 fsdp=self.strategy.checkpoint_parts(*self._parts))
+                                 fsdp=self.strategy.checkpoint_parts(*self._parts), optimizer=self.optimizer,
+                                 scheduler=self.scheduler, allow_pickle=self.cfg.checkpoint.allow_pickle)
 
     def _resume(self):
         path = resume_path(self.cfg)
