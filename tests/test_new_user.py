@@ -138,3 +138,17 @@ def test_every_flag_has_help():
             if not action.help:
                 missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
     assert not missing, missing
+
+
+# ------------------------------------------------------------------------------------------------ quiet
+def test_no_bitsandbytes_kernel_warning_on_a_command():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "krea2_train.cli", "check-data", str(DEMO_DATA)], cwd=root,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr
+    assert "gemm_4bit_forward" not in proc.stderr and "pip install kernels" not in proc.stderr, proc.stderr

@@ -48,6 +48,7 @@ def test_loss_goes_down(tiny_dir, tmp_path):
     before = t.validation_loss(cfg.train.stages[0])
     res = t.run()
     after = json_lines(cfg.run_dir / "metrics.jsonl", "val_loss")[-1]
+    assert t.state.val_history == [[30, after]]  # what loss.png draws beside the training loss
     assert after < 0.9 * before, (before, after)
     assert training_done(cfg) and res.step == 30
     assert (cfg.run_dir / "loss.png").stat().st_size > 1000

@@ -37,6 +37,7 @@ class TrainState:
     skipped_steps: int = 0
     done: bool = False
     history: list = field(default_factory=list)  # [step, loss] pairs for the loss curve
+    val_history: list = field(default_factory=list)  # [step, validation loss] pairs, drawn on the same curve
 
     def state_dict(self) -> dict:
         return asdict(self)

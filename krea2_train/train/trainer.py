@@ -203,7 +203,10 @@ class Trainer:
             acc.init_trackers(cfg.logging.wandb_project,
                               config={"rank": cfg.lora.rank, "lr": cfg.optimizer.lr, "steps": cfg.total_steps,
                                       "optimizer": self.optimizer_name, "targets": cfg.lora.targets},
-                              init_kwargs={"wandb": {"name": cfg.run_name, "dir": str(self.run_dir)}})
+                              # TensorBoard discards what a killed run logged after the resumed checkpoint
+                              init_kwargs={"wandb": {"name": cfg.run_name, "dir": str(self.run_dir)},
+                                           "tensorboard": {"purge_step": self.state.step + 1} if self.state.step
+                                           else {}})
 
     def request_stop(self, *_):
         """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit cleanly."""
@@ -301,9 +304,11 @@ class Trainer:
                 si = max(i for i, s in enumerate(starts) if s <= state.step)
                 stage = cfg.train.stages[si]
                 local = state.step - starts[si]
-                if acc.is_main_process and local == 0:
-                    log.info("stage %d: %d px, %d steps, batch %d, lr x%s", si, stage.resolution, stage.steps,
-                             stage.batch_size, stage.lr_factor)
+                if acc.is_main_process and local == 0:  # the global batch is what the lr is tuned for
+                    log.info("stage %d: %d px, %d steps, batch %d%s, lr x%s", si, stage.resolution, stage.steps,
+                             stage.batch_size * accum * acc.num_processes, "" if accum * acc.num_processes == 1 else
+                             f" ({stage.batch_size} per process x {acc.num_processes} processes x {accum} "
+                             "accumulated)", stage.lr_factor)
                 reset_gpu_peak(acc.device)  # the peaks logged in metrics.jsonl are this stage's
                 batches = self._source().stage_batches(si, stage, local * accum, cfg.seed, acc.process_index,
                                                        acc.num_processes, global_offset=starts[si] * accum)
@@ -345,7 +350,7 @@ class Trainer:
             write_json_atomic(self.run_dir / DONE_FILE, {"step": state.step, "total_steps": total,
                                                          "skipped_steps": state.skipped_steps,
                                                          "trained_with": self.settings})
-        tracker.close(state.history)
+        tracker.close(state)
         acc.wait_for_everyone()
         for t in acc.trackers:  # not end_training(): it destroys the process group the pipeline still needs
             t.finish()
@@ -424,14 +429,12 @@ class Trainer:
         if cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
             v = self.validation_loss(stage)
             if v is not None:
+                state.val_history.append([step, v])
                 tracker.log(step, {"val_loss": v})
         # the checkpoint first: a failing preview must never lose the progress since the last save
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             self.ckpt.save("periodic")
-            if self.acc.is_main_process:  # keep the curve current during long runs
-                from krea2_train.train.tracking import write_loss_curve
-
-                write_loss_curve(state.history, self.run_dir / "loss.png")
+            tracker.write_curve(state)  # keep the curve current during long runs (main process)
         if cfg.preview.every_steps and cfg.preview.prompts and step % cfg.preview.every_steps == 0:
             self.preview(step, tracker)
         if self.on_step is not None:
