@@ -11,11 +11,31 @@ def _load(args, warn_paths: bool = True):
     return load_run_config(args, warn_paths=warn_paths)
 
 
+def token_counter(cfg):
+    """Exact caption lengths from the configured text encoder's tokenizer, loaded on the first caption long enough
+    to need it (most never do); None without a text encoder folder (check-data then uses cheap bounds)."""
+    from pathlib import Path
+
+    folder = Path(str(cfg.model.text_encoder or "")).expanduser()
+    if not cfg.model.text_encoder or not (folder / "tokenizer_config.json").exists():
+        return None
+    tokenizer = []
+
+    def count(text: str) -> int:
+        if not tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer.append(AutoTokenizer.from_pretrained(str(folder)))
+        return len(tokenizer[0](text, add_special_tokens=False).input_ids)
+
+    return count
+
+
 def check_data(args) -> int:
     from krea2_train.data.checks import format_report, scan_data
 
     cfg = _load(args)
-    scan = scan_data(cfg.data, stage_resolutions(cfg), cfg.cache_dir)
+    scan = scan_data(cfg.data, stage_resolutions(cfg), cfg.cache_dir, count_tokens=token_counter(cfg))
     print(format_report(scan, show_info=args.verbose))
     if scan.fatal:
         return 1
