@@ -103,10 +103,12 @@ def test_ctrl_c_saves_usable_checkpoint(tiny_dir, tmp_path):
     assert res.step == 6 and training_done(cfg)
 
 
-def test_resume_reads_no_pickle_and_refuses_pickle_checkpoints(tiny_dir, tmp_path, monkeypatch):
+def test_resume_reads_no_pickle_and_refuses_pickle_checkpoints(tiny_dir, tmp_path, monkeypatch, caplog):
+    import logging
     import pickle
     import shutil
 
+    caplog.set_level(logging.INFO)
     cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0")
     t = Trainer(cfg, source=SyntheticData())
     t.on_step = lambda tr, step: tr.request_stop() if step == 2 else None
@@ -116,6 +118,7 @@ def test_resume_reads_no_pickle_and_refuses_pickle_checkpoints(tiny_dir, tmp_pat
     def refuse(*a, **k):
         raise AssertionError("resume unpickled something")
 
+    assert not [r for r in caplog.records if r.name.startswith("accelerate")]  # no INFO line per file saved
     with monkeypatch.context() as m:  # the resume itself must not unpickle anything
         m.setattr(torch, "load", refuse)
         m.setattr(pickle, "load", refuse)
@@ -134,6 +137,55 @@ def test_resume_reads_no_pickle_and_refuses_pickle_checkpoints(tiny_dir, tmp_pat
     legacy = tiny_cfg(tiny_dir, tmp_path / "new", f"checkpoint.resume={old}")
     with pytest.raises(Exception, match="pickle format.*checkpoint.allow_pickle=true"):
         Trainer(legacy, source=SyntheticData()).setup()
+
+
+def _write_accelerate_checkpoint(tr, path):
+    """What checkpoints were before the pickle-free format: accelerate's save_state (optimizer.bin, scheduler.bin,
+    random_states_0.pkl, custom_checkpoint_0.pkl for the TrainState) with the adapter saved by a hook."""
+    import json
+
+    from krea2_train.train import lora as lora_mod
+
+    def hook(models, weights, output_dir):
+        lora_mod.save_adapter(tr.transformer, tr.peft_config, output_dir)
+        weights.clear()
+
+    handle = tr.acc.register_save_state_pre_hook(hook)
+    tr.acc._custom_objects[:] = [tr.state]
+    try:
+        tr.acc.save_state(str(path))
+    finally:
+        handle.remove()
+        tr.acc._custom_objects.clear()
+    position = {"step": tr.state.step, "nan_streak": 0, "skipped_steps": 0}
+    (path / "state.json").write_text(json.dumps({"step": tr.state.step, "num_processes": 1, "position": position,
+                                                 "trained_with": tr.settings}))
+
+
+def test_pickle_checkpoint_resumes_only_when_allowed_and_bit_identically(tiny_dir, tmp_path):
+    extra = ["checkpoint.every_steps=0", "lora.dropout=0.1", "optimizer.warmup_steps=2"]
+    straight = tiny_cfg(tiny_dir, tmp_path / "a", *extra)
+    train(straight, source=SyntheticData())
+
+    cfg = tiny_cfg(tiny_dir, tmp_path / "b", *extra)
+
+    def stop_hard(tr, step):  # an old checkpoint at step 3, then the process dies (no checkpoint of ours)
+        if step == 3:
+            _write_accelerate_checkpoint(tr, cfg.run_dir / "checkpoints" / "step-000003")
+            raise RuntimeError("killed")
+
+    t = Trainer(cfg, source=SyntheticData())
+    t.on_step = stop_hard
+    with pytest.raises(RuntimeError, match="killed"):
+        t.run()
+    assert (latest_checkpoint(cfg.run_dir) / "random_states_0.pkl").exists()
+    with pytest.raises(Exception, match="checkpoint.allow_pickle=true"):
+        train(cfg, source=SyntheticData())
+    allowed = tiny_cfg(tiny_dir, tmp_path / "b", *extra, "checkpoint.allow_pickle=true")
+    assert train(allowed, source=SyntheticData()).step == 6
+    a, b = adapter(straight.run_dir), adapter(allowed.run_dir)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_keep_last_and_resume_never(tiny_dir, tmp_path):
