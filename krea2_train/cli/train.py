@@ -68,6 +68,17 @@ def show_config(args) -> int:
     return 0
 
 
+def page(args) -> int:
+    from krea2_train.errors import UserError
+    from krea2_train.runpage import write_run_page
+
+    run = Path(args.run).expanduser()
+    if not (run / "config.yaml").exists():
+        raise UserError(f"{run} is not a training run folder (no config.yaml); give runs/NAME")
+    print(write_run_page(run))
+    return 0
+
+
 def estimate(args) -> int:
     from krea2_train.estimate.command import estimate_command
 
@@ -83,6 +94,10 @@ def register(sub) -> None:
                        "latest checkpoint", train)
     add_config_command(sub, "config", "check a run config (no work done) and print it with every default filled in",
                        show_config)
+    p = sub.add_parser("page", help="write RUN/index.html: the run's settings, curves, previews, data report, "
+                       "verification and exports on one page that opens from disk (the whole job writes it too)")
+    p.add_argument("run", help="training run folder (runs/NAME)")
+    p.set_defaults(func=page)
     p = add_config_command(sub, "estimate", "estimate the peak GPU memory of each training stage, on the CPU, before "
                            "any download (which card the config needs)", estimate)
     p.add_argument("--gpus", type=int, default=1, help="processes (GPUs); with FSDP the figures are per GPU")
