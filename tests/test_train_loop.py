@@ -188,6 +188,36 @@ def test_pickle_checkpoint_resumes_only_when_allowed_and_bit_identically(tiny_di
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_killed_run_resumes_with_one_line_per_step(tiny_dir, tmp_path):
+    """A kill -9 at step 5 (checkpoint at 3): the resumed run repeats 4 and 5; metrics.jsonl and TensorBoard keep
+    one value per step, not both copies."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(tiny_dir, tmp_path, "logging.tensorboard=true")
+
+    def die(tr, step):
+        if step == 5:
+            raise RuntimeError("killed")  # like kill -9: no checkpoint saved, rows 4 and 5 already logged
+
+    t = Trainer(cfg, source=SyntheticData())
+    t.on_step = die
+    with pytest.raises(RuntimeError):
+        t.run()
+    for tracker in t.acc.trackers:
+        tracker.finish()
+    assert json_lines(cfg.run_dir / "metrics.jsonl", "step")[-1] == 5
+    train(cfg, source=SyntheticData())
+    import json
+
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    logs = cfg.run_dir / "logs" / cfg.logging.wandb_project  # both runs' event files, read as TensorBoard does
+    assert len(list(logs.glob("events.out.tfevents.*"))) == 2
+    events = EventAccumulator(str(logs))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_keep_last_and_resume_never(tiny_dir, tmp_path):
     cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=1", "checkpoint.keep_last=2")
     train(cfg, source=SyntheticData())

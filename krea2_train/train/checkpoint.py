@@ -60,14 +60,20 @@ def latest_checkpoint(run_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def check_checkpoint_kind(path, fsdp: bool, num_processes: int) -> None:
+def check_checkpoint_kind(path, fsdp: bool, num_processes: int, allow_pickle: bool = False) -> None:
     """A checkpoint resumes only the way it was written: DDP or FSDP (their optimiser files differ) and, under FSDP,
-    on as many processes (each holds its own optimiser shard). Checked before the model is loaded."""
+    on as many processes (each holds its own optimiser shard); an older pickle one only with `allow_pickle`.
+    Checked before the model is loaded."""
     from krea2_train.runtime.sharding import OPTIMIZER_DIR
 
     path = Path(path)
     if not (path / "state.json").exists():
         return
+    if not allow_pickle and is_legacy(path):
+        raise UserError(f"{path} is an older checkpoint in pickle format ({', '.join(pickle_files(path)[:4])}): "
+                        "loading it can run any code stored in it. If you wrote it yourself (or trust who did), "
+                        "resume with checkpoint.allow_pickle=true; otherwise start a new run_name, or point "
+                        "checkpoint.resume at a pickle-free checkpoint.")
     if fsdp != (path / OPTIMIZER_DIR).exists():
         how = ("with FSDP; resume it the way it was trained (train.fsdp=true, or configs/accelerate/fsdp.yaml)"
                if not fsdp else "without FSDP; resume it the way it was trained (train.fsdp=false and a "
@@ -201,12 +207,8 @@ class Checkpointer:
             raise UserError(f"{path} is not a complete checkpoint (no state.json). Point `checkpoint.resume` at a "
                             "folder under RUN/checkpoints/step-*, or use auto.")
         saved = json.loads((path / "state.json").read_text())
+        check_checkpoint_kind(path, self.fsdp is not None, self.acc.num_processes, self.allow_pickle)
         legacy = is_legacy(path)
-        if legacy and not self.allow_pickle:
-            raise UserError(f"{path} is an older checkpoint in pickle format ({', '.join(pickle_files(path)[:4])}): "
-                            "loading it can run any code stored in it. If you wrote it yourself (or trust who did), "
-                            "resume with checkpoint.allow_pickle=true; otherwise start a new run_name, or point "
-                            "checkpoint.resume at a pickle-free checkpoint.")
         if saved.get("num_processes", 1) != self.acc.num_processes:
             # RNG files exist per rank; with another world size the data order differs but training is still valid.
             log.warning("checkpoint %s was written by %s processes, resuming with %s: the run will not be bitwise "
@@ -216,7 +218,6 @@ class Checkpointer:
             if missing:
                 raise UserError(f"{path} has no RNG state for process(es) {missing}: resume with "
                                 f"{saved.get('num_processes')} processes, as the checkpoint was written")
-        check_checkpoint_kind(path, self.fsdp is not None, self.acc.num_processes)
         if legacy:
             self._load_legacy(path)
         else:

@@ -121,7 +121,7 @@ class Trainer:
         self.strategy.check(cfg, self.mem)
         resume_from = resume_path(cfg)
         if resume_from is not None:  # the checkpoint's kind too: a mismatch is found now, not after loading 26 GB
-            check_checkpoint_kind(resume_from, self.strategy.fsdp, acc.num_processes)
+            check_checkpoint_kind(resume_from, self.strategy.fsdp, acc.num_processes, cfg.checkpoint.allow_pickle)
         check_multiprocess_lora(cfg, acc.num_processes)
         # a memory preset's 8-bit hint picks the optimiser; the config is left as written, runtime.json says so
         self.optimizer_name = optimizer_name(cfg.optimizer, self.mem)
