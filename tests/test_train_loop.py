@@ -380,8 +380,8 @@ def test_interrupt_right_after_a_periodic_save_does_not_save_again(tiny_dir, tmp
     cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=2")
     t = Trainer(cfg, source=SyntheticData())
     t.setup()
-    saves, real = [], t.acc.save_state
-    t.acc.save_state = lambda *a, **k: (saves.append(t.state.step), real(*a, **k))[1]
+    saves, real = [], t.ckpt._write
+    t.ckpt._write = lambda *a, **k: (saves.append(t.state.step), real(*a, **k))[1]
     t.on_step = lambda tr, step: tr.request_stop() if step == 2 else None
     res = t.run()
     assert res.interrupted and res.step == 2 and saves == [2]

@@ -103,7 +103,7 @@ def resolve_lora(arg) -> Path:
                         "folder (runs/NAME).")
     run = _run_folder(path)
     found = None
-    if run is not None:
+    if run is not None and path.name != "adapter":  # RUN/adapter given: the trained adapter itself
         export = run / "export"
         for candidate in (export / f"{run.name}.safetensors", export / f"{run.name}_comfyui.safetensors",
                           export / f"{run.name}_diffusers" / "pytorch_lora_weights.safetensors"):

@@ -92,7 +92,8 @@ def register(sub) -> None:
                        "already done)", run)
     add_config_command(sub, "train", "train the LoRA only (caches are built first if missing); resumes from the "
                        "latest checkpoint", train)
-    add_config_command(sub, "config", "check a run config (no work done) and print it with every default filled in",
+    add_config_command(sub, "config", "check a run config, including that every model and dataset path exists "
+                       "(no work done; exit 1 naming each missing path), and print it with every default filled in",
                        show_config)
     p = sub.add_parser("page", help="write RUN/index.html: the run's settings, curves, previews, data report, "
                        "verification and exports on one page that opens from disk (the whole job writes it too)")
