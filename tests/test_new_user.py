@@ -152,3 +152,12 @@ def test_no_bitsandbytes_kernel_warning_on_a_command():
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.returncode == 0, proc.stderr
     assert "gemm_4bit_forward" not in proc.stderr and "pip install kernels" not in proc.stderr, proc.stderr
+
+
+def test_only_the_main_process_prints(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")  # what accelerate launch sets on the second process
+    assert main(["check-data", str(DEMO_DATA)]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["check-data", str(DEMO_DATA)]) == 0
+    assert "16 usable images" in capsys.readouterr().out

@@ -49,3 +49,12 @@ def load_run_config(args, warn_paths: bool = True):
     base = {"data": {"datasets": [{"path": str(src)}]},
             "model": {k: "" for k in ("transformer", "text_encoder", "vae")}}
     return load_config(None, args.overrides, warn_paths=warn_paths, base=base, source=f"folder {src}")
+
+
+def say(text: str) -> None:
+    """print() on the main process only: under `accelerate launch` every process runs the command (RANK is set by
+    the launcher), and each line would otherwise appear once per GPU."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)

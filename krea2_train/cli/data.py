@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from krea2_train.cli.common import say
 from krea2_train.data.source import stage_resolutions  # one definition, shared with the trainer
 
 
@@ -36,7 +37,7 @@ def check_data(args) -> int:
 
     cfg = _load(args)
     scan = scan_data(cfg.data, stage_resolutions(cfg), cfg.cache_dir, count_tokens=token_counter(cfg))
-    print(format_report(scan, show_info=args.verbose))
+    say(format_report(scan, show_info=args.verbose))
     if scan.fatal:
         return 1
     if args.strict and scan.counts()["error"]:
@@ -58,15 +59,15 @@ def cache(args) -> int:
         from krea2_train.data.cache import prune_cache
 
         files, nbytes = prune_cache(cfg.cache_dir)
-        print(f"pruned {files} stale cache entries ({nbytes / 1e6:.1f} MB) from {cfg.cache_dir}")
+        say(f"pruned {files} stale cache entries ({nbytes / 1e6:.1f} MB) from {cfg.cache_dir}")
     resolutions = stage_resolutions(cfg)
     scan = scan_data(cfg.data, resolutions, cfg.cache_dir)
     if scan.fatal:
-        print(format_report(scan))
+        say(format_report(scan))
         raise UserError("fatal data problems (above); fix them and run again")
-    print(scan.summary())
+    say(scan.summary())
     manifest = build_caches(cfg.data, cfg.model, cfg.cache_dir, resolutions, scan=scan)
-    print(f"cache ready: {len(manifest.items)} images at {resolutions} px; manifest {manifest.path}")
+    say(f"cache ready: {len(manifest.items)} images at {resolutions} px; manifest {manifest.path}")
     return 0
 
 
