@@ -9,8 +9,10 @@ def add_config_command(sub, name: str, help: str, func, overrides_help: str = "k
                        "lora.rank=32 train.stages.0.steps=500") -> argparse.ArgumentParser:
     """A subcommand that takes a run config YAML plus key=value overrides (the areas add their own flags)."""
     p = sub.add_parser(name, help=help)
-    p.add_argument("config", help="run config YAML (see configs/), or a data folder (images + .txt captions; "
-                   "the model paths then come as key=value overrides)")
+    p.add_argument("config", help="run config YAML (see configs/)" + (
+        ", or a data folder (images + .txt captions" + ("" if not FOLDER_NEEDS[name] else
+                                                        "; the model paths then come as key=value overrides") + ")"
+        if name in FOLDER_NEEDS else ""))
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=func)
     return p
