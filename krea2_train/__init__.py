@@ -13,4 +13,10 @@ The folders follow the pipeline; imports only go down this list (the pipeline an
     pipeline.py the whole job; cli/ the `krea2-train` commands
 """
 
+import logging as _logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes warns at import, on every command, that an optional CPU speed-up for 4-bit matmuls (the `kernels`
+# package) is missing: nothing a LoRA run needs. Set before any submodule imports bitsandbytes.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

@@ -48,6 +48,12 @@ def check_data(cfg):
     if scan.fatal:
         raise UserError("the data has fatal problems; fix them and run again:\n" + format_report(scan))
     _say(f"check-data: {scan.summary()}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # for the run page
+        from krea2_train.runpage import write_data_report
+
+        write_data_report(cfg.run_dir, scan)
     return scan
 
 
@@ -265,6 +271,8 @@ def run_all(cfg) -> int:
             _say(f"export: {cfg.run_dir / 'export'} is up to date, skipped")
         else:
             export(cfg, manifest)
-        _say(f"done: {cfg.run_dir}")
+        from krea2_train.runpage import write_run_page
+
+        _say(f"done: {cfg.run_dir} (open {write_run_page(cfg.run_dir)} in a browser)")
     state.wait_for_everyone()
     return 0

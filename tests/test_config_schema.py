@@ -99,12 +99,20 @@ def test_overrides_and_resolved_config_round_trip(tmp_path):
     assert to_yaml(again) == to_yaml(cfg)
 
 
-def test_config_command_prints_resolved_config(capsys):
+def test_config_command_prints_resolved_config(capsys, tiny_dir):
     from krea2_train.cli import main
 
-    assert main(["config", str(ROOT / "configs" / "style.yaml"), "lora.rank=8"]) == 0
+    there = [f"model.transformer={tiny_dir}/transformer_raw.safetensors",
+             f"model.turbo={tiny_dir}/transformer_turbo.safetensors", f"model.text_encoder={tiny_dir}/text_encoder",
+             f"model.vae={tiny_dir}/vae", f"data.datasets.0.path={ROOT / 'datasets' / 'demo'}"]
+    assert main(["config", str(ROOT / "configs" / "style.yaml"), "lora.rank=8", *there]) == 0
     out = capsys.readouterr().out
     assert "rank: 8" in out and "# ok: 2000 steps in 2 stage(s)" in out
+    # as shipped, style.yaml names files this machine does not have: not "ok", each missing path named
+    assert main(["config", str(ROOT / "configs" / "style.yaml"), "lora.rank=8"]) == 1
+    out = capsys.readouterr().out
+    assert "rank: 8" in out and "# ok" not in out and "# NOT ok" in out
+    assert "`model.transformer`" in out and "`data.datasets.0.path`" in out
     assert main(["config", str(ROOT / "configs" / "style.yaml"), "lora.rnak=8"]) == 2
 
 

@@ -74,6 +74,11 @@ def test_bad_inputs_reported_and_skipped(tmp_path):
     assert not any(p.file.endswith("tiny.png") for p in scan.problems if p.kind != "too_small")  # no caption noise
     assert not scan.fatal
     assert data == (tmp_path / "good.png").read_bytes()  # checking never touches the files
+    # the summary's skipped count is the files marked skipped: fake, trunc, bomb, tiny and the duplicate
+    skipped = {p.file.split("/")[-1] for p in scan.problems if p.severity == "error"}
+    assert skipped == {"fake.png", "trunc.jpg", "bomb.png", "tiny.png", "dup.png"}
+    assert f"{len(skipped)} skipped" in scan.summary()
+    assert kinds["caption_not_utf8"][0].severity == "warning"  # latin1.png is used, not skipped
 
     # Without a default caption a missing caption is a warning and the image trains on the trigger word alone.
     cfg.datasets[0].default_caption = None
@@ -81,6 +86,36 @@ def test_bad_inputs_reported_and_skipped(tmp_path):
     scan = scan_data(cfg, [64])
     assert {i.name.split("/")[-1]: i.caption for i in scan.items}["nocap.png"] == "zkw"
     assert by_kind(scan)["missing_caption"][0].severity == "warning"
+    # a non-UTF-8 caption is reported once (not also as a missing caption), saying what the image trains on
+    assert [p.file.split("/")[-1] for p in scan.problems if "latin1" in p.file] == ["latin1.txt"]
+    assert "trigger word alone" in by_kind(scan)["caption_not_utf8"][0].message
+
+
+def test_long_captions_and_captions_without_images(tmp_path, tiny_dir):
+    from krea2_train.cli.data import token_counter
+    from krea2_train.config import load_config
+
+    for k, (name, caption) in enumerate((("short", "a red square"), ("words", "red " * 600), ("chars", "x" * 26_000),
+                                         ("almost", "a red square on teal " * 20))):
+        img(tmp_path / f"{name}.png", colour=(40 * k, 0, 0))  # distinct images: no duplicates
+        (tmp_path / f"{name}.txt").write_text(caption)
+    (tmp_path / "orphan.txt").write_text("an image that was deleted")
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(tmp_path))])
+    scan = scan_data(cfg, [64])
+    long = {p.file.split("/")[-1]: p for p in by_kind(scan)["caption_too_long"]}
+    assert set(long) == {"words.png", "chars.png"}  # "almost" (420 characters) fits
+    assert "at least 600 tokens" in long["words.png"].message and "estimated" in long["chars.png"].message
+    assert all(p.severity == "warning" for p in long.values())  # still trained on, with the caption cut
+    orphans = by_kind(scan)["caption_without_image"]
+    assert [p.file.split("/")[-1] for p in orphans] == ["orphan.txt"] and "orphan.png" in orphans[0].message
+    assert len(scan.items) == 4
+
+    # with a text encoder configured, the tokenizer counts exactly
+    run = load_config(None, ["model.transformer=x", f"model.text_encoder={tiny_dir}/text_encoder", "model.vae=y"])
+    count = token_counter(run)
+    assert count is not None and count("red " * 600) >= 600
+    exact = {p.file.split("/")[-1]: p for p in by_kind(scan_data(cfg, [64], count_tokens=count))["caption_too_long"]}
+    assert "words.png" in exact and "estimated" not in exact["words.png"].message
 
 
 def test_upscale_only_when_allowed_and_per_stage(tmp_path):

@@ -73,8 +73,13 @@ def test_resize_is_the_best_low_rank_approximation(adapter):
         assert err.item() == pytest.approx(s[2:].norm().item(), rel=1e-3, abs=tol)  # Eckart-Young optimum
         assert report[m]["energy"] == pytest.approx(((s[:2] ** 2).sum() / (s**2).sum()).item(), rel=1e-4)
         assert small.rank(m) == min(2, *full.shape) and small.scale(m) == 1.0
-    same, _ = resize_lora(adapter, rank=8)  # a rank at or above the current one keeps the delta exactly
+    with pytest.raises(UserError, match="only lowers"):  # at or above the current rank nothing would change
+        resize_lora(adapter, rank=8)
+    same, _ = resize_lora(adapter, rank=8, min_energy=1.0)  # a cap above every rank keeps the delta exactly
     assert max_delta_error(adapter, same) < 1e-5
+    for bad in (2, -1, 0):
+        with pytest.raises(UserError, match="min-energy"):
+            resize_lora(adapter, min_energy=bad)
     dyn, rep = resize_lora(adapter, min_energy=0.9)
     assert all(v["energy"] >= 0.9 - 1e-6 for v in rep.values())
     with pytest.raises(UserError):

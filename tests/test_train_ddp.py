@@ -18,6 +18,8 @@ SCRIPT = textwrap.dedent('''
     from krea2_train.train.trainer import Trainer
     from krea2_train.train.lora import adapter_state_dict
     tiny, out, data = sys.argv[1], sys.argv[2], sys.argv[3]
+    from krea2_train.cli import setup_logging
+    setup_logging()  # what `krea2-train` does: only the main process logs
     cfg = load_config(None, [
         f"model.transformer={tiny}/transformer_raw.safetensors", f"model.text_encoder={tiny}/text_encoder",
         f"model.vae={tiny}/vae", "model.dtype=float32", "train.mixed_precision=no",
@@ -52,6 +54,10 @@ def test_two_process_ddp_same_adapter(tiny_dir, tmp_path, demo_images):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # one copy of each message, with the global batch (1 per process x 2 processes x 2 accumulated = 4)
+    assert proc.stderr.count("stage 0: 128 px") == 1, proc.stderr[-3000:]
+    assert "batch 4 (1 per process x 2 processes x 2 accumulated)" in proc.stderr
+    assert proc.stderr.count("LoRA: ") == 1 and "Saving current state" not in proc.stderr
     for rank in (0, 1):
         result = (tmp_path / f"result_rank{rank}.txt").read_text()
         assert result.startswith("STEP 4 ") and "MULTI_CPU" in result, result
@@ -62,4 +68,5 @@ def test_two_process_ddp_same_adapter(tiny_dir, tmp_path, demo_images):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # B starts at zero: it trained
     ckpt = tmp_path / "ddp" / "checkpoints" / "step-000004"
-    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
+    assert (ckpt / "rng_0.safetensors").exists() and (ckpt / "rng_1.safetensors").exists()
+    assert all(f.name.endswith((".safetensors", ".json")) for f in ckpt.rglob("*") if f.is_file())  # no pickle

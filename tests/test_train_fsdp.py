@@ -177,8 +177,9 @@ def test_two_process_fsdp_matches_ddp_and_resumes(tiny_dir, tmp_path, demo_image
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-6, msg=k)
 
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step-000004"
-    assert (ckpt / "optimizer_sharded" / "rank_1.pt").exists() and not (ckpt / "optimizer.bin").exists()
-    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
+    assert (ckpt / "optimizer_sharded" / "rank_1.safetensors").exists() and not (ckpt / "optimizer.bin").exists()
+    assert (ckpt / "rng_0.safetensors").exists() and (ckpt / "rng_1.safetensors").exists()
+    assert all(f.name.endswith((".safetensors", ".json")) for f in ckpt.rglob("*") if f.is_file())  # no pickle
     assert load_file(str(ckpt / "adapter_model.safetensors")).keys() == fsdp.keys()
     assert (tmp_path / "fsdp" / "previews" / "step-000002.png").exists()
     info = json.loads((tmp_path / "resumed" / "checkpoints" / "step-000003" / "state.json").read_text())

@@ -48,6 +48,7 @@ def test_loss_goes_down(tiny_dir, tmp_path):
     before = t.validation_loss(cfg.train.stages[0])
     res = t.run()
     after = json_lines(cfg.run_dir / "metrics.jsonl", "val_loss")[-1]
+    assert t.state.val_history == [[30, after]]  # what loss.png draws beside the training loss
     assert after < 0.9 * before, (before, after)
     assert training_done(cfg) and res.step == 30
     assert (cfg.run_dir / "loss.png").stat().st_size > 1000
@@ -93,11 +94,128 @@ def test_ctrl_c_saves_usable_checkpoint(tiny_dir, tmp_path):
     assert res.interrupted and res.step == 2
     ckpt = latest_checkpoint(cfg.run_dir)
     assert ckpt is not None and ckpt.name == "step-000002"
-    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.bin", "scheduler.bin",
-            "random_states_0.pkl", "state.json"} <= {p.name for p in ckpt.iterdir()}
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "scheduler.json",
+            "rng_0.safetensors", "state.json"} <= names
+    assert all(n.endswith((".safetensors", ".json")) for n in names), names  # no pickle
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     res = train(cfg, source=SyntheticData())  # same command again resumes and finishes
     assert res.step == 6 and training_done(cfg)
+
+
+def test_resume_reads_no_pickle_and_refuses_pickle_checkpoints(tiny_dir, tmp_path, monkeypatch, caplog):
+    import logging
+    import pickle
+    import shutil
+
+    caplog.set_level(logging.INFO)
+    cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=0")
+    t = Trainer(cfg, source=SyntheticData())
+    t.on_step = lambda tr, step: tr.request_stop() if step == 2 else None
+    assert t.run().interrupted
+    ckpt = latest_checkpoint(cfg.run_dir)
+
+    def refuse(*a, **k):
+        raise AssertionError("resume unpickled something")
+
+    assert not [r for r in caplog.records if r.name.startswith("accelerate")]  # no INFO line per file saved
+    with monkeypatch.context() as m:  # the resume itself must not unpickle anything
+        m.setattr(torch, "load", refuse)
+        m.setattr(pickle, "load", refuse)
+        m.setattr(pickle, "loads", refuse)
+        t = Trainer(cfg, source=SyntheticData())
+        t.setup()
+    assert t.state.step == 2
+
+    # an older accelerate checkpoint (optimizer.bin, random_states_0.pkl): refused unless the user opts in
+    old = tmp_path / "old" / "checkpoints" / "step-000002"
+    shutil.copytree(ckpt, old)
+    for name in ("optimizer.safetensors", "rng_0.safetensors"):
+        (old / name).unlink()
+    (old / "optimizer.bin").write_bytes(b"not read")
+    (old / "random_states_0.pkl").write_bytes(b"not read")
+    legacy = tiny_cfg(tiny_dir, tmp_path / "new", f"checkpoint.resume={old}")
+    with pytest.raises(Exception, match="pickle format.*checkpoint.allow_pickle=true"):
+        Trainer(legacy, source=SyntheticData()).setup()
+
+
+def _write_accelerate_checkpoint(tr, path):
+    """What checkpoints were before the pickle-free format: accelerate's save_state (optimizer.bin, scheduler.bin,
+    random_states_0.pkl, custom_checkpoint_0.pkl for the TrainState) with the adapter saved by a hook."""
+    import json
+
+    from krea2_train.train import lora as lora_mod
+
+    def hook(models, weights, output_dir):
+        lora_mod.save_adapter(tr.transformer, tr.peft_config, output_dir)
+        weights.clear()
+
+    handle = tr.acc.register_save_state_pre_hook(hook)
+    tr.acc._custom_objects[:] = [tr.state]
+    try:
+        tr.acc.save_state(str(path))
+    finally:
+        handle.remove()
+        tr.acc._custom_objects.clear()
+    position = {"step": tr.state.step, "nan_streak": 0, "skipped_steps": 0}
+    (path / "state.json").write_text(json.dumps({"step": tr.state.step, "num_processes": 1, "position": position,
+                                                 "trained_with": tr.settings}))
+
+
+def test_pickle_checkpoint_resumes_only_when_allowed_and_bit_identically(tiny_dir, tmp_path):
+    extra = ["checkpoint.every_steps=0", "lora.dropout=0.1", "optimizer.warmup_steps=2"]
+    straight = tiny_cfg(tiny_dir, tmp_path / "a", *extra)
+    train(straight, source=SyntheticData())
+
+    cfg = tiny_cfg(tiny_dir, tmp_path / "b", *extra)
+
+    def stop_hard(tr, step):  # an old checkpoint at step 3, then the process dies (no checkpoint of ours)
+        if step == 3:
+            _write_accelerate_checkpoint(tr, cfg.run_dir / "checkpoints" / "step-000003")
+            raise RuntimeError("killed")
+
+    t = Trainer(cfg, source=SyntheticData())
+    t.on_step = stop_hard
+    with pytest.raises(RuntimeError, match="killed"):
+        t.run()
+    assert (latest_checkpoint(cfg.run_dir) / "random_states_0.pkl").exists()
+    with pytest.raises(Exception, match="checkpoint.allow_pickle=true"):
+        train(cfg, source=SyntheticData())
+    allowed = tiny_cfg(tiny_dir, tmp_path / "b", *extra, "checkpoint.allow_pickle=true")
+    assert train(allowed, source=SyntheticData()).step == 6
+    a, b = adapter(straight.run_dir), adapter(allowed.run_dir)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_killed_run_resumes_with_one_line_per_step(tiny_dir, tmp_path):
+    """A kill -9 at step 5 (checkpoint at 3): the resumed run repeats 4 and 5; metrics.jsonl and TensorBoard keep
+    one value per step, not both copies."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(tiny_dir, tmp_path, "logging.tensorboard=true")
+
+    def die(tr, step):
+        if step == 5:
+            raise RuntimeError("killed")  # like kill -9: no checkpoint saved, rows 4 and 5 already logged
+
+    t = Trainer(cfg, source=SyntheticData())
+    t.on_step = die
+    with pytest.raises(RuntimeError):
+        t.run()
+    for tracker in t.acc.trackers:
+        tracker.finish()
+    assert json_lines(cfg.run_dir / "metrics.jsonl", "step")[-1] == 5
+    train(cfg, source=SyntheticData())
+    import json
+
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    logs = cfg.run_dir / "logs" / cfg.logging.wandb_project  # both runs' event files, read as TensorBoard does
+    assert len(list(logs.glob("events.out.tfevents.*"))) == 2
+    events = EventAccumulator(str(logs))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_keep_last_and_resume_never(tiny_dir, tmp_path):
@@ -262,8 +380,8 @@ def test_interrupt_right_after_a_periodic_save_does_not_save_again(tiny_dir, tmp
     cfg = tiny_cfg(tiny_dir, tmp_path, "checkpoint.every_steps=2")
     t = Trainer(cfg, source=SyntheticData())
     t.setup()
-    saves, real = [], t.acc.save_state
-    t.acc.save_state = lambda *a, **k: (saves.append(t.state.step), real(*a, **k))[1]
+    saves, real = [], t.ckpt._write
+    t.ckpt._write = lambda *a, **k: (saves.append(t.state.step), real(*a, **k))[1]
     t.on_step = lambda tr, step: tr.request_stop() if step == 2 else None
     res = t.run()
     assert res.interrupted and res.step == 2 and saves == [2]

@@ -194,12 +194,13 @@ def test_flow_matching_target(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("progress", ["rich", "tqdm", "none"])
-def test_tracker_progress_metrics_and_loss_curve(tmp_path, progress):
+def test_tracker_progress_metrics_and_loss_curve(tmp_path, progress, capsys):
     import json
 
     from accelerate import Accelerator
 
     from krea2_train.config import load_config
+    from krea2_train.train.checkpoint import TrainState
     from krea2_train.train.tracking import Tracker
 
     cfg = load_config(None, ["model.transformer=a", "model.text_encoder=b", "model.vae=c",
@@ -207,8 +208,43 @@ def test_tracker_progress_metrics_and_loss_curve(tmp_path, progress):
     tr = Tracker(Accelerator(cpu=True), cfg, tmp_path, total_steps=10, start_step=0)
     for step in range(1, 11):
         tr.log(step, {"loss": 1.0 / step, "lr": 1e-4})
-    tr.close([[s, 1.0 / s] for s in range(1, 11)])
+    tr.log(10, {"val_loss": 0.1234})
+    tr.close(TrainState(step=10, history=[[s, 1.0 / s] for s in range(1, 11)], val_history=[[10, 0.1234]]))
+    captured = capsys.readouterr()
+    assert "step 10: validation loss 0.1234" in captured.out + captured.err  # shown, not only in metrics.jsonl
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and {"loss", "lr", "s_per_step", "eta_s"} <= set(rows[0])
-    assert rows[-1]["eta_s"] == 0
+    assert len(rows) == 11 and {"loss", "lr", "s_per_step", "eta_s"} <= set(rows[0])
+    assert rows[-2]["eta_s"] == 0
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resumed_tracker_drops_rows_logged_after_the_checkpoint(tmp_path):
+    """kill -9 at step 7 after a checkpoint at step 4: the resumed run logs 5..7 again, once."""
+    import json
+
+    from accelerate import Accelerator
+
+    from krea2_train.config import load_config
+    from krea2_train.train.tracking import Tracker
+
+    cfg = load_config(None, ["model.transformer=a", "model.text_encoder=b", "model.vae=c", "logging.progress=none",
+                             "logging.tensorboard=false", f"output_dir={tmp_path}"])
+    rows = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 8, "lo')  # a half line: killed mid-write
+    tr = Tracker(Accelerator(cpu=True), cfg, tmp_path, total_steps=10, start_step=4)
+    for step in range(5, 11):
+        tr.log(step, {"loss": 0.5, "lr": 1e-4})
+    tr.metrics.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+
+def test_loss_curve_shows_validation_and_stage_starts():
+    import matplotlib.pyplot as plt
+
+    from krea2_train.train.tracking import loss_figure
+
+    fig = loss_figure([[s, 1.0 / s] for s in range(1, 21)], val_history=[[10, 0.2], [20, 0.1]], boundaries=[12])
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    plt.close(fig)
+    assert "validation" in labels and "stage start" in labels

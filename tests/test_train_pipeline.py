@@ -92,6 +92,8 @@ def test_run_all_then_everything_is_skipped(tiny_dir, tmp_path, capsys):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in m for m in metrics) and all("lr" in m for m in metrics if "loss" in m)
     assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard events"
+    page = (run / "index.html").read_text()  # the run page, with the data report check-data left for it
+    assert "not there yet" not in page and f"open {run / 'index.html'}" in out
 
     assert main([str(cfg)]) == 0
     out = capsys.readouterr().out

@@ -26,12 +26,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging() -> None:
+    """INFO to stderr on the main process only: under `accelerate launch` every process runs the same code and would
+    print each line once per GPU (RANK is set by the launcher; errors still show on every process)."""
+    import warnings
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=os.environ.get("KREA2_LOG", "INFO") if main_process else "ERROR",
+                        format="%(levelname)s %(name)s: %(message)s")
+    # accelerate logs a line per file of its own; PIL/matplotlib/http clients are chatty at INFO
+    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "bitsandbytes", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not main_process:
+        warnings.simplefilter("ignore")  # the main process shows each Python warning once
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=os.environ.get("KREA2_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes warns at import about optional CPU kernels a LoRA run never uses
-    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "bitsandbytes"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = ["run", *argv]  # the bare config form runs the whole job
     parser = build_parser()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from krea2_train.errors import UserError
@@ -77,15 +78,60 @@ def _export(args) -> int:
         paths = export_lora(args.source, out, formats, metadata, name, args.dtype, args.comfyui_style, preview)
     for fmt, p in paths.items():
         print(f"{fmt}: {p}")
+    if not args.turbo:  # say so: a file list alone reads as "done and checked"
+        print("not verified: these files were not loaded on Turbo. Add --turbo TURBO to check each one, or run "
+              "`krea2-train verify FILE --turbo TURBO`.")
     return 0
+
+
+def _run_folder(path: Path) -> Path | None:
+    """RUN for a training run folder given as RUN, RUN/adapter or RUN/export; None for anything else."""
+    run = path.parent if path.name in ("adapter", "export") else path
+    return run if path.is_dir() and ((run / "adapter").is_dir() or (run / "export").is_dir()) else None
+
+
+def resolve_lora(arg) -> Path:
+    """The LoRA file a command reads: a file as given, or a run folder's exported file (RUN/export/RUN.safetensors,
+    else its ComfyUI or diffusers file), else the run's trained adapter. Read once here, so a wrong path or a file
+    that is no LoRA fails before any model is loaded (which takes seconds to minutes)."""
+    from krea2_train.export.export import find_lora_in
+    from krea2_train.lora.formats import read_lora_file
+
+    path = Path(arg).expanduser()
+    if not path.exists():
+        raise UserError(f"LoRA file or run folder not found: {path}. Give a LoRA .safetensors file or a training run "
+                        "folder (runs/NAME).")
+    run = _run_folder(path)
+    found = None
+    if run is not None and path.name != "adapter":  # RUN/adapter given: the trained adapter itself
+        export = run / "export"
+        for candidate in (export / f"{run.name}.safetensors", export / f"{run.name}_comfyui.safetensors",
+                          export / f"{run.name}_diffusers" / "pytorch_lora_weights.safetensors"):
+            if candidate.is_file():
+                found = candidate
+                break
+    found = found or find_lora_in(path)
+    try:
+        read_lora_file(found)
+    except UserError:
+        raise
+    except Exception as exc:  # not a safetensors file at all, a truncated download, ...
+        raise UserError(f"{found} is not a readable LoRA file: {exc}") from exc
+    if found != path:
+        print(f"{arg}: using {found}", file=sys.stderr)  # stderr: `inspect --json` output stays JSON
+    return found
 
 
 def _verify(args) -> int:
     from krea2_train.export.export import as_adapter
     from krea2_train.export.verify import verify_lora_file, write_report
 
-    against = as_adapter(args.against) if args.against else None
-    report = verify_lora_file(args.lora, args.turbo, adapter=against, dtype=args.dtype, device=_device(args.device),
+    lora = resolve_lora(args.lora)
+    run = _run_folder(Path(args.lora).expanduser())
+    against = args.against or (str(run / "adapter") if run is not None and (run / "adapter").is_dir()
+                                and lora.parent.name != "adapter" else None)  # a run's file must match its training
+    against = as_adapter(against) if against else None
+    report = verify_lora_file(lora, args.turbo, adapter=against, dtype=args.dtype, device=_device(args.device),
                               strength=args.strength, check_diffusers=not args.no_diffusers, raise_on_failure=False)
     print(report.summary())
     if args.json:
@@ -96,7 +142,7 @@ def _verify(args) -> int:
 def _inspect(args) -> int:
     from krea2_train.lora.tools import format_inspect, inspect_lora
 
-    for path in args.lora:
+    for path in [resolve_lora(p) for p in args.lora]:  # every path checked before the first is printed
         info = inspect_lora(path)
         _print_json(info) if args.json else print(format_inspect(info))
     return 0
@@ -174,7 +220,8 @@ def _transfer(args) -> int:
     raw, turbo = pick(args.raw, "transformer_raw.safetensors"), pick(args.turbo, "transformer_turbo.safetensors")
     if not (raw and turbo):
         raise UserError("transfer needs --raw and --turbo (or --models DIR)")
-    report = transfer_report(args.lora, raw, turbo, args.out, text_encoder=pick(args.text_encoder, "text_encoder"),
+    lora = resolve_lora(args.lora)  # before 17 s of model loading, not after
+    report = transfer_report(lora, raw, turbo, args.out, text_encoder=pick(args.text_encoder, "text_encoder"),
                              vae=pick(args.vae, "vae"), prompts=args.prompt or None, height=args.height,
                              width=args.width, seed=args.seed, dtype=args.dtype, device=_device(args.device))
     print(report["reading"])
@@ -209,51 +256,53 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", help="weight dtype of the files (default bfloat16)")
     p.add_argument("--verify-dtype", default="auto", help="dtype Turbo is loaded in for verification (auto: "
                    "float32 for small test models, bfloat16 for the real one)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"])
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"],
+                   help="comfyui/civitai: lora_down/up + .alpha (default), or lora_A/B with the scale baked in")
     p.add_argument("--trigger", action="append", help="trigger word (repeatable), for the Civitai header")
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--dataset-size", type=int)
+    p.add_argument("--resolution", type=int, help="training resolution in px, for the Civitai header")
+    p.add_argument("--steps", type=int, help="training steps, for the Civitai header")
+    p.add_argument("--dataset-size", type=int, help="number of training images, for the Civitai header")
     p.add_argument("--turbo-strength", type=float, help="recommended Turbo strength (see `transfer`)")
-    p.add_argument("--description")
-    p.add_argument("--author")
-    p.add_argument("--license")
+    p.add_argument("--description", help="free text for the Civitai header")
+    p.add_argument("--author", help="author name for the Civitai header")
+    p.add_argument("--license", help="license for the Civitai header (e.g. CC-BY-4.0)")
     p.add_argument("--preview", help="PNG for the Civitai thumbnail")
     p.add_argument("--meta", action="append", help="extra KEY=VALUE header metadata (repeatable)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("verify", help="load a LoRA onto Turbo and check every tensor lands with the right effect")
-    p.add_argument("lora")
+    p.add_argument("lora", help="LoRA file in any supported layout, or a training run folder (runs/NAME: its exported file)")
     p.add_argument("--turbo", required=True, help="Krea 2 Turbo checkpoint")
     p.add_argument("--against", help="the trained adapter (a run folder or LoRA file) the file must reproduce; "
                    "default: the file's own contents")
-    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--strength", type=float, default=1.0, help="LoRA strength to verify the file at (default 1)")
     p.add_argument("--dtype", default="auto", help="dtype to load Turbo in (auto: float32 for small test models, "
                    "bfloat16 for the real one; float32 gives the tightest tolerances)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the cross-check through diffusers' loader")
     p.add_argument("--json", help="also write the report as JSON here")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("inspect", help="show a LoRA's layout, rank, alpha, targets, parameters and metadata")
-    p.add_argument("lora", nargs="+")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("lora", nargs="+", help="LoRA files or training run folders (runs/NAME)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the text summary")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("convert", help="convert between LoRA layouts (reads diffusers, PEFT, ComfyUI, ai-toolkit, "
                        "musubi-tuner)")
-    p.add_argument("source")
+    p.add_argument("source", help="LoRA file in any supported layout")
     _output_args(p, dtype_default=None)
     p.add_argument("--scale", type=float, default=1.0, help="bake this strength into the file (e.g. the suggested "
                    "Turbo strength from `transfer`)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("resize", help="lower a LoRA's rank by SVD, reporting the energy kept per module")
-    p.add_argument("source")
+    p.add_argument("source", help="LoRA file in any supported layout")
     _output_args(p)
-    p.add_argument("--rank", type=int, help="maximum new rank")
-    p.add_argument("--min-energy", type=float, help="per module, the smallest rank keeping this share (0..1)")
+    p.add_argument("--rank", type=int, help="maximum new rank (below the file's rank)")
+    p.add_argument("--min-energy", type=float, help="per module, the smallest rank keeping this share of the "
+                   "energy (0 < E <= 1, e.g. 0.99); capped by --rank")
     p.set_defaults(func=_resize)
 
     p = sub.add_parser("merge", help="combine LoRAs with weights (LORA[:WEIGHT] ...) into one LoRA, or into a "
@@ -261,41 +310,44 @@ def register(sub) -> None:
     p.add_argument("loras", nargs="+", help="LoRA files, each optionally suffixed :WEIGHT")
     p.add_argument("--out", dest="dest", required=True, help="output LoRA (or checkpoint with --into)")
     p.add_argument("--format", default="comfyui", help=_FORMAT_HELP)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"])
+    p.add_argument("--dtype", default="bfloat16", help="weight dtype of the written file (default bfloat16)")
+    p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"],
+                   help="comfyui/civitai: lora_down/up + .alpha (default), or lora_A/B with the scale baked in")
     p.add_argument("--rank", type=int, help="re-factor the sum to this rank (default: exact concatenation)")
     p.add_argument("--into", help="transformer checkpoint to merge into (writes a full checkpoint)")
     p.add_argument("--checkpoint-dtype", default="bfloat16", help="matmul dtype of the merged checkpoint")
-    p.add_argument("--report")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--report", help="write the per-module rank/energy report to this JSON file")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every module's rank and energy kept")
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("extract", help="a low-rank LoRA of TARGET - BASE (Turbo - Raw: turns Raw towards Turbo)")
-    p.add_argument("base")
-    p.add_argument("target")
-    p.add_argument("--out", dest="dest", required=True)
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--min-energy", type=float)
+    p.add_argument("base", help="base transformer checkpoint (e.g. Raw)")
+    p.add_argument("target", help="target transformer checkpoint (e.g. Turbo)")
+    p.add_argument("--out", dest="dest", required=True, help="output LoRA file")
+    p.add_argument("--rank", type=int, default=64, help="maximum rank per module (default 64)")
+    p.add_argument("--min-energy", type=float, help="per module, the smallest rank keeping this share of the "
+                   "energy (0 < E <= 1); capped by --rank")
     p.add_argument("--format", default="comfyui", help=_FORMAT_HELP)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"])
-    p.add_argument("--report")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--dtype", default="bfloat16", help="weight dtype of the written file (default bfloat16)")
+    p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"],
+                   help="comfyui/civitai: lora_down/up + .alpha (default), or lora_A/B with the scale baked in")
+    p.add_argument("--report", help="write the per-module rank/energy report to this JSON file")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every module's rank and energy kept")
     p.set_defaults(func=_extract)
 
     p = sub.add_parser("transfer", help="how a Raw-trained LoRA behaves on Turbo: effect ratio, cosine, suggested "
                        "Turbo strength, sample grid")
-    p.add_argument("lora")
+    p.add_argument("lora", help="LoRA file in any supported layout, or a training run folder (runs/NAME: its exported file)")
     p.add_argument("--out", required=True, help="folder for transfer_report.json and transfer_grid.png")
     p.add_argument("--models", help="folder with transformer_{raw,turbo}.safetensors, text_encoder/, vae/")
-    p.add_argument("--raw")
-    p.add_argument("--turbo")
-    p.add_argument("--text-encoder")
-    p.add_argument("--vae")
+    p.add_argument("--raw", help="Krea 2 Raw checkpoint (default: from --models)")
+    p.add_argument("--turbo", help="Krea 2 Turbo checkpoint (default: from --models)")
+    p.add_argument("--text-encoder", help="Qwen3-VL text encoder folder (default: from --models)")
+    p.add_argument("--vae", help="Qwen-Image VAE (default: from --models)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable)")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default=None)
+    p.add_argument("--height", type=int, default=1024, help="sample height in px (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="sample width in px (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the samples (default 0)")
+    p.add_argument("--dtype", default="bfloat16", help="dtype the models are loaded in (default bfloat16)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_transfer)

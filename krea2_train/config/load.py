@@ -124,13 +124,17 @@ def _check_list_indices(cfg, key: str, source: str) -> None:
         walked.append(part)
 
 
-def load_config(path=None, overrides: list[str] | None = None, warn_paths: bool = True) -> RunConfig:
+def load_config(path=None, overrides: list[str] | None = None, warn_paths: bool = True,
+                base: dict | None = None, source: str | None = None) -> RunConfig:
     """Read YAML `path` (optional) plus `key=value` overrides into a checked RunConfig. Missing `model.*` paths are
-    only warned about here (`check_model_paths` stops the commands that do work)."""
+    only warned about here (`check_model_paths` stops the commands that do work). `base`: values under the YAML
+    (what a command given a data folder instead of a config fills in); `source` names it in messages."""
     schema = OmegaConf.structured(RunConfig)
     cfg = schema
-    source = str(path) if path else "config"
+    source = source or (str(path) if path else "config")
     try:
+        if base:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(base))
         if path is not None:
             p = Path(path)
             if not p.exists():

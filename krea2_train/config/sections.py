@@ -94,6 +94,9 @@ class CheckpointSection:
     # auto: continue from the latest checkpoint in the run folder if there is one; never: start fresh
     # (fails if checkpoints exist, so nothing is overwritten by accident); or a path to a checkpoint folder.
     resume: str = "auto"
+    # Also resume older checkpoints written with pickle (accelerate's optimizer.bin, random_states_*.pkl): loading
+    # them can run any code stored in them, so only for checkpoints you wrote yourself. New ones never use pickle.
+    allow_pickle: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from krea2_train import facts
 from krea2_train.config.data import DataConfig, validate_data_config
 from krea2_train.data.buckets import make_buckets, nearest_bucket, needs_upscale, place
 from krea2_train.data.images import ImageProblem, open_image, parse_colour
@@ -67,7 +68,12 @@ class Scan:
         c = self.counts()
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.by_kind().items()))
         return (f"{len(self.items)} usable images ({n_val} held out for validation; {per_res}); "
-                f"{c['fatal']} fatal, {c['error']} skipped, {c['warning']} warnings" + (f" [{kinds}]" if kinds else ""))
+                f"{c['fatal']} fatal, {len(self.skipped_files())} skipped, {c['warning']} warnings"
+                + (f" [{kinds}]" if kinds else ""))
+
+    def skipped_files(self) -> set:
+        """The files not trained on: every file with an error (each counted once, whatever its problems)."""
+        return {p.file for p in self.problems if p.severity == "error"}
 
 
 def build_caption(caption: str, trigger: Optional[str], position: str, sep: str) -> str:
@@ -122,8 +128,10 @@ def _inspect(record: Record, max_pixels: int, known: dict):
     return sha, w, h
 
 
-def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool = True) -> Scan:
-    """Read, validate and bucket every image of every dataset in `data_cfg` for the given resolutions."""
+def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool = True, count_tokens=None) -> Scan:
+    """Read, validate and bucket every image of every dataset in `data_cfg` for the given resolutions.
+    `count_tokens(text) -> int`: the text encoder's tokenizer, for exact caption lengths (else bounds, see
+    `caption_length_problem`)."""
     from tqdm.auto import tqdm
 
     resolutions = sorted({int(r) for r in resolutions})
@@ -176,7 +184,8 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
                 kept = keep[sha]
                 action = "skipped" if data_cfg.skip_duplicates else "kept (data.skip_duplicates: false)"
                 why = " (that copy has a caption)" if _has_caption(kept) and not _has_caption(record) else ""
-                problems.append(Problem("warning", "duplicate", record.name,
+                # a skipped copy is an error like every skipped file, so the summary's skipped count includes it
+                problems.append(Problem("error" if data_cfg.skip_duplicates else "warning", "duplicate", record.name,
                                         f"{record.name}: same image as {kept.name}{why}; {action}"))
                 if data_cfg.skip_duplicates:
                     continue
@@ -184,7 +193,9 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
             # Caption problems are reported only for images that are used (not for ones skipped as too small).
             caption_problems = []
             caption = record.caption
-            if caption is None or not caption.strip():
+            if record.caption_unreadable:  # already reported as caption_not_utf8, with what it trains on
+                caption = ds_cfg.default_caption or ""
+            elif caption is None or not caption.strip():
                 what = "has no caption" if caption is None else "has an empty caption"
                 if ds_cfg.default_caption is not None:
                     caption_problems.append(Problem("info", "default_caption", record.name,
@@ -197,6 +208,9 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
                     caption = ""
             caption = build_caption(caption, ds_cfg.trigger_word, data_cfg.trigger_position,
                                     data_cfg.trigger_separator)
+            long = caption_length_problem(caption, record.name, count_tokens)
+            if long is not None:
+                caption_problems.append(long)
             item = Item(f"{index}:{record.key}", index, record.name, sha, w, h, caption, ds_cfg.caption_dropout,
                         ds_cfg.repeats, record=record)
             for r in resolutions:
@@ -239,6 +253,36 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
                                 f"data.validation_images={data_cfg.validation_images} holds out every image; lower it"))
     problems.extend(_empty_resolutions(items, sizes, resolutions, data_cfg))
     return Scan(items, problems, resolutions)
+
+
+# Caption tokens the text encoder keeps: 512 prompt tokens include the 5-token chat suffix (models/text_encoder.py).
+CAPTION_TOKENS = facts.MAX_PROMPT_TOKENS - facts.SUFFIX_TOKENS
+
+
+def caption_length_problem(caption: str, name: str, count_tokens=None) -> Optional[Problem]:
+    """A warning when a caption is longer than the text encoder reads (the rest is cut off, silently, at training).
+
+    With the tokenizer (`count_tokens`), exact. Without it (no text encoder configured), two cheap bounds on Qwen's
+    byte-level BPE: every UTF-8 byte is at most one token, so a caption of at most CAPTION_TOKENS bytes always fits
+    (nearly every caption: no tokenizer is loaded for them); every word and punctuation mark is at least one token, so
+    more of those than CAPTION_TOKENS is surely cut. In between, ~4 characters per token (English) says "probably"."""
+    n_bytes = len(caption.encode("utf-8"))
+    if n_bytes <= CAPTION_TOKENS:
+        return None
+    if count_tokens is not None:
+        n = count_tokens(caption)
+        length = f"{n} tokens"
+    else:
+        n = len(re.findall(r"\w+|[^\w\s]", caption))  # a lower bound
+        length = f"at least {n} tokens"
+        if n <= CAPTION_TOKENS:
+            n = len(caption) // 4
+            length = f"about {n} tokens (estimated; set model.text_encoder to count exactly)"
+    if n <= CAPTION_TOKENS:
+        return None
+    return Problem("warning", "caption_too_long", name,
+                   f"{name}: caption is {length}; the text encoder reads the first {CAPTION_TOKENS} and drops the "
+                   f"rest ({len(caption)} characters). Shorten it to about {CAPTION_TOKENS * 3} characters.")
 
 
 def _has_caption(record: Record) -> bool:

@@ -40,6 +40,7 @@ class Record:
     caption: Optional[str]        # raw caption; None when missing or unreadable
     read_bytes: Callable[[], bytes] = field(repr=False)
     path: Optional[str] = None    # the image file, when there is one
+    caption_unreadable: bool = False  # a caption file exists but is not UTF-8 (reported once, as caption_not_utf8)
 
 
 def detect_type(path: Path) -> str:
@@ -54,13 +55,14 @@ def _read_file(path: str) -> Callable[[], bytes]:
     return lambda: Path(path).read_bytes()
 
 
-def _decode_caption(raw: bytes, name: str, problems: list) -> Optional[str]:
+def _decode_caption(raw: bytes, name: str, problems: list, fallback: str) -> Optional[str]:
     try:
         return raw.decode("utf-8-sig")  # -sig: Windows editors add a BOM
     except UnicodeDecodeError as exc:
-        problems.append(Problem("error", "caption_not_utf8", name,
+        # a warning, not an error: the image is still used (errors are the files skipped)
+        problems.append(Problem("warning", "caption_not_utf8", name,
                                 f"{name}: caption is not UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8. "
-                                "Using the default caption instead."))
+                                f"Until then the image trains on {fallback}."))
         return None
 
 
@@ -71,8 +73,17 @@ def folder_records(cfg: DatasetConfig, index: int, root: Path) -> tuple[list[Rec
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # skip .git, .cache, ...
         files.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    fallback = (f"data.datasets[{index}].default_caption" if cfg.default_caption is not None
+                else "the trigger word alone" if cfg.trigger_word else "an empty caption")
+    stems = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
     for path in sorted(files):
         suffix = path.suffix.lower()
+        if suffix == ext.lower() and path.with_suffix("") not in stems and path.name.lower() not in _SIDE_FILES:
+            problems.append(Problem("warning", "caption_without_image", str(path),
+                                    f"{path}: caption file with no image of the same name "
+                                    f"({path.stem}.png, .jpg, ...); ignored. Rename it to match its image, or add "
+                                    "the image."))
+            continue
         if suffix == ext.lower() or path.name.lower() in _SIDE_FILES:
             continue
         if suffix not in IMAGE_EXTENSIONS:
@@ -82,9 +93,9 @@ def folder_records(cfg: DatasetConfig, index: int, root: Path) -> tuple[list[Rec
         caption = None
         cap_path = path.with_suffix(ext)
         if cap_path.exists():
-            caption = _decode_caption(cap_path.read_bytes(), str(cap_path), problems)
+            caption = _decode_caption(cap_path.read_bytes(), str(cap_path), problems, fallback)
         records.append(Record(index, str(path.relative_to(root)), str(path), caption, _read_file(str(path)),
-                              str(path)))
+                              str(path), caption_unreadable=cap_path.exists() and caption is None))
     return records, problems
 
 

@@ -133,7 +133,15 @@ def resize_lora(src, rank: int | None = None, min_energy: float | None = None) -
         raise UserError("resize needs --rank and/or --min-energy")
     if rank is not None and rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
+    if min_energy is not None and not 0 < min_energy <= 1:
+        raise UserError(f"--min-energy is the share of each module's energy to keep, in (0, 1] (e.g. 0.99), got "
+                        f"{min_energy}")
     adapter = _load(src)
+    top = max((adapter.rank(m) for m in adapter.modules), default=0)
+    if rank is not None and min_energy is None and rank >= top:
+        # nothing would change: SVD can only lower a rank, and a silent copy reads as a successful resize
+        raise UserError(f"--rank {rank} is not below the rank of {src} ({top}): resize only lowers a LoRA's rank. "
+                        f"Pick --rank below {top}, or use --min-energy (e.g. 0.99) to pick each module's rank.")
     down, up, alpha, report = {}, {}, {}, {}
     for m in adapter.modules:
         u, s, vh = _factor_svd(adapter.up[m], adapter.down[m], adapter.scale(m))

@@ -5,8 +5,8 @@ Turned on by `train.fsdp: true`, or by launching with an accelerate FSDP config 
 
 Why the trainer calls `fully_shard` itself instead of accelerate's FSDP `prepare`:
   * accelerate's FSDP `save_state` writes the whole model into every checkpoint: the frozen 26 GB base each time.
-    Here a checkpoint holds the adapter (gathered into the same PEFT file a DDP run writes), the optimiser states as
-    a sharded torch.distributed.checkpoint (DCP) folder, the scheduler and the per-process RNG states.
+    Here a checkpoint holds the adapter (gathered into the same PEFT file a DDP run writes), each process's
+    optimiser shard as safetensors + JSON (no pickle), the scheduler and the per-process RNG states.
   * accelerate only uses FSDP on accelerators, so its path could not be tested on CI's CPU; `fully_shard` runs on a
     CPU mesh with gloo, and tests/test_train_fsdp.py checks it against DDP and across a resume.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -137,31 +138,67 @@ OPTIMIZER_DIR = "optimizer_sharded"
 
 
 def _optimizer_file(directory, rank: int):
-    return directory / OPTIMIZER_DIR / f"rank_{rank}.pt"
+    return Path(directory) / OPTIMIZER_DIR / f"rank_{rank}.safetensors"
+
+
+def _placements_json(placements) -> list:
+    from torch.distributed.tensor import Replicate, Shard
+
+    out = []
+    for p in placements:
+        if isinstance(p, Shard):
+            out.append(["shard", p.dim])
+        elif isinstance(p, Replicate):
+            out.append(["replicate"])
+        else:  # FSDP2 optimiser states are Shard(0) on a 1-D mesh; anything else is not ours to guess
+            raise ValueError(f"cannot checkpoint an optimiser state placed as {p!r}")
+    return out
+
+
+def _placements(items) -> tuple:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return tuple(Shard(int(x[1])) if x[0] == "shard" else Replicate() for x in items)
 
 
 def save_optimizer(optimizer, directory, rank: int) -> None:
+    """This process's optimiser shard as tensors + JSON (utils/tensorstate.py): no pickle, so resuming a checkpoint
+    cannot run code."""
+    from krea2_train.utils.tensorstate import save_optimizer_state
+
     state = optimizer.state_dict()
     state["state"] = {pid: dict(st) for pid, st in state["state"].items()}  # copies: the live state stays sharded
-    sharded = {}
+    sharded = []
     for pid, st in state["state"].items():
         for key, value in st.items():
             if is_sharded(value):
-                sharded[(pid, key)] = (tuple(value.shape), tuple(value.placements))
+                sharded.append([pid, key, list(value.shape), _placements_json(value.placements)])
                 st[key] = value.to_local()
-    path = _optimizer_file(directory, rank)  # inside the checkpoint's temporary folder, renamed when all is written
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"optimizer": state, "sharded": sharded}, path)
+    # inside the checkpoint's temporary folder, renamed when all is written
+    save_optimizer_state(state, _optimizer_file(directory, rank), extra={"sharded": sharded})
 
 
-def load_optimizer(optimizer, directory, rank: int) -> None:
+def legacy_optimizer_file(directory, rank: int) -> Path:
+    """Where checkpoints before the pickle-free format kept this process's shard (torch.save of placements)."""
+    return Path(directory) / OPTIMIZER_DIR / f"rank_{rank}.pt"
+
+
+def load_optimizer(optimizer, directory, rank: int, allow_pickle: bool = False) -> None:
     from torch.distributed.tensor import DTensor
 
-    # our own file from this run's checkpoint; it holds placement objects, which weights_only would refuse
-    data = torch.load(_optimizer_file(directory, rank), map_location="cpu", weights_only=False)
-    state = data["optimizer"]
+    from krea2_train.utils.tensorstate import load_optimizer_state
+
+    new = _optimizer_file(directory, rank)
+    if new.exists():
+        state, extra = load_optimizer_state(new)
+        sharded = {(int(pid), key): (tuple(shape), _placements(pl)) for pid, key, shape, pl in extra["sharded"]}
+    elif allow_pickle:  # an older checkpoint the user chose to trust (checkpoint.allow_pickle)
+        data = torch.load(legacy_optimizer_file(directory, rank), map_location="cpu", weights_only=False)
+        state, sharded = data["optimizer"], data["sharded"]
+    else:
+        raise FileNotFoundError(new)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict numbers them in this order
-    for (pid, key), (shape, placements) in data["sharded"].items():
+    for (pid, key), (shape, placements) in sharded.items():
         p = params[pid]
         local = state["state"][pid][key].to(p.to_local().device)
         stride = torch.empty(shape, device="meta").stride()

@@ -51,7 +51,8 @@ class DataParallel:
         return self.acc.clip_grad_norm_(params, max_norm)
 
     def checkpoint_parts(self, transformer, optimizer, scheduler):
-        """What the Checkpointer saves itself (None: accelerate's save_state does it)."""
+        """The sharded parts the Checkpointer saves one shard per process (None: every process holds the same
+        optimiser, the main process saves it)."""
         return None
 
 

@@ -47,6 +47,7 @@ class Tracker:
         self.t0 = time.perf_counter()
         self.bar = None
         if self.active:
+            drop_rows_after(self.run_dir / "metrics.jsonl", start_step)
             self.metrics = open(self.run_dir / "metrics.jsonl", "a")
             kind = cfg.logging.progress
             if kind == "rich":
@@ -65,8 +66,27 @@ class Tracker:
         self.metrics.flush()
         if self.bar is not None and "loss" in values:
             self.bar.update(step, f"loss {values['loss']:.4f}  lr {values['lr']:.3g}  {s_per_step:.2f} s/step")
+        if "val_loss" in values:  # rare and worth seeing: a line of its own, above the bar
+            self.note(f"step {step}: validation loss {values['val_loss']:.4f}")
         if self.acc.trackers:
             self.acc.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def note(self, text: str) -> None:
+        """A line on the console that does not break the progress bar."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def write_curve(self, state) -> None:
+        """loss.png: training loss, validation loss and the stage boundaries (main process)."""
+        if self.active:
+            from krea2_train.train.optim import stage_boundaries
+
+            write_loss_curve(state.history, self.run_dir / "loss.png", val_history=state.val_history,
+                             boundaries=stage_boundaries(self.cfg.train.stages)[1:])
 
     def log_images(self, step: int, images: dict) -> None:
         """images: name -> PIL image; sent to every tracker that takes images."""
@@ -86,13 +106,35 @@ class Tracker:
             except Exception as exc:  # a tracker failing must not kill a training run
                 log.warning("could not log preview images to %s: %s", tracker.name, exc)
 
-    def close(self, history) -> None:
+    def close(self, state) -> None:
         if not self.active:
             return
         if self.bar is not None:
             self.bar.close()
         self.metrics.close()
-        write_loss_curve(history, self.run_dir / "loss.png")
+        self.write_curve(state)
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop what a killed run logged past `step`, so
+    metrics.jsonl holds one row per step and kind (rewritten atomically; nothing to do on most starts)."""
+    if not path.exists():
+        return
+    from krea2_train.utils.io import write_text_atomic
+
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except ValueError:
+            continue  # a half-written last line from a kill -9
+        if row_step <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        log.info("metrics.jsonl: dropped %d rows logged after step %d by the interrupted run", len(lines) - len(keep),
+                 step)
+        write_text_atomic(path, "".join(keep))
 
 
 class _TqdmBar:
@@ -105,6 +147,9 @@ class _TqdmBar:
         self.bar.n = step
         self.bar.set_postfix_str(text, refresh=False)
         self.bar.refresh()
+
+    def write(self, text):
+        self.bar.write(text)
 
     def close(self):
         self.bar.close()
@@ -132,20 +177,21 @@ class _RichBar:
     def update(self, step, text):
         self.progress.update(self.task, completed=step, info=text)
 
+    def write(self, text):
+        self.progress.console.print(text)
+
     def close(self):
         self.progress.stop()
 
 
-def write_loss_curve(history, path) -> None:
-    """history: [[step, loss], ...] (raw loss plus a moving average)."""
-    if not history:
-        return
+def loss_figure(history, val_history=(), boundaries=()):
+    """The loss-curve figure. history: [[step, loss], ...] (raw loss plus a moving average); val_history:
+    [[step, val_loss], ...]; boundaries: the first step of each stage after the first (dashed lines: a loss jump
+    there is the resolution change, not a divergence)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from krea2_train.utils.io import write_bytes_atomic
 
     steps = [h[0] for h in history]
     losses = [h[1] for h in history]
@@ -154,14 +200,30 @@ def write_loss_curve(history, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, alpha=0.35, label="loss")
     ax.plot(steps, smooth, label=f"moving average ({k})")
+    if val_history:
+        ax.plot([v[0] for v in val_history], [v[1] for v in val_history], "o-", color="C3", label="validation")
+    for i, b in enumerate(boundaries):
+        ax.axvline(b, color="grey", linestyle="--", linewidth=1, label="stage start" if i == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
     ax.legend()
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_loss_curve(history, path, val_history=(), boundaries=()) -> None:
+    """loss.png (atomically): see `loss_figure`."""
+    if not history and not val_history:
+        return
     import io
 
+    import matplotlib.pyplot as plt
+
+    from krea2_train.utils.io import write_bytes_atomic
+
+    fig = loss_figure(history, val_history, boundaries)
     buf = io.BytesIO()
-    fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
     write_bytes_atomic(path, buf.getvalue())

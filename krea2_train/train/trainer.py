@@ -6,8 +6,9 @@ named in it.
     result = train(cfg, source=SyntheticData())
 
 Determinism: batches, noise and sigmas are pure functions of (seed, step, process), drawn on the CPU, and the LoRA is
-initialised from the seed on every process; together with the checkpointed optimiser/scheduler/RNG states a run
-stopped and resumed ends with the same adapter as one that ran straight through.
+initialised from the seed on every process; together with the checkpointed optimiser/scheduler/RNG states
+(safetensors + JSON, train/checkpoint.py) a run stopped and resumed ends with the same adapter as one that ran
+straight through.
 
 The loss is train/step.py's `flow_matching_loss` (also what scripts/bench_step.py times); sigmas come from
 train/timesteps.py (logit-normal, Raw's resolution-aware shift by default).
@@ -120,7 +121,7 @@ class Trainer:
         self.strategy.check(cfg, self.mem)
         resume_from = resume_path(cfg)
         if resume_from is not None:  # the checkpoint's kind too: a mismatch is found now, not after loading 26 GB
-            check_checkpoint_kind(resume_from, self.strategy.fsdp, acc.num_processes)
+            check_checkpoint_kind(resume_from, self.strategy.fsdp, acc.num_processes, cfg.checkpoint.allow_pickle)
         check_multiprocess_lora(cfg, acc.num_processes)
         # a memory preset's 8-bit hint picks the optimiser; the config is left as written, runtime.json says so
         self.optimizer_name = optimizer_name(cfg.optimizer, self.mem)
@@ -185,7 +186,8 @@ class Trainer:
         self.state = TrainState()
         self.ckpt = Checkpointer(self.acc, self.run_dir, self.cfg.checkpoint.keep_last, self.transformer,
                                  self.peft_config, self.state, settings=self.settings,
-                                 fsdp=self.strategy.checkpoint_parts(*self._parts))
+                                 fsdp=self.strategy.checkpoint_parts(*self._parts), optimizer=self.optimizer,
+                                 scheduler=self.scheduler, allow_pickle=self.cfg.checkpoint.allow_pickle)
 
     def _resume(self):
         path = resume_path(self.cfg)
@@ -201,7 +203,10 @@ class Trainer:
             acc.init_trackers(cfg.logging.wandb_project,
                               config={"rank": cfg.lora.rank, "lr": cfg.optimizer.lr, "steps": cfg.total_steps,
                                       "optimizer": self.optimizer_name, "targets": cfg.lora.targets},
-                              init_kwargs={"wandb": {"name": cfg.run_name, "dir": str(self.run_dir)}})
+                              # TensorBoard discards what a killed run logged after the resumed checkpoint
+                              init_kwargs={"wandb": {"name": cfg.run_name, "dir": str(self.run_dir)},
+                                           "tensorboard": {"purge_step": self.state.step + 1} if self.state.step
+                                           else {}})
 
     def request_stop(self, *_):
         """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit cleanly."""
@@ -299,9 +304,11 @@ class Trainer:
                 si = max(i for i, s in enumerate(starts) if s <= state.step)
                 stage = cfg.train.stages[si]
                 local = state.step - starts[si]
-                if acc.is_main_process and local == 0:
-                    log.info("stage %d: %d px, %d steps, batch %d, lr x%s", si, stage.resolution, stage.steps,
-                             stage.batch_size, stage.lr_factor)
+                if acc.is_main_process and local == 0:  # the global batch is what the lr is tuned for
+                    log.info("stage %d: %d px, %d steps, batch %d%s, lr x%s", si, stage.resolution, stage.steps,
+                             stage.batch_size * accum * acc.num_processes, "" if accum * acc.num_processes == 1 else
+                             f" ({stage.batch_size} per process x {acc.num_processes} processes x {accum} "
+                             "accumulated)", stage.lr_factor)
                 reset_gpu_peak(acc.device)  # the peaks logged in metrics.jsonl are this stage's
                 batches = self._source().stage_batches(si, stage, local * accum, cfg.seed, acc.process_index,
                                                        acc.num_processes, global_offset=starts[si] * accum)
@@ -343,7 +350,7 @@ class Trainer:
             write_json_atomic(self.run_dir / DONE_FILE, {"step": state.step, "total_steps": total,
                                                          "skipped_steps": state.skipped_steps,
                                                          "trained_with": self.settings})
-        tracker.close(state.history)
+        tracker.close(state)
         acc.wait_for_everyone()
         for t in acc.trackers:  # not end_training(): it destroys the process group the pipeline still needs
             t.finish()
@@ -422,14 +429,12 @@ class Trainer:
         if cfg.validation.every_steps and step % cfg.validation.every_steps == 0:
             v = self.validation_loss(stage)
             if v is not None:
+                state.val_history.append([step, v])
                 tracker.log(step, {"val_loss": v})
         # the checkpoint first: a failing preview must never lose the progress since the last save
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             self.ckpt.save("periodic")
-            if self.acc.is_main_process:  # keep the curve current during long runs
-                from krea2_train.train.tracking import write_loss_curve
-
-                write_loss_curve(state.history, self.run_dir / "loss.png")
+            tracker.write_curve(state)  # keep the curve current during long runs (main process)
         if cfg.preview.every_steps and cfg.preview.prompts and step % cfg.preview.every_steps == 0:
             self.preview(step, tracker)
         if self.on_step is not None:
