@@ -178,12 +178,21 @@ def _with_and_without(model, emb, mask, settings, cfg, size):
     def run():
         return torch.cat([sample_latents(model, emb[i:i + 1], mask[i:i + 1], settings) for i in range(emb.shape[0])])
 
+    from krea2_train.runtime.sharding import is_sharded
+
+    if any(is_sharded(p) for p in model.parameters()):
+        # FSDP2 keeps the requires_grad its unsharded parameters had when first gathered: toggling the adapters
+        # here would leave the LoRA without gradients, so sharded runs show Turbo with the LoRA only
+        return None, run()
     key = (str(cfg.model.turbo), tuple(cfg.preview.prompts), cfg.preview.turbo_steps, tuple(sorted(size.items())))
     if key not in _TURBO_ALONE:
+        trainable = [p for p in model.parameters() if p.requires_grad]
         model.disable_adapters()
         try:
             _TURBO_ALONE.clear()
             _TURBO_ALONE[key] = run().cpu()
         finally:
             model.enable_adapters()
+            for p in trainable:  # PEFT re-enables only the active adapter's weights; the rest of training's as well
+                p.requires_grad_(True)
     return _TURBO_ALONE[key].to(next(model.parameters()).device), run()
