@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from krea2_train import facts
-from krea2_train.errors import UserError
+from krea2_train.errors import ModelLoadError
+from krea2_train.models.quantized import FIX as QUANT_FIX
+from krea2_train.models.quantized import QuantFormatError, QuantReader, QuantWeight
 
 log = logging.getLogger(__name__)
 
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 FULL_ARCHITECTURE = dict(
     in_channels=64,
     num_layers=28,
@@ -42,10 +43,6 @@ FULL_ARCHITECTURE = dict(
     num_refiner_text_blocks=2,
     axes_dims_rope=(32, 48, 48),
 )
-
-
-class ModelLoadError(UserError, RuntimeError):
-    """A model file cannot be used. The message names the file and what to do."""
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -100,9 +97,14 @@ def original_names(keys) -> dict[str, str] | None:
     return names if facts.KREA2_MARKER in names else None
 
 
-def iter_original_tensors(path: Path, dtype: torch.dtype):
+def iter_original_tensors(path: Path, dtype: torch.dtype, keep_quantized=None, padded: set | None = None):
     """Yield (original name, tensor) from an original-layout transformer file, one tensor at a time: prefixes
-    stripped, ComfyUI fp8 dequantised (w * scale), norm scales float32 and everything else in `dtype`."""
+    stripped, ComfyUI's quantised layers dequantised exactly as ComfyUI defines them (models/quantized.py; anything
+    it cannot read exactly is refused), norm scales float32 and everything else in `dtype`.
+
+    `keep_quantized(name) -> bool`: for those weights stored as fp8 or int8 (ConvRot or not), yield the
+    `QuantWeight` itself (1 byte per weight) instead of a dequantised tensor. `padded`: collects the names of the
+    block-format (nvfp4/mxfp8) weights, whose stored shape may be the real one rounded up to the block."""
     handle, keys = open_safetensors(path)
     names = original_names(keys)
     if names is None:
@@ -111,25 +113,39 @@ def iter_original_tensors(path: Path, dtype: torch.dtype):
             "Check that `model.transformer` points at the Krea 2 Raw/Turbo checkpoint, not a VAE, text encoder or "
             "another model."
         )
+    reader = QuantReader(path, handle, names, handle.metadata() or {})
     for name, key in names.items():
-        if name == "scaled_fp8" or name.endswith(("scale_weight", "weight_scale", "scale_input", "input_scale",
-                                                  "comfy_quant")):
-            continue  # ComfyUI quantisation markers and side-tensors, folded in below
-        tensor = handle.get_tensor(key)
-        if tensor.dtype in FP8_DTYPES:
-            module = name[: -len(".weight")] if name.endswith(".weight") else name
-            scale_key = next((names[s] for s in (f"{module}.scale_weight", f"{module}.weight_scale") if s in names),
-                             None)
-            scale = handle.get_tensor(scale_key).float() if scale_key else torch.tensor(1.0)
-            tensor = tensor.float() * scale  # per-tensor scale (a 1-element or broadcastable tensor)
+        if reader.is_side(name):
+            continue  # ComfyUI quantisation markers and side tensors, read with their weight
+        q = reader.weight(name)
+        if q is None:
+            tensor = handle.get_tensor(key)
+            if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                raise QuantFormatError(f"{path}: tensor {name} is stored as {tensor.dtype} with no ComfyUI "
+                                       f"quantisation format for it, so it cannot be read exactly. {QUANT_FIX}")
+        elif keep_quantized is not None and keep_quantized(name) and q.one_byte() is not None:
+            yield name, q
+            continue
+        else:
+            tensor = q.dequantize()
+            if q.padded and padded is not None:
+                padded.add(name)
         # Norm scales stay float32 (diffusers' _keep_in_fp32_modules); everything else takes the compute dtype.
         yield name, tensor.to(torch.float32 if name.endswith(".scale") else dtype)
 
 
-def read_original_state_dict(path: Path, dtype: torch.dtype) -> tuple[dict, dict]:
-    """The whole original-layout file as (state dict with original names, header metadata)."""
-    state = dict(iter_original_tensors(path, dtype))
+def read_original_state_dict(path: Path, dtype: torch.dtype, keep_quantized=None,
+                             padded: set | None = None) -> tuple[dict, dict]:
+    """The whole original-layout file as (state dict with original names, header metadata); see
+    `iter_original_tensors` for `keep_quantized` and `padded`."""
+    state = dict(iter_original_tensors(path, dtype, keep_quantized, padded))
     return state, safetensors_metadata(path)
+
+
+def _block_linear_weight(name: str) -> bool:
+    """The weights kept 1-byte for training: the Linear layers of the transformer blocks (as `quantize_base`)."""
+    return name.startswith("blocks.") and name.endswith(".weight") and ".qknorm." not in name and \
+        not name.endswith(("norm.scale", "mod.lin.weight"))
 
 
 def infer_architecture(state: dict, path: Path) -> dict:
@@ -194,8 +210,12 @@ def detect_variant(path: Path, metadata: dict) -> str | None:
 
 
 def load_transformer(path, dtype="bfloat16", device="cpu", architecture: str = "auto", expect: str | None = None,
-                     allow_turbo: bool = False, config_key: str = "model.transformer"):
+                     allow_turbo: bool = False, config_key: str = "model.transformer", keep_quantized: bool = False):
     """Load a Krea 2 transformer (any supported on-disk format) into `Krea2Transformer2DModel`.
+
+    `keep_quantized` (training base): the transformer blocks' Linear weights that the file stores as fp8 or int8
+    (ConvRot or not) stay 1 byte per weight, as `QuantLinear`s dequantised per matmul; everything else (and every
+    weight when False) is dequantised on load.
 
     `expect="raw"` (training) errors on a file that looks like Turbo unless `allow_turbo`, which downgrades it to a
     warning.
@@ -213,9 +233,21 @@ def load_transformer(path, dtype="bfloat16", device="cpu", architecture: str = "
         model = Krea2Transformer2DModel.from_pretrained(path, torch_dtype=dtype)
         variant = detect_variant(path, {})
     else:
-        state, metadata = read_original_state_dict(path, dtype)
+        padded: set = set()
+        state, metadata = read_original_state_dict(path, dtype, _block_linear_weight if keep_quantized else None,
+                                                   padded)
+        if "txtfusion.projector.weight" in padded:  # its width is the number of text layers: must not be rounded
+            raise ModelLoadError(f"{path}: txtfusion.projector is stored in a block format (nvfp4/mxfp8) whose "
+                                 "padding hides the number of text layers; use a file that keeps it in bf16/fp8.")
+        stored = {n: t for n, t in state.items() if isinstance(t, QuantWeight)}
+        # 1-byte layers: a meta placeholder of the right shape now, the QuantLinear after the model is built
+        state.update({n: torch.empty(q.qdata.shape, device="meta") for n, q in stored.items()})
         config = infer_architecture(state, path)
         _check_declared(config, architecture, path)
+        padded_keys = {k for n in padded for k in convert_krea2_transformer_checkpoint_to_diffusers(
+            {n: state[n]})}
+        stored_keys = {next(iter(convert_krea2_transformer_checkpoint_to_diffusers({n: state[n]}))): q
+                       for n, q in stored.items()}
         state = convert_krea2_transformer_checkpoint_to_diffusers(state)
         with init_empty_weights():
             model = Krea2Transformer2DModel(**config)
@@ -226,11 +258,19 @@ def load_transformer(path, dtype="bfloat16", device="cpu", architecture: str = "
             raise ModelLoadError(f"{path}: tensors do not fit Krea2Transformer2DModel (missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}). The file is incomplete or from another model.")
         for key, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
+            want = tuple(expected[key].shape)
+            if key in padded_keys and tensor.ndim == 2 and tuple(tensor.shape) != want and all(
+                    w <= g < w + 32 and g % 16 == 0 for w, g in zip(want, tensor.shape)):
+                state[key] = tensor = tensor[: want[0], : want[1]].contiguous()  # the block format's padding
+            if tuple(tensor.shape) != want:
                 raise ModelLoadError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, expected "
-                                     f"{tuple(expected[key].shape)} for the architecture read from the file. "
+                                     f"{want} for the architecture read from the file. "
                                      "The checkpoint is corrupt or mixes two models.")
         model.load_state_dict(state, assign=True)  # tensors are used in place: no second copy
+        if stored_keys:
+            from krea2_train.runtime.memory import install_quantized
+
+            install_quantized(model, stored_keys)
         variant = detect_variant(path, metadata)
     if expect == "raw" and variant == "turbo":
         msg = (f"{path} looks like the Turbo (distilled) checkpoint, but training expects Raw: LoRAs trained on "

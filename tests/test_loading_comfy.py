@@ -1,0 +1,200 @@
+"""ComfyUI's quantised transformer files, written from the tiny model by an independent quantiser (tests/_comfy_quant.py)
+that follows ComfyUI's rules: each loads within its format's precision of the original weights, or is refused with a
+message naming the file, the layer and the format. Nothing loads wrong."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from _comfy_quant import marker, quantize_file, regular_hadamard
+from krea2_train.models.loading import ModelLoadError, load_transformer
+from krea2_train.models.quantized import QuantFormatError, hadamard
+
+FORMATS = ["float8_e4m3fn", "int8_convrot", "int8_tensorwise", "nvfp4", "mxfp8"]
+
+
+@pytest.fixture(scope="module")
+def original(tiny_dir):
+    return load_file(tiny_dir / "transformer_raw.safetensors")
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_dir):
+    """The unquantised tiny model's weights (loader exact against diffusers: tests/test_loading.py)."""
+    model = load_transformer(tiny_dir / "transformer_raw.safetensors", dtype="float32")
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+def write(tmp_path, state, header=None, name="q.safetensors"):
+    save_file(state, tmp_path / name, metadata=header or None)
+    return tmp_path / name
+
+
+def bound(fmt, w, groupsize=256):
+    """The most a weight may be off after quantisation in `fmt`, per element (or per row for ConvRot, whose rounding
+    error is spread by the rotation), from the format's rule applied to the original weight."""
+    w = w.float()
+    if fmt == "float8_e4m3fn":  # 3 mantissa bits: half an ulp is 2^-4 relative; e4m3 subnormals step 2^-9
+        s = w.abs().max() / 448
+        return w.abs() / 16 + s * 2 ** -9
+    if fmt == "mxfp8":
+        n, k = w.shape
+        amax = w.reshape(n, k // 32, 32).abs().amax(-1, keepdim=True)
+        s = torch.exp2(torch.ceil(torch.log2(amax.clamp(min=1e-30) / 448)))
+        return w.abs() / 16 + (s * 2 ** -9).expand(n, k // 32, 32).reshape(n, k)
+    if fmt == "nvfp4":  # e2m1 steps are at most 2 (4 -> 6) times the block scale amax_b / 6 (+1/16 fp8 rounding)
+        n, k = w.shape
+        amax = w.reshape(n, k // 16, 16).abs().amax(-1, keepdim=True)
+        return (amax / 6 * 1.07).expand(n, k // 16, 16).reshape(n, k) + 1e-7
+    if fmt == "int8_tensorwise":
+        return (w.abs().amax(1, keepdim=True) / 127 / 2).expand_as(w) * 1.001
+    # int8 ConvRot: half a step (row scale / 2) per rotated element; the rotation is orthogonal, so per row the
+    # error's L2 norm is at most sqrt(K) * scale / 2
+    n, k = w.shape
+    rot = (w.reshape(n, k // groupsize, groupsize) @ regular_hadamard(groupsize).T).reshape(n, k)
+    return rot.abs().amax(1) / 127 / 2 * math.sqrt(k) * 1.001
+
+
+def check_close(model, exact, fmt, quantised_keys, groupsize=256):
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    errors = {}
+    for key, ref in exact.items():
+        got = state[key]
+        if key not in quantised_keys:
+            assert torch.equal(got, ref), key
+            continue
+        diff = got - ref
+        b = bound(fmt, ref, groupsize)
+        if fmt == "int8_convrot":
+            assert (diff.norm(dim=1) <= b + 1e-7).all(), key
+        else:
+            assert (diff.abs() <= b).all(), (key, (diff.abs() - b).max())
+        errors[key] = (diff.norm() / ref.norm()).item()
+    assert errors and all(e > 0 for e in errors.values())  # quantised for real
+    return errors
+
+
+def quantised_block_keys(exact, select=lambda k, w: True):
+    return {k for k, w in exact.items() if k.startswith("transformer_blocks.") and k.endswith(".weight")
+            and w.ndim == 2 and select(k, w)}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_recovers_the_weights(original, exact, tmp_path, fmt):
+    gs = 64 if fmt == "int8_convrot" else 256  # the tiny model's 128/256 input features: group 64 rotates all
+    state, header = quantize_file(original, fmt, groupsize=gs)
+    model = load_transformer(write(tmp_path, state, header), dtype="float32")
+    errors = check_close(model, exact, fmt, quantised_block_keys(exact), gs)
+    worst = max(errors.values())
+    assert worst < {"float8_e4m3fn": 0.05, "mxfp8": 0.05, "nvfp4": 0.2}.get(fmt, 0.02), errors
+
+
+def test_int8_convrot_groupsize_256(original, exact, tmp_path):
+    """Comfy-Org's files rotate in groups of 256: in the tiny model only mlp.down has 256 input features."""
+    sel = lambda n, t: t.shape[1] % 256 == 0  # noqa: E731
+    state, header = quantize_file(original, "int8_convrot", select=lambda n, t: n.startswith("blocks.") and sel(n, t))
+    model = load_transformer(write(tmp_path, state, header), dtype="float32")
+    keys = quantised_block_keys(exact, lambda k, w: w.shape[1] % 256 == 0)
+    assert keys and all(".ff.down." in k for k in keys)
+    check_close(model, exact, "int8_convrot", keys, 256)
+
+
+@pytest.mark.parametrize("style", ["header", "legacy"])
+def test_fp8_marked_by_header_or_legacy(original, exact, tmp_path, style):
+    state, header = quantize_file(original, "float8_e4m3fn", style=style)
+    model = load_transformer(write(tmp_path, state, header), dtype="float32")
+    check_close(model, exact, "float8_e4m3fn", quantised_block_keys(exact))
+
+
+def test_int8_header_convrot(original, exact, tmp_path):
+    state, header = quantize_file(original, "int8_convrot", style="header", groupsize=64)
+    model = load_transformer(write(tmp_path, state, header), dtype="float32")
+    check_close(model, exact, "int8_convrot", quantised_block_keys(exact), 64)
+
+
+def test_hadamard_is_comfyuis():
+    for size in (4, 16, 64, 256):
+        h = hadamard(size)
+        torch.testing.assert_close(h, regular_hadamard(size), rtol=0, atol=1e-7)
+        torch.testing.assert_close(h @ h, torch.eye(size), rtol=0, atol=1e-5)  # symmetric and orthogonal
+    with pytest.raises(ValueError):
+        hadamard(128)
+
+
+def one_layer(original, fmt, **kw):
+    """Quantise only blocks.0.attn.wq (a 128x128 weight; ConvRot in groups of 64)."""
+    kw.setdefault("groupsize", 64)
+    return quantize_file(original, fmt, select=lambda n, t: n == "blocks.0.attn.wq.weight", **kw)
+
+
+def refused(tmp_path, state, header=None, *words):
+    path = write(tmp_path, state, header, "bad.safetensors")
+    with pytest.raises(ModelLoadError if not words or words[0] != "quant" else QuantFormatError) as err:
+        load_transformer(path, dtype="float32")
+    msg = str(err.value)
+    assert str(path) in msg
+    return msg
+
+
+@pytest.mark.parametrize("fmt, side", [("int8_convrot", "weight_scale"), ("int8_tensorwise", "weight_scale"),
+                                       ("float8_e4m3fn", "weight_scale"), ("nvfp4", "weight_scale_2"),
+                                       ("nvfp4", "weight_scale"), ("mxfp8", "weight_scale")])
+def test_missing_scale_is_refused(original, tmp_path, fmt, side):
+    state, header = one_layer(original, fmt)
+    del state[f"blocks.0.attn.wq.{side}"]
+    msg = refused(tmp_path, state, header)
+    assert "blocks.0.attn.wq" in msg and "missing" in msg
+
+
+def test_unmarked_int8_is_refused(original, tmp_path):
+    """The silent wrong answer of issue 13: int8 values cast with no scale (relative error 1.4e3). Without its
+    marker an int8 weight cannot be read; with it, it loads exactly (test_each_format_recovers_the_weights)."""
+    state, header = one_layer(original, "int8_convrot")
+    del state["blocks.0.attn.wq.comfy_quant"]
+    msg = refused(tmp_path, state, header)
+    assert "int8" in msg and "blocks.0.attn.wq" in msg
+
+
+def test_fp8_without_scale_in_a_scaled_file_is_refused(original, tmp_path):
+    state, header = quantize_file(original, "float8_e4m3fn", style="legacy")
+    del state["blocks.1.mlp.up.scale_weight"]
+    assert "without a scale" in refused(tmp_path, state, header)
+
+
+@pytest.mark.parametrize("conf, why", [
+    ({"format": "convrot_w4a4", "convrot_groupsize": 256}, "not supported"),
+    ({"format": "asym_w4a8_int8"}, "not supported"),
+    ({"format": "int4_magic"}, "unknown quantisation format"),
+    ({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 128}, "power of 4"),
+    ({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}, "does not divide"),
+    ({"format": "float8_e4m3fn"}, "stored as torch.int8"),
+])
+def test_formats_not_read_exactly_are_refused(original, tmp_path, conf, why):
+    state, header = one_layer(original, "int8_convrot")
+    state["blocks.0.attn.wq.comfy_quant"] = marker(conf)
+    msg = refused(tmp_path, state, header)
+    assert why in msg and conf["format"] in msg and "blocks.0.attn.wq" in msg
+
+
+def test_bad_scale_shape_and_orphan_side_tensor_refused(original, tmp_path):
+    state, header = one_layer(original, "int8_tensorwise")
+    state["blocks.0.attn.wq.weight_scale"] = torch.ones(3, 1)
+    assert "weight_scale has shape" in refused(tmp_path, state, header)
+    state, header = one_layer(original, "float8_e4m3fn")
+    state["blocks.0.attn.nothing.weight_scale"] = torch.ones(())
+    assert "belongs to no weight" in refused(tmp_path, state, header)
+
+
+def test_nvfp4_projector_padding_refused(original, tmp_path):
+    """txtfusion.projector is 1x12: nvfp4 pads it to 16x16, which would hide the number of text layers."""
+    from _comfy_quant import nvfp4
+
+    state = dict(original)
+    w = torch.nn.functional.pad(state["txtfusion.projector.weight"].float(), (0, 4, 0, 15))
+    parts = nvfp4(w)
+    state["txtfusion.projector.weight"] = parts.pop("weight")
+    state.update({f"txtfusion.projector.{k}": v for k, v in parts.items()})
+    state["txtfusion.projector.comfy_quant"] = marker({"format": "nvfp4"})
+    assert "number of text layers" in refused(tmp_path, state)
