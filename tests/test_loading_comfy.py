@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from _comfy_quant import marker, quantize_file, regular_hadamard
 from safetensors.torch import load_file, save_file
 
-from _comfy_quant import marker, quantize_file, regular_hadamard
 from krea2_train.models.loading import ModelLoadError, load_transformer
 from krea2_train.models.quantized import QuantFormatError, hadamard
 
