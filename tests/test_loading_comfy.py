@@ -198,3 +198,36 @@ def test_nvfp4_projector_padding_refused(original, tmp_path):
     state.update({f"txtfusion.projector.{k}": v for k, v in parts.items()})
     state["txtfusion.projector.comfy_quant"] = marker({"format": "nvfp4"})
     assert "number of text layers" in refused(tmp_path, state)
+
+
+# ------------------------------------------------------------------------------------------ 1-byte training base
+@pytest.mark.parametrize("fmt, cls", [("float8_e4m3fn", "Fp8Linear"), ("int8_convrot", "Int8Linear")])
+def test_training_base_stays_one_byte_and_matches(original, tmp_path, fmt, cls):
+    """keep_quantized: the blocks' Linear layers are QuantLinears over the file's own bytes (nothing requantised);
+    forward and input gradient equal the dequantised-on-load model's (same weights, different order of operations)."""
+    from krea2_train.runtime import memory
+
+    state, header = quantize_file(original, fmt, groupsize=64)
+    path = write(tmp_path, state, header)
+    kept = load_transformer(path, dtype="float32", keep_quantized=True)
+    plain = load_transformer(path, dtype="float32")
+    layer = kept.transformer_blocks[0].attn.to_q
+    assert type(layer).__name__ == cls and layer.weight.element_size() == 1
+    assert layer.rotation == (64 if fmt == "int8_convrot" else 0)
+    assert kept._krea2_file_quantized == [fmt if fmt != "int8_convrot" else "int8_tensorwise_convrot"]
+    n = sum(isinstance(m, memory.QuantLinear) for m in kept.modules())
+    assert n == 2 * 8  # 2 blocks x (q, k, v, out, gate, mlp gate, up, down)
+    for key, w in plain.state_dict().items():  # same weights: the QuantLinear's dequantised weight is exact
+        if key.endswith(".weight") and key[: -len(".weight")] in dict(kept.named_modules()):
+            mod = kept.get_submodule(key[: -len(".weight")])
+            if isinstance(mod, memory.QuantLinear):
+                torch.testing.assert_close(mod.dequantized_weight(), w, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    y = layer(x)
+    ref_layer = plain.transformer_blocks[0].attn.to_q
+    torch.testing.assert_close(y, ref_layer(x), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref_layer(x), x, g)
+    torch.testing.assert_close(gx, gr, rtol=1e-5, atol=1e-5)
