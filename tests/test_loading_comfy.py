@@ -231,3 +231,32 @@ def test_training_base_stays_one_byte_and_matches(original, tmp_path, fmt, cls):
     (gx,) = torch.autograd.grad(y, x, g)
     (gr,) = torch.autograd.grad(ref_layer(x), x, g)
     torch.testing.assert_close(gx, gr, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- Turbo files
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantised_turbo_swaps_into_a_base(tiny_dir, tmp_path, fmt):
+    """Previews swap Turbo's weights into the training base in place (runtime/swap.py): from a quantised Turbo file
+    the base gets exactly the weights load_transformer reads from it; and back to Raw bit for bit."""
+    from krea2_train.runtime.swap import copy_base_weights
+
+    turbo_state, header = quantize_file(load_file(tiny_dir / "transformer_turbo.safetensors"), fmt, groupsize=64)
+    turbo = write(tmp_path, turbo_state, header, "krea2_turbo_q.safetensors")
+    base = load_transformer(tiny_dir / "transformer_raw.safetensors", dtype="float32")
+    raw = {k: v.clone() for k, v in base.state_dict().items()}
+    copy_base_weights(base, turbo)
+    want = load_transformer(turbo, dtype="float32").state_dict()
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    copy_base_weights(base, tiny_dir / "transformer_raw.safetensors")
+    assert all(torch.equal(v, raw[k]) for k, v in base.state_dict().items())
+
+
+def test_one_byte_base_cannot_be_swapped_in_place(tmp_path, original):
+    """A 1-byte base is refused by the in-place swap (TypeError), so previews fall back to a separate Turbo copy."""
+    from krea2_train.runtime.swap import copy_base_weights
+
+    state, header = quantize_file(original, "int8_convrot", groupsize=64)
+    path = write(tmp_path, state, header)
+    with pytest.raises(TypeError):
+        copy_base_weights(load_transformer(path, dtype="float32", keep_quantized=True), path)
