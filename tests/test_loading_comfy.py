@@ -260,3 +260,22 @@ def test_one_byte_base_cannot_be_swapped_in_place(tmp_path, original):
     path = write(tmp_path, state, header)
     with pytest.raises(TypeError):
         copy_base_weights(load_transformer(path, dtype="float32", keep_quantized=True), path)
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+def test_inspect_checkpoint(tiny_dir, original, tmp_path, capsys):
+    from krea2_train.cli import main
+
+    state, header = quantize_file(original, "int8_convrot", groupsize=64)
+    path = write(tmp_path, state, header, "krea2_raw_int8_convrot.safetensors")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "raw" in out and "int8_tensorwise" in out and "16 x int8_tensorwise convrot/64" in out
+    assert "text fusion:" in out and "loads: yes" in out
+    assert main(["inspect", str(tiny_dir / "transformer_turbo.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "turbo" in out and "bf16" in out
+    state["blocks.0.attn.wq.comfy_quant"] = marker({"format": "convrot_w4a4"})
+    bad = write(tmp_path, state, header, "bad.safetensors")
+    assert main(["inspect", str(bad)]) == 0
+    assert "loads: NO" in capsys.readouterr().out

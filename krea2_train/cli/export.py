@@ -95,8 +95,13 @@ def _verify(args) -> int:
 
 def _inspect(args) -> int:
     from krea2_train.lora.tools import format_inspect, inspect_lora
+    from krea2_train.models.inspect import format_checkpoint, inspect_checkpoint, is_transformer_checkpoint
 
     for path in args.lora:
+        if is_transformer_checkpoint(path):  # a Raw/Turbo checkpoint: format, precision per group, variant
+            info = inspect_checkpoint(path)
+            _print_json(info) if args.json else print(format_checkpoint(info))
+            continue
         info = inspect_lora(path)
         _print_json(info) if args.json else print(format_inspect(info))
     return 0
@@ -236,7 +241,8 @@ def register(sub) -> None:
     p.add_argument("--json", help="also write the report as JSON here")
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("inspect", help="show a LoRA's layout, rank, alpha, targets, parameters and metadata")
+    p = sub.add_parser("inspect", help="show a LoRA's layout, rank, alpha, targets, parameters and metadata; or a "
+                       "transformer checkpoint's format, precision per layer group and Raw/Turbo")
     p.add_argument("lora", nargs="+")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_inspect)
