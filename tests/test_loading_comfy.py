@@ -279,3 +279,57 @@ def test_inspect_checkpoint(tiny_dir, original, tmp_path, capsys):
     bad = write(tmp_path, state, header, "bad.safetensors")
     assert main(["inspect", str(bad)]) == 0
     assert "loads: NO" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- text encoder file
+def _comfy_text_encoder_file(tiny_dir, tmp_path, fp8_layers: bool):
+    """The tiny Qwen3-VL as ComfyUI ships the real one: one file, Hugging Face's tensor names, language-model Linear
+    weights fp8 scaled with comfy_quant markers (qwen3vl_4b_fp8_scaled.safetensors)."""
+    from _comfy_quant import fp8
+
+    state = load_file(tiny_dir / "text_encoder" / "model.safetensors")
+    out = {}
+    for k, v in state.items():
+        if fp8_layers and k.startswith("model.language_model.layers.") and k.endswith("_proj.weight"):
+            parts = fp8(v)
+            out[k] = parts["weight"]
+            out[k[: -len("weight")] + "weight_scale"] = parts["weight_scale"]
+            out[k[: -len("weight")] + "comfy_quant"] = marker({"format": "float8_e4m3fn"})
+        else:
+            out[k] = v
+    return write(tmp_path, out, None, "qwen3vl_tiny_fp8_scaled.safetensors" if fp8_layers else "qwen3vl_tiny.safetensors")
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_single_file_text_encoder(tiny_dir, tmp_path, with_config):
+    """Hidden states from the single file equal the folder's (bf16/fp32 file: exactly; the config read from the
+    tokenizer folder's config.json or inferred from the shapes), and the fp8-scaled file within fp8 precision."""
+    import shutil
+
+    from krea2_train.models.text_encoder import TextEncoder
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json") + (("config.json",) if with_config else ()):
+        shutil.copy(tiny_dir / "text_encoder" / f, tok / f)
+    ref = TextEncoder.from_path(tiny_dir / "text_encoder")
+    prompts = ["a red cube on a table", "two cats"]
+    want, mask = ref.encode(prompts)
+    plain = TextEncoder.from_path(_comfy_text_encoder_file(tiny_dir, tmp_path, False), tokenizer=tok)
+    got, got_mask = plain.encode(prompts)
+    assert torch.equal(got_mask, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    scaled = TextEncoder.from_path(_comfy_text_encoder_file(tiny_dir, tmp_path, True), tokenizer=tok)
+    got8, _ = scaled.encode(prompts)
+    rel = ((got8 - want).norm() / want.norm()).item()
+    assert 0 < rel < 0.1, rel
+
+
+def test_single_file_text_encoder_needs_tokenizer(tiny_dir, tmp_path):
+    from krea2_train.models.loading import load_text_encoder
+
+    path = _comfy_text_encoder_file(tiny_dir, tmp_path, True)
+    with pytest.raises(ModelLoadError, match="model.tokenizer"):
+        load_text_encoder(path)
+    with pytest.raises(ModelLoadError, match="not a Qwen3-VL text encoder"):
+        load_text_encoder(tiny_dir / "transformer_raw.safetensors", tokenizer=tiny_dir / "text_encoder")

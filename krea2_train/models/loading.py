@@ -284,22 +284,31 @@ def load_transformer(path, dtype="bfloat16", device="cpu", architecture: str = "
 
 
 # --------------------------------------------------------------------------------------------------- text encoder
-def load_text_encoder(path, dtype="bfloat16", device="cpu", config_key: str = "model.text_encoder"):
-    """Qwen3-VL model + tokenizer from a Hugging Face folder. Only the language model is used."""
+def load_text_encoder(path, dtype="bfloat16", device="cpu", config_key: str = "model.text_encoder",
+                      tokenizer=None):
+    """Qwen3-VL model + tokenizer from a Hugging Face folder, or from ComfyUI's single file (fp8 scaled or not) with
+    the tokenizer from `tokenizer` (`model.tokenizer`; models/comfy_files.py). Only the language model is used."""
     from transformers import AutoTokenizer, Qwen3VLModel
 
-    path = require_path(path, "Qwen3-VL text encoder folder", config_key)
+    path = require_path(path, "Qwen3-VL text encoder", config_key)
+    if path.is_file() and path.suffix == ".safetensors":
+        from krea2_train.models.comfy_files import load_text_encoder_file
+
+        model, tok = load_text_encoder_file(path, tokenizer, resolve_dtype(dtype), config_key)
+        return model.to(device).eval().requires_grad_(False), tok
     if not (path.is_dir() and (path / "config.json").exists()):
         raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json). Point `{config_key}` at "
-                             "the Qwen3-VL-4B-Instruct folder that holds config.json, weights and tokenizer files.")
+                             "the Qwen3-VL-4B-Instruct folder that holds config.json, weights and tokenizer files, "
+                             "or at ComfyUI's qwen3vl_4b_*.safetensors file (with `model.tokenizer`).")
     model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
     if not model_type.startswith("qwen3_vl"):
         raise ModelLoadError(f"{path}/config.json says model_type={model_type!r}; Krea 2 needs a Qwen3-VL model "
                              "(model_type qwen3_vl).")
+    tok_dir = Path(str(tokenizer)).expanduser() if tokenizer else path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot load the tokenizer ({exc}); the folder needs tokenizer.json and "
+        raise ModelLoadError(f"{tok_dir}: cannot load the tokenizer ({exc}); the folder needs tokenizer.json and "
                              "tokenizer_config.json") from exc
     from transformers.utils import logging as hf_logging
 
