@@ -2,9 +2,11 @@
 
 Transformer sources (all end as diffusers' `Krea2Transformer2DModel`; the architecture is never re-implemented):
     * the official single-file safetensors (original module names), also under a `model.diffusion_model.` prefix
-    * ComfyUI "fp8 scaled" single files (float8 weights + per-tensor `scale_weight`/`weight_scale`), dequantised
+    * ComfyUI's quantised single files (fp8 scaled, int8 ConvRot, nvfp4, mxfp8; models/quantized.py reads them
+      exactly or refuses them), dequantised, or for training kept 1 byte per weight (`keep_quantized`)
     * a diffusers folder (`config.json` + weights)
-Text encoder: a Qwen3-VL folder in Hugging Face layout. VAE: a Qwen-Image VAE diffusers folder or single file.
+Text encoder: a Qwen3-VL folder in Hugging Face layout, or ComfyUI's single file + a tokenizer folder
+(models/comfy_files.py). VAE: a Qwen-Image VAE diffusers folder or single file.
 
 Single files are read lazily (safetensors mmap) into a model built on the meta device and assigned in place, so a
 12.9B checkpoint is never held twice in RAM.
