@@ -233,6 +233,8 @@ class QuantReader:
                     q.fail(f"convrot_groupsize {q.groupsize} does not divide the {qdata.shape[1]} input features")
         elif fmt == "nvfp4":
             self._dtype(q, torch.uint8)
+            if (qdata.shape[1] * 2) % 16:
+                q.fail(f"{qdata.shape[1] * 2} input features are not a multiple of the 16-wide blocks")
             q.scale = self._scalar(q, self._side(layer, "weight_scale_2"), "weight_scale_2")
             q.block_scale = self._blocks(q, scale, qdata.shape[0], qdata.shape[1] * 2 // 16, torch.float8_e4m3fn)
             pqs = self._side(layer, "pre_quant_scale")
