@@ -333,3 +333,17 @@ def test_single_file_text_encoder_needs_tokenizer(tiny_dir, tmp_path):
         load_text_encoder(path)
     with pytest.raises(ModelLoadError, match="not a Qwen3-VL text encoder"):
         load_text_encoder(tiny_dir / "transformer_raw.safetensors", tokenizer=tiny_dir / "text_encoder")
+
+
+def test_config_check_says_the_tokenizer_is_missing(tiny_dir, tmp_path):
+    """`krea2-train config` (model path checks) names model.tokenizer before any work when the text encoder is
+    ComfyUI's single file."""
+    from krea2_train.config import load_config
+    from krea2_train.models.paths import model_path_problems
+
+    te = _comfy_text_encoder_file(tiny_dir, tmp_path, True)
+    base = [f"model.transformer={tiny_dir}/transformer_raw.safetensors", f"model.text_encoder={te}",
+            f"model.vae={tiny_dir}/vae", f"output_dir={tmp_path}"]
+    problems = model_path_problems(load_config(None, base))
+    assert len(problems) == 1 and "model.tokenizer" in problems[0] and "model.text_encoder" in problems[0]
+    assert model_path_problems(load_config(None, base + [f"model.tokenizer={tiny_dir}/text_encoder"])) == []
