@@ -4,3 +4,7 @@ the fix) without a traceback."""
 
 class UserError(Exception):
     pass
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A model file cannot be used. The message names the file and what to do."""

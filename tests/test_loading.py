@@ -143,8 +143,10 @@ def test_text_encoder_and_vae_load(tiny_dir, tmp_path):
 
 
 def test_text_encoder_errors(tiny_dir, tmp_path):
-    with pytest.raises(ModelLoadError, match="not a Hugging Face model folder"):
+    with pytest.raises(ModelLoadError, match="not a Qwen3-VL text encoder"):  # a file: read as ComfyUI's single file
         load_text_encoder(tiny_dir / "transformer_raw.safetensors")
+    with pytest.raises(ModelLoadError, match="not a Hugging Face model folder"):
+        load_text_encoder(tiny_dir / "text_encoder" / "tokenizer.json")
     with pytest.raises(ModelLoadError, match="needs a Qwen3-VL model"):
         load_text_encoder(tiny_dir / "vae")
     with pytest.raises(ModelLoadError, match="not a Qwen-Image VAE"):

@@ -2,6 +2,7 @@
 layers of width 32): the loss goes down, stop+resume equals an uninterrupted run, Ctrl-C leaves a usable checkpoint,
 the NaN guard skips and then stops."""
 
+import math
 import os
 import signal
 
@@ -431,3 +432,30 @@ def test_preset_optimiser_switch_is_recorded_not_written_into_the_config(tiny_di
     assert runtime["strategy"] == "single" and runtime["memory"]["quantize"] == "none"
     # the same command again: a finished run with the same settings, nothing retrained
     assert Trainer(cfg, source=SyntheticData(num_samples=2)).run().step == 2
+
+
+@pytest.mark.parametrize("fmt, preset", [("float8_e4m3fn", ["memory.preset=16gb", "memory.quantize=none"]),
+                                         ("int8_convrot", ["memory.preset=24gb"])])
+def test_train_from_comfyui_quantised_raw(tiny_dir, tmp_path, fmt, preset):
+    """A ComfyUI fp8_scaled / int8_convrot Raw file as the training base: its block Linear layers stay 1 byte
+    (QuantLinear over the file's bytes, ConvRot applied per matmul) under the 24gb preset and under 16gb's block
+    offload (nf4 off: bitsandbytes' CPU path is not what is tested here); the LoRA trains and the loss is finite."""
+    from _comfy_quant import quantize_file
+    from safetensors.torch import save_file
+
+    from krea2_train.runtime.memory import QuantLinear
+
+    state, header = quantize_file(load_file(tiny_dir / "transformer_raw.safetensors"), fmt, groupsize=64)
+    base = tmp_path / f"krea2_raw_{fmt}.safetensors"
+    save_file(state, base, metadata=header or None)
+    cfg = tiny_cfg(tiny_dir, tmp_path / "run", f"model.transformer={base}", "checkpoint.every_steps=0",
+                   "train.stages=[{resolution: 64, steps: 4, batch_size: 2}]", *preset)
+    t = Trainer(cfg, source=SyntheticData())
+    t.setup()
+    layers = [m for m in t.transformer.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 16 and all(m.weight.element_size() == 1 for m in layers)
+    assert {m.rotation for m in layers} == ({64} if fmt == "int8_convrot" else {0})
+    res = t.run()
+    assert res.step == 4 and all(math.isfinite(h[1]) for h in res.history)
+    trained = adapter(cfg.run_dir)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in trained.items())

@@ -141,8 +141,15 @@ def _verify(args) -> int:
 
 def _inspect(args) -> int:
     from krea2_train.lora.tools import format_inspect, inspect_lora
+    from krea2_train.models.inspect import format_checkpoint, inspect_checkpoint, is_transformer_checkpoint
 
-    for path in [resolve_lora(p) for p in args.lora]:  # every path checked before the first is printed
+    # every path checked before the first is printed; a Raw/Turbo checkpoint: format, precision per group, variant
+    paths = [p if is_transformer_checkpoint(p) else resolve_lora(p) for p in args.lora]
+    for path in paths:
+        if is_transformer_checkpoint(path):
+            info = inspect_checkpoint(path)
+            _print_json(info) if args.json else print(format_checkpoint(info))
+            continue
         info = inspect_lora(path)
         _print_json(info) if args.json else print(format_inspect(info))
     return 0
@@ -284,8 +291,9 @@ def register(sub) -> None:
     p.add_argument("--json", help="also write the report as JSON here")
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("inspect", help="show a LoRA's layout, rank, alpha, targets, parameters and metadata")
-    p.add_argument("lora", nargs="+", help="LoRA files or training run folders (runs/NAME)")
+    p = sub.add_parser("inspect", help="show a LoRA's layout, rank, alpha, targets, parameters and metadata; or a "
+                       "transformer checkpoint's format, precision per layer group and Raw/Turbo")
+    p.add_argument("lora", nargs="+", help="LoRA files, training run folders (runs/NAME) or transformer checkpoints")
     p.add_argument("--json", action="store_true", help="print JSON instead of the text summary")
     p.set_defaults(func=_inspect)
 

@@ -30,7 +30,8 @@ def _sample(args) -> int:
     if args.lora:
         strengths = args.strength * len(args.lora) if len(args.strength) == 1 else args.strength or [1.0] * len(args.lora)
         apply_loras(model, list(zip(args.lora, strengths)))
-    generator = Generator(model, TextEncoder.from_path(text_encoder, dtype=args.dtype, device=device),
+    generator = Generator(model, TextEncoder.from_path(text_encoder, dtype=args.dtype, device=device,
+                                                       tokenizer=getattr(args, "tokenizer", None)),
                           VAE.from_path(vae_path, device=device))
     preset = SampleSettings.turbo if args.variant == "turbo" else SampleSettings.raw
     overrides = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance).items() if v is not None}
@@ -56,7 +57,9 @@ def register(sub) -> None:
     p.add_argument("--models", help="folder with transformer_{raw,turbo}.safetensors, text_encoder/, vae/ "
                    "(as written by make-tiny)")
     p.add_argument("--transformer", help="transformer checkpoint (single file or diffusers folder)")
-    p.add_argument("--text-encoder", help="Qwen3-VL folder")
+    p.add_argument("--text-encoder", help="Qwen3-VL folder, or ComfyUI's qwen3vl_4b_*.safetensors (with --tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer folder for a single-file text encoder (Hugging Face Qwen3-VL "
+                                       "folder or ComfyUI's comfy/text_encoders/qwen25_tokenizer)")
     p.add_argument("--vae", help="Qwen-Image VAE folder or file")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)

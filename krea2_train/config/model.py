@@ -16,8 +16,11 @@ class ModelConfig:
     variant: str = choice("raw", ("raw", "turbo"))
     # Turbo transformer for previews, export verification and the transfer report (null: skip Turbo steps).
     turbo: Optional[str] = None
-    # Qwen3-VL folder (Hugging Face layout, weights + tokenizer).
+    # Qwen3-VL folder (Hugging Face layout, weights + tokenizer), or ComfyUI's single file (qwen3vl_4b_*.safetensors).
     text_encoder: str = "???"
+    # Tokenizer folder: needed with the single file (a Hugging Face Qwen3-VL folder, or ComfyUI's
+    # comfy/text_encoders/qwen25_tokenizer); with a folder text encoder it overrides the folder's own tokenizer.
+    tokenizer: Optional[str] = None
     # Qwen-Image VAE: diffusers folder or single safetensors file.
     vae: str = "???"
     # Expected architecture: "krea2" (the 12.9B model), "tiny" (the embedded test model) or "auto" (from shapes).

@@ -250,7 +250,8 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
         if owned:
             from krea2_train.models.text_encoder import TextEncoder
 
-            text_encoder = TextEncoder.from_path(model_cfg.text_encoder, dtype=dtype, device=device)
+            text_encoder = TextEncoder.from_path(model_cfg.text_encoder, dtype=dtype, device=device,
+                                                 tokenizer=getattr(model_cfg, "tokenizer", None))
         mine.sort(key=lambda k: len(captions[k]))  # similar lengths together: less padding
         bs = max(1, data_cfg.text_batch_size)
         with tqdm(total=len(mine), desc="caching text", unit="caption", disable=not show) as bar:

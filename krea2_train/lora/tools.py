@@ -200,20 +200,19 @@ class _CheckpointReader:
         self.header = self.handle.metadata() or {}
 
     def tensor_names(self):
-        side = ("scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant")
-        return [n for n in self.names if not n.endswith(side)]
+        from krea2_train.models.quantized import QuantReader
+
+        return [n for n in self.names if not QuantReader.is_side(n)]
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor in its stored dtype, except fp8 weights, which come back dequantised (float32)."""
-        from krea2_train.models.loading import FP8_DTYPES
+        """The tensor in its stored dtype, except ComfyUI-quantised weights, which come back dequantised (float32)
+        exactly as ComfyUI defines them (or are refused: models/quantized.py)."""
+        from krea2_train.models.quantized import QuantReader
 
-        t = self.handle.get_tensor(self.names[name])
-        if t.dtype in FP8_DTYPES:
-            module = name[: -len(".weight")]
-            scale = next((self.handle.get_tensor(self.names[s]) for s in (f"{module}.scale_weight",
-                          f"{module}.weight_scale") if s in self.names), None)
-            t = t.float() * (scale.float() if scale is not None else 1.0)
-        return t
+        if not hasattr(self, "_quant"):
+            self._quant = QuantReader(self.path, self.handle, self.names, self.header)
+        q = self._quant.weight(name)
+        return self.handle.get_tensor(self.names[name]) if q is None else q.dequantize()
 
     def linear_modules(self) -> dict[str, str]:
         """{diffusers Linear module: original weight name}."""

@@ -2,9 +2,11 @@
 
 Transformer sources (all end as diffusers' `Krea2Transformer2DModel`; the architecture is never re-implemented):
     * the official single-file safetensors (original module names), also under a `model.diffusion_model.` prefix
-    * ComfyUI "fp8 scaled" single files (float8 weights + per-tensor `scale_weight`/`weight_scale`), dequantised
+    * ComfyUI's quantised single files (fp8 scaled, int8 ConvRot, nvfp4, mxfp8; models/quantized.py reads them
+      exactly or refuses them), dequantised, or for training kept 1 byte per weight (`keep_quantized`)
     * a diffusers folder (`config.json` + weights)
-Text encoder: a Qwen3-VL folder in Hugging Face layout. VAE: a Qwen-Image VAE diffusers folder or single file.
+Text encoder: a Qwen3-VL folder in Hugging Face layout, or ComfyUI's single file + a tokenizer folder
+(models/comfy_files.py). VAE: a Qwen-Image VAE diffusers folder or single file.
 
 Single files are read lazily (safetensors mmap) into a model built on the meta device and assigned in place, so a
 12.9B checkpoint is never held twice in RAM.
@@ -20,11 +22,12 @@ from pathlib import Path
 import torch
 
 from krea2_train import facts
-from krea2_train.errors import UserError
+from krea2_train.errors import ModelLoadError
+from krea2_train.models.quantized import FIX as QUANT_FIX
+from krea2_train.models.quantized import QuantFormatError, QuantReader, QuantWeight
 
 log = logging.getLogger(__name__)
 
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 FULL_ARCHITECTURE = dict(
     in_channels=64,
     num_layers=28,
@@ -42,10 +45,6 @@ FULL_ARCHITECTURE = dict(
     num_refiner_text_blocks=2,
     axes_dims_rope=(32, 48, 48),
 )
-
-
-class ModelLoadError(UserError, RuntimeError):
-    """A model file cannot be used. The message names the file and what to do."""
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -100,9 +99,14 @@ def original_names(keys) -> dict[str, str] | None:
     return names if facts.KREA2_MARKER in names else None
 
 
-def iter_original_tensors(path: Path, dtype: torch.dtype):
+def iter_original_tensors(path: Path, dtype: torch.dtype, keep_quantized=None, padded: set | None = None):
     """Yield (original name, tensor) from an original-layout transformer file, one tensor at a time: prefixes
-    stripped, ComfyUI fp8 dequantised (w * scale), norm scales float32 and everything else in `dtype`."""
+    stripped, ComfyUI's quantised layers dequantised exactly as ComfyUI defines them (models/quantized.py; anything
+    it cannot read exactly is refused), norm scales float32 and everything else in `dtype`.
+
+    `keep_quantized(name) -> bool`: for those weights stored as fp8 or int8 (ConvRot or not), yield the
+    `QuantWeight` itself (1 byte per weight) instead of a dequantised tensor. `padded`: collects the names of the
+    block-format (nvfp4/mxfp8) weights, whose stored shape may be the real one rounded up to the block."""
     handle, keys = open_safetensors(path)
     names = original_names(keys)
     if names is None:
@@ -111,25 +115,39 @@ def iter_original_tensors(path: Path, dtype: torch.dtype):
             "Check that `model.transformer` points at the Krea 2 Raw/Turbo checkpoint, not a VAE, text encoder or "
             "another model."
         )
+    reader = QuantReader(path, handle, names, handle.metadata() or {})
     for name, key in names.items():
-        if name == "scaled_fp8" or name.endswith(("scale_weight", "weight_scale", "scale_input", "input_scale",
-                                                  "comfy_quant")):
-            continue  # ComfyUI quantisation markers and side-tensors, folded in below
-        tensor = handle.get_tensor(key)
-        if tensor.dtype in FP8_DTYPES:
-            module = name[: -len(".weight")] if name.endswith(".weight") else name
-            scale_key = next((names[s] for s in (f"{module}.scale_weight", f"{module}.weight_scale") if s in names),
-                             None)
-            scale = handle.get_tensor(scale_key).float() if scale_key else torch.tensor(1.0)
-            tensor = tensor.float() * scale  # per-tensor scale (a 1-element or broadcastable tensor)
+        if reader.is_side(name):
+            continue  # ComfyUI quantisation markers and side tensors, read with their weight
+        q = reader.weight(name)
+        if q is None:
+            tensor = handle.get_tensor(key)
+            if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                raise QuantFormatError(f"{path}: tensor {name} is stored as {tensor.dtype} with no ComfyUI "
+                                       f"quantisation format for it, so it cannot be read exactly. {QUANT_FIX}")
+        elif keep_quantized is not None and keep_quantized(name) and q.one_byte() is not None:
+            yield name, q
+            continue
+        else:
+            tensor = q.dequantize()
+            if q.padded and padded is not None:
+                padded.add(name)
         # Norm scales stay float32 (diffusers' _keep_in_fp32_modules); everything else takes the compute dtype.
         yield name, tensor.to(torch.float32 if name.endswith(".scale") else dtype)
 
 
-def read_original_state_dict(path: Path, dtype: torch.dtype) -> tuple[dict, dict]:
-    """The whole original-layout file as (state dict with original names, header metadata)."""
-    state = dict(iter_original_tensors(path, dtype))
+def read_original_state_dict(path: Path, dtype: torch.dtype, keep_quantized=None,
+                             padded: set | None = None) -> tuple[dict, dict]:
+    """The whole original-layout file as (state dict with original names, header metadata); see
+    `iter_original_tensors` for `keep_quantized` and `padded`."""
+    state = dict(iter_original_tensors(path, dtype, keep_quantized, padded))
     return state, safetensors_metadata(path)
+
+
+def _block_linear_weight(name: str) -> bool:
+    """The weights kept 1-byte for training: the Linear layers of the transformer blocks (as `quantize_base`)."""
+    return name.startswith("blocks.") and name.endswith(".weight") and ".qknorm." not in name and \
+        not name.endswith(("norm.scale", "mod.lin.weight"))
 
 
 def infer_architecture(state: dict, path: Path) -> dict:
@@ -194,8 +212,12 @@ def detect_variant(path: Path, metadata: dict) -> str | None:
 
 
 def load_transformer(path, dtype="bfloat16", device="cpu", architecture: str = "auto", expect: str | None = None,
-                     allow_turbo: bool = False, config_key: str = "model.transformer"):
+                     allow_turbo: bool = False, config_key: str = "model.transformer", keep_quantized: bool = False):
     """Load a Krea 2 transformer (any supported on-disk format) into `Krea2Transformer2DModel`.
+
+    `keep_quantized` (training base): the transformer blocks' Linear weights that the file stores as fp8 or int8
+    (ConvRot or not) stay 1 byte per weight, as `QuantLinear`s dequantised per matmul; everything else (and every
+    weight when False) is dequantised on load.
 
     `expect="raw"` (training) errors on a file that looks like Turbo unless `allow_turbo`, which downgrades it to a
     warning.
@@ -213,9 +235,21 @@ def load_transformer(path, dtype="bfloat16", device="cpu", architecture: str = "
         model = Krea2Transformer2DModel.from_pretrained(path, torch_dtype=dtype)
         variant = detect_variant(path, {})
     else:
-        state, metadata = read_original_state_dict(path, dtype)
+        padded: set = set()
+        state, metadata = read_original_state_dict(path, dtype, _block_linear_weight if keep_quantized else None,
+                                                   padded)
+        if "txtfusion.projector.weight" in padded:  # its width is the number of text layers: must not be rounded
+            raise ModelLoadError(f"{path}: txtfusion.projector is stored in a block format (nvfp4/mxfp8) whose "
+                                 "padding hides the number of text layers; use a file that keeps it in bf16/fp8.")
+        stored = {n: t for n, t in state.items() if isinstance(t, QuantWeight)}
+        # 1-byte layers: a meta placeholder of the right shape now, the QuantLinear after the model is built
+        state.update({n: torch.empty(q.qdata.shape, device="meta") for n, q in stored.items()})
         config = infer_architecture(state, path)
         _check_declared(config, architecture, path)
+        padded_keys = {k for n in padded for k in convert_krea2_transformer_checkpoint_to_diffusers(
+            {n: state[n]})}
+        stored_keys = {next(iter(convert_krea2_transformer_checkpoint_to_diffusers({n: state[n]}))): q
+                       for n, q in stored.items()}
         state = convert_krea2_transformer_checkpoint_to_diffusers(state)
         with init_empty_weights():
             model = Krea2Transformer2DModel(**config)
@@ -226,11 +260,19 @@ def load_transformer(path, dtype="bfloat16", device="cpu", architecture: str = "
             raise ModelLoadError(f"{path}: tensors do not fit Krea2Transformer2DModel (missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}). The file is incomplete or from another model.")
         for key, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
+            want = tuple(expected[key].shape)
+            if key in padded_keys and tensor.ndim == 2 and tuple(tensor.shape) != want and all(
+                    w <= g < w + 32 and g % 16 == 0 for w, g in zip(want, tensor.shape)):
+                state[key] = tensor = tensor[: want[0], : want[1]].contiguous()  # the block format's padding
+            if tuple(tensor.shape) != want:
                 raise ModelLoadError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, expected "
-                                     f"{tuple(expected[key].shape)} for the architecture read from the file. "
+                                     f"{want} for the architecture read from the file. "
                                      "The checkpoint is corrupt or mixes two models.")
         model.load_state_dict(state, assign=True)  # tensors are used in place: no second copy
+        if stored_keys:
+            from krea2_train.runtime.memory import install_quantized
+
+            install_quantized(model, stored_keys)
         variant = detect_variant(path, metadata)
     if expect == "raw" and variant == "turbo":
         msg = (f"{path} looks like the Turbo (distilled) checkpoint, but training expects Raw: LoRAs trained on "
@@ -244,22 +286,31 @@ def load_transformer(path, dtype="bfloat16", device="cpu", architecture: str = "
 
 
 # --------------------------------------------------------------------------------------------------- text encoder
-def load_text_encoder(path, dtype="bfloat16", device="cpu", config_key: str = "model.text_encoder"):
-    """Qwen3-VL model + tokenizer from a Hugging Face folder. Only the language model is used."""
+def load_text_encoder(path, dtype="bfloat16", device="cpu", config_key: str = "model.text_encoder",
+                      tokenizer=None):
+    """Qwen3-VL model + tokenizer from a Hugging Face folder, or from ComfyUI's single file (fp8 scaled or not) with
+    the tokenizer from `tokenizer` (`model.tokenizer`; models/comfy_files.py). Only the language model is used."""
     from transformers import AutoTokenizer, Qwen3VLModel
 
-    path = require_path(path, "Qwen3-VL text encoder folder", config_key)
+    path = require_path(path, "Qwen3-VL text encoder", config_key)
+    if path.is_file() and path.suffix == ".safetensors":
+        from krea2_train.models.comfy_files import load_text_encoder_file
+
+        model, tok = load_text_encoder_file(path, tokenizer, resolve_dtype(dtype), config_key)
+        return model.to(device).eval().requires_grad_(False), tok
     if not (path.is_dir() and (path / "config.json").exists()):
         raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json). Point `{config_key}` at "
-                             "the Qwen3-VL-4B-Instruct folder that holds config.json, weights and tokenizer files.")
+                             "the Qwen3-VL-4B-Instruct folder that holds config.json, weights and tokenizer files, "
+                             "or at ComfyUI's qwen3vl_4b_*.safetensors file (with `model.tokenizer`).")
     model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
     if not model_type.startswith("qwen3_vl"):
         raise ModelLoadError(f"{path}/config.json says model_type={model_type!r}; Krea 2 needs a Qwen3-VL model "
                              "(model_type qwen3_vl).")
+    tok_dir = Path(str(tokenizer)).expanduser() if tokenizer else path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot load the tokenizer ({exc}); the folder needs tokenizer.json and "
+        raise ModelLoadError(f"{tok_dir}: cannot load the tokenizer ({exc}); the folder needs tokenizer.json and "
                              "tokenizer_config.json") from exc
     from transformers.utils import logging as hf_logging
 

@@ -12,7 +12,8 @@ from krea2_train.models.loading import ModelLoadError, open_safetensors, origina
 MODEL_PATH_KEYS = {  # config key -> (what it is, expected on disk)
     "model.transformer": "Krea 2 Raw transformer (single .safetensors file or diffusers folder)",
     "model.turbo": "Krea 2 Turbo transformer (single .safetensors file or diffusers folder)",
-    "model.text_encoder": "Qwen3-VL text encoder folder",
+    "model.text_encoder": "Qwen3-VL text encoder (Hugging Face folder, or ComfyUI's single .safetensors file)",
+    "model.tokenizer": "Qwen3-VL tokenizer folder",
     "model.vae": "Qwen-Image VAE (diffusers folder or single .safetensors file)",
 }
 
@@ -47,6 +48,11 @@ def model_path_problems(cfg, keys=None, headers: bool = True) -> list[str]:
                             f"paths start at {Path.cwd()}), or run `krea2-train make-tiny DIR` for the tiny test "
                             "model" + (" (or set model.turbo: null to skip the Turbo steps)" if key == "model.turbo"
                                        else "") + ".")
+        elif key == "model.text_encoder" and p.is_file() and _get(cfg, "model.tokenizer") in (None, "", "???"):
+            from krea2_train.models.comfy_files import tokenizer_problem
+
+            problems.append(f"config key `{key}`: {p} is a single-file text encoder (ComfyUI layout): "
+                            f"{tokenizer_problem(None)}.")
         elif headers and key in ("model.transformer", "model.turbo") and p.is_file():
             problem = _transformer_header_problem(key, p)
             if problem:

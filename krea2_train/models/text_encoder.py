@@ -42,9 +42,12 @@ class TextEncoder:
         ).hexdigest()[:16]
 
     @classmethod
-    def from_path(cls, path, dtype="float32", device="cpu", max_length: int = facts.MAX_PROMPT_TOKENS):
-        model, tokenizer = load_text_encoder(path, dtype=dtype, device=device)
-        return cls(model, tokenizer, max_length, source=files_fingerprint(path))
+    def from_path(cls, path, dtype="float32", device="cpu", max_length: int = facts.MAX_PROMPT_TOKENS,
+                  tokenizer=None):
+        """`tokenizer`: `model.tokenizer` (needed for ComfyUI's single-file text encoder, optional otherwise)."""
+        model, tok = load_text_encoder(path, dtype=dtype, device=device, tokenizer=tokenizer)
+        source = files_fingerprint(path) + (f"+{files_fingerprint(tokenizer)}" if tokenizer else "")
+        return cls(model, tok, max_length, source=source)
 
     @property
     def device(self):

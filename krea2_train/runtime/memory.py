@@ -59,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from krea2_train.config.memory import QUANT_MODES, MemorySettings, resolve_memory_settings
+from krea2_train.models.quantized import rotate_groups
 from krea2_train.runtime.speed import unwrap_transformer
 
 log = logging.getLogger(__name__)
@@ -83,19 +84,28 @@ class _DequantLinearFn(torch.autograd.Function):
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
     @staticmethod
-    def forward(ctx, x, qweight, scale, bias, storage):
+    def forward(ctx, x, qweight, scale, bias, storage, rotation=0):
+        # ConvRot (`rotation` = group size): the stored weight is W @ Hb^T (Hb block-diagonal Hadamard, symmetric
+        # and its own inverse), so x @ W^T = (x @ Hb) @ stored^T; backward: grad_x = (grad_out @ stored) @ Hb.
         dtype = _DequantLinearFn._setup(ctx, x, qweight, scale, storage)
+        ctx.rotation = rotation
         with torch.autocast(x.device.type, enabled=False):
             bias = bias.to(dtype) if bias is not None else None
-            return F.linear(x.to(dtype), _dequant(qweight, scale, dtype, storage), bias)
+            x = x.to(dtype)
+            if rotation:
+                x = rotate_groups(x, rotation)
+            return F.linear(x, _dequant(qweight, scale, dtype, storage), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         qweight, scale = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ _dequant(qweight, scale, grad_out.dtype, ctx.storage)).to(ctx.x_dtype)
-        return grad_x, None, None, None, None
+            grad_x = grad_out @ _dequant(qweight, scale, grad_out.dtype, ctx.storage)
+            if ctx.rotation:
+                grad_x = rotate_groups(grad_x, ctx.rotation)
+            grad_x = grad_x.to(ctx.x_dtype)
+        return grad_x, None, None, None, None, None
 
 
 class _Fp8MatmulFn(_DequantLinearFn):
@@ -105,8 +115,9 @@ class _Fp8MatmulFn(_DequantLinearFn):
     exist (H100/H200/Ada) and the matmuls dominate; scripts/bench_step.py `fp8_mm` measures it."""
 
     @staticmethod
-    def forward(ctx, x, qweight, scale, bias, storage):
+    def forward(ctx, x, qweight, scale, bias, storage, rotation=0):
         dtype = _DequantLinearFn._setup(ctx, x, qweight, scale, storage)
+        ctx.rotation = 0  # fp8 layers are never rotated
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / torch.finfo(torch.float8_e4m3fn).max).clamp(
@@ -135,6 +146,7 @@ class QuantLinear(nn.Linear):
 
     storage: torch.dtype
     qmax: float
+    rotation: int = 0  # ConvRot group size of a weight read from a ComfyUI int8_convrot file (0: not rotated)
 
     def __init__(self, linear: nn.Linear, device=None):
         nn.Module.__init__(self)
@@ -150,14 +162,36 @@ class QuantLinear(nn.Linear):
         else:
             self.register_parameter("bias", None)
 
+    @classmethod
+    def from_stored(cls, linear: nn.Module, qweight: torch.Tensor, row_scale: torch.Tensor, rotation: int = 0):
+        """A layer over weights already quantised in a file (ComfyUI fp8 / int8), used as stored: `qweight` (N, K)
+        in `cls.storage`, `row_scale` (N,) float32, `rotation` the ConvRot group size. `linear` gives the bias."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = qweight.shape
+        if qweight.dtype != cls.storage:
+            raise TypeError(f"{cls.__name__} stores {cls.storage}, got {qweight.dtype}")
+        if cls.storage != torch.int8:
+            qweight = qweight.view(torch.uint8)  # fp8 bits kept as uint8 (see the class docstring)
+        self.weight = nn.Parameter(qweight, requires_grad=False)
+        self.register_buffer("weight_scale", row_scale.float().reshape(-1).contiguous())
+        bias = getattr(linear, "bias", None)
+        if bias is not None and bias.device.type != "meta":
+            self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.rotation = int(rotation)
+        return self
+
     def _quantize(self, w: torch.Tensor) -> torch.Tensor:  # w already divided by the row scale: |w| <= qmax
         raise NotImplementedError
 
     def forward(self, x):
-        return _DequantLinearFn.apply(x, self.weight, self.weight_scale, self.bias, self.storage)
+        return _DequantLinearFn.apply(x, self.weight, self.weight_scale, self.bias, self.storage, self.rotation)
 
     def dequantized_weight(self, dtype=torch.float32):
-        return _dequant(self.weight, self.weight_scale, dtype, self.storage)
+        w = _dequant(self.weight, self.weight_scale, torch.float32, self.storage)
+        return (rotate_groups(w, self.rotation) if self.rotation else w).to(dtype)
 
 
 class Int8Linear(QuantLinear):
@@ -179,9 +213,27 @@ class Fp8Linear(QuantLinear):
     def _quantize(self, w):
         return w.to(torch.float8_e4m3fn).view(torch.uint8)
 
+    fp8_matmul = False
+
     def forward(self, x):
         fn = _Fp8MatmulFn if self.fp8_matmul else _DequantLinearFn
         return fn.apply(x, self.weight, self.weight_scale, self.bias, self.storage)
+
+
+def install_quantized(model: nn.Module, stored: dict) -> int:
+    """Replace the Linear layers named by `stored` ({diffusers weight key: models.quantized.QuantWeight}) with
+    QuantLinears over the file's own 1-byte weights (fp8 -> Fp8Linear, int8 -> Int8Linear with its ConvRot group
+    size): nothing is requantised, so the layer computes exactly with the weight ComfyUI's file defines."""
+    for key, q in stored.items():
+        qweight, row_scale, rotation = q.one_byte()
+        parent_name, _, attr = key[: -len(".weight")].rpartition(".")
+        parent = model.get_submodule(parent_name)
+        cls = Int8Linear if qweight.dtype == torch.int8 else Fp8Linear
+        setattr(parent, attr, cls.from_stored(getattr(parent, attr), qweight, row_scale, rotation))
+    if stored:
+        model._krea2_file_quantized = sorted({q.format + ("_convrot" if q.groupsize else "") for q in stored.values()})
+        log.info("kept %d block Linear layers 1-byte as stored (%s)", len(stored), model._krea2_file_quantized)
+    return len(stored)
 
 
 def _nf4_linear(linear: nn.Linear, device, compute_dtype):

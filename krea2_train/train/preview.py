@@ -34,7 +34,8 @@ def prompt_embeddings(cfg):
         from krea2_train.models.text_encoder import TextEncoder
 
         enc = TextEncoder.from_path(cfg.model.text_encoder, dtype="float32" if not torch.cuda.is_available()
-                                    else "bfloat16", device="cuda" if torch.cuda.is_available() else "cpu")
+                                    else "bfloat16", device="cuda" if torch.cuda.is_available() else "cpu",
+                                    tokenizer=getattr(cfg.model, "tokenizer", None))
         emb, mask = enc.encode(list(cfg.preview.prompts))
         neg, neg_mask = enc.encode([cfg.preview.negative_prompt] * len(cfg.preview.prompts))
         _EMBEDS.clear()

@@ -161,8 +161,11 @@ class Trainer:
         transformer = self._transformer
         if transformer is None:
             m = cfg.model
+            # A ComfyUI fp8 / int8 ConvRot base stays 1 byte per weight (QuantLinear, dequantised per matmul) except
+            # under FSDP, which shards float parameters only: there it is dequantised on load.
             transformer = load_transformer(m.transformer, dtype=m.dtype, device=device, architecture=m.architecture,
-                                           expect="raw", allow_turbo=m.allow_turbo_training)
+                                           expect="raw", allow_turbo=m.allow_turbo_training,
+                                           keep_quantized=not self.strategy.fsdp)
         elif device == self.acc.device and transformer.device != device:
             transformer = transformer.to(device)
         self.peft_config = lora_mod.add_lora(transformer, cfg.lora, seed=cfg.seed)
