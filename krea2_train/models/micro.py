@@ -187,13 +187,13 @@ def resolve_models(name_or_dir) -> MicroPaths | None:
     return micro_paths() if str(name_or_dir) == "micro" else None
 
 
-def load_micro(variant: str = "turbo", dtype: str = "float32", root=None):
-    """(transformer, TextEncoder, VAE) of the micro model through the project's normal loaders."""
+def load_micro(variant: str = "turbo", dtype: str = "float32", root=None, verify: bool = True):
+    """(transformer, TextEncoder, VAE) of the micro model through the project's normal loaders (the trainer's)."""
     from .loading import load_transformer
     from .text_encoder import TextEncoder
     from .vae import VAE
 
-    p = micro_paths(root)
+    p = micro_paths(root, verify=verify)
     path = p.transformer_turbo if variant == "turbo" else p.transformer_raw
     transformer = load_transformer(path, dtype=dtype, expect=None)
     return transformer, TextEncoder.from_path(p.text_encoder, dtype=dtype), VAE.from_path(p.vae, dtype="float32")

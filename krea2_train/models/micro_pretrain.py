@@ -202,7 +202,7 @@ def stage_vae(work: Path, s: PretrainSettings) -> Path:
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if (step + 1) % s.checkpoint_every == 0:
                 _save_ckpt(ckpt, step + 1, vae, opt)
     bar.close()
@@ -309,7 +309,7 @@ def stage_raw(work: Path, s: PretrainSettings) -> Path:
         # EMA warms up (decay grows with the step) so early weights do not linger in a short run
         _ema_update(ema, model, min(s.ema_decay, (1 + step) / (10 + step)))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.raw_steps:
             _save_ckpt(ckpt, step + 1, model, opt, ema)
     bar.close()
@@ -421,7 +421,7 @@ def stage_turbo(work: Path, s: PretrainSettings) -> Path:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.turbo_steps:
             _save_ckpt(ckpt, step + 1, student, opt)
     bar.close()
