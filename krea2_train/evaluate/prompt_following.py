@@ -117,6 +117,18 @@ def seconds_per_image(transformer, text_encoder, vae, settings, repeats: int = 3
     return best
 
 
+def vae_roundtrip(vae, count: int = 64, seed: int = 777) -> dict:
+    """PSNR (dB) and read-back colour accuracy of world images encoded and decoded by `vae` (a models.vae.VAE)."""
+    from ..models.vae import to_pil
+
+    pixels, _, scenes = world.world_batch(seed, 0, count)
+    rec = torch.cat([vae.decode(vae.encode(pixels[i:i + 16])) for i in range(0, count, 16)])
+    mse = ((rec - pixels) ** 2).mean().item() / 4  # in [0, 1] units: pixels span 2
+    readings = [read_image(im) for im in to_pil(rec)]
+    return {"psnr_db": round(float(10 * np.log10(1 / max(mse, 1e-12))), 2),
+            "colour_accuracy": float(np.mean([r.foreground == sc.colour for r, sc in zip(readings, scenes)]))}
+
+
 def measure_all(root=None, count: int = 64, seed: int = 0, size: int = 128, timing: bool = True,
                 verify: bool = False, keep_images: bool = False) -> dict:
     """The micro model's figures: Raw (28 steps, CFG) and Turbo (8 steps, no CFG) prompt following, seconds per
@@ -136,6 +148,7 @@ def measure_all(root=None, count: int = 64, seed: int = 0, size: int = 128, timi
         if timing:
             result["seconds_per_image"] = round(seconds_per_image(transformer, text_encoder, vae, settings), 3)
         out[variant] = result
+    out["vae_roundtrip"] = vae_roundtrip(vae)
     return out
 
 

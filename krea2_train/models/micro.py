@@ -75,7 +75,7 @@ MICRO_TEXT = dict(
 MICRO_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=160,
                     deepstack_visual_indexes=[0], num_position_embeddings=16)
 # f8 like the real VAE (three spatial downsamples), 16 latent channels, narrow.
-MICRO_VAE = dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+MICRO_VAE = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
 
 # Demo-caption words (datasets/demo) get whole tokens too, so a LoRA on them sees words, not byte pieces.
 DEMO_WORDS = ("navy teal mustard cream bar half flat bauhaus poster thick outlines hatched paper left right top "
