@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-ship", action="store_true", help="do not copy into the package / measure / write manifest")
     p.add_argument("--out", default=None, help="shipped folder (default: the package's micro_weights)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--note", default=None, help="free text kept in the manifest (how this build was run)")
     args = p.parse_args(argv)
 
     import torch
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
         "settings": settings.__dict__,
         "pretrain_seconds": {k: round(v, 1) for k, v in timings.items()},
         "threads": args.threads,
+        **({"note": args.note} if args.note else {}),
         "figures": figures,
         "architecture": {"transformer": micro.MICRO_TRANSFORMER, "text": micro.MICRO_TEXT, "vae": micro.MICRO_VAE},
     }

@@ -130,7 +130,7 @@ def vae_roundtrip(vae, count: int = 64, seed: int = 777) -> dict:
 
 
 def measure_all(root=None, count: int = 64, seed: int = 0, size: int = 128, timing: bool = True,
-                verify: bool = False, keep_images: bool = False) -> dict:
+                verify: bool = False, keep_images: bool = False, guidance: float | None = None) -> dict:
     """The micro model's figures: Raw (28 steps, CFG) and Turbo (8 steps, no CFG) prompt following, seconds per
     128 px image (on this machine's current torch thread count). `root`: a folder in the shipped layout (default the
     shipped model); `verify`: check its manifest first (off while building it, as the manifest comes after)."""
@@ -138,7 +138,10 @@ def measure_all(root=None, count: int = 64, seed: int = 0, size: int = 128, timi
     from ..models.micro import load_micro
 
     out = {"threads": torch.get_num_threads(), "prompt_list": [sc.caption() for sc in world.prompt_set(seed, count)]}
-    for variant, settings in (("raw", SampleSettings.raw(height=size, width=size)),
+    from ..models.micro import RAW_GUIDANCE
+
+    guidance = RAW_GUIDANCE if guidance is None else guidance
+    for variant, settings in (("raw", SampleSettings.raw(height=size, width=size, guidance=guidance)),
                               ("turbo", SampleSettings.turbo(height=size, width=size))):
         transformer, text_encoder, vae = load_micro(variant, root=root, verify=verify)
         result = prompt_following(transformer, text_encoder, vae, settings, count, seed)

@@ -54,18 +54,18 @@ class PretrainSettings:
     # latent dataset
     images: int = 4000
     # Raw
-    raw_steps: int = 1000
+    raw_steps: int = 1500
     raw_batch: int = 32
     raw_lr: float = 8e-4
     raw_warmup: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.998
     # Turbo
-    trajectories: int = 512
+    trajectories: int = 256
     trajectory_batch: int = 32
     substeps: int = 3
     guidance: float = facts.RAW_GUIDANCE
-    turbo_steps: int = 300
+    turbo_steps: int = 200
     turbo_batch: int = 32
     turbo_lr: float = 1e-4
     checkpoint_every: int = 200
