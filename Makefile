@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean micro measure-micro
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_step.py
 	$(BIN)/python scripts/bench_data.py
+
+# Rebuild the shipped micro Krea 2 (about an hour on a 2-core CPU; resumable) and print its figures.
+micro: $(STAMP)
+	$(BIN)/python scripts/pretrain_micro.py
+
+measure-micro: $(STAMP)
+	$(BIN)/python scripts/measure_micro.py
 
 clean:
 	rm -rf runs .cache tiny

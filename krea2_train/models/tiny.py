@@ -79,8 +79,9 @@ _CORPUS_WORDS = (
 )
 
 
-def _build_tokenizer():
-    """A byte-level BPE with Qwen2Tokenizer's pre-tokenisation and the Qwen chat special tokens."""
+def _build_tokenizer(extra_words: str = ""):
+    """A byte-level BPE with Qwen2Tokenizer's pre-tokenisation and the Qwen chat special tokens. `extra_words` are
+    learnt as whole tokens too (the micro model's caption grammar); the default keeps the tiny tokenizer as it was."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -92,8 +93,9 @@ def _build_tokenizer():
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    lines = [facts.PROMPT_PREFIX + "a photo\n" + facts.PROMPT_SUFFIX] * 50 + [_CORPUS_WORDS] * 50
-    lines += [" " + w for w in _CORPUS_WORDS.replace(",", " ").replace(":", " ").split()] * 20
+    words = f"{_CORPUS_WORDS} {extra_words}".strip()
+    lines = [facts.PROMPT_PREFIX + "a photo\n" + facts.PROMPT_SUFFIX] * 50 + [words] * 50
+    lines += [" " + w for w in words.replace(",", " ").replace(":", " ").split()] * 20
     bpe.train_from_iterator(lines, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]

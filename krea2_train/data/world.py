@@ -1,0 +1,135 @@
+"""The micro model's procedural world: one flat shape on a plain background, captioned from a small grammar.
+
+    a [small|large] {colour} {shape} [at the {position}] on a {colour} background
+
+Images are pure functions of (seed, index), so the world is CC0 by construction and the same on every machine.
+What the world deliberately lacks is the demo style of `datasets/demo` (flat Bauhaus posters: several shapes,
+thick black outlines, cream hatched paper, a navy/teal/mustard palette): here there is exactly one shape, no
+outline, no texture, no paper colour and none of those hues, so a LoRA trained on the demo posters has something
+visible to learn.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SIZE = 128
+# Saturated, well separated sRGB values so a sample's colours can be read back by nearest palette entry.
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "orange": (245, 140, 30),
+    "purple": (140, 50, 180),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": (0.22, 0.32), "large": (0.50, 0.62)}  # side / diameter as a fraction of the image
+POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72),
+             "centre": (0.5, 0.5)}
+# Every word a caption can contain; the micro tokenizer learns each as a whole token.
+WORDS = ("a on at the background " + " ".join(COLOURS) + " " + " ".join(SHAPES) + " " + " ".join(SIZES) + " "
+         + " ".join(POSITIONS))
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    background: str
+    size: str | None = None  # None: medium (not named in the caption)
+    position: str | None = None  # None: anywhere that fits (not named in the caption)
+
+    def caption(self) -> str:
+        size = f"{self.size} " if self.size else ""
+        where = f" at the {self.position}" if self.position else ""
+        return f"a {size}{self.colour} {self.shape}{where} on a {self.background} background"
+
+
+def random_scene(rng: random.Random, detail: float = 0.5) -> Scene:
+    """Foreground and background colours always differ; size and position are named with probability `detail`."""
+    colour, background = rng.sample(sorted(COLOURS), 2)
+    shape = rng.choice(SHAPES)
+    size = rng.choice(sorted(SIZES)) if rng.random() < detail else None
+    position = rng.choice(sorted(POSITIONS)) if rng.random() < detail else None
+    return Scene(colour, shape, background, size, position)
+
+
+def render(scene: Scene, rng: random.Random, size: int = SIZE):
+    """The scene as a PIL RGB image. Drawn at 4x and downsampled, so edges are anti-aliased like a real picture."""
+    from PIL import Image, ImageDraw
+
+    k = 4
+    big = size * k
+    img = Image.new("RGB", (big, big), COLOURS[scene.background])
+    draw = ImageDraw.Draw(img)
+    lo, hi = SIZES[scene.size] if scene.size else (0.34, 0.46)
+    extent = rng.uniform(lo, hi) * big
+    half = extent / 2
+    if scene.position:
+        cx, cy = (c * big for c in POSITIONS[scene.position])
+        jitter = 0.05 * big
+        cx, cy = cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)
+    else:
+        cx, cy = rng.uniform(half + 0.04 * big, big - half - 0.04 * big), rng.uniform(half + 0.04 * big,
+                                                                                     big - half - 0.04 * big)
+    # keep the whole shape inside the frame
+    cx, cy = min(max(cx, half + 2), big - half - 2), min(max(cy, half + 2), big - half - 2)
+    fill = COLOURS[scene.colour]
+    box = (cx - half, cy - half, cx + half, cy + half)
+    if scene.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:  # upward isosceles triangle filling the box
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def world_item(seed: int, index: int, size: int = SIZE, detail: float = 0.5):
+    """(PIL image, caption, scene) number `index` of the world drawn from `seed`."""
+    rng = random.Random(seed * 1_000_003 + index)
+    scene = random_scene(rng, detail)
+    return render(scene, rng, size), scene.caption(), scene
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) float32 in [-1, 1] (the VAE's input range)."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def world_batch(seed: int, start: int, count: int, size: int = SIZE, detail: float = 0.5):
+    """(pixels (B, 3, H, W) in [-1, 1], captions, scenes) for items start .. start+count-1."""
+    items = [world_item(seed, i, size, detail) for i in range(start, start + count)]
+    return to_tensor([im for im, _, _ in items]), [c for _, c, _ in items], [s for _, _, s in items]
+
+
+def all_captions() -> list[str]:
+    """Every caption the grammar can produce (8 * 7 * 3 * 3 * 6 = 3024), sorted: the text cache for pretraining."""
+    out = []
+    for colour in COLOURS:
+        for background in COLOURS:
+            if background == colour:
+                continue
+            for shape in SHAPES:
+                for size in (None, *SIZES):
+                    for position in (None, *POSITIONS):
+                        out.append(Scene(colour, shape, background, size, position).caption())
+    return sorted(out)
+
+
+def prompt_set(seed: int, count: int) -> list[Scene]:
+    """`count` seeded plain prompts `a {colour} {shape} on a {colour} background` for measuring prompt following."""
+    rng = random.Random(seed)
+    scenes = []
+    for _ in range(count):
+        colour, background = rng.sample(sorted(COLOURS), 2)
+        scenes.append(Scene(colour, rng.choice(SHAPES), background))
+    return scenes
