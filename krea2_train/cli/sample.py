@@ -13,11 +13,17 @@ def _sample(args) -> int:
     from krea2_train.models.vae import VAE
     from krea2_train.utils.io import write_bytes_atomic
 
-    models = Path(args.models) if args.models else None
-    default = (lambda name: str(models / name) if models else None)
-    transformer = args.transformer or default(f"transformer_{args.variant}.safetensors")
-    text_encoder = args.text_encoder or default("text_encoder")
-    vae_path = args.vae or default("vae")
+    models = None
+    if args.models:
+        from krea2_train.models.micro import MicroModelError, paths_in, resolve_models
+
+        try:  # `micro`: the shipped micro Krea 2 (checked against its manifest); else a make-tiny folder
+            models = resolve_models(args.models) or paths_in(args.models)
+        except MicroModelError as exc:
+            raise UserError(str(exc)) from exc
+    transformer = args.transformer or (str(getattr(models, f"transformer_{args.variant}")) if models else None)
+    text_encoder = args.text_encoder or (str(models.text_encoder) if models else None)
+    vae_path = args.vae or (str(models.vae) if models else None)
     if not (transformer and text_encoder and vae_path):
         raise UserError("sample needs the model files: give --models DIR (a folder laid out like `make-tiny` "
                         "writes), or all of --transformer, --text-encoder and --vae")
@@ -54,8 +60,8 @@ def register(sub) -> None:
     p.add_argument("--negative", default="", help="negative prompt (used when guidance > 0)")
     p.add_argument("--variant", choices=["raw", "turbo"], default="turbo",
                    help="schedule: turbo = 8 steps, mu 1.15, no guidance; raw = 28 steps, guidance 4.5, shifted")
-    p.add_argument("--models", help="folder with transformer_{raw,turbo}.safetensors, text_encoder/, vae/ "
-                   "(as written by make-tiny)")
+    p.add_argument("--models", help="`micro` (the shipped micro Krea 2), or a folder with "
+                   "transformer_{raw,turbo}.safetensors, text_encoder/, vae/ (as written by make-tiny)")
     p.add_argument("--transformer", help="transformer checkpoint (single file or diffusers folder)")
     p.add_argument("--text-encoder", help="Qwen3-VL folder, or ComfyUI's qwen3vl_4b_*.safetensors (with --tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer folder for a single-file text encoder (Hugging Face Qwen3-VL "

@@ -124,6 +124,25 @@ def _check_list_indices(cfg, key: str, source: str) -> None:
         walked.append(part)
 
 
+def _fill_from_model_set(cfg, source: str) -> None:
+    """`model.models: micro` (the shipped micro Krea 2) or a folder laid out like `make-tiny` writes it fills every
+    `model.*` path the config leaves unset; paths given explicitly win."""
+    name = OmegaConf.select(cfg, "model.models")
+    if name in (None, ""):
+        return
+    from krea2_train.models.micro import MicroModelError, paths_in, resolve_models
+
+    try:
+        paths = resolve_models(name) or paths_in(Path(str(name)).expanduser())
+    except MicroModelError as exc:
+        raise ConfigError(f"{source}: config key `model.models` = {name!r}: {exc}") from exc
+    values = {"transformer": paths.transformer_raw, "turbo": paths.transformer_turbo,
+              "text_encoder": paths.text_encoder, "vae": paths.vae}
+    for key, value in values.items():
+        if OmegaConf.is_missing(cfg.model, key) or OmegaConf.select(cfg, f"model.{key}") is None:
+            OmegaConf.update(cfg, f"model.{key}", str(value), merge=True)
+
+
 def load_config(path=None, overrides: list[str] | None = None, warn_paths: bool = True,
                 base: dict | None = None, source: str | None = None) -> RunConfig:
     """Read YAML `path` (optional) plus `key=value` overrides into a checked RunConfig. Missing `model.*` paths are
@@ -154,6 +173,7 @@ def load_config(path=None, overrides: list[str] | None = None, warn_paths: bool 
                 key = re.sub(r"\[(\d+)\]", r".\1", key.strip())  # train.stages[0].steps == train.stages.0.steps
                 _check_list_indices(cfg, key, source)
                 OmegaConf.update(cfg, key, yaml.safe_load(value) if value.strip() else None, merge=True)
+        _fill_from_model_set(cfg, source)
         obj = OmegaConf.to_object(cfg)
     except ConfigError:
         raise

@@ -10,6 +10,9 @@ from krea2_train.config.choices import choice
 
 @dataclass
 class ModelConfig:
+    # A whole model set by name: `micro` (the shipped, pretrained micro Krea 2) or a folder laid out like `make-tiny`
+    # writes it. Fills every path below that is not set.
+    models: Optional[str] = None
     # Raw transformer to train on: official single file, ComfyUI fp8-scaled file, or diffusers folder.
     transformer: str = "???"
     # What `transformer` is: "raw" (train here) or "turbo" (training on it needs allow_turbo_training).
