@@ -29,8 +29,8 @@ def test_demo_config_prints_a_row_per_stage(capsys):
     assert main(["estimate", DEMO]) == 0
     out = capsys.readouterr().out
     rows = _rows(out)
-    assert [(r[1], r[3]) for r in rows] == [("128", "2"), ("256", "1")]  # resolution, batch of each stage
-    assert "tiny test model" in out and "fits a 24 GB card with" in out and "not a measurement" in out
+    assert [(r[1], r[3]) for r in rows] == [("128", "4"), ("256", "1")]  # resolution, batch of each stage
+    assert "micro model" in out and "fits a 24 GB card with" in out and "not a measurement" in out
     assert "non-square buckets of the same area" in out
 
 

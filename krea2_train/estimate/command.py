@@ -62,7 +62,11 @@ def estimate_config(cfg, memory_settings=None, *, gpus: int = 1, fsdp: bool | No
         check_fsdp_settings(cfg, settings)
     optimizer = optimizer_name(cfg.optimizer, settings)  # the trainer's own choice
     architecture = "tiny" if tiny else cfg.model.architecture
-    if architecture == "tiny":
+    if architecture != "tiny" and cfg.model.models == "micro":  # the shipped micro model's sizes, not the 12.9B
+        from krea2_train.models.micro import MICRO_TRANSFORMER as arch
+
+        architecture = "micro"
+    elif architecture == "tiny":
         from krea2_train.models.tiny import TINY_TRANSFORMER as arch
     else:  # krea2, or auto (no file is read): the full 12.9B model, diffusers' defaults
         arch = {}
@@ -215,7 +219,7 @@ def estimate_command(args) -> int:
 
         lines = verdict(cfg, result, card_gb, estimate_preset, estimate_all_checkpointed)
     s = result["settings"]
-    arch = "tiny test model" if result["architecture"] == "tiny" else "full-size model"
+    arch = {"tiny": "tiny test model", "micro": "micro model"}.get(result["architecture"], "full-size model")
     mem = f"memory.preset: {s.preset}" if s.preset else "memory: no preset"
     knobs = [f"quantize {s.quantize}", "offload" if s.offload_blocks else None,
              (f"checkpointing {'all' if s.checkpoint_blocks is None else s.checkpoint_blocks} blocks"

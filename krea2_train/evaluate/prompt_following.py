@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import facts
 from ..data import world
 
 MIN_FOREGROUND = 0.015
@@ -158,10 +157,11 @@ def measure_all(root=None, count: int = 64, seed: int = 0, size: int = 128, timi
 
 def save_grid(images: dict, prompts: list[str], path, columns: int = 8) -> None:
     """Rows of Raw / Turbo samples (one labelled tile per prompt) in one PNG, for a person to judge."""
+    import io
+
     from PIL import Image, ImageDraw
 
     from ..utils.io import write_bytes_atomic
-    import io
 
     variants = [v for v in images if images[v]]
     n = len(prompts)
