@@ -68,11 +68,24 @@ def test_sample_applies_every_lora(tiny_dir, tmp_path):
         for lora in loras:
             args += ["--lora", str(tmp_path / lora / "pytorch_lora_weights.safetensors")]
         assert main(args) == 0
-        return np.asarray(Image.open(tmp_path / out / "sample_0_0.png"), dtype=np.int16)
+        (png,) = (tmp_path / out).glob("sample_0_0*.png")  # the name carries each LoRA and its strength
+        assert png.name == "sample_0_0" + "".join("_pytorch_lora_weights@1" for _ in loras) + ".png"
+        return np.asarray(Image.open(png), dtype=np.int16)
 
     base, with_a, with_both = sample(out="base"), sample("a", out="a"), sample("a", "b", out="ab")
     assert np.abs(with_a - base).mean() > 1  # the LoRA acts
     assert np.abs(with_both - with_a).max() <= 1  # the zero LoRA changes nothing, and A is still active
+
+    # a strength sweep of one LoRA: one labelled grid, a column per strength; strength 0 is the base image
+    sweep = ["sample", "--models", str(tiny_dir), "--prompt", "a red circle", "--height", "64", "--width", "64",
+             "--dtype", "float32", "--out", str(tmp_path / "sweep"), "--lora", str(tmp_path / "a" /
+             "pytorch_lora_weights.safetensors"), "--strengths", "0,1"]
+    assert main(sweep) == 0 and main(sweep) == 0  # twice: the second grid does not overwrite the first
+    grids = sorted((tmp_path / "sweep").glob("sweep_*.png"))
+    assert [g.name for g in grids] == ["sweep_pytorch_lora_weights_seed0-2.png", "sweep_pytorch_lora_weights_seed0.png"]
+    grid = Image.open(grids[1])
+    assert grid.width == 2 * 192  # two columns, 64 px enlarged to the grid's minimum cell
+    assert main(["sample", "--models", str(tiny_dir), "--prompt", "x", "--strengths", "0,1"]) == 2  # no --lora
 
 
 def test_sample_size_error(tiny_dir, tmp_path, capsys):

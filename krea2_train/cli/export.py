@@ -71,9 +71,7 @@ def _export(args) -> int:
         result = export_and_verify(args.source, out, args.turbo, formats=formats, metadata=metadata, name=name,
                                    dtype=args.dtype, comfyui_style=args.comfyui_style, preview_png=preview,
                                    device=_device(args.device), verify_dtype=args.verify_dtype)
-        paths = result["paths"]
-        for r in result["reports"].values():
-            print(r.summary())
+        paths = result["paths"]  # export_and_verify has logged each file's verification once
     else:
         paths = export_lora(args.source, out, formats, metadata, name, args.dtype, args.comfyui_style, preview)
     for fmt, p in paths.items():
