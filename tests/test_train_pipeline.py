@@ -95,6 +95,12 @@ def test_run_all_then_everything_is_skipped(tiny_dir, tmp_path, capsys):
     page = (run / "index.html").read_text()  # the run page, with the data report check-data left for it
     assert "not there yet" not in page and f"open {run / 'index.html'}" in out
 
+    # `transfer RUN` takes the run's models, prompts, preview size and training images (not 1024 px on a tiny model)
+    assert main(["transfer", str(run), "--out", str(tmp_path / "transfer")]) == 0
+    again = json.loads((tmp_path / "transfer" / "transfer_report.json").read_text())
+    assert again["resolution"] == [64, 64] and again["prompts"] == ["k2demo, a red circle"] and "style" in again
+    capsys.readouterr()
+
     assert main([str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "cache: up to date" in out or "only missing entries" in out

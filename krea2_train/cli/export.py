@@ -88,6 +88,19 @@ def _run_folder(path: Path) -> Path | None:
     return run if path.is_dir() and ((run / "adapter").is_dir() or (run / "export").is_dir()) else None
 
 
+def _run_config(run: Path):
+    """The run's resolved config (RUN/config.yaml), or None when it has none or it no longer loads."""
+    from krea2_train.config import load_config
+
+    path = run / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        return load_config(path, warn_paths=False)
+    except UserError:
+        return None
+
+
 def resolve_lora(arg) -> Path:
     """The LoRA file a command reads: a file as given, or a run folder's exported file (RUN/export/RUN.safetensors,
     else its ComfyUI or diffusers file), else the run's trained adapter. Read once here, so a wrong path or a file
@@ -220,15 +233,43 @@ def _extract(args) -> int:
 def _transfer(args) -> int:
     from krea2_train.export.transfer import transfer_report
 
-    models = Path(args.models) if args.models else None
-    pick = (lambda given, name: given or (str(models / name) if models else None))
-    raw, turbo = pick(args.raw, "transformer_raw.safetensors"), pick(args.turbo, "transformer_turbo.safetensors")
-    if not (raw and turbo):
-        raise UserError("transfer needs --raw and --turbo (or --models DIR)")
     lora = resolve_lora(args.lora)  # before 17 s of model loading, not after
-    report = transfer_report(lora, raw, turbo, args.out, text_encoder=pick(args.text_encoder, "text_encoder"),
-                             vae=pick(args.vae, "vae"), prompts=args.prompt or None, height=args.height,
-                             width=args.width, seed=args.seed, dtype=args.dtype, device=_device(args.device))
+    run = _run_folder(Path(args.lora).expanduser())
+    cfg = _run_config(run) if run is not None else None
+    models = None
+    if args.models:
+        from krea2_train.models.micro import MicroModelError, paths_in, resolve_models
+
+        try:
+            models = resolve_models(args.models) or paths_in(args.models)
+        except MicroModelError as exc:
+            raise UserError(str(exc)) from exc
+    run_model = cfg.model if cfg is not None else None
+
+    def pick(given, attr, key):
+        if given:
+            return given
+        if models is not None:
+            return str(getattr(models, attr))
+        return getattr(run_model, key, None) if run_model is not None else None
+
+    raw, turbo = pick(args.raw, "transformer_raw", "transformer"), pick(args.turbo, "transformer_turbo", "turbo")
+    if not (raw and turbo):
+        raise UserError("transfer needs --raw and --turbo (or --models DIR|micro, or a run folder whose config names "
+                        "them)")
+    # the size the run previews at (the micro/tiny models were trained far below Krea 2's 1024 px)
+    size = cfg.preview.resolution if cfg is not None else (128 if models is not None else 1024)
+    style = args.style_reference
+    if style is None and cfg is not None:
+        from krea2_train.pipeline import _style_reference
+
+        style = _style_reference(cfg)
+    prompts = args.prompt or (list(cfg.preview.prompts) if cfg is not None else None) or None
+    report = transfer_report(lora, raw, turbo, args.out, text_encoder=pick(args.text_encoder, "text_encoder",
+                                                                           "text_encoder"),
+                             vae=pick(args.vae, "vae", "vae"), prompts=prompts, height=args.height or size,
+                             width=args.width or size, seed=args.seed, dtype=args.dtype, device=_device(args.device),
+                             style_reference=style)
     print(report["reading"])
     print(Path(args.out) / "transfer_report.json")
     return 0
@@ -345,14 +386,18 @@ def register(sub) -> None:
                        "Turbo strength, sample grid")
     p.add_argument("lora", help="LoRA file in any supported layout, or a training run folder (runs/NAME: its exported file)")
     p.add_argument("--out", required=True, help="folder for transfer_report.json and transfer_grid.png")
-    p.add_argument("--models", help="folder with transformer_{raw,turbo}.safetensors, text_encoder/, vae/")
+    p.add_argument("--models", help="`micro`, or a folder with transformer_{raw,turbo}.safetensors, text_encoder/, "
+                   "vae/ (default: the run folder's config)")
     p.add_argument("--raw", help="Krea 2 Raw checkpoint (default: from --models)")
     p.add_argument("--turbo", help="Krea 2 Turbo checkpoint (default: from --models)")
     p.add_argument("--text-encoder", help="Qwen3-VL text encoder folder (default: from --models)")
     p.add_argument("--vae", help="Qwen-Image VAE (default: from --models)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable)")
-    p.add_argument("--height", type=int, default=1024, help="sample height in px (default 1024)")
-    p.add_argument("--width", type=int, default=1024, help="sample width in px (default 1024)")
+    p.add_argument("--height", type=int, help="sample height in px (default: the run's preview resolution; 128 with "
+                   "--models; else 1024)")
+    p.add_argument("--width", type=int, help="sample width in px (default as --height)")
+    p.add_argument("--style-reference", help="folder of training images: the report checks its suggested strength "
+                   "against their style (default: a run folder's datasets)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the samples (default 0)")
     p.add_argument("--dtype", default="bfloat16", help="dtype the models are loaded in (default bfloat16)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
