@@ -77,6 +77,10 @@ def test_run_all_then_everything_is_skipped(tiny_dir, tmp_path, capsys):
     assert all(r["ok"] for r in json.loads((run / "export" / "verify.json").read_text()).values())
     assert (run / "export" / "transfer_report.json").exists() and (run / "export" / "transfer_grid.png").exists()
     assert (run / "previews" / "step-000004.png").exists()  # final preview (Raw + Turbo grid)
+    from PIL import Image as _Image
+
+    steps = _Image.open(run / "previews" / "over_steps.png")  # every preview of the run, one under another
+    assert steps.height > _Image.open(run / "previews" / "step-000004.png").height
     # both pictures carry ComfyUI's graph for the exported file, as SaveImage writes it (tEXt workflow + prompt)
     from PIL import Image
 

@@ -118,6 +118,7 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     chunks = run_workflow_chunks(cfg, strength=1.0, prompt=p.prompts[0], width=p.resolution, height=p.resolution,
                                  seed=p.seed)
     write_bytes_atomic(path, embed_png_chunks(buf.getvalue(), chunks))
+    write_steps_grid(Path(run_dir) / "previews")
     log.info("preview: %s", path)
     return {"preview": grid}
 
@@ -197,3 +198,29 @@ def _with_and_without(model, emb, mask, settings, cfg, size):
             for p in trainable:  # PEFT re-enables only the active adapter's weights; the rest of training's as well
                 p.requires_grad_(True)
     return _TURBO_ALONE[key].to(next(model.parameters()).device), run()
+
+
+def write_steps_grid(folder: Path, max_steps: int = 8) -> Path | None:
+    """previews/over_steps.png: the step previews one under another, each headed by its step (the latest
+    `max_steps`), so the whole run's progress is one picture."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from krea2_train.utils.grid import _font
+    from krea2_train.utils.io import write_bytes_atomic
+
+    files = sorted(folder.glob("step-*.png"))[-max_steps:]
+    if not files:
+        return None
+    images = [Image.open(f).convert("RGB") for f in files]
+    width, head = max(im.width for im in images), 22
+    sheet = Image.new("RGB", (width, sum(im.height + head for im in images)), "white")
+    draw, y = ImageDraw.Draw(sheet), 0
+    for f, im in zip(files, images):
+        draw.text((4, y + 3), f"step {int(f.stem.split('-')[1])}", fill="black", font=_font(15))
+        sheet.paste(im, (0, y + head))
+        y += im.height + head
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return write_bytes_atomic(folder / "over_steps.png", buf.getvalue())
