@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from krea2_train.models import micro
-    from krea2_train.models.micro_pretrain import PretrainSettings, pretrain
+    from krea2_train.train.micro_pretrain import PretrainSettings, pretrain
 
     kw = {"seed": args.seed} if args.seed is not None else {}
     settings = PretrainSettings.smoke(**kw) if args.smoke else PretrainSettings(**kw)

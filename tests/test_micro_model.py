@@ -101,7 +101,7 @@ def test_comfyui_can_infer_the_architecture(paths):
 
 def test_tokenizer_keeps_the_template_and_whole_words(paths):
     _, tokenizer = load_text_encoder(paths.text_encoder, dtype="float32")
-    micro.check_tokenizer(tokenizer)  # 34 + 5 template tokens; every caption word one token
+    micro.check_tokenizer(tokenizer, world.WORDS)  # 34 + 5 template tokens; every caption word one token
 
 
 # ------------------------------------------------------------------------------------------------ loaders
@@ -242,7 +242,7 @@ def test_single_frame_vae_path_is_exact():
 
 
 def test_pretrain_checkpoint_round_trip(tmp_path):
-    from krea2_train.models.micro_pretrain import _load_ckpt, _save_ckpt
+    from krea2_train.train.micro_pretrain import _load_ckpt, _save_ckpt
 
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import world
+from krea2_train.data import world
 
 MIN_FOREGROUND = 0.015
 PALETTE_NAMES = tuple(world.COLOURS)
@@ -64,8 +64,8 @@ def _shape_of(mask: np.ndarray) -> str:
 def sample_images(transformer, text_encoder, vae, prompts: list[str], settings, seeds: list[int],
                   batch: int = 16) -> list:
     """PIL images for `prompts`, image i from noise seed seeds[i] (batched; same picture as sampling it alone)."""
-    from ..inference import initial_noise, sample_latents
-    from ..models.vae import to_pil
+    from krea2_train.inference import initial_noise, sample_latents
+    from krea2_train.models.vae import to_pil
 
     images = []
     for start in range(0, len(prompts), batch):
@@ -118,7 +118,7 @@ def seconds_per_image(transformer, text_encoder, vae, settings, repeats: int = 3
 
 def vae_roundtrip(vae, count: int = 64, seed: int = 777) -> dict:
     """PSNR (dB) and read-back colour accuracy of world images encoded and decoded by `vae` (a models.vae.VAE)."""
-    from ..models.vae import to_pil
+    from krea2_train.models.vae import to_pil
 
     pixels, _, scenes = world.world_batch(seed, 0, count)
     rec = torch.cat([vae.decode(vae.encode(pixels[i:i + 16])) for i in range(0, count, 16)])
@@ -133,11 +133,11 @@ def measure_all(root=None, count: int = 64, seed: int = 0, size: int = 128, timi
     """The micro model's figures: Raw (28 steps, CFG) and Turbo (8 steps, no CFG) prompt following, seconds per
     128 px image (on this machine's current torch thread count). `root`: a folder in the shipped layout (default the
     shipped model); `verify`: check its manifest first (off while building it, as the manifest comes after)."""
-    from ..inference import SampleSettings
-    from ..models.micro import load_micro
+    from krea2_train.inference import SampleSettings
+    from krea2_train.models.micro import load_micro
 
     out = {"threads": torch.get_num_threads(), "prompt_list": [sc.caption() for sc in world.prompt_set(seed, count)]}
-    from ..models.micro import RAW_GUIDANCE
+    from krea2_train.models.micro import RAW_GUIDANCE
 
     guidance = RAW_GUIDANCE if guidance is None else guidance
     for variant, settings in (("raw", SampleSettings.raw(height=size, width=size, guidance=guidance)),
@@ -161,7 +161,7 @@ def save_grid(images: dict, prompts: list[str], path, columns: int = 8) -> None:
 
     from PIL import Image, ImageDraw
 
-    from ..utils.io import write_bytes_atomic
+    from krea2_train.utils.io import write_bytes_atomic
 
     variants = [v for v in images if images[v]]
     n = len(prompts)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .. import facts
-from .tiny import _build_tokenizer
+from krea2_train import facts
+from krea2_train.models.tiny import _build_tokenizer
 
 SEED = 20261201
 # Raw's CFG scale for the micro model (v = cond + g (cond - uncond)): the project default. On 24 prompts disjoint
@@ -86,10 +86,10 @@ DEMO_WORDS = ("navy teal mustard cream bar half flat bauhaus poster thick outlin
               "bottom centre")
 
 
-def build_tokenizer():
-    from ..data.world import WORDS
-
-    return _build_tokenizer(extra_words=f"{WORDS} {DEMO_WORDS}")
+def build_tokenizer(words: str):
+    """The micro tokenizer: tiny.py's, with `words` (the world's caption vocabulary, data/world.WORDS) and the
+    demo captions' words as whole tokens."""
+    return _build_tokenizer(extra_words=f"{words} {DEMO_WORDS}")
 
 
 def build_transformer(seed: int = SEED):
@@ -100,10 +100,10 @@ def build_transformer(seed: int = SEED):
     return Krea2Transformer2DModel(**MICRO_TRANSFORMER)
 
 
-def build_text_encoder(seed: int = SEED):
+def build_text_encoder(words: str, seed: int = SEED):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(words)
     text = dict(MICRO_TEXT, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     config = Qwen3VLConfig(text_config=text, vision_config=MICRO_VISION)
     torch.manual_seed(seed + 2)
@@ -206,9 +206,9 @@ def resolve_models(name_or_dir) -> MicroPaths | None:
 
 def load_micro(variant: str = "turbo", dtype: str = "float32", root=None, verify: bool = True):
     """(transformer, TextEncoder, VAE) of the micro model through the project's normal loaders (the trainer's)."""
-    from .loading import load_transformer
-    from .text_encoder import TextEncoder
-    from .vae import VAE
+    from krea2_train.models.loading import load_transformer
+    from krea2_train.models.text_encoder import TextEncoder
+    from krea2_train.models.vae import VAE
 
     p = micro_paths(root, verify=verify)
     path = p.transformer_turbo if variant == "turbo" else p.transformer_raw
@@ -216,16 +216,14 @@ def load_micro(variant: str = "turbo", dtype: str = "float32", root=None, verify
     return transformer, TextEncoder.from_path(p.text_encoder, dtype=dtype), VAE.from_path(p.vae, dtype="float32")
 
 
-def check_tokenizer(tokenizer) -> None:
-    """The Krea 2 prompt template must keep its 34 + 5 tokens, and every world word must be one token."""
-    from ..data.world import WORDS
-
+def check_tokenizer(tokenizer, words: str) -> None:
+    """The Krea 2 prompt template must keep its 34 + 5 tokens, and every word of `words` must be one token."""
     n_prefix = len(tokenizer(facts.PROMPT_PREFIX).input_ids)
     n_suffix = len(tokenizer(facts.PROMPT_SUFFIX).input_ids)
     if (n_prefix, n_suffix) != (facts.PREFIX_TOKENS, facts.SUFFIX_TOKENS):
         raise MicroModelError(f"micro tokenizer: prefix {n_prefix} / suffix {n_suffix} tokens, expected "
                               f"{facts.PREFIX_TOKENS} / {facts.SUFFIX_TOKENS}")
-    split = [w for w in WORDS.split() if len(tokenizer(" " + w).input_ids) != 1]
+    split = [w for w in words.split() if len(tokenizer(" " + w).input_ids) != 1]
     if split:
         raise MicroModelError(f"micro tokenizer splits caption words {split}")
 
@@ -234,7 +232,7 @@ def assemble(work, out=None) -> Path:
     """Copy a finished pretraining run's model files (work folder of micro_pretrain) into the shipped layout."""
     import shutil
 
-    from ..utils.io import atomic_dir
+    from krea2_train.utils.io import atomic_dir
 
     work, out = Path(work), Path(out or WEIGHTS_DIR)
     with atomic_dir(out) as tmp:
@@ -247,7 +245,7 @@ def assemble(work, out=None) -> Path:
 
 def write_manifest(root, info: dict) -> dict:
     """manifest.json = `info` (command, seed, figures, ...) + the sha256 and size of every shipped file."""
-    from ..utils.io import write_json_atomic
+    from krea2_train.utils.io import write_json_atomic
 
     root = Path(root)
     files = file_hashes(root)

@@ -37,7 +37,7 @@ class VAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, 16, h, w) -> pixels (B, 3, 8h, 8w) in [-1, 1], float32 on CPU."""
-        from .fast_vae import single_frame_convs
+        from krea2_train.models.fast_vae import single_frame_convs
 
         z = latents.float().cpu() * self.std + self.mean
         with single_frame_convs():  # exact for one frame, ~3x faster on CPU (fast_vae.py)

@@ -45,12 +45,7 @@ class SyntheticData:
 
     @staticmethod
     def collate(latents, texts) -> dict:
-        L = max(t.shape[0] for t in texts)
-        text = torch.zeros(len(texts), L, *texts[0].shape[1:])
-        mask = torch.zeros(len(texts), L, dtype=torch.bool)
-        for i, t in enumerate(texts):
-            text[i, : t.shape[0]] = t
-            mask[i, : t.shape[0]] = True
+        text, mask = pad_text(texts)
         return {"latents": latents, "text": text, "text_mask": mask}
 
     def stage_batches(self, stage_index: int, stage, start: int, seed: int, process_index: int = 0,
@@ -69,3 +64,15 @@ class SyntheticData:
     def validation_batches(self, stage) -> list[dict]:
         lat, text = self._samples(stage.resolution, offset=1)
         return [self.collate(lat[i : i + 1], [text[i]]) for i in range(len(text))]
+
+
+def pad_text(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid-token embeddings (L_i, layers, D) -> (B, max L, layers, D) right-padded with zeros and the (B, max L)
+    bool mask (the text encoder's layout)."""
+    length = max(e.shape[0] for e in embeds)
+    out = torch.zeros(len(embeds), length, *embeds[0].shape[1:])
+    mask = torch.zeros(len(embeds), length, dtype=torch.bool)
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]] = e
+        mask[i, : e.shape[0]] = True
+    return out, mask

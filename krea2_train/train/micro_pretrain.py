@@ -29,15 +29,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import facts
-from ..config import TimestepSection
-from ..data import world
-from ..schedule import pack_latents, position_ids, sampling_sigmas
-from ..train.timesteps import sample_sigmas
-from ..utils.io import atomic_dir, save_safetensors_atomic, write_json_atomic
-from . import micro
-from .fast_vae import single_frame_convs
-from .tiny import original_file_state
+from krea2_train import facts
+from krea2_train.config import TimestepSection
+from krea2_train.data import world
+from krea2_train.models import micro
+from krea2_train.models.fast_vae import single_frame_convs
+from krea2_train.models.tiny import original_file_state
+from krea2_train.schedule import pack_latents, position_ids, sampling_sigmas
+from krea2_train.train.batches import pad_text
+from krea2_train.train.timesteps import sample_sigmas
+from krea2_train.utils.io import atomic_dir, save_safetensors_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +134,12 @@ def _load_ckpt(path: Path, model, optimizer, ema=None) -> int:
 # --------------------------------------------------------------------------------------------------- stage 1: text
 def stage_text(work: Path, s: PretrainSettings) -> Path:
     """The random micro Qwen3-VL as shipped (bf16), and every caption's hidden states through it (float32)."""
-    from .text_encoder import TextEncoder
+    from krea2_train.models.text_encoder import TextEncoder
 
     out = work / "text_embeds.safetensors"
     if not (work / "text_encoder" / "config.json").exists():
-        model, tokenizer = micro.build_text_encoder(s.seed)
-        micro.check_tokenizer(tokenizer)
+        model, tokenizer = micro.build_text_encoder(world.WORDS, s.seed)
+        micro.check_tokenizer(tokenizer, world.WORDS)
         with atomic_dir(work / "text_encoder") as tmp:
             model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -163,17 +164,6 @@ def load_text_embeds(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as h:
         captions = json.loads(h.metadata()["captions"])
         return {c: h.get_tensor(str(i)) for i, c in enumerate(captions)}
-
-
-def pad_text(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Valid-token embeddings -> (B, L, 12, D) right-padded and the (B, L) bool mask (the text encoder's layout)."""
-    length = max(e.shape[0] for e in embeds)
-    out = torch.zeros(len(embeds), length, *embeds[0].shape[1:])
-    mask = torch.zeros(len(embeds), length, dtype=torch.bool)
-    for i, e in enumerate(embeds):
-        out[i, : e.shape[0]] = e
-        mask[i, : e.shape[0]] = True
-    return out, mask
 
 
 # ---------------------------------------------------------------------------------------------------- stage 2: VAE
@@ -244,7 +234,7 @@ def latent_stats(vae, s: PretrainSettings, count: int = 256) -> tuple[list[float
 
 # ------------------------------------------------------------------------------------------------ stage 3: latents
 def stage_latents(work: Path, s: PretrainSettings) -> Path:
-    from .vae import VAE
+    from krea2_train.models.vae import VAE
 
     out = work / "latents.safetensors"
     if out.exists():
@@ -369,7 +359,7 @@ def flow_velocity(model, x, sigmas, text, mask) -> torch.Tensor:
 
 def stage_trajectories(work: Path, s: PretrainSettings) -> Path:
     """Teacher trajectories in chunks (each chunk a file, so an interrupted run keeps what it made)."""
-    from .loading import load_transformer
+    from krea2_train.models.loading import load_transformer
 
     folder = work / "trajectories"
     folder.mkdir(parents=True, exist_ok=True)
@@ -404,7 +394,7 @@ def load_trajectories(folder: Path, count: int) -> tuple[torch.Tensor, list[str]
 
 
 def stage_turbo(work: Path, s: PretrainSettings) -> Path:
-    from .loading import load_transformer
+    from krea2_train.models.loading import load_transformer
 
     out = work / "transformer_turbo.safetensors"
     if out.exists():
