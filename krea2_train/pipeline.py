@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from krea2_train.errors import UserError
+from krea2_train.lora.workflow import run_lora_name, run_models
 from krea2_train.models.tiny import ensure_tiny
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,6 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
     return name, metadata
 
 
-def _workflow_models(cfg):
-    from krea2_train.lora.workflow import ComfyModels
-
-    e = cfg.export
-    return ComfyModels(unet=e.comfyui_unet, text_encoder=e.comfyui_text_encoder, vae=e.comfyui_vae)
-
-
 def _dataset_folder_names(cfg) -> list[str]:
     """A short unique name per data.datasets entry (its folder name; index-suffixed when two share one)."""
     names = [Path(str(d.path)).name or str(d.path) for d in cfg.data.datasets]
@@ -130,7 +124,7 @@ def export_valid(cfg, manifest=None) -> bool:
         return False
     from dataclasses import asdict
 
-    if (meta.get("comfyui_workflow") or {}).get("models") != asdict(_workflow_models(cfg)):  # export.comfyui_*
+    if (meta.get("comfyui_workflow") or {}).get("models") != asdict(run_models(cfg)):  # export.comfyui_*
         return False
     if cfg.export.transfer_report and not (run / "export" / "transfer_report.json").exists():
         return False
@@ -166,7 +160,7 @@ def export(cfg, manifest=None):
             run / "adapter", out, cfg.model.turbo, formats=list(cfg.export.formats), metadata=metadata, name=name,
             preview_png=None if transfer else preview_png, transfer=transfer, raw_path=cfg.model.transformer,
             text_encoder=cfg.model.text_encoder, vae=cfg.model.vae, transfer_kwargs=_transfer_kwargs(cfg),
-            workflow_models=_workflow_models(cfg))
+            workflow_models=run_models(cfg))
         paths = result["paths"]
         _say_exported(paths)  # what was written first, then what was checked on it
         _say("verify: every exported file loads on Turbo with the trained effect")
@@ -174,7 +168,7 @@ def export(cfg, manifest=None):
             _say(f"transfer report: {out / 'transfer_report.json'}")
     else:
         paths = export_lora(run / "adapter", out, list(cfg.export.formats), metadata, name, preview_png=preview_png,
-                            workflow_models=_workflow_models(cfg))
+                            workflow_models=run_models(cfg))
         _say_exported(paths)
         if cfg.export.transfer_report:
             _transfer_report(cfg, run, out)
@@ -187,42 +181,18 @@ def _say_exported(paths) -> None:
 
 
 def _transfer_kwargs(cfg) -> dict:
+    from krea2_train.evaluate.style import StyleReference
+
     return dict(prompts=list(cfg.preview.prompts) or None, height=cfg.preview.resolution,
-                width=cfg.preview.resolution, seed=cfg.preview.seed, style_reference=_style_reference(cfg),
+                width=cfg.preview.resolution, seed=cfg.preview.seed,
+                style_reference=StyleReference.from_datasets(cfg.data.datasets),
                 sweep=list(cfg.export.strength_sweep), workflow=_workflow_for_pictures(cfg))
 
 
 def _workflow_for_pictures(cfg) -> dict:
     """workflow_png_chunks' file and model names for this run's pictures."""
-    from krea2_train.lora.workflow import run_lora_name
-
     return dict(lora_name=run_lora_name(cfg), trigger_words=tuple(cfg.export.trigger_words),
-                models=_workflow_models(cfg), filename_prefix=cfg.export.name or cfg.run_name)
-
-
-def _style_reference(cfg):
-    """The training images' style statistics (evaluate/style.py) for the transfer report's picture check: the
-    image folders among data.datasets (a dataset saved with save_to_disk has no folder of images to read)."""
-    from krea2_train.evaluate.style import StyleReference
-
-    folders = [d.path for d in cfg.data.datasets if Path(d.path).is_dir() and d.type != "disk"
-               and not (Path(d.path) / "dataset_info.json").exists()]
-    images = []
-    for folder in folders:
-        try:
-            ref = StyleReference.from_folder(folder)
-        except ValueError:
-            continue
-        images.append(ref)
-    if not images:
-        return None
-    if len(images) == 1:
-        return images[0]
-    import numpy as np  # several datasets: their references weighted by image count
-
-    total = sum(r.count for r in images)
-    return StyleReference(sum(r.mean * r.count for r in images) / total,
-                          float(np.mean([r.spread for r in images])), total)
+                models=run_models(cfg), filename_prefix=cfg.export.name or cfg.run_name)
 
 
 def _transfer_report(cfg, run, out):

@@ -236,14 +236,9 @@ def _transfer(args) -> int:
     lora = resolve_lora(args.lora)  # before 17 s of model loading, not after
     run = _run_folder(Path(args.lora).expanduser())
     cfg = _run_config(run) if run is not None else None
-    models = None
-    if args.models:
-        from krea2_train.models.micro import MicroModelError, paths_in, resolve_models
+    from krea2_train.models.micro import model_set
 
-        try:
-            models = resolve_models(args.models) or paths_in(args.models)
-        except MicroModelError as exc:
-            raise UserError(str(exc)) from exc
+    models = model_set(args.models) if args.models else None
     run_model = cfg.model if cfg is not None else None
 
     def pick(given, attr, key):
@@ -261,9 +256,9 @@ def _transfer(args) -> int:
     size = cfg.preview.resolution if cfg is not None else (128 if models is not None else 1024)
     style = args.style_reference
     if style is None and cfg is not None:
-        from krea2_train.pipeline import _style_reference
+        from krea2_train.evaluate.style import StyleReference
 
-        style = _style_reference(cfg)
+        style = StyleReference.from_datasets(cfg.data.datasets)
     prompts = args.prompt or (list(cfg.preview.prompts) if cfg is not None else None) or None
     report = transfer_report(lora, raw, turbo, args.out, text_encoder=pick(args.text_encoder, "text_encoder",
                                                                            "text_encoder"),

@@ -9,18 +9,12 @@ def _sample(args) -> int:
     from krea2_train.errors import UserError
     from krea2_train.inference import Generator, SampleSettings, apply_loras, initial_noise
     from krea2_train.models.loading import load_transformer
+    from krea2_train.models.micro import model_set
     from krea2_train.models.text_encoder import TextEncoder
     from krea2_train.models.vae import VAE
     from krea2_train.utils.io import write_bytes_atomic
 
-    models = None
-    if args.models:
-        from krea2_train.models.micro import MicroModelError, paths_in, resolve_models
-
-        try:  # `micro`: the shipped micro Krea 2 (checked against its manifest); else a make-tiny folder
-            models = resolve_models(args.models) or paths_in(args.models)
-        except MicroModelError as exc:
-            raise UserError(str(exc)) from exc
+    models = model_set(args.models) if args.models else None  # `micro` (manifest-checked) or a make-tiny folder
     transformer = args.transformer or (str(getattr(models, f"transformer_{args.variant}")) if models else None)
     text_encoder = args.text_encoder or (str(models.text_encoder) if models else None)
     vae_path = args.vae or (str(models.vae) if models else None)

@@ -130,10 +130,10 @@ def _fill_from_model_set(cfg, source: str) -> None:
     name = OmegaConf.select(cfg, "model.models")
     if name in (None, ""):
         return
-    from krea2_train.models.micro import MicroModelError, paths_in, resolve_models
+    from krea2_train.models.micro import MicroModelError, model_set
 
     try:
-        paths = resolve_models(name) or paths_in(Path(str(name)).expanduser())
+        paths = model_set(name)
     except MicroModelError as exc:
         raise ConfigError(f"{source}: config key `model.models` = {name!r}: {exc}") from exc
     values = {"transformer": paths.transformer_raw, "turbo": paths.transformer_turbo,

@@ -90,13 +90,29 @@ class StyleReference:
     @classmethod
     def from_folder(cls, folder, max_images: int = 64) -> "StyleReference":
         """The images under `folder` (recursively; at most `max_images`, evenly spaced in name order)."""
+        return cls.from_folders([folder], max_images)
+
+    @classmethod
+    def from_datasets(cls, datasets, max_images: int = 64) -> "StyleReference | None":
+        """The training images of a config's `data.datasets` (its image folders: a dataset saved with save_to_disk
+        has none to read), or None when there are none."""
+        folders = [d.path for d in datasets if Path(d.path).is_dir() and d.type != "disk"
+                   and not (Path(d.path) / "dataset_info.json").exists()]
+        try:
+            return cls.from_folders(folders, max_images) if folders else None
+        except ValueError:
+            return None
+
+    @classmethod
+    def from_folders(cls, folders, max_images: int = 64) -> "StyleReference":
+        """The images under every folder, as one set (at most `max_images`, evenly spaced in name order)."""
         from PIL import Image
 
         from krea2_train.data.images import IMAGE_EXTENSIONS
 
-        files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for f in folders for p in Path(f).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise ValueError(f"{folder}: no images to take a style reference from")
+            raise ValueError(f"{', '.join(map(str, folders))}: no images to take a style reference from")
         files = [files[i * len(files) // max_images] for i in range(max_images)] if len(files) > max_images else files
         images = []
         for f in files:
@@ -106,7 +122,7 @@ class StyleReference:
             except OSError:  # check-data reports unreadable files; the reference simply leaves them out
                 continue
         if not images:
-            raise ValueError(f"{folder}: none of its images could be read for a style reference")
+            raise ValueError(f"{', '.join(map(str, folders))}: none of the images could be read for a style reference")
         return cls.from_images(images)
 
     def distance(self, images) -> float:

@@ -191,6 +191,12 @@ def comfyui_lora_name(paths: dict, out_dir) -> str | None:
     return None
 
 
+def run_models(cfg) -> ComfyModels:
+    """The ComfyUI model file names the run's export section names (export.comfyui_unet / _text_encoder / _vae)."""
+    e = cfg.export
+    return ComfyModels(unet=e.comfyui_unet, text_encoder=e.comfyui_text_encoder, vae=e.comfyui_vae)
+
+
 def run_lora_name(cfg) -> str:
     """The file of run `cfg` a ComfyUI user puts in models/loras, named as the export writes it (export/export.py's
     file names), chosen as `comfyui_lora_name` chooses among written files."""
@@ -204,7 +210,6 @@ def run_workflow_chunks(cfg, *, strength: float, prompt: str, width: int, height
     """The PNG chunks for a picture of run `cfg` (previews, the transfer grid): the graph that makes it in ComfyUI
     with the run's exported file, the run's trigger words and the export section's model file names."""
     e = cfg.export
-    models = ComfyModels(unet=e.comfyui_unet, text_encoder=e.comfyui_text_encoder, vae=e.comfyui_vae)
     return workflow_png_chunks(run_lora_name(cfg), strength=strength, prompt=prompt,
-                               trigger_words=tuple(e.trigger_words), models=models, seed=seed, width=width,
+                               trigger_words=tuple(e.trigger_words), models=run_models(cfg), seed=seed, width=width,
                                height=height, filename_prefix=e.name or cfg.run_name)

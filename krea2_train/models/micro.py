@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from krea2_train import facts
+from krea2_train.errors import UserError
 from krea2_train.models.tiny import _build_tokenizer
 
 SEED = 20261201
@@ -144,8 +145,8 @@ class MicroPaths:
                 "text_encoder": str(self.text_encoder), "vae": str(self.vae), "architecture": "auto"}
 
 
-class MicroModelError(RuntimeError):
-    pass
+class MicroModelError(UserError, RuntimeError):
+    """The shipped micro model's files are missing or differ from its manifest."""
 
 
 def paths_in(root) -> MicroPaths:
@@ -197,6 +198,12 @@ def micro_paths(root=None, verify: bool = True) -> MicroPaths:
     if verify:
         verify_manifest(p.root)
     return p
+
+
+def model_set(name_or_dir) -> MicroPaths:
+    """A whole model set by name: `micro` (the shipped files, verified), else a folder laid out like `make-tiny`
+    writes it (what config `model.models`, `sample --models` and `transfer --models` take)."""
+    return resolve_models(name_or_dir) or paths_in(Path(str(name_or_dir)).expanduser())
 
 
 def resolve_models(name_or_dir) -> MicroPaths | None:
