@@ -178,9 +178,15 @@ def check_caption_folder(path, config_key: str = "model.text_encoder") -> Path:
         if not (tok_cfg.exists() and "chat_template" in json.loads(tok_cfg.read_text())):
             missing.append("chat_template.json (or chat_template.jinja)")
     if missing:
-        raise CaptionError(f"{path} cannot caption: missing {', '.join(missing)}. These files come with "
-                           "Qwen3-VL-4B-Instruct on Hugging Face; copy them from there into the folder (a folder "
-                           "written by `krea2-train make-tiny` has them).")
+        from krea2_train.models.micro import WEIGHTS_DIR
+
+        hint = ("These files come with Qwen3-VL-4B-Instruct on Hugging Face; copy them from there into the folder (a "
+                "folder written by `krea2-train make-tiny` has them).")
+        if path.resolve().is_relative_to(Path(WEIGHTS_DIR).resolve()):
+            hint = ("The shipped micro model's text encoder does not caption yet: `python -c \"from "
+                    "krea2_train.models.tiny import enable_captioning as e; e('SRC', 'DST')\"` with SRC this folder "
+                    "writes a copy DST that does; set data.caption.model (or `caption --model`) to DST.")
+        raise CaptionError(f"{path} cannot caption: missing {', '.join(missing)}. {hint}")
     return path
 
 
@@ -209,8 +215,10 @@ class Captioner:
 
         path = check_caption_folder(path, config_key)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        shortest = json.loads((path / "preprocessor_config.json").read_text()).get("size", {}).get("shortest_edge")
-        size = {"shortest_edge": min(int(shortest or 56 * 56), max_pixels), "longest_edge": max_pixels}
+        # the folder's pixel range, capped at max_pixels (Qwen3-VL-4B's own cap is 16.7 M pixels: ~16k image tokens)
+        size = json.loads((path / "preprocessor_config.json").read_text()).get("size", {})
+        longest = min(int(size.get("longest_edge") or max_pixels), max_pixels)
+        size = {"shortest_edge": min(int(size.get("shortest_edge") or 56 * 56), longest), "longest_edge": longest}
         image_processor = AutoImageProcessor.from_pretrained(path, size=size)
         processor = _processor_class()(image_processor, tokenizer, chat_template=read_chat_template(path, tokenizer))
         for token in (processor.image_token, processor.vision_start_token, processor.vision_end_token):
@@ -576,6 +584,9 @@ def caption_datasets(data_cfg, model_path, cache_dir, overwrite: bool = False, d
                                f"{'metadata file' if kind == 'imagefolder' else 'caption column'}, which captioning "
                                "does not rewrite. Caption a folder of images instead (images + .txt), or set "
                                "data.auto_caption: false.")
+        if not root.is_dir():
+            raise CaptionError(f"data.datasets[{i}].path = {root} is not a folder; point it at the folder of images "
+                               "to caption")
         jobs += folder_jobs(root, trigger if trigger is not None else d.trigger_word, d.caption_extension,
                             overwrite, kept)
     report = caption_jobs(jobs, model_path, lambda t: _with_trigger(base, t), cache_dir=cache_dir, dry_run=dry_run,
