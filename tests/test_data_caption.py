@@ -255,13 +255,19 @@ def test_cli_caption_dir_dry_run_then_write(tiny_dir, tmp_path, capsys):
     assert "would write 2" in out and "img0.txt: k2demo, " in out
     assert not list((tmp_path / "data").glob("*.txt"))
     assert main(["caption", str(tmp_path / "data"), "--preset", "character", "--trigger", "k2demo", *common]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "captioning: 100%" in err and "img/s]" in err and "<00:00" in err  # tqdm: progress, rate, ETA
     assert "wrote 2" in out and all(p.with_suffix(".txt").read_text().startswith("k2demo") for p in paths)
     report = json.loads((tmp_path / "cache" / "captions" / "report.json").read_text())
     assert len(report["written"]) == 2 and report["max_tokens"] <= CAPTION_TOKENS
     # a folder without a model to caption with: the error shows what to type
     assert main(["caption", str(tmp_path / "data")]) == 2
     assert "--model /models/Qwen3-VL-4B-Instruct" in capsys.readouterr().err
+
+
+def test_bf16_on_gpu_float32_on_cpu():
+    assert cap.resolve_dtype("auto", "cuda") == torch.bfloat16 and cap.resolve_dtype("auto", "cpu") == torch.float32
+    assert cap.resolve_dtype("float16", "cuda") == torch.float16
 
 
 def test_caption_config_keys_are_checked():
