@@ -8,7 +8,8 @@ with its own working folder and TMPDIR (node-local scratch) and the run folder a
     fsdp      the same job sharded (FSDP2) over the 4 processes of the two machines, straight through
     ref_*     both again as one machine with 4 processes (the reference): the two-machine adapters must equal them
 
-One launch per phase, all sharing one cache, so the whole test stays near a minute on 2 cores."""
+One launch per phase (four), all sharing one cache: about 2.5 min on a busy 2-core box, most of it each process
+importing torch, transformers, diffusers and peft. Also: the one-machine launch is refused the two-machine checkpoint."""
 
 import json
 import os
@@ -37,8 +38,14 @@ REFERENCE = textwrap.dedent('''
     from krea2_train.config import load_config
     from krea2_train.data.source import CachedData
     from krea2_train.train.trainer import Trainer
+    from krea2_train.errors import UserError
     setup_logging()
     pipeline.init_distributed()
+    try:  # the two-machine checkpoint on one machine: refused before any model is loaded
+        Trainer(load_config(sys.argv[1], ["run_name=refused", f"checkpoint.resume={sys.argv[2]}"])).run()
+        raise AssertionError("a two-machine checkpoint resumed on one machine")
+    except UserError as e:
+        assert "was written on 2 machine(s) (4 processes); this launch has 1 machine(s) (4 processes)" in str(e), e
     for name, extra in (("ref_ddp", []), ("ref_fsdp", ["train.fsdp=true"])):
         cfg = load_config(sys.argv[1], [f"run_name={name}", *extra])
         manifest = pipeline.cache(cfg, pipeline.check_data(cfg))
@@ -188,6 +195,9 @@ def test_two_machines_cache_train_kill_resume_export(tiny_dir, demo_images, tmp_
     assert took < PEER_TIMEOUT + 30, took
     assert "lost rank 2 on machine 1" in log0 or "lost rank 3 on machine 1" in log0, log0[-3000:]
     assert not (runs / "ddp" / "train_done.json").exists()  # it really stopped mid-run
+    # caching was split over the 4 processes of both machines (5 captions, 4 images: rank 0 took 2 and 1)
+    assert "text cache: 5 of 5 captions to encode (2 on this process)" in log0, log0[-3000:]
+    assert "latent cache: 4 of 4 image crops to encode (1 on this process)" in log0
     # ---- relaunch both machines, node-local scratch wiped: resumes from the last checkpoint and finishes
     last = sorted(p.name for p in (runs / "ddp" / "checkpoints").glob("step-*"))[-1]
     logs = machines.wait(machines.launch("ddp_resumed", ddp, fresh_scratch=True), timeout=300)
@@ -204,7 +214,9 @@ def test_two_machines_cache_train_kill_resume_export(tiny_dir, demo_images, tmp_
     # ---- the reference: one machine, 4 processes, both runs
     script = tmp_path / "reference.py"
     script.write_text(REFERENCE)
-    ref = [["--config_file", str(CONFIGS / "cpu_ddp.yaml"), "--num_processes", "4"], [str(script), str(cfg)]]
+    two_machine_ckpt = runs / "ddp" / "checkpoints" / f"step-{STEPS:06d}"
+    ref = [["--config_file", str(CONFIGS / "cpu_ddp.yaml"), "--num_processes", "4"],
+           [str(script), str(cfg), str(two_machine_ckpt)]]
     (log_ref,) = machines.wait(machines.launch("reference", ref, machines=(0,)), timeout=300)
     assert machines.procs[-1].returncode == 0, log_ref[-3000:]
 

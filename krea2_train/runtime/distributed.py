@@ -97,8 +97,8 @@ class PeerWatch:
         from torch.distributed import TCPStore
 
         # a connection of our own: the process group's store is not used from two threads
-        self.store = TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=max(5.0, 2 * self.interval)),
-                              wait_for_workers=False)
+        self.store = TCPStore(self.host, self.port, is_master=False, wait_for_workers=False,
+                              timeout=timedelta(seconds=max(5.0, 2 * self.interval)))
         self.store.set(self._key("where", self.rank), f"machine {machine_rank()} ({socket.gethostname()}, pid "
                        f"{os.getpid()})")
         self.store.add(self._key("beat", self.rank), 1)
