@@ -277,3 +277,39 @@ def test_base_loads_one_process_per_machine_at_a_time():
 
     assert load_in_turns(Acc(), lambda: events.append("load") or "model", local_processes=2) == "model"
     assert events == ["barrier", "load", "barrier"]  # waits for local rank 0's turn, then loads: 2 turns, not 4
+
+
+def test_peer_watch_names_a_silent_process(monkeypatch):
+    """The heartbeat path (a peer frozen or cut off, where NCCL would just wait): rank 1 stops beating without
+    exiting; rank 0's watch names it within its timeout. The kill -9 path is the launched test above."""
+    import atexit
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from krea2_train.runtime.distributed import PeerWatch
+
+    port = _free_port()
+    server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # start() chains its own; restored after
+    found = []
+    watches = [PeerWatch(r, 2, "127.0.0.1", port, timeout=1.0) for r in (0, 1)]
+    w0, w1 = watches
+    w0._die = lambda lost, why: (found.append((lost, why, time.monotonic())), w0.stop.set())
+    try:
+        for w in watches:
+            w.start()
+        time.sleep(0.6)
+        assert not found  # both alive
+        w1.stop.set()  # rank 1 goes silent (no "exited" mark: not a normal end)
+        silent = time.monotonic()
+        w0.thread.join(timeout=5)
+        assert found and found[0][0] == [1], found
+        assert found[0][2] - silent < 1.0 + 3 * w0.interval, found
+        assert "lost rank 1 on machine 0 (" in w0.message(found[0][0], found[0][1])
+        assert "no heartbeat for 1 s" in found[0][1]
+    finally:
+        for w in watches:
+            w.stop.set()
+            atexit.unregister(w._on_exit)
+        del server

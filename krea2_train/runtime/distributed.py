@@ -186,13 +186,16 @@ class PeerWatch:
         except Exception:
             return "machine unknown"
 
-    def _die(self, lost, why: str) -> None:
-        self.dying.acquire()  # once: the watch thread and the excepthook may both get here
+    def message(self, lost, why: str) -> str:
         if lost is None or lost == [None]:
             what = "lost machine 0 (rank 0 and its machine's other ranks)"
         else:
             what = "lost " + ", ".join(f"rank {r} on {self._where(r)}" for r in lost)
-        print(f"krea2-train: rank {self.rank} on machine {machine_rank()}: {what}: {why}. Stopping this process "
-              "(a collective cannot complete without it). Nothing was saved since the last checkpoint: start every "
-              "machine again with its same command to resume from it.", file=sys.stderr, flush=True)
+        return (f"krea2-train: rank {self.rank} on machine {machine_rank()}: {what}: {why}. Stopping this process "
+                "(a collective cannot complete without it). Nothing was saved since the last checkpoint: start "
+                "every machine again with its same command to resume from it.")
+
+    def _die(self, lost, why: str) -> None:
+        self.dying.acquire()  # once: the watch thread and the excepthook may both get here
+        print(self.message(lost, why), file=sys.stderr, flush=True)
         os._exit(PEER_LOST_EXIT)
