@@ -29,12 +29,11 @@ log = logging.getLogger(__name__)
 
 
 def init_distributed():
-    """Initialise Accelerate's process state once, before any data or model code asks for it: on a machine without
-    a GPU it must be forced to CPU, or `accelerate launch` with 2 processes gives 2 independent single-process runs."""
-    import torch
-    from accelerate import PartialState
+    """Initialise Accelerate's process state once, before any data or model code asks for it (runtime/distributed.py:
+    forced to CPU on a machine without a GPU, collective timeout, the watch that names a lost machine)."""
+    from krea2_train.runtime.distributed import process_state
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return process_state()
 
 
 def _say(msg: str) -> None:

@@ -19,7 +19,8 @@ dtype and encoder settings, so anything that changes a tensor changes its key; a
 and stale ones are never read. An entry whose file is missing, truncated or for another key is (re)computed.
 
 A killed run leaves only whole files (atomic rename) and resumes where it stopped. Under `accelerate launch` each
-process encodes a disjoint share (round robin over the sorted missing keys); the main process writes the manifest.
+process of every machine encodes a disjoint share (round robin by global rank over the sorted missing keys, which
+the main process lists); the main process writes the manifest.
 """
 
 from __future__ import annotations
@@ -154,13 +155,11 @@ class Manifest:
 
 # ------------------------------------------------------------------------------------------------ building
 def _state():
-    from accelerate import PartialState
+    from krea2_train.runtime.distributed import process_state
 
     # Launched with several processes on a machine without GPUs: accelerate only sets up the (gloo) process group
     # when asked for CPU explicitly. An already initialised state (the trainer's Accelerator) is returned as is.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        return PartialState(cpu=True)
-    return PartialState()
+    return process_state()
 
 
 def _release():
@@ -233,12 +232,20 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
     captions, jobs, items = _plan(scan, data_cfg, text_fp, vae_fp, background)
     show = progress and state.is_local_main_process
 
-    # What is missing, decided by every process before any writes (else a fast process's new files would change
-    # another's list and the round-robin shares would overlap or leave gaps).
-    text_todo = sorted(k for k in captions if not entry_valid(entry_path(cache_dir, "text", k), k))
-    latent_todo = [j for j in jobs if not all(entry_valid(entry_path(cache_dir, "latents", k), k) for k, _ in j[3])]
-    latent_todo.sort(key=lambda j: j[3][0][0])
-    state.wait_for_everyone()
+    # What is missing, decided before any writes (else a fast process's new files would change another's list and
+    # the round-robin shares would overlap or leave gaps), and by the main process alone: machines sharing the cache
+    # over a network file system may briefly see different files, and then two would write one entry.
+    text_todo = latent_keys = None
+    if state.is_main_process:
+        text_todo = sorted(k for k in captions if not entry_valid(entry_path(cache_dir, "text", k), k))
+        latent_keys = sorted({j[3][0][0] for j in jobs
+                             if not all(entry_valid(entry_path(cache_dir, "latents", k), k) for k, _ in j[3])})
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        text_todo, latent_keys = broadcast_object_list([text_todo, latent_keys])
+    by_key = {j[3][0][0]: j for j in jobs}
+    latent_todo = [by_key[k] for k in latent_keys]
 
     # ---- text
     todo = text_todo
@@ -327,16 +334,22 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
         if owned:
             _release()
 
-    # ---- manifest: every process derives it from the same plan and the files now on disk
+    # ---- manifest: every process derives it from the same plan and every process's failures (not from what its
+    # machine sees on disk yet: another machine's new files may show up late on a network file system)
     state.wait_for_everyone()
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failed = {k: v for part in gather_object([failed]) for k, v in part.items()}
+    encoded = {k for j in latent_todo for k, _ in j[3]}
     kept, problems = [], []
     for entry in items:
         if entry["id"] in failed:
             problems.append(failed[entry["id"]])
             continue
         missing = [r for r, lat in entry["latents"].items()
-                   if not entry_path(cache_dir, "latents", lat["key"]).exists()
-                   or (lat["flip_key"] and not entry_path(cache_dir, "latents", lat["flip_key"]).exists())]
+                   if any(k and k not in encoded and not entry_path(cache_dir, "latents", k).exists()
+                          for k in (lat["key"], lat["flip_key"]))]
         if missing:
             problems.append(f"{entry['name']}: latents for {missing} px could not be made (see the log); skipped")
             continue

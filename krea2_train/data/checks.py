@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -314,7 +315,7 @@ def _empty_resolutions(items: list, sizes: list, resolutions: list, data_cfg: Da
 
 def _save_index(cache_dir, known: dict) -> None:
     path = _index_path(cache_dir)
-    if path is None:
+    if path is None or os.environ.get("RANK", "0") != "0":  # under accelerate launch: one writer (global rank 0)
         return
     from krea2_train.utils.io import write_json_atomic
 

@@ -60,10 +60,12 @@ def latest_checkpoint(run_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def check_checkpoint_kind(path, fsdp: bool, num_processes: int, allow_pickle: bool = False) -> None:
-    """A checkpoint resumes only the way it was written: DDP or FSDP (their optimiser files differ) and, under FSDP,
-    on as many processes (each holds its own optimiser shard); an older pickle one only with `allow_pickle`.
-    Checked before the model is loaded."""
+def check_checkpoint_kind(path, fsdp: bool, num_processes: int, allow_pickle: bool = False,
+                          machines: int | None = None) -> None:
+    """A checkpoint resumes only the way it was written: DDP or FSDP (their optimiser files differ), on as many
+    machines (`machines`: this launch's, from the launcher), under FSDP on as many processes (each holds its own
+    optimiser shard); an older pickle one only with `allow_pickle`. Checked before the model is loaded."""
+    from krea2_train.runtime.distributed import node_layout
     from krea2_train.runtime.sharding import OPTIMIZER_DIR
 
     path = Path(path)
@@ -79,7 +81,15 @@ def check_checkpoint_kind(path, fsdp: bool, num_processes: int, allow_pickle: bo
                if not fsdp else "without FSDP; resume it the way it was trained (train.fsdp=false and a "
                "non-FSDP accelerate config)")
         raise UserError(f"{path} was written by a run {how}, or start a new run_name")
-    written = json.loads((path / "state.json").read_text()).get("num_processes", 1)
+    saved = json.loads((path / "state.json").read_text())
+    written = saved.get("num_processes", 1)
+    machines = node_layout()[0] if machines is None else machines
+    on = saved.get("machines", 1)  # older checkpoints: one machine
+    if on != machines:
+        raise UserError(
+            f"{path} was written on {on} machine(s) ({written} processes); this launch has {machines} machine(s) "
+            f"({num_processes} processes). Resume it on {on} machine(s), starting every one with its same "
+            "`accelerate launch` command (README: Multi-node), or start a new run_name")
     if fsdp and written != num_processes:
         raise UserError(f"{path} was written by {written} FSDP processes, each with its own optimiser shard; resume "
                         f"it with {written} (accelerate launch --num_processes {written}), or start a new run_name")
@@ -187,7 +197,10 @@ class Checkpointer:
         self._write(tmp)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            from krea2_train.runtime.distributed import node_layout
+
             info = {"step": self.state.step, "reason": reason, "num_processes": self.acc.num_processes,
+                    "machines": node_layout()[0],
                     "position": self._position(), "train_state": self.state.state_dict()}
             if self.settings is not None:
                 info["trained_with"] = self.settings

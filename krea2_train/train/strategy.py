@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
 
 from krea2_train.runtime import sharding
+from krea2_train.runtime.distributed import node_layout
 from krea2_train.runtime.memory import apply_memory_settings
 
 
@@ -37,7 +37,7 @@ class DataParallel:
 
     def build(self, build_model):
         """`build_model(device, mesh)`: the transformer with the LoRA injected (mesh None: unsharded)."""
-        return build_model(self.load_device, None)
+        return load_in_turns(self.acc, lambda: build_model(self.load_device, None))
 
     def finish(self, transformer, mem, compute_dtype, mesh=None):
         """Quantised base, checkpointing, offload, fast attention, fused q/k/v, compile (runtime/memory.py)."""
@@ -70,16 +70,9 @@ class FullySharded(DataParallel):
         return torch.device("cpu")  # fully_shard moves this process's shard to the GPU
 
     def build(self, build_model):
-        # One process per machine at a time holds the whole bf16 base in CPU memory (26 GB at full size): each loads
-        # it, keeps its shard and frees the rest before the next one starts, instead of N copies at once.
-        acc = self.acc
-        mesh = sharding.make_mesh(acc.device)
-        transformer = None
-        for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))):
-            if acc.local_process_index == turn:
-                transformer = build_model(self.load_device, mesh)
-            acc.wait_for_everyone()
-        return transformer
+        # each process loads the whole base, keeps its shard and frees the rest before the next on its machine starts
+        mesh = sharding.make_mesh(self.acc.device)
+        return load_in_turns(self.acc, lambda: build_model(self.load_device, mesh))
 
     def finish(self, transformer, mem, compute_dtype, mesh=None):
         import logging
@@ -101,6 +94,19 @@ class FullySharded(DataParallel):
 
     def checkpoint_parts(self, transformer, optimizer, scheduler):
         return (transformer, optimizer, scheduler)
+
+
+def load_in_turns(acc, load, local_processes: int | None = None):
+    """`load()` on one process per machine at a time: the local ranks take turns, every machine at once (the whole
+    bf16 base passes through CPU memory, 26 GB at full size: N copies at once would not fit a machine with N GPUs).
+    Turns follow the local rank, not the global one, so a job on M machines takes as long as one on one machine."""
+    turns = local_processes or node_layout()[1]
+    result = None
+    for turn in range(turns if acc.num_processes > 1 else 1):
+        if acc.local_process_index == turn:
+            result = load()
+        acc.wait_for_everyone()
+    return result
 
 
 def make_strategy(cfg, accelerator) -> DataParallel:

@@ -59,7 +59,9 @@ class TrainResult:
 def make_accelerator(cfg: RunConfig, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    from krea2_train.runtime.distributed import collective_timeout, start_peer_watch
 
     cpu = not torch.cuda.is_available()  # on CPU, force it so `accelerate launch`/torchrun gives gloo DDP
     mp = cfg.train.mixed_precision
@@ -69,9 +71,12 @@ def make_accelerator(cfg: RunConfig, run_dir: Path):
     if AcceleratorState._shared_state.get("_mixed_precision", mp) != mp:
         # a second run in the same process (tests, notebooks) with another precision; the process group is kept
         AcceleratorState._reset_state()
-    return Accelerator(cpu=cpu, mixed_precision=mp, log_with=tracker_names(cfg) or None,
-                       project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-                       step_scheduler_with_optimizer=False)
+    acc = Accelerator(cpu=cpu, mixed_precision=mp, log_with=tracker_names(cfg) or None,
+                      project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+                      step_scheduler_with_optimizer=False,
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
+    start_peer_watch()  # a lost machine is named, not waited for (runtime/distributed.py)
+    return acc
 
 
 class Trainer:
@@ -152,6 +157,10 @@ class Trainer:
 
         # after the text encoder: model building draws random numbers, the training RNG must not depend on it
         set_seed(self.cfg.seed, device_specific=True)  # dropout masks: reproducible, different per process
+        # the libraries on every process at once (seconds each): only the loading itself takes turns per machine
+        import peft  # noqa: F401
+        from diffusers import Krea2Transformer2DModel  # noqa: F401
+
         self.transformer = self.strategy.build(self._build_model)
 
     def _build_model(self, load_device, mesh=None):
