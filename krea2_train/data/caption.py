@@ -451,6 +451,12 @@ def caption_jobs(jobs: list[Job], model_path, settings_for: Callable[[Optional[s
         jobs = jobs[: max_images or 4]
     elif max_images is not None:
         jobs = jobs[:max_images]
+    if state.num_processes > 1:
+        # rank 0's list for everyone: machines sharing a network drive can briefly see different files, and two
+        # processes splitting different lists could caption one image twice or skip one
+        from accelerate.utils import broadcast_object_list
+
+        jobs = broadcast_object_list([jobs if state.is_main_process else None])[0]
     mine = jobs[state.process_index::state.num_processes]
     started = time.perf_counter()
     model_source = captioner.source if captioner is not None else files_fingerprint(Path(str(model_path)).expanduser())
