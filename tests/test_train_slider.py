@@ -256,3 +256,29 @@ def test_exported_slider_keeps_its_sign_in_comfyui(tiny_dir, tmp_path):
         assert report.ok and "comfyui" in report.valid_for, (fmt, report.summary())
     node = workflow_graph("s.safetensors", strength=-1.5)["prompt"]
     assert [n["inputs"]["strength_model"] for n in node.values() if n["class_type"] == "LoraLoaderModelOnly"] == [-1.5]
+
+
+def test_slider_yaml_runs_end_to_end_on_the_tiny_model(tiny_dir, tmp_path, one_torch_thread):
+    """configs/slider.yaml with only the model paths, sizes and steps overridden: train, preview, export, verify and
+    the transfer report with its slider section."""
+    from pathlib import Path
+
+    from krea2_train.pipeline import run_all
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "slider.yaml", [
+        f"model.transformer={tiny_dir}/transformer_raw.safetensors", f"model.turbo={tiny_dir}/transformer_turbo.safetensors",
+        f"model.text_encoder={tiny_dir}/text_encoder", f"model.vae={tiny_dir}/vae", "model.dtype=float32",
+        "model.architecture=auto", "train.mixed_precision=no", "memory.preset=null", "memory.gradient_checkpointing=false",
+        "train.stages=[{resolution: 64, steps: 2, batch_size: 1}]", "optimizer.warmup_steps=0",
+        "preview.every_steps=0", "preview.resolution=64", "preview.raw_steps=2", "preview.turbo_steps=2",
+        f"output_dir={tmp_path}", f"cache_dir={tmp_path}/cache", "logging.progress=none", "logging.tensorboard=false"])
+    assert run_all(cfg) == 0
+    export = cfg.run_dir / "export"
+    report = json.loads((export / "transfer_report.json").read_text())
+    assert [s["target"] for s in report["slider"]] == [s.target for s in cfg.train.sliders]
+    for s in report["slider"]:
+        assert {"monotonic", "symmetric", "ratio", "suggested_turbo_range", "turbo_effect", "raw_effect"} <= set(s)
+    verify = json.loads((export / "verify.json").read_text())
+    assert set(verify) == {"diffusers", "comfyui", "civitai"} and all(r["ok"] for r in verify.values())
+    assert (cfg.run_dir / "previews" / "step-000002.png").exists()

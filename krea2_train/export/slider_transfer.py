@@ -11,8 +11,8 @@ Raw at +1 should read about +guidance, at -1 about -guidance. Reported for Turbo
     symmetric    |e(s) + e(-s)| / (|e(s)| + |e(-s)|) below 0.2 for every swept pair
     ratio        Turbo's span e(1) - e(-1) over Raw's (below 1: the slider acts weaker on Turbo)
     suggested    Turbo strength matching Raw at 1 (1 / ratio), and the range [-r, r]: the widest swept range over
-                 which Turbo's effect stays monotonic and its cosine with u positive (beyond it the slider no longer
-                 moves along its direction)
+                 which Turbo's effect stays monotonic and its change points along u (against u at negative strengths;
+                 beyond it the slider no longer moves along its direction)
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def summarize(raw: dict, turbo: dict, guidance: float) -> dict:
     for s in pairs:
         inside = [x for x in order if -s <= x <= s]
         mono = all(e_t[b] > e_t[a] for a, b in zip(inside, inside[1:]))
-        if mono and all(turbo["cosine"][x] > 0 for x in inside if x != 0):
+        # along the direction: the change points with u at +s and against it at -s
+        if mono and all(turbo["cosine"][x] * x > 0 for x in inside if x != 0):
             reach = s
         else:
             break
