@@ -138,7 +138,7 @@ def test_adapter_scale_zero_is_the_base_and_minus_one_flips_the_delta(tiny_dir):
 
 
 # ----------------------------------------------------------------------------------------------- the trainer
-def test_slider_run_trains_resumes_like_straight_and_previews(tiny_dir, tmp_path, one_torch_thread):
+def test_slider_run_with_anchors_and_images_trains_and_resumes_like_straight(tiny_dir, tmp_path, one_torch_thread):
     from PIL import Image
 
     images = tmp_path / "start"
@@ -282,3 +282,4 @@ def test_slider_yaml_runs_end_to_end_on_the_tiny_model(tiny_dir, tmp_path, one_t
     verify = json.loads((export / "verify.json").read_text())
     assert set(verify) == {"diffusers", "comfyui", "civitai"} and all(r["ok"] for r in verify.values())
     assert (cfg.run_dir / "previews" / "step-000002.png").exists()
+    assert report["slider_grid"] == "slider_grid.png" and (export / "slider_grid.png").stat().st_size > 1000

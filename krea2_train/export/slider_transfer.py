@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 SLIDER_STRENGTHS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
+PICTURE_STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # slider_grid.png's columns (Turbo samples)
 SYMMETRY_LIMIT = 0.2
 STRENGTH_RANGE = (0.25, 3.0)
 

@@ -13,7 +13,8 @@ training set equals Raw + LoRA's is reported beside the suggestion (evaluate/str
 
 With `slider` (a concept slider's targets, train.mode: slider) the report also measures the slider's effect along
 its own direction on Turbo and on Raw over negative and positive strengths (export/slider_transfer.py): monotonic,
-symmetric, how strong against Raw, and the Turbo strength range to use.
+symmetric, how strong against Raw, and the Turbo strength range to use; with pictures, slider_grid.png shows Turbo
+at strengths -2 .. 2.
 
 Writes transfer_report.json and transfer_grid.png into the output folder.
 """
@@ -232,6 +233,10 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
             style_reference = StyleReference.from_folder(style_reference)
         strengths = sorted({0.0, 1.0, s2, *(sweep if sweep is not None else DEFAULT_SWEEP)}) \
             if style_reference is not None else [0.0, 1.0, s2]
+        if slider_items:  # a slider is used both ways: its Turbo pictures at negative strengths too
+            from krea2_train.export.slider_transfer import PICTURE_STRENGTHS
+
+            strengths = sorted({*strengths, *PICTURE_STRENGTHS})
         turbo_images = {}
         for st in tqdm(strengths, desc="transfer: Turbo samples", unit="strength", disable=len(strengths) < 4):
             turbo_images[st] = sample(turbo_model, None if st == 0.0 else st)
@@ -248,6 +253,13 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
                 strength=round(s2, 2), prompt=prompts[0], width=width, height=height, seed=seed, **workflow))
         write_bytes_atomic(out_dir / "transfer_grid.png", grid_png)
         report["grid"] = "transfer_grid.png"
+        if slider_items:
+            from krea2_train.export.slider_transfer import PICTURE_STRENGTHS
+
+            write_bytes_atomic(out_dir / "slider_grid.png", _grid_png(
+                [turbo_images[st] for st in PICTURE_STRENGTHS], [f"Turbo + slider {st:+g}" for st in PICTURE_STRENGTHS],
+                row_labels=prompts))
+            report["slider_grid"] = "slider_grid.png"
         buf = io.BytesIO()
         turbo_images[s2][0].save(buf, format="PNG")
         report["_preview_png"] = buf.getvalue()
