@@ -137,6 +137,43 @@ def test_adapter_scale_zero_is_the_base_and_minus_one_flips_the_delta(tiny_dir):
     assert not torch.allclose(minus, plus, atol=1e-4)
 
 
+# 16gb (NF4 + block offload) fails before any slider code: on the CPU every call after the first differs from the
+# first (and from NF4 without offload) by ~0.2 max abs on the tiny model, adapters disabled. Likely bitsandbytes' CPU
+# backend repacking the 4-bit weight on first use while the offloader restores the tensor it saved before; not seen
+# on a GPU (none here). Left to runtime/memory.py's owners; strict, so the mark must go once it is fixed.
+NF4_OFFLOAD = pytest.mark.xfail(strict=True, reason="NF4 + offload_blocks: repeated calls differ (runtime/memory.py)")
+
+
+@pytest.mark.parametrize("preset", ["80gb", "48gb", "24gb", pytest.param("16gb", marks=NF4_OFFLOAD)])
+def test_adapter_scale_under_every_memory_preset(tiny_dir, preset):
+    """Fused q/k/v, int8 / NF4 bases, checkpointing and offload read the LoRA scale at each call: scale 0 is the base
+    exactly and -1 is every lora_B negated, in every memory preset (what a slider step relies on)."""
+    from krea2_train.config import resolve_memory_settings
+    from krea2_train.runtime import memory
+
+    model = _tiny_with_lora(tiny_dir)
+    memory.apply_memory_settings(model, resolve_memory_settings(dict(preset=preset, compile=False)), "cpu")
+    model.eval()  # checkpointing and offload hooks stay in place; eval only skips dropout (there is none)
+    gen = torch.Generator().manual_seed(4)
+    xt, text, sig = torch.randn(1, 16, 64, generator=gen), torch.randn(1, 5, 12, 32, generator=gen), torch.tensor([.4])
+    with torch.no_grad():
+        model.disable_adapters()
+        base = _call(model, xt, sig, text)
+        model.enable_adapters()
+        with adapter_scale(model, 0.0):
+            zero = _call(model, xt, sig, text)
+        with adapter_scale(model, -1.0):
+            minus = _call(model, xt, sig, text)
+        plus = _call(model, xt, sig, text)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.neg_()
+        by_hand = _call(model, xt, sig, text)
+    assert torch.allclose(zero, base, atol=1e-6, rtol=0)
+    assert float((plus - base).norm()) > 1e-3
+    assert torch.allclose(minus, by_hand, atol=1e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------- the trainer
 def test_slider_run_with_anchors_and_images_trains_and_resumes_like_straight(tiny_dir, tmp_path, one_torch_thread):
     from PIL import Image
