@@ -1,6 +1,9 @@
 """`krea2-train CONFIG`: the whole job in order, each step skipped when its result is already valid.
 
     tiny model   (demo only: `make_tiny` set and the folder missing)
+    caption      with `data.auto_caption: true`: a .txt beside every image lacking one, from the Qwen3-VL of
+                 data.caption.model / model.text_encoder (no model loaded when every image has one); the transformer
+                 is not loaded yet, so captioning has the GPU to itself
     check-data   every image and caption checked; fatal problems stop here with the report
     cache        text and latent caches; skipped when every entry already exists (no encoder is loaded)
     train        skipped when RUN/train_done.json says all steps ran and the adapter is on disk; resumes otherwise
@@ -39,6 +42,24 @@ def _say(msg: str) -> None:
 
     if PartialState().is_main_process:
         print(f"==> {msg}", flush=True)
+
+
+def auto_caption(cfg):
+    """Caption the images that lack a caption (data.auto_caption), before check-data reads the captions."""
+    from accelerate import PartialState
+
+    from krea2_train.data.caption import caption_datasets, caption_model_path
+    from krea2_train.utils.io import write_json_atomic
+
+    report = caption_datasets(cfg.data, caption_model_path(cfg, command="krea2-train caption CONFIG"),
+                              cfg.cache_dir)
+    if not report.written and not report.failed:
+        _say(f"caption: every image has a caption ({len(report.kept)}), skipped")
+    else:
+        _say(report.summary())
+    if PartialState().is_main_process:
+        write_json_atomic(cfg.run_dir / "caption_report.json", report.to_json())
+    return report
 
 
 def check_data(cfg):
@@ -231,6 +252,8 @@ def run_all(cfg) -> int:
         source = SliderData(cfg, texts=prepare_slider_cache(cfg))
         _say(f"cache: {len(source.texts)} slider prompts encoded into {cfg.cache_dir}")
     else:
+        if cfg.data.auto_caption:
+            auto_caption(cfg)
         manifest = cache(cfg, check_data(cfg))
     if done:
         _say(f"train: {cfg.run_dir} already finished {cfg.total_steps} steps, skipped (new run_name to train again)")

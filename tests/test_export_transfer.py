@@ -135,6 +135,41 @@ def test_transfer_report_one_transformer_at_a_time_same_numbers(mode, tiny_dir, 
         assert not getattr(turbo, "peft_config", {})
 
 
+def test_raw_target_is_the_guided_delta(tiny_dir, lora_file, tmp_path):
+    """With a text encoder the report fits Turbo to the delta a user sees from Raw under CFG,
+    d_cond + g (d_cond - d_empty prompt), computed here by hand from velocities with and without the LoRA."""
+    from krea2_train import facts
+    from krea2_train.export.transfer import _noisy_inputs, transfer_report
+    from krea2_train.inference import SampleSettings, apply_lora, predict_velocity, sample_latents
+    from krea2_train.models.text_encoder import TextEncoder
+    from krea2_train.schedule import pack_latents
+
+    te = TextEncoder.from_path(tiny_dir / "text_encoder", dtype="float32")
+    report = transfer_report(lora_file, tiny_dir / "transformer_raw.safetensors",
+                             tiny_dir / "transformer_turbo.safetensors", tmp_path, text_encoder=te, prompts=PROMPTS,
+                             sigmas=SIGMAS, height=SIZE, width=SIZE, seed=SEED, dtype="float32", device="cpu",
+                             render=False)
+    g = facts.RAW_GUIDANCE
+    assert report["raw_target"] == f"guided delta, CFG {g:g}"
+    raw, turbo = _load(tiny_dir / "transformer_raw.safetensors"), _load(tiny_dir / "transformer_turbo.safetensors")
+    embeds, mask = te.encode(PROMPTS)
+    empty, empty_mask = te.encode([""] * len(PROMPTS))
+    grid = (SIZE // facts.PIXEL_MULTIPLE, SIZE // facts.PIXEL_MULTIPLE)
+    x0 = pack_latents(sample_latents(turbo, embeds, mask, SampleSettings.turbo(height=SIZE, width=SIZE, seed=SEED)))
+    inputs = _noisy_inputs(x0, SIGMAS, SEED + 2)
+    with torch.no_grad():
+        plain = [(predict_velocity(raw, x, s, embeds, mask, grid), predict_velocity(raw, x, s, empty, empty_mask, grid))
+                 for x, s in inputs]
+        apply_lora(raw, str(lora_file), strength=1.0)
+        lora = [(predict_velocity(raw, x, s, embeds, mask, grid), predict_velocity(raw, x, s, empty, empty_mask, grid))
+                for x, s in inputs]
+    for row, (c0, u0), (c1, u1) in zip(report["per_sigma"], plain, lora, strict=True):
+        dc, du = c1 - c0, u1 - u0
+        guided = dc + g * (dc - du)
+        assert row["raw_delta_norm"] == pytest.approx(guided.norm().item(), rel=1e-4)
+        assert abs(row["raw_delta_norm"] - dc.norm().item()) > 1e-3 * dc.norm().item()  # not the conditional one
+
+
 def test_loaded_turbo_is_offloaded_while_raw_runs(tiny_dir, monkeypatch):
     """Without Turbo's checkpoint, the passed-in Turbo leaves the accelerator before Raw is loaded and comes back."""
     import krea2_train.export.transfer as transfer

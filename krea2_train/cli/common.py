@@ -19,7 +19,7 @@ def add_config_command(sub, name: str, help: str, func, overrides_help: str = "k
 
 
 # What each command needs from `model:` when it is given a data folder instead of a config (check-data: nothing).
-FOLDER_NEEDS = {"check-data": (), "config": ("model.transformer", "model.text_encoder", "model.vae"),
+FOLDER_NEEDS = {"check-data": (), "caption": (), "config": ("model.transformer", "model.text_encoder", "model.vae"),
                 "cache": ("model.text_encoder", "model.vae"),
                 "train": ("model.transformer", "model.text_encoder", "model.vae"),
                 "run": ("model.transformer", "model.text_encoder", "model.vae")}

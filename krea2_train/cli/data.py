@@ -1,4 +1,4 @@
-"""`krea2-train check-data CONFIG` and `krea2-train cache CONFIG`."""
+"""`krea2-train caption CONFIG|DIR`, `krea2-train check-data CONFIG` and `krea2-train cache CONFIG`."""
 
 from __future__ import annotations
 
@@ -71,8 +71,58 @@ def cache(args) -> int:
     return 0
 
 
+def caption(args) -> int:
+    """Caption every image without a caption file, with the Qwen3-VL of data.caption.model / model.text_encoder."""
+    import json
+
+    from krea2_train.data.caption import caption_datasets, caption_model_path
+    from krea2_train.utils.io import write_json_atomic
+
+    flags = {"data.caption.model": args.model, "data.caption.preset": args.preset,
+             "data.caption.instruction": args.instruction, "data.caption.batch_size": args.batch_size,
+             "data.caption.max_new_tokens": args.max_new_tokens, "data.caption.max_pixels": args.max_pixels}
+    # json.dumps: a YAML scalar that reads back as the same string (an instruction may hold ": ")
+    args.overrides = list(args.overrides or []) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    cfg = _load(args, warn_paths=False)
+    model = caption_model_path(cfg, command=f"krea2-train caption {args.config}")
+    report = caption_datasets(cfg.data, model, cfg.cache_dir, overwrite=args.overwrite, dry_run=args.dry_run,
+                              trigger=args.trigger, max_images=args.limit)
+    say(report.summary())
+    if not args.dry_run:
+        from pathlib import Path
+
+        path = Path(args.report or Path(cfg.cache_dir).expanduser() / "captions" / "report.json")
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            write_json_atomic(path, report.to_json())
+        say(f"report: {path}")
+    return 1 if report.failed else 0
+
+
 def register(sub) -> None:
     from krea2_train.cli.common import add_config_command
+    from krea2_train.config.data import CAPTION_PRESETS
+
+    p = add_config_command(sub, "caption", "write a .txt caption beside every image lacking one, with the Qwen3-VL "
+                           "text encoder's own vision tower (resumable; splits across processes under accelerate "
+                           "launch)", caption, overrides_help="key=value overrides (e.g. data.caption.max_pixels="
+                           "524288)")
+    p.add_argument("--model", help="Qwen3-VL folder to caption with (default: data.caption.model, else "
+                   "model.text_encoder)")
+    p.add_argument("--preset", choices=CAPTION_PRESETS, help="style: the content, never the style; character / "
+                   "object (product): the subject named by the trigger word, its pose, clothes, setting; general "
+                   "(default): everything")
+    p.add_argument("--instruction", help="a free instruction instead of the preset's; {trigger} is the trigger word")
+    p.add_argument("--trigger", help="trigger word for every image (default: each dataset's trigger_word)")
+    p.add_argument("--overwrite", action="store_true", help="caption images that have a caption too (replacing it)")
+    p.add_argument("--dry-run", action="store_true", help="print the captions of a few images, write nothing")
+    p.add_argument("--limit", type=int, help="caption at most this many images (with --dry-run: default 4)")
+    p.add_argument("--batch-size", type=int, help="images per generate call (data.caption.batch_size)")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer (data.caption.max_new_tokens)")
+    p.add_argument("--max-pixels", type=int, help="resize images to at most this many pixels (data.caption."
+                   "max_pixels)")
+    p.add_argument("--report", help="where the JSON report goes (default CACHE_DIR/captions/report.json)")
 
     p = add_config_command(sub, "check-data", "validate every image and caption of the configured datasets",
                            check_data, overrides_help="key=value overrides (e.g. data.allow_upscale=true)")

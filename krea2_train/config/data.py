@@ -7,6 +7,7 @@ dataclasses, defaults).
           trigger_word: k2demo
           repeats: 2
       validation_images: 2
+      auto_caption: true               # caption images without a .txt before check-data (data.caption: how)
 """
 
 from __future__ import annotations
@@ -43,6 +44,29 @@ class DatasetConfig:
     split: str = "train"
 
 
+# Instruction presets of krea2-train caption (data/caption.PRESETS holds their text); product is object's alias.
+CAPTION_PRESETS = ("style", "character", "object", "product", "general")
+
+
+@dataclass
+class CaptionConfig:
+    # style: the content, never the style; character / object (product): pose, clothes, setting, the subject named by
+    # the trigger word; general: everything. The trigger word is each dataset's trigger_word.
+    preset: str = choice("general", CAPTION_PRESETS)
+    # A free instruction replacing the preset's; `{trigger}` in it becomes the trigger word.
+    instruction: Optional[str] = None
+    # The Qwen3-VL folder to caption with (config.json, weights with the vision tower, tokenizer,
+    # preprocessor_config.json, chat_template.json). null: model.text_encoder (a ComfyUI single file cannot caption).
+    model: Optional[str] = None
+    # Longest answer generated (greedy); captions are then cut to the 507 tokens the text encoder reads.
+    max_new_tokens: int = 200
+    # Images are resized (aspect kept) to at most this many pixels before the vision tower.
+    max_pixels: int = 1024 * 1024
+    batch_size: int = 4
+    # auto: bfloat16 on GPU, float32 on CPU.
+    dtype: str = choice("auto", ("auto", "bfloat16", "float16", "float32"))
+
+
 @dataclass
 class DataConfig:
     datasets: List[DatasetConfig] = field(default_factory=list)
@@ -77,6 +101,10 @@ class DataConfig:
     encoder_dtype: str = choice("auto", ("auto", "bfloat16", "float16", "float32"))
     # Seed for held-out selection and random crops (the loader's order comes from the run seed).
     seed: int = 0
+    # Caption every image without a caption file (missing or empty) before check-data and caching, with the
+    # Qwen3-VL of data.caption.model / model.text_encoder (`krea2-train caption CONFIG` does the same on its own).
+    auto_caption: bool = False
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
 
 
 def validate_data_config(cfg: DataConfig) -> None:
@@ -96,6 +124,14 @@ def validate_data_config(cfg: DataConfig) -> None:
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
     need(cfg.text_batch_size >= 1 and cfg.vae_batch_size >= 1, "text_batch_size",
          "and data.vae_batch_size must be >= 1")
+    c = cfg.caption
+    need(1 <= c.max_new_tokens <= 2048, "caption.max_new_tokens", f"= {c.max_new_tokens}: use 1 to 2048 (captions "
+         "are cut to the 507 tokens the text encoder reads anyway)")
+    need(c.max_pixels >= 56 * 56, "caption.max_pixels", f"= {c.max_pixels}: use at least 3136 (56 x 56); "
+         "1048576 (1024 x 1024) is the default")
+    need(c.batch_size >= 1, "caption.batch_size", f"= {c.batch_size}: must be >= 1")
+    need(c.instruction is None or c.instruction.strip() != "", "caption.instruction",
+         "is empty: give an instruction, or null for the preset's")
     for i, d in enumerate(cfg.datasets):
         need(d.repeats >= 1, f"datasets[{i}].repeats", f"= {d.repeats}: must be >= 1")
         need(0 <= d.caption_dropout <= 1, f"datasets[{i}].caption_dropout", f"= {d.caption_dropout}: must be in [0, 1]")

@@ -6,7 +6,9 @@ effect of a model M at strength s is the projection of the LoRA's velocity chang
 
     e_M(s) = sum_sigma <v_M^s(x_t, c_t) - v_M^0(x_t, c_t), u> / sum_sigma |u|^2
 
-Raw at +1 should read about +guidance, at -1 about -guidance. Reported for Turbo against Raw at each swept strength:
+Without CFG, Raw at +1 should read about +guidance (what it was trained to), at -1 about -guidance; Raw's reported
+effect is that of its CFG-guided velocity (as it is sampled, and as the report's general fit measures Raw), with the
+unguided one beside it. Reported for Turbo against Raw at each swept strength:
     monotonic    e_turbo strictly increases over the swept strengths (0 included, e(0) = 0)
     symmetric    |e(s) + e(-s)| / (|e(s)| + |e(-s)|) below 0.2 for every swept pair
     ratio        Turbo's span e(1) - e(-1) over Raw's (below 1: the slider acts weaker on Turbo)
@@ -43,9 +45,12 @@ def encode_sliders(text_encoder, sliders) -> list[dict]:
 
 
 @torch.no_grad()
-def slider_effects(transformer, lora, item: dict, inputs, grid, strengths=SLIDER_STRENGTHS, direction=None) -> dict:
-    """{"effect": {s: e(s)}, "cosine": {s: cos(delta(s), u)}, "direction": u per sigma} on `transformer` (module
-    docstring). `direction`: Raw's u, already measured; None: measured here (this is Raw)."""
+def slider_effects(transformer, lora, item: dict, inputs, grid, strengths=SLIDER_STRENGTHS, direction=None,
+                   negative=None, guidance: float = 0.0) -> dict:
+    """{"effect": {s: e(s)}, "conditional": {s: e(s) without CFG}, "cosine": {s: cos(delta(s), u)}, "direction": u
+    per sigma} on `transformer` (module docstring). `direction`: Raw's u, already measured; None: measured here
+    (this is Raw). `negative` ((1, L, 12, D) embeds, mask) and `guidance` > 0: the effect is that of the guided
+    velocity, d_cond + guidance * (d_cond - d_uncond), as Raw is sampled."""
     from krea2_train.export.transfer import _deltas
     from krea2_train.inference import predict_velocity
 
@@ -59,15 +64,24 @@ def slider_effects(transformer, lora, item: dict, inputs, grid, strengths=SLIDER
             vn = predict_velocity(transformer, x, s, item["negative_embeds"].to(device), item["negative_mask"].to(device),
                                   grid).float().cpu()
             direction.append(vp - vn)
-    deltas = _deltas(transformer, lora, list(strengths), inputs, item["target_embeds"], item["target_mask"], grid)
+    cond = _deltas(transformer, lora, list(strengths), inputs, item["target_embeds"], item["target_mask"], grid)
+    deltas = cond
+    if guidance > 0 and negative is not None:
+        uncond = _deltas(transformer, lora, list(strengths), inputs, *negative, grid)
+        deltas = {st: [c + guidance * (c - u) for c, u in zip(cond[st], uncond[st])] for st in cond}
     norm = sum(_dot(u, u) for u in direction)
-    effect, cosine = {}, {}
+
+    def along(ds):
+        return sum(_dot(d, u) for d, u in zip(ds, direction))
+
+    effect, conditional, cosine = {}, {}, {}
     for st, ds in deltas.items():
-        proj = sum(_dot(d, u) for d, u in zip(ds, direction))
+        proj = along(ds)
         effect[st] = proj / norm if norm > 0 else 0.0
+        conditional[st] = along(cond[st]) / norm if norm > 0 else 0.0
         dn = sum(_dot(d, d) for d in ds) ** 0.5
         cosine[st] = proj / (dn * norm ** 0.5) if dn > 0 and norm > 0 else 0.0
-    return {"effect": effect, "cosine": cosine, "direction": direction}
+    return {"effect": effect, "conditional": conditional, "cosine": cosine, "direction": direction}
 
 
 def summarize(raw: dict, turbo: dict, guidance: float) -> dict:
@@ -96,7 +110,8 @@ def summarize(raw: dict, turbo: dict, guidance: float) -> dict:
     return {
         "guidance": guidance,
         "turbo_effect": {f"{s:+g}": round(e_t[s], 4) for s in order},
-        "raw_effect": {f"{s:+g}": round(e_r[s], 4) for s in sorted(e_r)},
+        "raw_effect": {f"{s:+g}": round(e_r[s], 4) for s in sorted(e_r)},  # under CFG when Raw is sampled so
+        "raw_effect_without_cfg": {f"{s:+g}": round(v, 4) for s, v in sorted({0.0: 0.0, **raw["conditional"]}.items())},
         "turbo_cosine": {f"{s:+g}": round(v, 4) for s, v in sorted(turbo["cosine"].items())},
         "monotonic": monotonic,
         "asymmetry": {f"{s:g}": round(a, 4) for s, a in asym.items()},

@@ -1,9 +1,15 @@
 """Transfer report: how a LoRA trained on Raw behaves on Turbo.
 
 For each prompt and sigma, the LoRA's effect on a model is the velocity delta d = v(x_t; W + LoRA) - v(x_t; W).
-We compare Turbo's delta with Raw's: ratio |d_turbo| / |d_raw| (below 1: the LoRA acts weaker on Turbo) and their
-cosine (low: it pushes somewhere else, which users see as noise). The suggested Turbo strength s is the least-squares
-fit of s * d_turbo(s) to d_raw(1), refined once at the fitted strength since the effect is not exactly linear.
+Raw is sampled with CFG, so the effect a user sees from Raw + LoRA is the guided delta
+d_raw = d_cond + g (d_cond - d_uncond) (g: Raw's guidance, d_uncond: the delta on the empty prompt); Turbo was
+distilled from Raw's guided trajectories and runs without CFG, so its plain delta stands for that one. Fitting Turbo
+to the conditional delta alone ignores the (1 + g) amplification of whatever the LoRA ties to the prompt (measured on
+the micro model: a suggestion several times too low). We compare Turbo's delta with the guided Raw delta: ratio
+|d_turbo| / |d_raw| (below 1: the LoRA acts weaker on Turbo) and their cosine (low: it pushes somewhere else, which
+users see as noise). The suggested Turbo strength s is the least-squares fit of s * d_turbo(s) to d_raw, refined
+once at the fitted strength since the effect is not exactly linear. Without a text encoder (random embeddings, no
+empty prompt) the conditional delta is used.
 Turbo samples without the LoRA, at strength 1 and at s are rendered side by side, with Raw + LoRA (28 steps, CFG)
 for reference and the prompt above each row.
 
@@ -164,7 +170,9 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     held, turbo_model = [turbo_model], None  # _raw_deltas may have to drop Turbo: no other reference here
     pictures = render and vae is not None and text_encoder is not None
     raw_settings = SampleSettings.raw(height=height, width=width, seed=seed)
-    negative = text_encoder.encode([""] * len(prompts)) if pictures else None
+    negative = text_encoder.encode([""] * len(prompts)) if text_encoder is not None else None
+    guidance = raw_settings.guidance if negative is not None else 0.0
+    slider_negative = text_encoder.encode([""]) if slider_items else None  # one row: a slider's inputs are batch 1
 
     def sample(model, strength):
         """Decoded samples of `model` with the LoRA at `strength` (None: without it); Raw with CFG, Turbo without."""
@@ -183,8 +191,14 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     def measure_raw(model):
         if pictures:
             raw_images.extend(sample(model, 1.0))
-        slider_raw.extend(slider_effects(model, lora, it, inp, grid) for it, inp in zip(slider_items, slider_inputs))
-        return _deltas(model, lora, [1.0], inputs, embeds, mask, grid)[1.0]
+        # Raw as deployed: under CFG, like the deltas below; Turbo has none
+        slider_raw.extend(slider_effects(model, lora, it, inp, grid, negative=slider_negative, guidance=guidance)
+                          for it, inp in zip(slider_items, slider_inputs))
+        cond = _deltas(model, lora, [1.0], inputs, embeds, mask, grid)[1.0]
+        if guidance <= 0:
+            return cond
+        uncond = _deltas(model, lora, [1.0], inputs, *negative, grid)[1.0]
+        return [c + guidance * (c - u) for c, u in zip(cond, uncond)]
 
     turbo_model, d_raw = _raw_deltas(held, raw, turbo_source, not isinstance(turbo, torch.nn.Module), measure_raw,
                                      dtype, device)
@@ -211,6 +225,7 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         "cosine": cosine,
         "suggested_turbo_strength": round(s2, 3),
         "first_fit_strength": round(s1, 3),
+        "raw_target": f"guided delta, CFG {guidance:g}" if guidance > 0 else "conditional delta (no text encoder)",
         "per_sigma": per_sigma,
         "reading": _reading(ratio if ratio is not None else 1.0, cosine, s2),
     }

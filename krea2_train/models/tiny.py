@@ -3,7 +3,8 @@
 `make_tiny(dir)` writes, from a fixed seed:
     transformer_raw.safetensors    official single-file layout (original module names), bf16 matmuls, fp32 norms
     transformer_turbo.safetensors  Raw plus a deterministic perturbation, so Raw and Turbo differ as in life
-    text_encoder/                  a Qwen3-VL checkpoint in Hugging Face layout, with a tokenizer built offline
+    text_encoder/                  a Qwen3-VL checkpoint in Hugging Face layout, with a tokenizer built offline, the
+                                   vision tokens, preprocessor_config.json and chat_template.json (so it captions)
     vae/                           a Qwen-Image VAE in diffusers layout
 
 Nothing here downloads anything; the tokenizer is a byte-level BPE trained on a small built-in corpus so that the
@@ -23,6 +24,9 @@ from krea2_train.models.keys import diffusers_to_original_state_dict
 from krea2_train.utils.io import DIR_MODE, atomic_dir, save_safetensors_atomic, write_text_atomic
 
 SEED = 20260101
+# 2: the text encoder captions (vision tokens, preprocessor_config.json, chat_template.json); an older folder is
+# rewritten by make_tiny.
+TINY_VERSION = 2
 
 # Same class, smaller numbers. Head dim 32 gives rope axes (8, 12, 12): the real (32, 48, 48) scaled by 1/4.
 TINY_TRANSFORMER = dict(
@@ -141,6 +145,67 @@ def original_file_state(model) -> dict:
     return out
 
 
+# The Qwen3-VL chat template, as in Qwen3-VL-4B-Instruct's chat_template.json, for what captioning sends: an
+# optional system message, then user turns of images and text, then the assistant's turn.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif content['type'] == 'text' %}{{- content['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# Qwen3-VL-4B-Instruct's preprocessor_config.json, with a smaller pixel budget (the tiny vision tower is random).
+TINY_PREPROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
+    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "size": {"shortest_edge": 4096, "longest_edge": 65536},
+}
+
+
+def add_vision_tokens(model, tokenizer) -> None:
+    """Give a text-only tiny tokenizer Qwen3-VL's vision tokens (appended, so no existing id moves) and point the
+    model's config at them; the embedding grows by those rows only (the existing rows are unchanged)."""
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *VISION_TOKENS]})
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = dict(zip(VISION_TOKENS, tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))))
+    model.config.vision_start_token_id = ids["<|vision_start|>"]
+    model.config.vision_end_token_id = ids["<|vision_end|>"]
+    model.config.image_token_id = ids["<|image_pad|>"]
+    model.config.video_token_id = ids["<|video_pad|>"]
+
+
+def write_caption_files(folder, preprocessor: dict | None = None) -> None:
+    """What a Qwen3-VL folder needs to caption besides weights and tokenizer, in Hugging Face's on-disk format:
+    preprocessor_config.json (the image processor) and chat_template.json."""
+    folder = Path(folder)
+    write_text_atomic(folder / "preprocessor_config.json", json.dumps(preprocessor or TINY_PREPROCESSOR, indent=2))
+    write_text_atomic(folder / "chat_template.json", json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
+
+
+def enable_captioning(src, dst, seed: int = SEED + 4) -> Path:
+    """A copy of the Qwen3-VL folder `src` that captions: the vision tokens added (add_vision_tokens) and the
+    processor files written (write_caption_files). For a tiny folder built before the tiny model captioned, and for
+    the micro model's text encoder, which ships without them; the language model's existing rows are unchanged."""
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(seed)
+    add_vision_tokens(model, tokenizer)
+    with atomic_dir(dst) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_caption_files(tmp)
+    return Path(dst)
+
+
 def build_tiny_text_encoder(seed: int = SEED):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -149,6 +214,8 @@ def build_tiny_text_encoder(seed: int = SEED):
     config = Qwen3VLConfig(text_config=text, vision_config=TINY_VISION)
     torch.manual_seed(seed + 2)
     model = Qwen3VLForConditionalGeneration(config).eval()
+    torch.manual_seed(seed + 4)  # the new rows draw from their own seed
+    add_vision_tokens(model, tokenizer)
     return model, tokenizer
 
 
@@ -163,7 +230,7 @@ def make_tiny(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the tiny Raw/Turbo transformers, text encoder and VAE to `out_dir` (idempotent unless overwrite)."""
     out = Path(out_dir)
     marker = out / "tiny.json"
-    if marker.exists() and not overwrite:
+    if marker.exists() and not overwrite and json.loads(marker.read_text()).get("version", 1) >= TINY_VERSION:
         return out
     if not out.exists():
         out.mkdir(parents=True)
@@ -179,12 +246,14 @@ def make_tiny(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     with atomic_dir(out / "text_encoder") as tmp:
         text_encoder.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_caption_files(tmp)
 
     vae = build_tiny_vae()
     with atomic_dir(out / "vae") as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
 
-    write_text_atomic(marker, json.dumps({"seed": SEED, "transformer": TINY_TRANSFORMER}, indent=2))  # 0644
+    write_text_atomic(marker, json.dumps({"version": TINY_VERSION, "seed": SEED, "transformer": TINY_TRANSFORMER},
+                                         indent=2))  # 0644
     return out
 
 
