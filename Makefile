@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean micro measure-micro
+.PHONY: demo demo-slider test install bench clean micro measure-micro
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/krea2-train configs/demo.yaml
+
+demo-slider: $(STAMP)  # a concept slider on the micro model (background darker at -1, lighter at +1)
+	$(BIN)/krea2-train configs/demo_slider.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check krea2_train scripts tests   # unused imports, dead names, import order

@@ -206,7 +206,8 @@ def _transfer_kwargs(cfg) -> dict:
     return dict(prompts=list(cfg.preview.prompts) or None, height=cfg.preview.resolution,
                 width=cfg.preview.resolution, seed=cfg.preview.seed,
                 style_reference=StyleReference.from_datasets(cfg.data.datasets),
-                sweep=list(cfg.export.strength_sweep), workflow=_workflow_for_pictures(cfg))
+                sweep=list(cfg.export.strength_sweep), workflow=_workflow_for_pictures(cfg),
+                slider=list(cfg.train.sliders) if cfg.train.mode == "slider" else None)
 
 
 def _workflow_for_pictures(cfg) -> dict:
@@ -242,16 +243,23 @@ def run_all(cfg) -> int:
     done = training_done(cfg)
     if not done:
         check_resume_settings(cfg)
-    if cfg.data.auto_caption:
-        auto_caption(cfg)
-    scan = check_data(cfg)
-    manifest = cache(cfg, scan)
+    source = None
+    if cfg.train.mode == "slider":  # no dataset: the slider's prompts (and start images) are what is cached
+        from krea2_train.data.slider_source import SliderData, prepare_slider_cache
+
+        manifest = None
+        source = SliderData(cfg, texts=prepare_slider_cache(cfg))
+        _say(f"cache: {len(source.texts)} slider prompts encoded into {cfg.cache_dir}")
+    else:
+        if cfg.data.auto_caption:
+            auto_caption(cfg)
+        manifest = cache(cfg, check_data(cfg))
     if done:
         _say(f"train: {cfg.run_dir} already finished {cfg.total_steps} steps, skipped (new run_name to train again)")
     else:
         _say(f"train: {cfg.total_steps} steps into {cfg.run_dir}")
         trainer = Trainer(cfg)
-        trainer.source = CachedData(cfg, trainer.acc, manifest=manifest)
+        trainer.source = source or CachedData(cfg, trainer.acc, manifest=manifest)
         result = trainer.run()
         if result.interrupted:
             return 130

@@ -264,7 +264,8 @@ def _transfer(args) -> int:
                                                                            "text_encoder"),
                              vae=pick(args.vae, "vae", "vae"), prompts=prompts, height=args.height or size,
                              width=args.width or size, seed=args.seed, dtype=args.dtype, device=_device(args.device),
-                             style_reference=style)
+                             style_reference=style,
+                             slider=list(cfg.train.sliders) if cfg is not None and cfg.train.mode == "slider" else None)
     print(report["reading"])
     print(Path(args.out) / "transfer_report.json")
     return 0

@@ -35,7 +35,6 @@ def run(args) -> int:
 
 
 def train(args) -> int:
-    from krea2_train.data.source import CachedData
     from krea2_train.models.tiny import ensure_tiny
     from krea2_train.pipeline import init_distributed
     from krea2_train.train.trainer import Trainer
@@ -43,8 +42,7 @@ def train(args) -> int:
     cfg = _config(args)
     init_distributed()
     ensure_tiny(cfg)
-    trainer = Trainer(cfg)
-    trainer.source = CachedData(cfg, trainer.acc)
+    trainer = Trainer(cfg)  # its objective's source: the data caches, or a slider's prompts (train.mode)
     result = trainer.run()
     if not result.interrupted and trainer.acc.is_main_process:
         print(f"trained {result.step} steps; adapter: {result.adapter_dir} (export with `krea2-train CONFIG`, "

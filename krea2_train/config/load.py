@@ -24,6 +24,7 @@ from krea2_train.config.choices import closest as _closest
 from krea2_train.config.data import validate_data_config
 from krea2_train.config.memory import memory_problems, resolve_memory_settings
 from krea2_train.config.run import RunConfig
+from krea2_train.config.slider import slider_problems
 from krea2_train.errors import UserError
 from krea2_train.models.paths import model_path_problems
 from krea2_train.utils.io import write_text_atomic
@@ -239,6 +240,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     need(cfg.train.gradient_accumulation >= 1, "train.gradient_accumulation", "must be at least 1")
     need(cfg.train.nan_patience >= 1, "train.nan_patience", "must be at least 1")
     need(cfg.train.log_every >= 1, "train.log_every", "must be at least 1")
+    for key, msg in slider_problems(cfg):
+        raise ConfigError(f"{source}: config key `{key}` {msg}")
     o = cfg.optimizer
     need(o.lr > 0, "optimizer.lr", f"= {o.lr} must be positive (Prodigy: use 1.0)")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "must be two numbers in [0, 1)")

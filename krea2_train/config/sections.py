@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from krea2_train.config.choices import EXPORT_FORMATS, choice
+from krea2_train.config.slider import SliderTarget
 
 LORA_TARGETS = ("attention", "attention_mlp", "all_linear", "custom")
 # Turbo strengths the transfer report samples to check its suggestion against pictures (evaluate/strength.py).
@@ -58,6 +59,10 @@ class TrainSection:
     # Shard the frozen base and the LoRA across processes (torch FSDP2) instead of a full copy per GPU (DDP). Also on
     # when launched with an accelerate FSDP config (configs/accelerate/fsdp.yaml). Needs an unquantised base.
     fsdp: bool = False
+    # lora: fit the data (flow matching); slider: a concept slider, one LoRA that moves `sliders`' attribute up at
+    # +strength and down at -strength, taught by Raw itself (no data; config/slider.py, train/slider.py).
+    mode: str = choice("lora", ("lora", "slider"))
+    sliders: List[SliderTarget] = field(default_factory=list)
 
 
 @dataclass

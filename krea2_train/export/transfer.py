@@ -17,6 +17,11 @@ With a `style_reference` (the training images' style statistics, evaluate/style.
 against pictures: Turbo is sampled over a sweep of strengths, and the strength at which its style distance to the
 training set equals Raw + LoRA's is reported beside the suggestion (evaluate/strength.py).
 
+With `slider` (a concept slider's targets, train.mode: slider) the report also measures the slider's effect along
+its own direction on Turbo and on Raw over negative and positive strengths (export/slider_transfer.py): monotonic,
+symmetric, how strong against Raw, and the Turbo strength range to use; with pictures, slider_grid.png shows Turbo
+at strengths -2 .. 2.
+
 Writes transfer_report.json and transfer_grid.png into the output folder.
 """
 
@@ -90,7 +95,7 @@ def _cos(a, b) -> float:
 def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, turbo_path=None, text_encoder=None,
                     vae=None, prompts=None, sigmas=DEFAULT_SIGMAS, height: int = 1024, width: int = 1024,
                     seed: int = 0, dtype="bfloat16", device=None, render: bool = True, style_reference=None,
-                    sweep=None, workflow: dict | None = None) -> dict:
+                    sweep=None, workflow: dict | None = None, slider=None) -> dict:
     """Measure Raw vs Turbo effect of `lora` (a file in any layout, or a TrainedAdapter) and write the report;
     returns the report dict.
 
@@ -101,7 +106,8 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     embeddings stand in (numbers only, no images). `vae` (models.vae.VAE or a path) is needed to render the grid.
     `style_reference`: an evaluate.style.StyleReference (or an image folder) for the style check over `sweep`
     strengths (default evaluate.strength.DEFAULT_SWEEP). `workflow`: lora/workflow.workflow_png_chunks' lora_name,
-    trigger_words and models, to embed ComfyUI's graph for the suggested column in the grid PNG.
+    trigger_words and models, to embed ComfyUI's graph for the suggested column in the grid PNG. `slider`: the
+    slider targets (config SliderTargets or dicts with target/positive/negative/guidance) for the slider section.
     """
     from krea2_train import facts
     from krea2_train.inference import SampleSettings, apply_lora, sample_latents
@@ -149,6 +155,14 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     else:
         x0 = torch.randn(len(prompts), grid[0] * grid[1], cfg.in_channels, generator=torch.Generator().manual_seed(seed))
     inputs = _noisy_inputs(x0, sigmas, seed + 2)
+    from krea2_train.export.slider_transfer import encode_sliders, slider_effects, slider_reading, summarize
+
+    # a slider's own inputs: Turbo's sample of its target prompt, noised at the same sigmas
+    slider_items = encode_sliders(text_encoder, slider) if slider and text_encoder is not None else []
+    slider_inputs = [_noisy_inputs(pack_latents(sample_latents(turbo_model, it["target_embeds"], it["target_mask"],
+                                                               turbo_settings)), sigmas, seed + 3)
+                     for it in slider_items]
+    slider_raw = []
 
     # Turbo at strength 1, then Raw, then Turbo at the fitted strength. Only one 12.9B transformer is ever on the
     # accelerator (two bf16 copies + text encoder + VAE do not fit on a 48 GB card): see _raw_deltas.
@@ -158,6 +172,7 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     raw_settings = SampleSettings.raw(height=height, width=width, seed=seed)
     negative = text_encoder.encode([""] * len(prompts)) if text_encoder is not None else None
     guidance = raw_settings.guidance if negative is not None else 0.0
+    slider_negative = text_encoder.encode([""]) if slider_items else None  # one row: a slider's inputs are batch 1
 
     def sample(model, strength):
         """Decoded samples of `model` with the LoRA at `strength` (None: without it); Raw with CFG, Turbo without."""
@@ -176,6 +191,9 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     def measure_raw(model):
         if pictures:
             raw_images.extend(sample(model, 1.0))
+        # Raw as deployed: under CFG, like the deltas below; Turbo has none
+        slider_raw.extend(slider_effects(model, lora, it, inp, grid, negative=slider_negative, guidance=guidance)
+                          for it, inp in zip(slider_items, slider_inputs))
         cond = _deltas(model, lora, [1.0], inputs, embeds, mask, grid)[1.0]
         if guidance <= 0:
             return cond
@@ -211,6 +229,16 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         "per_sigma": per_sigma,
         "reading": _reading(ratio if ratio is not None else 1.0, cosine, s2),
     }
+    if slider_items:
+        section = []
+        for it, inp, raw_fx in zip(slider_items, slider_inputs, slider_raw):
+            turbo_fx = slider_effects(turbo_model, lora, it, inp, grid, direction=raw_fx["direction"])
+            section.append({k: it[k] for k in ("target", "positive", "negative")}
+                           | summarize(raw_fx, turbo_fx, it["guidance"]))
+        report["slider"] = section
+        report["reading"] += "; " + slider_reading(section)
+    elif slider:
+        report["slider"] = "not measured: the slider's prompts need the text encoder (model.text_encoder)"
 
     if pictures:
         from krea2_train.evaluate.strength import DEFAULT_SWEEP, style_match
@@ -220,6 +248,10 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
             style_reference = StyleReference.from_folder(style_reference)
         strengths = sorted({0.0, 1.0, s2, *(sweep if sweep is not None else DEFAULT_SWEEP)}) \
             if style_reference is not None else [0.0, 1.0, s2]
+        if slider_items:  # a slider is used both ways: its Turbo pictures at negative strengths too
+            from krea2_train.export.slider_transfer import PICTURE_STRENGTHS
+
+            strengths = sorted({*strengths, *PICTURE_STRENGTHS})
         turbo_images = {}
         for st in tqdm(strengths, desc="transfer: Turbo samples", unit="strength", disable=len(strengths) < 4):
             turbo_images[st] = sample(turbo_model, None if st == 0.0 else st)
@@ -236,6 +268,13 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
                 strength=round(s2, 2), prompt=prompts[0], width=width, height=height, seed=seed, **workflow))
         write_bytes_atomic(out_dir / "transfer_grid.png", grid_png)
         report["grid"] = "transfer_grid.png"
+        if slider_items:
+            from krea2_train.export.slider_transfer import PICTURE_STRENGTHS
+
+            write_bytes_atomic(out_dir / "slider_grid.png", _grid_png(
+                [turbo_images[st] for st in PICTURE_STRENGTHS], [f"Turbo + slider {st:+g}" for st in PICTURE_STRENGTHS],
+                row_labels=prompts))
+            report["slider_grid"] = "slider_grid.png"
         buf = io.BytesIO()
         turbo_images[s2][0].save(buf, format="PNG")
         report["_preview_png"] = buf.getvalue()

@@ -24,7 +24,14 @@ def flow_matching_loss(model, x0: torch.Tensor, noise: torch.Tensor, sigmas: tor
     s = sigmas.float().view(-1, 1, 1)
     xt = (1 - s) * x0.float() + s * noise.float()
     target = noise.float() - x0.float()
-    with autocast if autocast is not None else nullcontext():
-        pred = model(hidden_states=xt.to(dtype), encoder_hidden_states=text.to(dtype), timestep=sigmas.to(dtype),
-                     position_ids=position_ids, encoder_attention_mask=text_mask, return_dict=False)[0]
+    pred = model_velocity(model, xt, sigmas, text, position_ids, text_mask, dtype=dtype, autocast=autocast)
     return ((pred.float() - target) ** 2).mean(dim=(1, 2))
+
+
+def model_velocity(model, xt: torch.Tensor, sigmas: torch.Tensor, text: torch.Tensor, position_ids: torch.Tensor,
+                   text_mask: torch.Tensor | None = None, *, dtype: torch.dtype, autocast=None) -> torch.Tensor:
+    """The transformer's velocity (B, N_img, 64) for noisy packed latents `xt` (B, N_img, 64) at `sigmas` (B,);
+    the one forward call every training objective makes (flow matching here, sliders in train/slider.py)."""
+    with autocast if autocast is not None else nullcontext():
+        return model(hidden_states=xt.to(dtype), encoder_hidden_states=text.to(dtype), timestep=sigmas.to(dtype),
+                     position_ids=position_ids, encoder_attention_mask=text_mask, return_dict=False)[0]

@@ -10,8 +10,9 @@ initialised from the seed on every process; together with the checkpointed optim
 (safetensors + JSON, train/checkpoint.py) a run stopped and resumed ends with the same adapter as one that ran
 straight through.
 
-The loss is train/step.py's `flow_matching_loss` (also what scripts/bench_step.py times); sigmas come from
-train/timesteps.py (logit-normal, Raw's resolution-aware shift by default).
+The loss is the objective's (train/objective.py, chosen by train.mode): train/step.py's `flow_matching_loss` (also
+what scripts/bench_step.py times) for a LoRA, train/slider.py's two-sign slider loss for a concept slider; sigmas
+come from train/timesteps.py (logit-normal, Raw's resolution-aware shift by default).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from krea2_train.models.paths import check_model_paths
 from krea2_train.schedule import pack_latents, position_ids
 from krea2_train.train import lora as lora_mod
 from krea2_train.train.checkpoint import Checkpointer, TrainState, check_checkpoint_kind, list_checkpoints
+from krea2_train.train.objective import make_objective
 from krea2_train.train.optim import build_optimizer, build_scheduler, optimizer_name, stage_boundaries
 from krea2_train.train.resume import DONE_FILE, check_resume_settings, resume_path, training_done, training_settings
 from krea2_train.train.step import flow_matching_loss
@@ -91,6 +93,7 @@ class Trainer:
         # What the adapter is made of: stored in checkpoints and train_done.json, compared on resume.
         self.settings = training_settings(cfg)
         self.step_lr = None  # the learning rate the last optimiser step used (logged as `lr`)
+        self.objective = make_objective(cfg)  # what a step optimises and where its batches come from
         # Before any work: a finished run is a no-op (or an error with other settings); checkpoints written with
         # other settings are refused instead of failing deep inside the state loading.
         self._finished = training_done(cfg) and cfg.checkpoint.resume != "never"  # never: setup refuses
@@ -103,6 +106,7 @@ class Trainer:
         self._check_before_work()
         self._write_run_folder()
         self._encode_preview_prompts()
+        self.objective.prepare(self)  # its own encodings (slider prompts) before the transformer takes the GPU
         self._setup_model()
         self._setup_optimizer()
         self._setup_checkpointer()
@@ -116,7 +120,7 @@ class Trainer:
             raise UserError(f"{self.run_dir} already has checkpoints and checkpoint.resume=never. Use another "
                             "run_name, delete the folder, or set checkpoint.resume=auto to continue it.")
         check_resume_settings(cfg)
-        keys = [] if self._transformer is not None else ["model.transformer"]
+        keys = ([] if self._transformer is not None else ["model.transformer"]) + self.objective.model_keys(cfg)
         if cfg.preview.prompts:  # the files previews open, checked now (not at the first preview, steps later)
             keys += ["model.text_encoder", "model.vae"] + (["model.turbo"] if cfg.preview.turbo else [])
         if keys:
@@ -230,9 +234,7 @@ class Trainer:
 
     def _source(self):
         if self.source is None:
-            from krea2_train.data.source import CachedData
-
-            self.source = CachedData(self.cfg, self.acc)
+            self.source = self.objective.source(self.cfg, self.acc)
         return self.source
 
     # ------------------------------------------------------------------------------------------------- maths
@@ -379,16 +381,11 @@ class Trainer:
             if not ok:
                 continue  # keep consuming batches so the data position stays step-aligned
             gen = self._noise_generator(micro)
-            sync = k == accum - 1
-            ctx = acc.no_sync(self.model) if not sync else nullcontext()
-            with ctx:
-                loss = self.loss_on(batch, gen).mean()
-                finite = self._all(bool(torch.isfinite(loss).item()))
-                if not finite:
-                    ok = False
-                    continue
-                acc.backward(loss / accum)
-            losses.append(loss.detach())
+            loss = self.objective.step(self, batch, gen, self._part_runner(last=k == accum - 1, accum=accum))
+            if loss is None:
+                ok = False
+                continue
+            losses.append(loss)
         if ok and cfg.optimizer.max_grad_norm:
             self.grad_norm = self.strategy.clip_grad_norm(self.params, cfg.optimizer.max_grad_norm)
             # fp16: the grad scaler handles overflow itself (skips the step, lowers the scale)
@@ -406,6 +403,23 @@ class Trainer:
         if acc.num_processes > 1:
             mean = acc.reduce(mean, reduction="mean")
         return float(mean)
+
+    def _part_runner(self, last: bool, accum: int):
+        """The objective's `run_part` for one micro-batch (train/objective.py): gradients sync only on the last part
+        of the last micro-batch of the optimiser step."""
+        acc, done = self.acc, [0]
+
+        def run_part(fn, context=None):
+            sync = last and done[0] == self.objective.parts - 1
+            done[0] += 1
+            with acc.no_sync(self.model) if not sync else nullcontext(), context or nullcontext():
+                loss = fn()
+                if not self._all(bool(torch.isfinite(loss).item())):
+                    return None
+                acc.backward(loss / accum)
+            return loss.detach()
+
+        return run_part
 
     def _skip_step(self, what: str) -> None:
         """NaN guard: drop this step's gradients; after `train.nan_patience` in a row, checkpoint and stop."""
@@ -455,12 +469,10 @@ class Trainer:
     def preview(self, step: int, tracker=None):
         # under FSDP each block's forward is a collective: every process samples, the main one decodes and writes
         if self.acc.is_main_process or self.strategy.every_process_samples:
-            from krea2_train.train.preview import render_previews
-
             with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
                 # previews must not move the training RNG (dropout): a run with previews resumes like one without
-                images = render_previews(self.cfg, self.transformer, self.run_dir, step,
-                                         peft_config=self.peft_config, write=self.acc.is_main_process)
+                images = self.objective.render_previews(self.cfg, self.transformer, self.run_dir, step,
+                                                        peft_config=self.peft_config, write=self.acc.is_main_process)
             if tracker is not None and images:
                 tracker.log_images(step, images)
         self.acc.wait_for_everyone()
