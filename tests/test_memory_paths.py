@@ -159,6 +159,22 @@ def test_block_offload_is_exact_and_leaves_lora_resident(plain):
     assert_close_grads(g2, g1, atol=1e-6, rtol=1e-4)
 
 
+def test_nf4_with_offload_gives_the_same_output_every_call(plain):
+    """bitsandbytes repacks an NF4 weight for its CPU kernel on first use in eval mode; the offloader must keep the repacked
+    tensor, not restore the one it saved (that gave every call after the first scrambled weights, ~0.2 off)."""
+    nf4 = twin(plain)
+    memory.apply_memory_settings(nf4, resolve_memory_settings(dict(preset="16gb", compile=False)), "cpu")
+    resident = twin(plain)
+    memory.apply_memory_settings(resident, resolve_memory_settings(dict(quantize="nf4", compile=False)), "cpu")
+    nf4.eval(), resident.eval()  # bitsandbytes repacks only in eval mode, for inputs without grad (previews)
+    batch = inputs()
+    with torch.no_grad():
+        first, second = (nf4(**batch, return_dict=False)[0] for _ in range(2))
+        reference = resident(**batch, return_dict=False)[0]
+    torch.testing.assert_close(second, first, atol=1e-6, rtol=0)
+    torch.testing.assert_close(first, reference, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("early_stop", [True, False])
 @pytest.mark.parametrize("mode", ["none", "int8", "fp8", "nf4"])
 def test_block_offload_never_computes_with_an_offloaded_weight(plain, mode, early_stop):

@@ -137,14 +137,8 @@ def test_adapter_scale_zero_is_the_base_and_minus_one_flips_the_delta(tiny_dir):
     assert not torch.allclose(minus, plus, atol=1e-4)
 
 
-# 16gb (NF4 + block offload) fails before any slider code: on the CPU every call after the first differs from the
-# first (and from NF4 without offload) by ~0.2 max abs on the tiny model, adapters disabled. Likely bitsandbytes' CPU
-# backend repacking the 4-bit weight on first use while the offloader restores the tensor it saved before; not seen
-# on a GPU (none here). Left to runtime/memory.py's owners; strict, so the mark must go once it is fixed.
-NF4_OFFLOAD = pytest.mark.xfail(strict=True, reason="NF4 + offload_blocks: repeated calls differ (runtime/memory.py)")
 
-
-@pytest.mark.parametrize("preset", ["80gb", "48gb", "24gb", pytest.param("16gb", marks=NF4_OFFLOAD)])
+@pytest.mark.parametrize("preset", ["80gb", "48gb", "24gb", "16gb"])
 def test_adapter_scale_under_every_memory_preset(tiny_dir, preset):
     """Fused q/k/v, int8 / NF4 bases, checkpointing and offload read the LoRA scale at each call: scale 0 is the base
     exactly and -1 is every lora_B negated, in every memory preset (what a slider step relies on)."""

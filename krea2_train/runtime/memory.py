@@ -345,6 +345,7 @@ class BlockOffloader:
         self.stream = torch.cuda.Stream(self.device) if (cuda and use_stream is not False) else None
         self.events: dict[int, Any] = {}
         self.on_device: set[int] = set()
+        self.onloaded: dict[int, list[int]] = {}  # block -> data_ptr of each weight as onloaded
         self.last = -1
         self.tensors = []
         for block in self.blocks:
@@ -381,9 +382,21 @@ class BlockOffloader:
         else:
             for p, cpu in self.tensors[i]:
                 p.data = cpu.clone() if self.poison else cpu.to(self.device)
+        self.onloaded[i] = [p.data.data_ptr() for p, _ in self.tensors[i]]
         self.on_device.add(i)
 
+    def _home(self, tensor):
+        cpu = tensor.to("cpu")
+        return cpu.pin_memory() if self.device.type == "cuda" else cpu
+
     def _offload(self, i):
+        ptrs = self.onloaded.pop(i, None)
+        if ptrs is not None and not self.poison:
+            # a library may replace a frozen weight while it runs (bitsandbytes repacks an NF4 weight for its CPU
+            # kernel on first use and flags its quant_state): keep what it left, or the old layout comes back under
+            # the new flag and every later call computes with scrambled weights
+            self.tensors[i] = [(p, self._home(p.data) if p.data.data_ptr() != ptr else cpu)
+                               for (p, cpu), ptr in zip(self.tensors[i], ptrs)]
         for p, cpu in self.tensors[i]:
             if self.poison:  # NaN for floats; 0x7F for byte storage (NaN in float8_e4m3fn, the row max in int8,
                 # garbage in NF4)
