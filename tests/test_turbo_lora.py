@@ -2,6 +2,7 @@
 `sample`; what a Turbo source file is, told by content; ComfyUI's beta scheduler."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,91 @@ def test_sample_turbo_lora_recipe_end_to_end(tiny_dir, turbo_lora_file, tmp_path
     assert main(["sample", "--models", str(tiny_dir), "--turbo-lora", str(turbo_lora_file), "--variant", "turbo",
                  "--prompt", "x", "--out", str(tmp_path / "c")]) == 2
     assert "--turbo-lora goes on Raw" in capsys.readouterr().err
+
+
+FSDP_SCRIPT = '''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from test_export_helpers import trained_transformer
+from test_turbo_lora import _cfg, _merged
+from pathlib import Path
+from krea2_train.inference import SampleSettings, sample_latents
+from krea2_train.lora.formats import TrainedAdapter, read_lora_file
+from krea2_train.runtime.sharding import is_sharded, make_mesh, shard_transformer
+from krea2_train.train import preview
+
+tiny, lora_file = Path(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = trained_transformer(tiny)
+training = TrainedAdapter.from_model(model)
+shard_transformer(model, make_mesh(torch.device("cpu")))
+assert any(is_sharded(p) for p in model.parameters())
+emb, mask = torch.randn(1, 5, 12, 32, generator=torch.Generator().manual_seed(3)), torch.ones(1, 5, dtype=torch.bool)
+size = dict(height=64, width=64, seed=1)
+model.eval()
+alone, with_lora = preview._turbo_lora_latents(_cfg(tiny, lora_file, 0.7), model, emb, mask, size, lora_file, "cpu")
+assert alone is None  # sharded runs show Turbo with the LoRA only (no adapter toggling under FSDP)
+turbo = read_lora_file(lora_file).adapter
+want = sample_latents(_merged(tiny, [(turbo, 0.7), (training, 1.0)]), emb, mask, SampleSettings.turbo(steps=3, **size))
+torch.testing.assert_close(with_lora, want, rtol=0, atol=1e-5)
+assert "turbo_lora" not in model.peft_config
+model.train()  # training goes on: every LoRA shard still gets its gradient
+from _speed_helpers import inputs
+out = model(**inputs(batch=1, lengths=(10,)), return_dict=False)[0]
+out.square().mean().backward()
+lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+assert lora and all(p.requires_grad and p.grad is not None for _, p in lora), [n for n, p in lora if p.grad is None]
+dist.barrier()
+print(f"OK rank {dist.get_rank()}")
+'''
+
+
+def test_turbo_lora_preview_under_fsdp(tiny_dir, turbo_lora_file, tmp_path):
+    """Two CPU processes (gloo), the tiny Raw + LoRA sharded with fully_shard: the Turbo LoRA preview equals both
+    adapters merged by hand, and the training LoRA still trains after it."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "fsdp_turbo_lora.py"
+    script.write_text(FSDP_SCRIPT)
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(tests).parent), tests, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29531", str(script), str(tiny_dir), str(turbo_lora_file), tests],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK rank 0" in proc.stdout and "OK rank 1" in proc.stdout
+
+
+
+def test_training_with_turbo_lora_previews_and_block_offload(tiny_dir, turbo_lora_file, tmp_path, one_torch_thread):
+    """A run whose previews stack the Turbo LoRA (block offload on) writes the grid and ends with the same adapter
+    as the same run without previews; a preview.turbo file that is neither a LoRA nor a checkpoint stops the run
+    before any step, naming the file."""
+    from test_train_loop import adapter, tiny_cfg
+
+    from krea2_train.train.batches import SyntheticData
+    from krea2_train.train.checkpoint import list_checkpoints
+    from krea2_train.train.trainer import train
+
+    common = ["memory.offload_blocks=true", "checkpoint.every_steps=0", "train.stages=[{resolution: 64, steps: 4, "
+              "batch_size: 1}]"]
+    previews = ["preview.every_steps=2", "preview.prompts=[a red circle]", "preview.resolution=64",
+                "preview.raw_steps=2", "preview.turbo_steps=2", f"preview.turbo={turbo_lora_file}"]
+    plain = tiny_cfg(tiny_dir, tmp_path / "plain", *common)
+    train(plain, source=SyntheticData())
+    cfg = tiny_cfg(tiny_dir, tmp_path / "turbo", *common, *previews)
+    preview._TURBO_ALONE.clear()
+    train(cfg, source=SyntheticData())
+    assert (cfg.run_dir / "previews" / "step-000002.png").exists()
+    with_previews, without = adapter(cfg.run_dir), adapter(plain.run_dir)
+    assert with_previews.keys() == without.keys()
+    assert all(torch.equal(with_previews[k], without[k]) for k in without)  # previews leave training untouched
+    bad = tiny_cfg(tiny_dir, tmp_path / "bad", *common, *previews[:-1],
+                   f"preview.turbo={next((tiny_dir / 'vae').glob('*.safetensors'))}")
+    with pytest.raises(TurboSourceError, match="preview.turbo.*diffusion_pytorch_model.safetensors.*neither"):
+        train(bad, source=SyntheticData())
+    assert not list_checkpoints(bad.run_dir)
