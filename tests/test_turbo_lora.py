@@ -127,6 +127,11 @@ def test_preview_turbo_config_key_takes_a_path(turbo_lora_file, tiny_dir):
     assert preview_turbo_source(cfg) == ("checkpoint", str(tiny_dir / "transformer_turbo.safetensors"))
     cfg.preview.turbo = False
     assert preview_turbo_source(cfg) is None
+    from krea2_train.models.paths import model_path_problems
+
+    cfg.model.turbo = str(turbo_lora_file)  # the LoRA given where the checkpoint goes: the message says where
+    (problem,) = model_path_problems(cfg, ["model.turbo"])
+    assert "is a LoRA, not a Krea 2 transformer" in problem and "`preview.turbo`" in problem
 
 
 # ---------------------------------------------------------------------------------------------------- previews

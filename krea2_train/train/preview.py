@@ -106,8 +106,8 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
                                            source[1])
             else:
                 log.warning("preview: Turbo column skipped: the base is quantised (cannot swap weights in place) "
-                            "and a second bf16 copy does not fit in free GPU memory; set preview.turbo: false to "
-                            "silence this")
+                            "and a second bf16 copy does not fit in free GPU memory; set preview.turbo to a Turbo LoRA "
+                            "file (one base, e.g. from `krea2-train extract`), or false to silence this")
         finally:
             transformer.train(was_training)
     if p.turbo and lat_turbo is not None:

@@ -119,7 +119,11 @@ class Trainer:
         if cfg.preview.prompts and not isinstance(cfg.preview.turbo, bool):
             from krea2_train.lora.turbo import preview_turbo_source
 
-            preview_turbo_source(cfg)  # a Turbo checkpoint or a Turbo LoRA; anything else refused now, by name
+            source = preview_turbo_source(cfg)  # a Turbo checkpoint or a Turbo LoRA; anything else refused now
+            if source and source[0] == "lora" and cfg.lora.type == "lokr":
+                raise UserError("preview.turbo is a Turbo LoRA, which cannot be stacked on a LoKr adapter (PEFT mixes "
+                                "them only in a PeftMixedModel): use lora.type lora or dora, or point preview.turbo "
+                                "at the Turbo checkpoint")
         self.mem = resolve_memory_settings(cfg.memory)
         self.strategy = make_strategy(cfg, acc)
         self.strategy.check(cfg, self.mem)
