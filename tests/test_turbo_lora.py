@@ -155,15 +155,19 @@ def _cfg(tiny_dir, lora_path, strength):
                                 prompts=["a red circle"]))
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_preview_with_turbo_lora_equals_both_adapters_by_hand(tiny_dir, turbo_lora_file, offload):
+@pytest.mark.parametrize("memory", ["plain", "offload", "fused"])
+def test_preview_with_turbo_lora_equals_both_adapters_by_hand(tiny_dir, turbo_lora_file, memory):
     from krea2_train.lora.formats import read_lora_file
     from krea2_train.runtime.memory import offload_blocks
+    from krea2_train.runtime.speed import fuse_qkv
 
     model = trained_transformer(tiny_dir).eval()
     training = TrainedAdapter.from_model(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    offload = memory == "offload"
+    if memory == "fused":  # one q/k/v/gate base matmul, each adapter's LoRA added per projection
+        fuse_qkv(model)
     if offload:  # frozen block weights on the CPU copy between uses; NaN there would show any stale use
         offload_blocks(model, "cpu", poison=True)
     emb, mask = torch.randn(1, 5, 12, 32), torch.ones(1, 5, dtype=torch.bool)
