@@ -12,13 +12,15 @@ thing) and noise is drawn on the CPU from the seed, so a seed gives the same ima
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from krea2_train import facts
-from krea2_train.schedule import make_scheduler, mu_for, pack_latents, position_ids, unpack_latents
+from krea2_train.schedule import SCHEDULERS, beta_sigmas, make_scheduler, mu_for, pack_latents, position_ids, unpack_latents
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class SampleSettings:
     variant: str = "raw"  # "raw": resolution-aware shift; "turbo": mu 1.15
     seed: int = 0
     mu: float | None = None  # override the variant's shift
+    # simple: diffusers' Krea 2 schedule (= ComfyUI's `simple`); beta: ComfyUI's `beta` scheduler (schedule.py)
+    scheduler: str = "simple"
 
     @classmethod
     def turbo(cls, **kw):
@@ -82,27 +86,41 @@ def sample_latents(transformer, embeds, mask, settings: SampleSettings, negative
     latents = (noise if noise is not None else initial_noise(b, s.height, s.width, s.seed)).to(device, torch.float32)
     grid = (s.height // facts.PIXEL_MULTIPLE, s.width // facts.PIXEL_MULTIPLE)
     mu = s.mu if s.mu is not None else mu_for(s.variant, s.height, s.width)
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / s.steps, s.steps).tolist(), mu=mu, device=device)
-    scheduler.set_begin_index(0)
+    if s.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {s.scheduler!r}; one of {', '.join(SCHEDULERS)}")
     embeds, mask = embeds.to(device), (mask.to(device) if mask is not None else None)
     guided = s.guidance > 0
     if guided and negative_embeds is None:
         raise ValueError("guidance > 0 needs negative embeddings (encode the negative prompt, '' by default)")
-    timesteps = scheduler.timesteps
-    iterator = timesteps
+    if s.scheduler == "beta":
+        # ComfyUI's Euler over its beta sigmas: x += (sigma_next - sigma) * v (flow velocity = its `d`)
+        sigmas = beta_sigmas(s.steps, mu).to(device)  # float32, as ComfyUI's sigmas and its dt
+        steps = list(zip(sigmas[:-1], sigmas[1:]))
+    else:
+        scheduler = make_scheduler()
+        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / s.steps, s.steps).tolist(), mu=mu, device=device)
+        scheduler.set_begin_index(0)
+        steps = scheduler.timesteps
+    iterator = steps
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(timesteps, desc="sampling", unit="step")
-    for t in iterator:
-        sigma = (t / 1000.0).expand(b)
+        iterator = tqdm(steps, desc="sampling", unit="step")
+    for step in iterator:
+        if s.scheduler == "beta":
+            sigma_now, sigma_next = step
+            sigma = sigma_now.expand(b)
+        else:
+            sigma = (step / 1000.0).expand(b)
         v = predict_velocity(transformer, latents, sigma, embeds, mask, grid).float()
         if guided:
             v_neg = predict_velocity(transformer, latents, sigma, negative_embeds.to(device),
                                      negative_mask.to(device) if negative_mask is not None else None, grid).float()
             v = v + s.guidance * (v - v_neg)
-        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        if s.scheduler == "beta":
+            latents = latents + (sigma_next - sigma_now) * v
+        else:
+            latents = scheduler.step(v, step, latents, return_dict=False)[0]
     return unpack_latents(latents, s.height // facts.VAE_SCALE, s.width // facts.VAE_SCALE)
 
 
@@ -132,6 +150,67 @@ def apply_loras(transformer, loras, names: list[str] | None = None) -> list[str]
         chosen.append(name)
     transformer.set_adapters(chosen, weights=[float(s) for _, s in loras])
     return chosen
+
+
+def _tuner_layers(transformer):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def stacked_lora(transformer, source, strength: float, name: str = "stacked", device=None):
+    """A fixed LoRA (e.g. the Turbo LoRA) added under whatever adapters are active, at `strength`, and removed
+    after; yields the adapter name. The active adapters keep their own scales and trainability (nothing of theirs is
+    re-set: under FSDP a toggled requires_grad would stick to the gathered LoRA), so training resumes unchanged.
+
+    Injected with PEFT straight from the factors (no state-dict load, which FSDP's sharded state would meet), on the
+    compute `device` (block offload keeps the base weights on the CPU); each module's scale is checked to be
+    `strength` x the file's own scale, so the LoRA never acts at another strength than asked."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from krea2_train.lora.formats import TrainedAdapter, read_lora_file
+
+    adapter = source if isinstance(source, TrainedAdapter) else read_lora_file(source).adapter
+    if name in (getattr(transformer, "peft_config", None) or {}):
+        raise ValueError(f"adapter {name!r} is already loaded")
+    if any(type(m).__module__.startswith("peft.tuners.lokr") for m in _tuner_layers(transformer)):
+        from krea2_train.errors import UserError
+
+        raise UserError("a LoRA cannot be stacked on a LoKr adapter (PEFT mixes them only in a PeftMixedModel); "
+                        "train with lora.type: lora or dora, or set preview.turbo to the Turbo checkpoint")
+    layers = _tuner_layers(transformer)
+    active = list(layers[0].active_adapters) if layers else []
+    grads = {p: p.requires_grad for p in transformer.parameters()}
+    device = torch.device(device) if device is not None else next(transformer.parameters()).device
+    with warnings.catch_warnings():  # "Already found a `peft_config`": several adapters is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(LoraConfig(**adapter.lora_config_dict()), transformer, adapter_name=name)
+    try:
+        with torch.no_grad():
+            for m in adapter.modules:
+                layer = transformer.get_submodule(m)
+                for factors, value in ((layer.lora_A, adapter.down[m]), (layer.lora_B, adapter.up[m])):
+                    w = factors[name].weight
+                    if tuple(w.shape) != tuple(value.shape):
+                        raise ValueError(f"LoRA module {m}: factor {tuple(value.shape)} vs layer {tuple(w.shape)}")
+                    w.data = value.to(device, w.dtype if w.dtype.is_floating_point else torch.float32).clone()
+                layer.set_scale(name, float(strength))
+                want = float(strength) * adapter.scale(m)
+                if abs(layer.scaling[name] - want) > 1e-9 * max(1.0, abs(want)):
+                    raise RuntimeError(f"LoRA module {m} would act at scale {layer.scaling[name]}, not {want}")
+        for layer in _tuner_layers(transformer):
+            layer.set_adapter(active + [name])
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        yield name
+    finally:
+        for layer in _tuner_layers(transformer):
+            layer.delete_adapter(name)
+            layer.set_adapter(active)
+        transformer.peft_config.pop(name, None)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
 
 
 # ----------------------------------------------------------------------------------------------------- images

@@ -14,8 +14,13 @@ def _sample(args) -> int:
     from krea2_train.models.vae import VAE
     from krea2_train.utils.io import write_bytes_atomic
 
+    turbo_lora = _turbo_lora(args)  # checked before any model loads
+    if turbo_lora is not None and args.variant == "turbo":
+        raise UserError("--turbo-lora goes on Raw (it is Turbo minus Raw): drop --variant turbo, and give Raw as "
+                        "--transformer (or --models DIR, whose Raw is used)")
+    variant = args.variant or ("raw" if turbo_lora is not None else "turbo")
     models = model_set(args.models) if args.models else None  # `micro` (manifest-checked) or a make-tiny folder
-    transformer = args.transformer or (str(getattr(models, f"transformer_{args.variant}")) if models else None)
+    transformer = args.transformer or (str(getattr(models, f"transformer_{variant}")) if models else None)
     text_encoder = args.text_encoder or (str(models.text_encoder) if models else None)
     vae_path = args.vae or (str(models.vae) if models else None)
     if not (transformer and text_encoder and vae_path):
@@ -40,10 +45,27 @@ def _sample(args) -> int:
     generator = Generator(model, TextEncoder.from_path(text_encoder, dtype=args.dtype, device=device,
                                                        tokenizer=getattr(args, "tokenizer", None)),
                           VAE.from_path(vae_path, device=device))
-    preset = SampleSettings.turbo if args.variant == "turbo" else SampleSettings.raw
+    preset = SampleSettings.turbo if variant == "turbo" else SampleSettings.raw
     overrides = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance).items() if v is not None}
-    settings = preset(height=args.height, width=args.width, seed=args.seed, **overrides)
+    if turbo_lora is not None:  # the shared recipe: Turbo's schedule (shift 1.15, no CFG) at 12 steps on Raw
+        from krea2_train.lora.turbo import RECIPE_MU, RECIPE_STEPS
+
+        preset = SampleSettings.turbo
+        overrides = {"steps": RECIPE_STEPS, "mu": RECIPE_MU, **overrides}
+    settings = preset(height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler, **overrides)
     out = Path(args.out)
+
+    def generate():
+        if turbo_lora is None:
+            return generator(args.prompt, settings, negative_prompt=args.negative, progress=True)
+        from krea2_train.inference import stacked_lora
+        from krea2_train.lora.turbo import TURBO_LORA_ADAPTER
+
+        with stacked_lora(model, turbo_lora, args.turbo_lora_strength, TURBO_LORA_ADAPTER):
+            return generator(args.prompt, settings, negative_prompt=args.negative, progress=True)
+
+    what = variant if turbo_lora is None else f"raw + turbo lora {args.turbo_lora_strength:g}"
+    what += f", {args.scheduler}" if args.scheduler != "simple" else ""
     if sweep:
         from krea2_train.utils.grid import image_grid
 
@@ -51,16 +73,18 @@ def _sample(args) -> int:
         for s in sweep:  # one adapter, re-weighted per column; 0 = the base model
             name = apply_loras(model, [(loras[0], s)])[0]
             try:
-                columns.append(generator(args.prompt, settings, negative_prompt=args.negative, progress=True))
+                columns.append(generate())
             finally:
                 model.delete_adapters([name])
-        label = f"{args.variant} {settings.steps} steps, seed {settings.seed}: {loras[0].stem} at "
+        label = f"{what} {settings.steps} steps, seed {settings.seed}: {loras[0].stem} at "
         png = image_grid(columns, [label + f"{s:g}" if i == 0 else f"{s:g}" for i, s in enumerate(sweep)],
                          row_labels=list(args.prompt))
         print(write_bytes_atomic(_fresh(out / f"sweep_{loras[0].stem}_seed{settings.seed}.png"), png))
         return 0
-    images = generator(args.prompt, settings, negative_prompt=args.negative, progress=True)
+    images = generate()
     tag = "".join(f"_{Path(lora).stem}@{s:g}" for lora, s in zip(loras, strengths)) if names else ""
+    tag = (f"_turbolora@{args.turbo_lora_strength:g}" if turbo_lora is not None else "") + tag
+    tag += f"_{args.scheduler}" if args.scheduler != "simple" else ""
     for i, image in enumerate(images):
         import io
 
@@ -68,6 +92,21 @@ def _sample(args) -> int:
         image.save(buf, format="PNG")
         print(write_bytes_atomic(_fresh(out / f"sample_{settings.seed}_{i}{tag}.png"), buf.getvalue()))
     return 0
+
+
+def _turbo_lora(args):
+    """The --turbo-lora file read as a LoRA (TrainedAdapter), or None; a checkpoint or an unclear file is refused
+    by name."""
+    if not args.turbo_lora:
+        return None
+    from krea2_train.errors import UserError
+    from krea2_train.lora.formats import read_lora_file
+    from krea2_train.lora.turbo import transformer_file_kind
+
+    if transformer_file_kind(args.turbo_lora, "--turbo-lora") != "lora":
+        raise UserError(f"--turbo-lora {args.turbo_lora} is a transformer checkpoint, not a LoRA: sample a Turbo "
+                        "checkpoint with --transformer FILE --variant turbo, or give the Turbo LoRA file here")
+    return read_lora_file(args.turbo_lora).adapter
 
 
 def _parse_strengths(text: str) -> list[float]:
@@ -93,8 +132,17 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="generate images with Raw or Turbo, optionally with LoRAs")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
     p.add_argument("--negative", default="", help="negative prompt (used when guidance > 0)")
-    p.add_argument("--variant", choices=["raw", "turbo"], default="turbo",
-                   help="schedule: turbo = 8 steps, mu 1.15, no guidance; raw = 28 steps, guidance 4.5, shifted")
+    p.add_argument("--variant", choices=["raw", "turbo"], default=None,
+                   help="schedule: turbo = 8 steps, mu 1.15, no guidance; raw = 28 steps, guidance 4.5, shifted "
+                        "(default turbo; raw's file with --turbo-lora)")
+    p.add_argument("--turbo-lora", help="Turbo LoRA (Turbo minus Raw, e.g. krea2_turbo_lora_rank_64_bf16.safetensors "
+                   "or `krea2-train extract`) on Raw: the shared recipe, 12 steps, CFG 1 (guidance 0), Euler at "
+                   "shift 1.15; --steps/--guidance override, --lora files stack on top")
+    p.add_argument("--turbo-lora-strength", type=float, default=0.6,
+                   help="strength of --turbo-lora (default 0.6, the recipe's; 1.0 is the whole Turbo - Raw delta)")
+    p.add_argument("--scheduler", choices=["simple", "beta"], default="simple",
+                   help="sigma schedule: simple (diffusers' Krea 2 schedule = ComfyUI's simple) or ComfyUI's beta "
+                        "(alpha = beta = 0.6 over the model's sigmas)")
     p.add_argument("--models", help="`micro` (the shipped micro Krea 2), or a folder with "
                    "transformer_{raw,turbo}.safetensors, text_encoder/, vae/ (as written by make-tiny)")
     p.add_argument("--transformer", help="transformer checkpoint (single file or diffusers folder)")

@@ -10,6 +10,7 @@ misspelled key (naming the closest valid one), a wrong type, or an impossible va
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -268,6 +269,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     for key in ("preview.every_steps", "validation.every_steps"):
         need(_get(cfg, key) >= 0, key, "must be >= 0 (0: off)")
     need(cfg.preview.resolution % 16 == 0, "preview.resolution", "must be a multiple of 16")
+    need(math.isfinite(cfg.preview.turbo_lora_strength), "preview.turbo_lora_strength",
+         "must be a finite number (1.0: the whole Turbo - Raw difference the LoRA holds)")
     need(all(0 < s < 1 for s in cfg.validation.sigmas), "validation.sigmas", "must all be in (0, 1)")
     need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_name)), "run_name",
          f"= {cfg.run_name!r} must be a plain folder name (letters, digits, . _ -)")

@@ -5,7 +5,7 @@ options declare their choices on the field (config/choices.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from krea2_train.config.choices import EXPORT_FORMATS, choice
 from krea2_train.config.slider import SliderTarget
@@ -122,9 +122,14 @@ class PreviewSection:
     raw_steps: int = 28
     raw_guidance: float = 4.5
     negative_prompt: str = ""
-    # Also sample Turbo with the current LoRA at 8 steps (needs model.turbo).
-    turbo: bool = True
+    # Also sample Turbo with the current LoRA at 8 steps. true: with model.turbo (its weights swapped into the base
+    # and back); false: off; a path: a Turbo checkpoint, or a Turbo LoRA (Turbo minus Raw, e.g. Comfy-Org's
+    # krea2_turbo_lora_rank_64_bf16.safetensors or `krea2-train extract`) stacked on Raw under the training LoRA:
+    # one base in memory, also with block offload, a quantised base and FSDP. Told apart by the file's content.
+    turbo: Union[bool, str] = True
     turbo_steps: int = 8
+    # Strength of a Turbo LoRA given as preview.turbo (1.0: the whole Turbo - Raw difference it holds).
+    turbo_lora_strength: float = 1.0
 
 
 @dataclass

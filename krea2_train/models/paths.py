@@ -25,6 +25,10 @@ def _transformer_header_problem(key: str, path: Path) -> str | None:
     except ModelLoadError as exc:
         return f"config key `{key}`: {exc}"
     if original_names(keys) is None:
+        if key == "model.turbo" and any(".lora_" in k for k in keys):  # a Turbo LoRA, not a checkpoint
+            return (f"config key `{key}`: {path} is a LoRA, not a Krea 2 transformer. A Turbo LoRA (Turbo minus "
+                    "Raw) goes to `preview.turbo` (previews on Raw + that LoRA); `model.turbo` (verification, the "
+                    "transfer report) needs the Turbo checkpoint, or null to skip those steps.")
         return (f"config key `{key}`: {path} is not a Krea 2 transformer: it has no `{facts.KREA2_MARKER}` (the "
                 f"text-fusion projector). Point `{key}` at the Krea 2 "
                 f"{'Turbo' if key == 'model.turbo' else 'Raw'} checkpoint, not a VAE, text encoder or another model.")

@@ -1,7 +1,8 @@
 """Preview samples during training, through the shared inference core (krea2_train.inference), with fixed seeds:
 
     Raw   the training transformer with its current LoRA, `preview.raw_steps` steps, CFG `preview.raw_guidance`
-    Turbo `model.turbo` + the current LoRA, 8 steps, no guidance (how the LoRA is deployed)
+    Turbo `model.turbo` + the current LoRA, 8 steps, no guidance (how the LoRA is deployed); or, with a Turbo LoRA
+          as `preview.turbo`, Raw + that LoRA + the current LoRA (one base in memory, any memory setting or FSDP)
 
 A PNG grid per step (rows: prompts, each under its prompt; columns: Turbo, Turbo + LoRA, Raw + LoRA) goes to
 RUN/previews/step-NNNNNN.png and to the trackers.
@@ -80,28 +81,42 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     lat_raw = [sample_latents(transformer, emb[i:i + 1], mask[i:i + 1], raw_settings, neg[i:i + 1],
                               neg_mask[i:i + 1]) for i in range(len(p.prompts))]
     transformer.train(was_training)
-    latents, labels = [], []
-    if p.turbo and cfg.model.turbo:
+    latents, labels, lat_turbo = [], [], None
+    from krea2_train.lora.turbo import preview_turbo_source
+
+    source = preview_turbo_source(cfg)  # None, ("checkpoint", path) or ("lora", path)
+    turbo_names = ("Turbo", "Turbo + LoRA")
+    if source is not None and source[0] == "lora":
+        transformer.eval()
+        try:  # one base: Raw + the Turbo LoRA (+ the training LoRA); works however the base is held
+            lat_turbo = _turbo_lora_latents(cfg, transformer, emb, mask, size, source[1], device)
+        finally:
+            transformer.train(was_training)
+        at = f"{p.turbo_lora_strength:g}"
+        turbo_names = (f"Raw + Turbo LoRA {at}", f"Raw + Turbo LoRA {at} + LoRA")
+        source = None
+    if source is not None:
         transformer.eval()
         try:
-            lat_turbo = _turbo_latents_swapped(cfg, transformer, emb, mask, size)
+            lat_turbo = _turbo_latents_swapped(cfg, transformer, emb, mask, size, source[1])
         except TypeError:  # quantised base: only a separate Turbo copy works, if it fits
             lat_turbo = None
             if _second_copy_fits(transformer, device):
-                lat_turbo = _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config)
+                lat_turbo = _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config,
+                                           source[1])
             else:
                 log.warning("preview: Turbo column skipped: the base is quantised (cannot swap weights in place) "
-                            "and a second bf16 copy does not fit in free GPU memory; set preview.turbo: false to "
-                            "silence this")
+                            "and a second bf16 copy does not fit in free GPU memory; set preview.turbo to a Turbo LoRA "
+                            "file (one base, e.g. from `krea2-train extract`), or false to silence this")
         finally:
             transformer.train(was_training)
-        if lat_turbo is not None:
-            base, lat_turbo = lat_turbo
-            if base is not None:
-                latents.append(base)
-                labels.append(f"Turbo, {p.turbo_steps} steps")
-            latents.append(lat_turbo)
-            labels.append(f"Turbo + LoRA, {p.turbo_steps} steps")
+    if p.turbo and lat_turbo is not None:
+        base, lat_turbo = lat_turbo
+        if base is not None:
+            latents.append(base)
+            labels.append(f"{turbo_names[0]}, {p.turbo_steps} steps")
+        latents.append(lat_turbo)
+        labels.append(f"{turbo_names[1]}, {p.turbo_steps} steps")
     # Raw last: the reference for what the LoRA should do, beside how it is deployed (Turbo with and without it)
     latents.append(torch.cat(lat_raw))
     labels.append(f"Raw + LoRA, {p.raw_steps} steps, CFG {p.raw_guidance:g}")
@@ -131,20 +146,21 @@ def _second_copy_fits(transformer, device) -> bool:
     return free > 1.1 * needed
 
 
-def _turbo_latents_swapped(cfg, transformer, emb, mask, size):
+def _turbo_latents_swapped(cfg, transformer, emb, mask, size, turbo_path=None):
     """Turbo + the current LoRA on the training transformer itself: base weights swapped to Turbo and back."""
     from krea2_train.inference import SampleSettings
     from krea2_train.runtime.swap import copy_base_weights
 
-    copy_base_weights(transformer, cfg.model.turbo)  # raises TypeError before touching anything if quantised
+    turbo_path = turbo_path or cfg.model.turbo
+    copy_base_weights(transformer, turbo_path)  # raises TypeError before touching anything if quantised
     try:
         settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
-        return _with_and_without(transformer, emb, mask, settings, cfg, size)
+        return _with_and_without(transformer, emb, mask, settings, cfg, size, key=str(turbo_path))
     finally:
         copy_base_weights(transformer, cfg.model.transformer)  # back to Raw, bit for bit (same file, same dtype)
 
 
-def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config):
+def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config, turbo_path=None):
     from peft import set_peft_model_state_dict
 
     from krea2_train.inference import SampleSettings
@@ -152,7 +168,8 @@ def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, pef
     from krea2_train.train import lora as lora_mod
 
     m = cfg.model
-    turbo = load_transformer(m.turbo, dtype=m.dtype, device=device, architecture=m.architecture,
+    turbo_path = turbo_path or m.turbo
+    turbo = load_transformer(turbo_path, dtype=m.dtype, device=device, architecture=m.architecture,
                              config_key="model.turbo")
     try:
         # Same module names on Raw and Turbo: the training adapter loads unchanged (what a user does with the export).
@@ -161,7 +178,7 @@ def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, pef
         turbo.add_adapter(config)
         set_peft_model_state_dict(turbo, state)
         settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
-        return _with_and_without(turbo, emb, mask, settings, cfg, size)
+        return _with_and_without(turbo, emb, mask, settings, cfg, size, key=str(turbo_path))
     finally:
         del turbo
         gc.collect()
@@ -169,12 +186,32 @@ def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, pef
             torch.cuda.empty_cache()
 
 
+_TURBO_LORAS: dict = {}
+
+
+def _turbo_lora_latents(cfg, transformer, emb, mask, size, path, device):
+    """(Raw + Turbo LoRA, Raw + Turbo LoRA + the current LoRA): the Turbo LoRA stacked under the training adapter
+    at `preview.turbo_lora_strength` (inference.stacked_lora) and removed after. The file is read once per run."""
+    from krea2_train.inference import SampleSettings, stacked_lora
+    from krea2_train.lora.formats import read_lora_file
+    from krea2_train.lora.turbo import TURBO_LORA_ADAPTER
+
+    if path not in _TURBO_LORAS:
+        _TURBO_LORAS.clear()
+        _TURBO_LORAS[path] = read_lora_file(path).adapter
+    strength = float(cfg.preview.turbo_lora_strength)
+    settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
+    with stacked_lora(transformer, _TURBO_LORAS[path], strength, TURBO_LORA_ADAPTER, device=device) as name:
+        return _with_and_without(transformer, emb, mask, settings, cfg, size, key=f"{path}@{strength}", only=name)
+
+
 _TURBO_ALONE: dict = {}
 
 
-def _with_and_without(model, emb, mask, settings, cfg, size):
+def _with_and_without(model, emb, mask, settings, cfg, size, key: str = "", only: str | None = None):
     """(Turbo latents without the LoRA, with it). Without it the result never changes during a run: sampled once
-    (adapters disabled on the same model) and kept."""
+    (adapters disabled on the same model, or all but adapter `only`, the Turbo LoRA) and kept. `key` names the
+    Turbo source in that cache."""
     from krea2_train.inference import sample_latents
 
     def run():
@@ -186,15 +223,27 @@ def _with_and_without(model, emb, mask, settings, cfg, size):
         # FSDP2 keeps the requires_grad its unsharded parameters had when first gathered: toggling the adapters
         # here would leave the LoRA without gradients, so sharded runs show Turbo with the LoRA only
         return None, run()
-    key = (str(cfg.model.turbo), tuple(cfg.preview.prompts), cfg.preview.turbo_steps, tuple(sorted(size.items())))
+    key = (key, tuple(cfg.preview.prompts), cfg.preview.turbo_steps, tuple(sorted(size.items())))
     if key not in _TURBO_ALONE:
+        from krea2_train.inference import _tuner_layers
+
         trainable = [p for p in model.parameters() if p.requires_grad]
-        model.disable_adapters()
+        layers = _tuner_layers(model)
+        active = [list(layer.active_adapters) for layer in layers]
+        if only is None:
+            model.disable_adapters()
+        else:
+            for layer in layers:
+                layer.set_adapter([only])
         try:
             _TURBO_ALONE.clear()
             _TURBO_ALONE[key] = run().cpu()
         finally:
-            model.enable_adapters()
+            if only is None:
+                model.enable_adapters()
+            else:
+                for layer, names in zip(layers, active):
+                    layer.set_adapter(names)
             for p in trainable:  # PEFT re-enables only the active adapter's weights; the rest of training's as well
                 p.requires_grad_(True)
     return _TURBO_ALONE[key].to(next(model.parameters()).device), run()

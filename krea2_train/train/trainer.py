@@ -122,9 +122,17 @@ class Trainer:
         check_resume_settings(cfg)
         keys = ([] if self._transformer is not None else ["model.transformer"]) + self.objective.model_keys(cfg)
         if cfg.preview.prompts:  # the files previews open, checked now (not at the first preview, steps later)
-            keys += ["model.text_encoder", "model.vae"] + (["model.turbo"] if cfg.preview.turbo else [])
+            keys += ["model.text_encoder", "model.vae"] + (["model.turbo"] if cfg.preview.turbo is True else [])
         if keys:
             check_model_paths(cfg, keys)
+        if cfg.preview.prompts and not isinstance(cfg.preview.turbo, bool):
+            from krea2_train.lora.turbo import preview_turbo_source
+
+            source = preview_turbo_source(cfg)  # a Turbo checkpoint or a Turbo LoRA; anything else refused now
+            if source and source[0] == "lora" and cfg.lora.type == "lokr":
+                raise UserError("preview.turbo is a Turbo LoRA, which cannot be stacked on a LoKr adapter (PEFT mixes "
+                                "them only in a PeftMixedModel): use lora.type lora or dora, or point preview.turbo "
+                                "at the Turbo checkpoint")
         self.mem = resolve_memory_settings(cfg.memory)
         self.strategy = make_strategy(cfg, acc)
         self.strategy.check(cfg, self.mem)
