@@ -106,13 +106,17 @@ def test_reference_math_is_peft(trained):
         assert {"w1_a", "w1_b"} <= {p for f in adapter.factors.values() for p in f}
 
 
-@pytest.mark.parametrize("fmt", ["comfyui", "musubi"])
+@pytest.mark.parametrize("fmt", ["comfyui", "musubi", "diffusers"])
 def test_comfyui_rules_apply_peft_weights_on_turbo(trained, turbo, fmt):
     """A file written for ComfyUI, applied by ComfyUI's rules to Turbo, gives PEFT's weights on Turbo at strength 1,
     and ComfyUI's strength semantics at 0.5: W + s (W_1 - W) (DoRA), W + s delta (LoKr)."""
     kind, _, adapter = trained
+    if fmt == "diffusers" and kind != "dora":
+        pytest.skip("LoKr has no diffusers layout")
     base = turbo_weights(turbo, adapter.modules)
     state, _ = lycoris_state(adapter, fmt, dtype=None, base_weights=base)
+    if fmt == "diffusers":  # ComfyUI skips the PEFT magnitudes (diffusers' part); dora_scale is its part
+        state = {k: v for k, v in state.items() if not k.endswith(".lora_magnitude_vector")}
     if kind != "dora":
         full = [m for m, f in adapter.factors.items() if "w2" in f]
         assert all(f"diffusion_model.{lycoris_key(m)}.alpha" not in state for m in full if fmt == "comfyui")
@@ -163,12 +167,14 @@ def test_comfyui_own_code_agrees(trained, turbo, tiny_dir):
     names = comfyui_diffusers_names(len(turbo.transformer_blocks))
     key_map = comfyui_key_map(tiny_dir / "transformer_turbo.safetensors")
     weights = {names[m]: base[m] for m in adapter.modules}
-    for fmt in ("comfyui", "musubi"):
+    for fmt in ("comfyui", "musubi") + (("diffusers",) if kind == "dora" else ()):
         state, _ = lycoris_state(adapter, fmt, dtype="bfloat16", base_weights=base)
         ours = comfyui_patch(state, base)
         for s in (1.0, 0.6):
             theirs, not_loaded, errors = _comfy_source.patch(comfy, state, key_map, weights, strength=s)
-            assert not not_loaded and not errors
+            # the diffusers DoRA file's PEFT magnitudes are logged, not loaded (ComfyUI applies its dora_scale)
+            assert all(k.endswith(".lora_magnitude_vector") for k in not_loaded) and not errors
+            assert len(not_loaded) == (len(adapter.modules) if fmt == "diffusers" else 0)
             assert sorted(theirs) == sorted(weights)
             mine = ours if s == 1.0 else comfyui_patch(state, base, strength=s)
             err = max(_rel(theirs[names[m]] - base[m], mine.weights[m] - base[m]) for m in adapter.modules)
@@ -189,14 +195,21 @@ def test_trained_run_exports_and_verifies(tiny_dir, tmp_path, kind):
     save_adapter(model, model.peft_config["default"], run)
     out = tmp_path / "export"
     turbo_path = tiny_dir / "transformer_turbo.safetensors"
-    result = export_and_verify(run, out, turbo_path, formats=["comfyui", "civitai", "musubi"], name="demo",
+    formats = ["comfyui", "civitai", "musubi"] + (["diffusers"] if kind == "dora" else [])
+    result = export_and_verify(run, out, turbo_path, formats=formats, name="demo",
                                metadata={"trigger_words": ["zq"], "steps": 10})
     manifest = json.loads((out / "export.json").read_text())
     verify = json.loads((out / "verify.json").read_text())
-    assert manifest["adapter"] == kind and set(manifest["files"]) == {"comfyui", "civitai", "musubi"}
+    assert manifest["adapter"] == kind and set(manifest["files"]) == set(formats)
     for fmt, entry in manifest["files"].items():
-        assert entry["valid_for"] == entry["written_for"] == ["comfyui"] == verify[fmt]["valid_for"]
-        assert entry["not_valid_for"]["diffusers"].startswith("not read: diffusers")
+        want = ["diffusers", "comfyui"] if fmt == "diffusers" else ["comfyui"]
+        assert sorted(entry["valid_for"]) == sorted(entry["written_for"]) == sorted(want) == sorted(
+            verify[fmt]["valid_for"])
+        if fmt == "diffusers":  # PEFT's DoRA keys diffusers loads (with DoRA on), plus dora_scale for ComfyUI
+            assert verify[fmt]["diffusers"].startswith("loaded with DoRA")
+            assert verify[fmt]["diffusers_output_error"] < 2e-2  # bf16 factors
+        else:
+            assert entry["not_valid_for"]["diffusers"].startswith("not read: diffusers")
         assert "krea2-train" in entry["not_valid_for"]
         assert verify[fmt]["ok"] and verify[fmt]["max_delta_error"] < 2e-2 and verify[fmt]["output_error"] < 0.1
         assert stat.S_IMODE((out / entry["path"]).stat().st_mode) == 0o644
@@ -231,8 +244,8 @@ def test_refusals(tiny_dir, tmp_path, turbo, capsys):
 
     dora = lycoris.from_model(trained_model(tiny_dir, "dora"))
     lokr = lycoris.from_model(trained_model(tiny_dir, "lokr"))
-    for adapter in (dora, lokr):
-        for fmt in ("diffusers", "original"):
+    for adapter, fmts in ((dora, ("original",)), (lokr, ("diffusers", "original"))):
+        for fmt in fmts:
             with pytest.raises(LoraFormatError, match=f"{adapter.kind.upper()} adapter and cannot be exported as {fmt}"):
                 export_lycoris(adapter, tmp_path / "x", [fmt], base_weights=turbo_weights(turbo, adapter.modules))
     with pytest.raises(UserError, match="--turbo"):
@@ -263,15 +276,18 @@ def test_training_run_exports_and_verifies(tiny_dir, tmp_path, capsys, kind):
     from krea2_train.cli import main
 
     cfg = write_config(tiny_dir, tmp_path, steps=2)
-    args = [str(cfg), f"lora.type={kind}", "export.formats=[comfyui, civitai]", "export.transfer_report=false"]
+    formats = "[comfyui, civitai, diffusers]" if kind == "dora" else "[comfyui, civitai]"
+    args = [str(cfg), f"lora.type={kind}", f"export.formats={formats}", "export.transfer_report=false"]
     assert main(args) == 0
     out = capsys.readouterr().out
     export = tmp_path / "runs" / "pipe" / "export"
     verify = json.loads((export / "verify.json").read_text())
-    assert set(verify) == {"comfyui", "civitai"} and all(r["ok"] and r["valid_for"] == ["comfyui"]
-                                                         for r in verify.values())
+    assert all(r["ok"] and "comfyui" in r["valid_for"] for r in verify.values())
     manifest = json.loads((export / "export.json").read_text())
-    assert manifest["adapter"] == kind and all(f["valid_for"] == ["comfyui"] for f in manifest["files"].values())
+    assert manifest["adapter"] == kind and all(sorted(f["valid_for"]) == sorted(f["written_for"])
+                                               for f in manifest["files"].values())
+    if kind == "dora":
+        assert sorted(verify["diffusers"]["valid_for"]) == ["comfyui", "diffusers"]
     assert "verify: every exported file loads on Turbo" in out
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -282,9 +298,10 @@ def test_config_accepts_comfyui_formats_for_dora_and_lokr():
     from krea2_train.config import ConfigError, load_config
 
     paths = ["model.transformer=/m/raw.safetensors", "model.text_encoder=/m/te", "model.vae=/m/vae"]
-    for kind in ("dora", "lokr"):
-        with pytest.raises(ConfigError, match=r"`export.formats` has \['diffusers'\].*\['comfyui', 'civitai', 'musubi'\]"):
-            load_config(None, paths + [f"lora.type={kind}", "export.formats=[diffusers, comfyui]"], warn_paths=False)
+    with pytest.raises(ConfigError, match=r"`export.formats` has \['diffusers'\].*\['comfyui', 'civitai', 'musubi'\]"):
+        load_config(None, paths + ["lora.type=lokr", "export.formats=[diffusers, comfyui]"], warn_paths=False)
+    with pytest.raises(ConfigError, match=r"`export.formats` has \['original'\].*'musubi', 'diffusers'\]"):
+        load_config(None, paths + ["lora.type=dora", "export.formats=[original, comfyui]"], warn_paths=False)
     cfg = load_config(None, paths + ["lora.type=lokr", "export.formats=[comfyui, civitai, musubi]"], warn_paths=False)
     assert cfg.lora.type == "lokr"
     with pytest.raises(ConfigError, match="`export.verify`.*Turbo"):

@@ -19,7 +19,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from krea2_train.config.choices import FORMAT_ALIASES, LYCORIS_FORMATS, ConfigError, validate_choices
+from krea2_train.config.choices import DORA_FORMATS, FORMAT_ALIASES, LYCORIS_FORMATS, ConfigError, validate_choices
 from krea2_train.config.choices import closest as _closest
 from krea2_train.config.data import validate_data_config
 from krea2_train.config.memory import memory_problems, resolve_memory_settings
@@ -223,10 +223,12 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     # DoRA and LoKr are written only in ComfyUI's LyCORIS layouts (lora/lycoris.py); refuse now, not after hours of
     # training.
     if cfg.lora.type in ("dora", "lokr"):
-        bad = [f for f in cfg.export.formats if FORMAT_ALIASES.get(f, f) not in LYCORIS_FORMATS]
+        ok = DORA_FORMATS if cfg.lora.type == "dora" else LYCORIS_FORMATS
+        why = ("the `original` layout would load in diffusers as a plain LoRA" if cfg.lora.type == "dora" else
+               "diffusers' Krea 2 loader cannot read LoKr")
+        bad = [f for f in cfg.export.formats if FORMAT_ALIASES.get(f, f) not in ok]
         need(not bad, "export.formats", f"has {bad}, which a lora.type: {cfg.lora.type} adapter cannot be written "
-             f"as (diffusers' Krea 2 loader reads neither DoRA nor LoKr): use {list(LYCORIS_FORMATS)}, or "
-             "lora.type: lora")
+             f"as ({why}): use {list(ok)}, or lora.type: lora")
         need(not cfg.export.transfer_report, "export.transfer_report", f"measures plain LoRA only; set it to false "
              f"for lora.type: {cfg.lora.type}")
         if cfg.lora.type == "dora" and cfg.export.formats:

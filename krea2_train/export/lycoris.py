@@ -19,14 +19,26 @@ from pathlib import Path
 import torch
 
 from krea2_train.errors import UserError
-from krea2_train.lora.lycoris import DORA, DoraAdapter, LokrAdapter, comfyui_tensors, refuse_format, summary
+from krea2_train.lora.lycoris import (
+    DORA,
+    DoraAdapter,
+    LokrAdapter,
+    comfyui_tensors,
+    diffusers_dora_state,
+    refuse_format,
+    summary,
+)
 
 log = logging.getLogger(__name__)
 
-WRITTEN_FOR = ("comfyui",)
+def written_for(fmt: str) -> tuple:
+    """The consumers a DoRA/LoKr file in layout `fmt` is written for (module doc of lora/lycoris.py)."""
+    return ("diffusers", "comfyui") if fmt == "diffusers" else ("comfyui",)
+
+
 NOT_VALID_FOR = {
-    "diffusers": "diffusers' Krea 2 loader cannot apply {kind}: it drops dora_scale keys and fails on lokr_* and "
-                 "lora_down/lora_up keys (train lora.type: lora for a diffusers file)",
+    "diffusers": "diffusers' Krea 2 loader cannot apply {kind} from this layout: it drops dora_scale keys and fails "
+                 "on lokr_* and lora_down/lora_up keys (a DoRA's diffusers file is NAME_diffusers/)",
     "krea2-train": "krea2-train's `sample --lora`, inspect/convert/resize/merge read plain LoRA files only; use the "
                    "run's PEFT adapter (RUN/adapter) with krea2-train",
 }
@@ -61,11 +73,18 @@ def lycoris_state(adapter, fmt: str, dtype="bfloat16", base_weights: dict | None
     from krea2_train.models.loading import resolve_dtype
 
     refuse_format(adapter.kind, fmt)
+    if fmt == "diffusers":  # bake the scale before rounding to the file's dtype, as write_lora_file does
+        adapter = DoraAdapter(adapter.lora.baked(), adapter.magnitude, adapter.info, adapter.config)
     if dtype is not None:
         adapter = adapter.to(resolve_dtype(dtype))
-    tensors = comfyui_tensors(adapter, _key_base(fmt), base_weights)
+    if fmt == "diffusers":
+        if base_weights is None:
+            comfyui_tensors(adapter, _key_base("comfyui"), None)  # raises: DoRA needs the base weights
+        tensors, header = diffusers_dora_state(adapter, base_weights)
+    else:
+        tensors, header = comfyui_tensors(adapter, _key_base(fmt), base_weights), {}
     info = {**adapter.info, **(info or {})}
-    header = {"krea2_train.format": fmt, "krea2_train.adapter": adapter.kind, "krea2_train.base_model": "krea-2-raw"}
+    header |= {"krea2_train.format": fmt, "krea2_train.adapter": adapter.kind, "krea2_train.base_model": "krea-2-raw"}
     if adapter.kind == DORA:
         header["krea2_train.dora_base"] = str(info.get("dora_base") or "turbo")
     if info:
@@ -112,11 +131,11 @@ def export_lycoris(adapter, out_dir, formats, metadata: dict | None = None, name
                              prompt=str(info.get("sample_prompt") or ""), trigger_words=info.get("trigger_words") or (),
                              models=workflow_models, filename_prefix=name)
     kind = adapter.kind.upper()
-    not_valid = {c: why.format(kind=kind) for c, why in NOT_VALID_FOR.items()}
     files = {}
     for fmt, p in paths.items():
+        not_valid = {c: why.format(kind=kind) for c, why in NOT_VALID_FOR.items() if c not in written_for(fmt)}
         files[fmt] = {"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size, "sha256": _sha256(p),
-                      "written_for": list(WRITTEN_FOR), "not_valid_for": not_valid}
+                      "written_for": list(written_for(fmt)), "not_valid_for": not_valid}
         if adapter.kind == DORA:
             files[fmt]["note"] = DORA_NOTE
     manifest = {"name": name, **summary(adapter), "dtype": str(dtype), "metadata": info, "files": files,
@@ -209,6 +228,11 @@ def verify_lycoris_file(path, adapter, transformer, *, seed: int = 0, delta_tol:
     missing = [m for m in adapter.modules if m not in patch.weights]
     if missing:
         report.problems.append(f"ComfyUI would leave {len(missing)} trained modules unpatched, e.g. {missing[:3]}")
+    magnitudes = [k for k in patch.unloaded if k.endswith(".lora_magnitude_vector")]
+    if magnitudes:  # the diffusers file's PEFT magnitudes: ComfyUI logs them and uses dora_scale instead
+        report.warnings.append(f"ComfyUI logs {len(magnitudes)} lora_magnitude_vector keys as not loaded (diffusers' "
+                               "part of the file; ComfyUI applies dora_scale)")
+        patch.unloaded = [k for k in patch.unloaded if k not in magnitudes]
     if patch.unloaded:
         report.problems.append(f"ComfyUI would not load {len(patch.unloaded)} tensors, e.g. {patch.unloaded[:3]}")
     want_kind = "dora" if isinstance(adapter, DoraAdapter) else "lokr"
@@ -244,12 +268,68 @@ def verify_lycoris_file(path, adapter, transformer, *, seed: int = 0, delta_tol:
     report.comfyui = (f"patched {len(patch.weights)} modules as {want_kind}; max weight error {worst:.2e}, output "
                       f"error {report.output_error:.2e}")
     report.consumers["comfyui"] = "valid" if not report.problems else "WRONG: " + report.problems[0]
-    report.diffusers = diffusers_refusal(path)
-    report.consumers["diffusers"] = report.diffusers
-    if report.diffusers.startswith("WRONG"):
-        report.problems.append(f"{Path(path).name}: {report.diffusers}")
+    if magnitudes:
+        _check_dora_with_diffusers(path, adapter, transformer, inputs, v_peft, report)
+    else:
+        report.diffusers = diffusers_refusal(path)
+        report.consumers["diffusers"] = report.diffusers
+        if report.diffusers.startswith("WRONG"):
+            report.problems.append(f"{Path(path).name}: {report.diffusers}")
     report.consumers["krea2-train"] = "not read: " + NOT_VALID_FOR["krea2-train"]
     return report
+
+
+def _check_dora_with_diffusers(path, adapter: DoraAdapter, transformer, inputs, v_peft, report) -> None:
+    """Load the diffusers DoRA file with `Krea2Pipeline.load_lora_weights` (its dora_scale dropped by diffusers):
+    DoRA on, every factor and magnitude as trained, Turbo's output as with the PEFT adapter."""
+    import logging as _logging
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline
+
+    from krea2_train.export.verify import velocity
+
+    name = "krea2_verify_diffusers"
+    pipe = Krea2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                         transformer=transformer)
+    before = len(report.problems)
+    level = _logging.getLogger("diffusers").level
+    _logging.getLogger("diffusers").setLevel(_logging.ERROR)  # its "dora_scale filtered out" warning is expected
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    except Exception as exc:  # noqa: BLE001 - diffusers' own wording
+        report.diffusers = f"FAILED to load: {exc}"
+        report.problems.append(f"diffusers' Krea2Pipeline.load_lora_weights rejects the file: {exc}")
+        report.consumers["diffusers"] = f"WRONG: rejects the file ({exc})"
+        return
+    finally:
+        _logging.getLogger("diffusers").setLevel(level)
+    try:
+        worst = 0.0
+        named = dict(transformer.named_modules())
+        if not transformer.peft_config[name].use_dora:
+            report.problems.append("diffusers loads the file without DoRA (use_dora false)")
+        for m in adapter.modules:
+            layer = named[m]
+            got = layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double() * layer.scaling[name]
+            want = adapter.lora.delta(m, torch.float64)
+            mag = layer.lora_magnitude_vector[name].weight.double()
+            worst = max(worst, ((got - want).norm() / want.norm().clamp_min(1e-30)).item(),
+                        ((mag - adapter.magnitude[m].double()).norm() / adapter.magnitude[m].double().norm()).item())
+        v_diff = velocity(transformer, inputs)
+    finally:
+        transformer.delete_adapters([name])
+    change = (v_peft - velocity(transformer, inputs)).norm().item()
+    report.diffusers_delta_error = worst
+    report.diffusers_output_error = (v_diff - v_peft).norm().item() / max(change, 1e-12)
+    report.diffusers = (f"loaded with DoRA; max factor/magnitude error {worst:.2e}, output error "
+                        f"{report.diffusers_output_error:.2e} of the adapter's effect")
+    if worst > report.delta_tolerance:
+        report.problems.append(f"through diffusers the DoRA factors differ from the trained ones by {worst:.2e}")
+    if report.diffusers_output_error > report.output_tolerance:
+        report.problems.append(f"through diffusers Turbo's output differs from Turbo + the PEFT adapter by "
+                               f"{report.diffusers_output_error:.2e}")
+    new = report.problems[before:]
+    report.consumers["diffusers"] = "valid" if not new else "WRONG: " + new[0]
 
 
 def export_and_verify_lycoris(adapter, out_dir, transformer, *, formats, metadata=None, name="krea2_lora",

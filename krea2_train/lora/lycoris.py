@@ -18,9 +18,12 @@ ComfyUI (comfy/weight_adapter/{lora,lokr,base}.py; re-stated in lora/consumers.p
           dim the rank of the decomposed factor (w2's when both are), and scale 1 when both factors are full
           matrices (alpha ignored): then the scale is baked into w1 and no `.alpha` is written.
 
-diffusers' Krea 2 loader reads neither: it drops `dora_scale` keys with a warning (the rest would load as a plain
-LoRA, so no DoRA file here carries lora_A/lora_B names) and fails on `lokr_*` keys. Every file written here is
-therefore valid for ComfyUI only, which export.json says.
+diffusers' Krea 2 loader drops `dora_scale` keys with a warning and fails on `lokr_*` keys, so the ComfyUI files
+are valid for ComfyUI only. It does read PEFT's own DoRA layout (`transformer.<module>.lora_A/lora_B.weight` +
+`.lora_magnitude_vector`, header use_dora=True), exact on any base: the diffusers DoRA file is that, with the scale
+baked (alpha = rank), plus `transformer.<module>.dora_scale` for ComfyUI, which maps those names for Krea 2, applies
+lora_B @ lora_A with that dora_scale (exact on Turbo) and logs the magnitude vectors as "lora key not loaded"
+(harmless). LoKr has no diffusers layout. export.json says per file which consumers it is valid for.
 """
 
 from __future__ import annotations
@@ -29,14 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from krea2_train.config.choices import LYCORIS_FORMATS
+from krea2_train.config.choices import DORA_FORMATS, LYCORIS_FORMATS
 from krea2_train.lora.formats import LoraFormatError, TrainedAdapter, _module_sort_key
 
 DORA, LOKR = "dora", "lokr"
 # LYCORIS_FORMATS (config/choices.py): the layouts a DoRA/LoKr adapter is written in exactly; see `refuse_format`.
 _WHY_NOT = {
-    "diffusers": "diffusers' Krea 2 loader (Krea2LoraLoaderMixin) drops `dora_scale` keys and cannot read LoKr "
-                 "(`lokr_*`) keys, so no {kind} file loads there with the trained weights",
+    "diffusers": "diffusers' Krea 2 loader (Krea2LoraLoaderMixin) cannot read LoKr (`lokr_*`) keys",
     "original": "the `original` layout (diffusion_model. + lora_A/lora_B) is read by diffusers, which would drop "
                 "DoRA's magnitude and load a plain LoRA (wrong weights), and it has no LoKr keys",
 }
@@ -44,11 +46,11 @@ _WHY_NOT = {
 
 def refuse_format(kind: str, fmt: str, source: str = "the adapter") -> None:
     """Raise LoraFormatError when a {kind} adapter cannot be written exactly as `fmt`."""
-    if fmt not in LYCORIS_FORMATS:
+    ok = DORA_FORMATS if kind == DORA else LYCORIS_FORMATS
+    if fmt not in ok:
         why = _WHY_NOT.get(fmt, "it is not a layout ComfyUI applies {kind} from").format(kind=kind.upper())
         raise LoraFormatError(f"{source} is a {kind.upper()} adapter and cannot be exported as {fmt}: {why}. Use "
-                              f"formats {', '.join(LYCORIS_FORMATS)} (ComfyUI's layouts), or train lora.type: lora "
-                              "for files diffusers loads.")
+                              f"formats {', '.join(ok)}, or train lora.type: lora.")
 
 
 def _row_norm(w: torch.Tensor) -> torch.Tensor:
@@ -337,3 +339,25 @@ def comfyui_shapes(state: dict) -> tuple[dict, dict]:
             shapes[module] = (value.shape[0], down.shape[1])
             ranks[module] = int(down.shape[0])
     return shapes, ranks
+
+
+def diffusers_dora_state(adapter: DoraAdapter, base_weights: dict, eps: float = torch.finfo(torch.float32).eps
+                         ) -> tuple[dict, dict]:
+    """(tensors, header) of the diffusers-layout DoRA file (module doc): PEFT's keys under `transformer.`, the
+    scale baked (so ComfyUI's scale 1 is right), plus ComfyUI's dora_scale against `base_weights`."""
+    import json
+
+    from krea2_train.lora.formats import DIFFUSERS_META_KEY
+
+    baked = adapter.lora.baked().to(adapter.lora.dtype)
+    dora = DoraAdapter(baked, adapter.magnitude, adapter.info, adapter.config)
+    tensors = {}
+    for m in dora.modules:
+        tensors[f"transformer.{m}.lora_A.weight"] = baked.down[m].contiguous()
+        tensors[f"transformer.{m}.lora_B.weight"] = baked.up[m].contiguous()
+        tensors[f"transformer.{m}.lora_magnitude_vector"] = adapter.magnitude[m].float().contiguous()
+        tensors[f"transformer.{m}.dora_scale"] = dora.comfyui_dora_scale(m, base_weights[m], eps).contiguous()
+    cfg = {**baked.lora_config_dict(), "use_dora": True}
+    header = {"format": "pt", DIFFUSERS_META_KEY: json.dumps({f"transformer.{k}": v for k, v in cfg.items()},
+                                                             indent=2, sort_keys=True)}
+    return tensors, header
