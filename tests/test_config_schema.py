@@ -68,7 +68,7 @@ def test_wrong_types_name_the_key():
     ("memory.preset=12gb", "memory.preset", "16gb"),
     ("data.crop=middle", "data.crop", "center"),
     ("lora.init=pissa", "lora.init", "default, gaussian"),
-    ("lora.type=dora", "lora.type", "export.formats: []"),
+    ("lora.type=lokr", "export.formats", "['comfyui', 'civitai', 'musubi']"),
     ("data.datasets=[{path: x, caption_dropout: 2}]", "data.datasets[0].caption_dropout", "[0, 1]"),
 ])
 def test_impossible_values(override, key, hint):
@@ -175,8 +175,8 @@ def test_dora_with_export_formats_is_refused_before_training():
     from krea2_train.config import ConfigError, load_config
 
     paths = ["model.transformer=/m/raw.safetensors", "model.text_encoder=/m/te", "model.vae=/m/vae"]
-    with pytest.raises(ConfigError, match=r"`lora.type` = dora cannot be exported.*export.formats: \[\]"):
-        load_config(None, paths + ["lora.type=dora", "export.formats=[diffusers]"], warn_paths=False)
+    with pytest.raises(ConfigError, match=r"`export.formats` has \['original'\], which a lora.type: dora"):
+        load_config(None, paths + ["lora.type=dora", "export.formats=[original]"], warn_paths=False)
     cfg = load_config(None, paths + ["lora.type=dora", "export.formats=[]"], warn_paths=False)
     assert cfg.lora.type == "dora"
 

@@ -151,11 +151,13 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
+    from krea2_train.lora.lycoris import comfyui_file_kind
     from krea2_train.lora.tools import format_inspect, inspect_lora
     from krea2_train.models.inspect import format_checkpoint, inspect_checkpoint, is_transformer_checkpoint
 
-    # every path checked before the first is printed; a Raw/Turbo checkpoint: format, precision per group, variant
-    paths = [p if is_transformer_checkpoint(p) else resolve_lora(p) for p in args.lora]
+    # every path checked before the first is printed; a Raw/Turbo checkpoint: format, precision per group, variant;
+    # a DoRA/LoKr file is described too, though the plain-LoRA reader in resolve_lora refuses it
+    paths = [p if is_transformer_checkpoint(p) or comfyui_file_kind(p) else resolve_lora(p) for p in args.lora]
     for path in paths:
         if is_transformer_checkpoint(path):
             info = inspect_checkpoint(path)

@@ -15,6 +15,9 @@ from krea2_train.errors import UserError
 
 # LoRA file layouts `krea2-train export` writes (lora/formats.py reads them); aliases name the peer trainers' layouts.
 EXPORT_FORMATS = ("diffusers", "comfyui", "civitai", "original", "musubi")
+# The formats a DoRA or LoKr adapter is written in (ComfyUI's LyCORIS layouts; lora/lycoris.py says why no other).
+LYCORIS_FORMATS = ("comfyui", "civitai", "musubi")
+DORA_FORMATS = LYCORIS_FORMATS + ("diffusers",)  # diffusers' Krea 2 loader reads PEFT's lora_magnitude_vector
 FORMAT_ALIASES = {"ai-toolkit": "original", "aitoolkit": "original", "kohya": "musubi", "comfy": "comfyui"}
 
 

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from krea2_train.config.choices import ConfigError, validate_choices
+from krea2_train.config.choices import DORA_FORMATS, FORMAT_ALIASES, LYCORIS_FORMATS, ConfigError, validate_choices
 from krea2_train.config.choices import closest as _closest
 from krea2_train.config.data import validate_data_config
 from krea2_train.config.memory import memory_problems, resolve_memory_settings
@@ -222,14 +222,21 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
                           "lora.targets: custom or remove lora.pattern")
     if cfg.lora.type == "lokr":
         need(not cfg.lora.use_rslora, "lora.use_rslora", "is not available for LoKr; set it to false")
-    # The exporters write plain LoRA (what ComfyUI, diffusers and Civitai load for Krea 2); refuse now, not after
-    # hours of training.
-    why = {"dora": " (ComfyUI scales DoRA's magnitude by the norm of the base weight, PEFT by that of the adapted "
-                   "weight, so no DoRA file would apply the trained effect there)",
-           "lokr": " (a LoKr writer in ComfyUI's lokr_w1/lokr_w2 layout is not written yet)"}.get(cfg.lora.type, "")
-    need(cfg.lora.type == "lora" or not cfg.export.formats, "lora.type",
-         f"= {cfg.lora.type} cannot be exported to {list(cfg.export.formats)}{why}: use lora.type: lora, or set "
-         "export.formats: [] to keep only the PEFT adapter in RUN/adapter")
+    # DoRA and LoKr are written only in ComfyUI's LyCORIS layouts (lora/lycoris.py); refuse now, not after hours of
+    # training.
+    if cfg.lora.type in ("dora", "lokr"):
+        ok = DORA_FORMATS if cfg.lora.type == "dora" else LYCORIS_FORMATS
+        why = ("the `original` layout would load in diffusers as a plain LoRA" if cfg.lora.type == "dora" else
+               "diffusers' Krea 2 loader cannot read LoKr")
+        bad = [f for f in cfg.export.formats if FORMAT_ALIASES.get(f, f) not in ok]
+        need(not bad, "export.formats", f"has {bad}, which a lora.type: {cfg.lora.type} adapter cannot be written "
+             f"as ({why}): use {list(ok)}, or lora.type: lora")
+        need(not cfg.export.transfer_report, "export.transfer_report", f"measures plain LoRA only; set it to false "
+             f"for lora.type: {cfg.lora.type}")
+        if cfg.lora.type == "dora" and cfg.export.formats:
+            need(bool(cfg.export.verify and cfg.model.turbo), "export.verify",
+                 "must be true with model.turbo set for lora.type: dora: a DoRA file for ComfyUI is computed against "
+                 "the Turbo weights (ComfyUI normalises DoRA by the base weight) and checked there")
     need(len(cfg.train.stages) >= 1, "train.stages", "must list at least one stage")
     for i, st in enumerate(cfg.train.stages):
         k = f"train.stages[{i}]"

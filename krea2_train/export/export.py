@@ -83,9 +83,14 @@ def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None
     the LoRA at metadata["turbo_strength"] (else 1.0); `workflow_models` (lora/workflow.ComfyModels) names the
     Turbo, text encoder and VAE files in it.
     """
+    from krea2_train.export.lycoris import as_lycoris, export_lycoris
     from krea2_train.lora.workflow import ComfyModels, comfyui_lora_name, write_workflow
     from krea2_train.utils.io import write_json_atomic
 
+    lycoris = as_lycoris(adapter)
+    if lycoris is not None:  # DoRA / LoKr: ComfyUI's LyCORIS layouts (export/lycoris.py; a DoRA needs Turbo)
+        return export_lycoris(lycoris, out_dir, formats, metadata, name, dtype, preview_png,
+                              workflow_models=workflow_models)
     adapter = as_adapter(adapter)
     if not formats:
         raise UserError("export needs at least one format (diffusers, comfyui, civitai, original, musubi)")
@@ -148,17 +153,26 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
     verify.json (and transfer_report.json, transfer_grid.png) next to the files. Raises LoraVerifyError (a
     UserError, so the run fails) listing every file that failed.
     """
+    from krea2_train.export.lycoris import as_lycoris, export_and_verify_lycoris
     from krea2_train.export.verify import LoraVerifyError, auto_dtype, default_device, verify_lora_file
     from krea2_train.models.loading import load_transformer
     from krea2_train.utils.io import write_json_atomic
 
-    adapter = as_adapter(adapter)
+    lycoris = as_lycoris(adapter)
+    if lycoris is not None and transfer:
+        raise UserError(f"the transfer report measures plain LoRA; this is a {lycoris.kind.upper()} adapter: set "
+                        "export.transfer_report: false")
+    adapter = lycoris if lycoris is not None else as_adapter(adapter)
     metadata = dict(metadata or {})
     if transformer is None:
         if turbo_path is None:
             raise UserError("verification needs the Turbo checkpoint (model.turbo / --turbo)")
         dtype_ = auto_dtype(turbo_path) if verify_dtype == "auto" else verify_dtype
         transformer = load_transformer(turbo_path, dtype=dtype_, device=default_device(device))
+    if lycoris is not None:
+        return export_and_verify_lycoris(lycoris, out_dir, transformer, formats=formats, metadata=metadata,
+                                         name=name, dtype=dtype, preview_png=preview_png,
+                                         workflow_models=workflow_models, turbo_path=turbo_path)
     transfer_result = None
     if transfer:
         from krea2_train.export.transfer import transfer_report

@@ -77,7 +77,7 @@ def civitai_header(adapter: TrainedAdapter, info: dict, preview_png: bytes | Non
     datasets ({folder: image count}), tag_frequency ({folder: {tag: count}}), turbo_strength, description, author,
     license, tags, base_model_name, date. The sshs_* hashes are added by the writer, over the final tensors.
     """
-    ranks = Counter(adapter.rank(m) for m in adapter.down).most_common(1)[0][0]
+    ranks = Counter(adapter.rank(m) for m in adapter.modules).most_common(1)[0][0]
     alphas = Counter(round(a, 6) for a in adapter.kohya_alphas().values()).most_common(1)[0][0]
     name = str(info.get("name") or "krea2-lora")
     triggers = info.get("trigger_words") or []

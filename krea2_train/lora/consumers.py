@@ -164,3 +164,100 @@ def comfyui_verdict(state: dict, intended: TrainedAdapter) -> tuple[bool | None,
     span = f"x{lo:.3g}" + (f" to x{hi:.3g}" if hi - lo > 1e-3 else "")
     return False, (f"at the WRONG strength: {span} of what diffusers applies (ComfyUI ignores the header); "
                    "convert it with `krea2-train convert FILE OUT --format diffusers` (scale baked)")
+
+
+# ----------------------------------------------------------------------------------------------- DoRA and LoKr
+# ComfyUI's weight maths for every adapter kind we write (comfy/lora.py load_lora + calculate_weight,
+# comfy/weight_adapter/lora.py, lokr.py, base.py weight_decompose), on the base weight itself: DoRA's result
+# depends on W, so these rules give patched weights, not deltas. ComfyUI computes in its LoRA compute dtype
+# (float32; float16 on GPUs where it prefers fp16, where weight_decompose's eps is then finfo(float16).eps).
+_LOKR_KEYS = (".lokr_w1", ".lokr_w1_a", ".lokr_w2", ".lokr_w2_a")
+_LOKR_PARTS = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def comfyui_weight_decompose(dora_scale, weight, lora_diff, alpha, strength, eps):
+    """comfy.weight_adapter.base.weight_decompose (function = identity): DoRA as ComfyUI applies it.
+
+    dora_scale (out, 1) selects the output axis, where the norm is that of the BASE weight (ComfyUI's rule); any
+    other shape the input axis, normed over the adapted weight's columns. Strength s: W + s * (W_c - W)."""
+    weight_calc = weight + lora_diff * alpha
+    if dora_scale.shape[0] == weight_calc.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        wt = weight_calc.transpose(0, 1)
+        norm = wt.reshape(wt.shape[0], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(wt.shape[0], *[1] * (wt.dim() - 1)).transpose(0, 1)
+    weight_calc = weight_calc * (dora_scale.to(weight.dtype) / (norm + eps))
+    if strength != 1.0:
+        return weight + strength * (weight_calc - weight)
+    return weight_calc
+
+
+@dataclass
+class ComfyUIPatch:
+    """What ComfyUI does to each base weight: `weights` {diffusers module: patched W}, `kinds` {module: "lora" |
+    "lokr" | "dora" | "lokr+dora"}, and the keys it logs as "lora key not loaded" (they do nothing)."""
+
+    weights: dict
+    kinds: dict
+    unloaded: list = field(default_factory=list)
+
+
+def comfyui_patch(state: dict, base_weights: dict, strength: float = 1.0, dtype=torch.float32) -> ComfyUIPatch:
+    """Patch `base_weights` {diffusers module: W (out, in)} with the LoRA/LoKr/DoRA file `state` by ComfyUI's rules
+    (header not read; strength = LoraLoaderModelOnly's strength_model), computing in `dtype` as ComfyUI does."""
+    eps = torch.finfo(dtype).eps
+    bases: dict[str, str] = {}
+    for key in state:
+        for suffix in tuple(up for up, _ in _ADAPTER_KEYS) + _LOKR_KEYS:
+            if key.endswith(suffix):
+                mapped = _comfyui_module(key[: -len(suffix)])
+                if mapped is not None:
+                    bases.setdefault(key[: -len(suffix)], mapped)
+    weights, kinds, loaded = {}, {}, set()
+    for base, module in bases.items():
+        if module not in base_weights:
+            continue  # the model has no such weight: ComfyUI's key map has no entry, nothing loads
+        alpha = None
+        if base + ".alpha" in state:
+            alpha = state[base + ".alpha"].item()  # load_lora: lora[alpha_name].item()
+            loaded.add(base + ".alpha")
+        dora_scale = state.get(base + ".dora_scale")
+        if dora_scale is not None:
+            loaded.add(base + ".dora_scale")
+            dora_scale = dora_scale.to(dtype)
+        w = base_weights[module].to(dtype).clone()
+        lokr = {p: state[f"{base}.{p}"].to(dtype) for p in _LOKR_PARTS if f"{base}.{p}" in state}
+        if lokr:  # LoKrAdapter comes after LoRAAdapter in weight_adapter.adapters: it wins when both load
+            loaded.update(f"{base}.{p}" for p in lokr)
+            dim = None
+            w1 = lokr.get("lokr_w1")
+            if w1 is None:
+                dim = lokr["lokr_w1_b"].shape[0]
+                w1 = lokr["lokr_w1_a"] @ lokr["lokr_w1_b"]
+            w2 = lokr.get("lokr_w2")
+            if w2 is None:
+                dim = lokr["lokr_w2_b"].shape[0]
+                w2 = lokr["lokr_w2_a"] @ lokr["lokr_w2_b"]  # (lokr_t2, Tucker, is conv-only)
+            scale = alpha / dim if alpha is not None and dim is not None else 1.0
+            diff = torch.kron(w1, w2).reshape(w.shape)
+            kind = "lokr"
+        else:
+            for up_suffix, down_suffix in _ADAPTER_KEYS:
+                if base + up_suffix in state:
+                    break
+            else:
+                continue
+            mat1, mat2 = state[base + up_suffix].to(dtype), state[base + down_suffix].to(dtype)
+            loaded.update({base + up_suffix, base + down_suffix})
+            scale = alpha / mat2.shape[0] if alpha is not None else 1.0
+            diff = (mat1.flatten(start_dim=1) @ mat2.flatten(start_dim=1)).reshape(w.shape)
+            kind = "lora"
+        if dora_scale is not None:
+            w = comfyui_weight_decompose(dora_scale, w, diff, scale, strength, eps)
+            kind = "lokr+dora" if kind == "lokr" else "dora"
+        else:
+            w = w + (strength * scale) * diff
+        weights[module], kinds[module] = w, kind
+    return ComfyUIPatch(weights, kinds, sorted(k for k in state if k not in loaded))

@@ -336,6 +336,13 @@ def read_lora_state(state: dict, header: dict | None = None, source: str = "<sta
     styles, unknown, foreign, origin = set(), [], [], {}
     for key, value in state.items():
         for marker, what in _UNSUPPORTED.items():
+            if marker in key and what.split(" ")[0] in ("DoRA", "LoKr"):
+                raise LoraFormatError(
+                    f"{source} is a {what} file (tensor {key}). ComfyUI applies it; diffusers does not, and "
+                    "krea2-train's plain-LoRA tools (convert, resize, merge, sample --lora, verify) cannot read it "
+                    "(`inspect` describes it). To get another format or rank, re-export from the training run: "
+                    "`krea2-train export RUN --turbo TURBO --formats comfyui,civitai,musubi`, or train "
+                    "lora.type: lora for a plain LoRA.")
             if marker in key:
                 raise LoraFormatError(f"{source}: tensor {key} is a {what} weight; only plain LoRA (lora_A/lora_B or "
                                       "lora_down/lora_up, optional .alpha) is supported. Re-export it as a plain LoRA.")

@@ -37,6 +37,11 @@ def _module_kind(m: str) -> str:
 
 def inspect_lora(path) -> dict:
     """Format, rank, alpha, scale, targets, parameter count and header metadata of a LoRA file."""
+    from krea2_train.lora.lycoris import comfyui_file_kind
+
+    kind = comfyui_file_kind(path)
+    if kind:
+        return _inspect_lycoris(path, kind)
     lora = read_lora_file(path)
     a = lora.adapter
     header = {}
@@ -66,6 +71,40 @@ def inspect_lora(path) -> dict:
         "comfyui": comfy_line,
         "warnings": lora.warnings,
         "metadata": header,
+    }
+
+
+def _inspect_lycoris(path, kind: str) -> dict:
+    """inspect_lora for a DoRA/LoKr file in ComfyUI's LyCORIS keys: what ComfyUI loads of it (keys only: DoRA's
+    effect depends on the base weights, which `verify`/export check on Turbo)."""
+    from krea2_train.lora.consumers import comfyui_patch
+    from krea2_train.lora.lycoris import comfyui_shapes
+    from krea2_train.models.loading import open_safetensors
+
+    handle, keys = open_safetensors(Path(path))
+    state = {k: handle.get_tensor(k) for k in keys}
+    header = handle.metadata() or {}
+    shapes, ranks = comfyui_shapes(state)
+    patch = comfyui_patch(state, {m: torch.zeros(s) for m, s in shapes.items()})
+    loads = (f"yes: {len(patch.weights)} modules as {', '.join(sorted(set(patch.kinds.values())))}, every tensor "
+             "loads" if patch.weights and not patch.unloaded else
+             f"only in part: {len(patch.unloaded)} tensors not loaded (e.g. {patch.unloaded[:2]})")
+    if kind == "dora":
+        loads += f"; dora_scale computed for {header.get('krea2_train.dora_base', 'an unknown base')}"
+    factors = [v for k, v in state.items() if not k.endswith((".alpha", ".dora_scale"))]
+    return {
+        "path": str(path), "layout": f"comfyui {kind} (LyCORIS keys)", "alpha_source": "tensors",
+        "use_rslora": False, "modules": len(shapes), "ranks": dict(Counter(ranks.values())),
+        "alphas": dict(Counter(_num(state[k].item(), 6) for k in state if k.endswith(".alpha"))),
+        "scales": {}, "targets": dict(sorted(Counter(_module_kind(m) for m in shapes).items())),
+        "parameters": sum(v.numel() for k, v in state.items() if not k.endswith(".alpha")),
+        "dtype": str(factors[0].dtype).replace("torch.", "") if factors else "?",
+        "diffusers_loadable": False,
+        "diffusers_problem": f"diffusers' Krea 2 loader cannot apply {kind.upper()} (it drops dora_scale, fails on "
+                             "lokr_* and lora_down/lora_up keys)",
+        "comfyui_exact": None, "comfyui": loads, "warnings": [],
+        "metadata": {k: (v[:300] + "..." if len(v) > 300 else v) for k, v in header.items()
+                     if k != "modelspec.thumbnail"},
     }
 
 

@@ -21,7 +21,9 @@ def copy_base_weights(transformer, path) -> int:
 
     path = require_path(path, "Krea 2 transformer", "model.turbo")
     reshard_all(transformer)  # FSDP: parameters are the shards from here on (no-op otherwise)
-    params = {n.replace(".base_layer.", "."): p for n, p in transformer.named_parameters() if "lora_" not in n}
+    # adapter tensors (LoRA/DoRA lora_*, LoKr lokr_*) are not base weights
+    params = {n.replace(".base_layer.", "."): p for n, p in transformer.named_parameters()
+              if "lora_" not in n and "lokr_" not in n}
     for p in params.values():
         if not p.dtype.is_floating_point or (type(p) is not torch.nn.Parameter and not is_sharded(p)):
             raise TypeError("the base weights are quantised; they cannot be swapped in place")
