@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--grid", default=None, help="write the Raw and Turbo samples to this PNG")
+    p.add_argument("--style-folder", default="datasets/demo",
+                   help="images whose VAE round trip is measured (style distance; '' to skip)")
     args = p.parse_args(argv)
 
     import torch
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
     from krea2_train.evaluate.prompt_following import measure_all
 
     figures = measure_all(args.root, count=args.prompts, seed=args.seed, verify=args.root is None,
-                          keep_images=bool(args.grid))
+                          keep_images=bool(args.grid), style_folder=args.style_folder or None)
     images = {v: figures[v].pop("images", None) for v in ("raw", "turbo")}
     print(json.dumps(figures, indent=2))
     for variant, target in TARGETS.items():

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
     from krea2_train.evaluate.prompt_following import measure_all
 
     out = micro.assemble(args.work, args.out)
-    figures = measure_all(out)
+    posters = Path(__file__).resolve().parents[1] / "datasets" / "demo"
+    figures = measure_all(out, style_folder=posters if posters.is_dir() else None)
     info = {
         "name": "micro",
         "command": "python scripts/pretrain_micro.py" + (" --smoke" if args.smoke else "")

@@ -201,26 +201,30 @@ def test_folders_that_cannot_caption_are_refused_naming_the_fix(tiny_dir, tmp_pa
         cap.check_caption_folder(te)
 
 
-def test_text_only_folder_is_refused_and_enable_captioning_fixes_it(tiny_dir, tmp_path):
-    """The micro model's text encoder ships without the vision tokens and processor files: a clear refusal, and
-    enable_captioning writes a copy that captions (its language model rows unchanged)."""
+def test_text_only_folder_is_refused_and_enable_captioning_fixes_it(tmp_path):
+    """A Qwen3-VL folder without the vision tokens and processor files (the micro text encoder as pretraining
+    writes it): a clear refusal, and enable_captioning (what micro.assemble ships) writes a copy that captions, its
+    language model rows unchanged. The shipped micro text encoder captions."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    from krea2_train.models.micro import WEIGHTS_DIR
+    from krea2_train.data import world
+    from krea2_train.models import micro
     from krea2_train.models.tiny import enable_captioning
 
-    micro_te = Path(WEIGHTS_DIR) / "text_encoder"
-    if (micro_te / "preprocessor_config.json").exists():
-        pytest.skip("the micro text encoder captions already")
+    model, tokenizer = micro.build_text_encoder(world.WORDS)
+    text_only = tmp_path / "text_only"
+    model.to(torch.bfloat16).save_pretrained(text_only, safe_serialization=True)
+    tokenizer.save_pretrained(text_only)
     with pytest.raises(cap.CaptionError, match="missing preprocessor_config.json"):
-        cap.Captioner.from_path(micro_te)
-    copy = enable_captioning(micro_te, tmp_path / "te")
-    c = cap.Captioner.from_path(copy, max_pixels=MAX_PIXELS)
+        cap.Captioner.from_path(text_only)
+    copy = enable_captioning(text_only, tmp_path / "te")
     image = Image.open(_images(tmp_path / "d", 1)[0]).convert("RGB")
-    assert len(c.generate([image], "Describe the image.", 4)[0]) <= 4
-    a = Qwen3VLForConditionalGeneration.from_pretrained(micro_te).get_input_embeddings().weight
-    b = c.model.get_input_embeddings().weight
-    assert torch.equal(a, b[: a.shape[0]])
+    for folder in (copy, Path(micro.WEIGHTS_DIR) / "text_encoder"):
+        c = cap.Captioner.from_path(folder, max_pixels=MAX_PIXELS)
+        assert len(c.generate([image], "Describe the image.", 4)[0]) <= 4
+    a = Qwen3VLForConditionalGeneration.from_pretrained(text_only).get_input_embeddings().weight
+    b = Qwen3VLForConditionalGeneration.from_pretrained(copy).get_input_embeddings().weight
+    assert b.dtype == torch.bfloat16 and torch.equal(a, b[: a.shape[0]])
 
 
 def test_caption_cache_reuses_same_settings_and_redoes_changed(tiny_dir, tmp_path, captioner, monkeypatch):

@@ -1,15 +1,16 @@
 """The shipped micro Krea 2 (krea2_train/models/micro_weights): files, loaders, sizes, and that it has learnt.
 
 Nothing is pretrained here; the figures come from sampling the committed files. Prompt following is checked on 8
-seeded prompts against a threshold (5 of 8) that a model ignoring the prompt fails: the same check run on a random
-micro transformer and on the shipped one fed the wrong prompts must fall below it (asserted below). What is checked
-is the prompted *background* colour, which this build follows; the issue's foreground-colour figure (target 80% /
-75%) is measured by scripts/measure_micro.py and recorded in the manifest, and this build misses it.
+seeded prompts against thresholds (background colour 5 of 8, shape colour 4 of 8) that a model ignoring the prompt
+fails: the same check run on a random micro transformer and on the shipped one fed the wrong prompts must fall below
+them (asserted below). The issue's figure over 64 prompts (shape colour, target 80% Raw / 75% Turbo) is measured by
+scripts/measure_micro.py and recorded in the manifest: this build reaches 67% / 64%.
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +23,10 @@ from krea2_train.models.loading import ModelLoadError, load_text_encoder, load_t
 from krea2_train.models.text_encoder import TextEncoder
 from krea2_train.models.vae import VAE
 
+ROOT = Path(__file__).resolve().parents[1]
 FOLLOW_PROMPTS = 8
 FOLLOW_THRESHOLD = 5 / 8
+SHAPE_COLOUR_THRESHOLD = 4 / 8  # measured on this subset: Raw 7/8, Turbo 5/8; a model ignoring the text ~1/8
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -148,20 +151,39 @@ def test_turbo_samples_at_sizes(parts, size):
 
 def test_raw_samples_with_guidance(parts):
     settings = SampleSettings.raw(height=128, width=128, steps=12)
-    (image,) = sample_images(parts["raw"], parts["text"], parts["vae"], ["a yellow square on a black background"],
-                             settings, [2])
-    assert image.size == (128, 128) and read_image(image).foreground is not None
+    images = sample_images(parts["raw"], parts["text"], parts["vae"], ["a red circle on a blue background"] * 4,
+                           settings, [1, 2, 3, 4])
+    readings = [read_image(im) for im in images]
+    assert all(im.size == (128, 128) for im in images)
+    assert sum(r.foreground == "red" and r.background == "blue" for r in readings) >= 3, readings
 
 
 def test_text_encoder_keeps_captions_apart(parts):
-    """The random text encoder must tell colours apart and where they stand (shape colour vs background)."""
+    """The text encoder tells the colours apart, and is causal (roles: the next test)."""
     a, b = (parts["text"].encode_one(p) for p in ("a red circle on a blue background",
                                                    "a blue circle on a red background"))
     rel = ((a - b).norm(dim=-1) / a.norm(dim=-1))[:, -1]  # deepest tap, per token
     assert rel[1] > 0.5 and rel[5] > 0.5  # the two colour tokens
-    # the shape word, and "background" after both colours, carry which colour came first
-    assert rel[2] > 0.03 and rel[6] > 0.015
     assert rel[0] < 1e-4  # the same first word in the same place: the same state (causal)
+
+
+def test_text_encoder_says_which_colour_is_the_shape(parts):
+    """Krea 2's transformer sees every text token at one position, so a word's role must be in its own hidden
+    state: "red" as the shape colour and "red" as the background colour differ at the deepest tap, by more than
+    the random encoder managed (cosine 0.986); and the two colours still differ from each other in each role."""
+    import itertools
+
+    cos = torch.nn.functional.cosine_similarity
+    colours = list(world.COLOURS)
+    shape_role, ground_role = {c: [] for c in colours}, {c: [] for c in colours}
+    for c, b in itertools.permutations(colours, 2):
+        h = parts["text"].encode_one(f"a {c} circle on a {b} background")[:, -1]
+        shape_role[c].append(h[1])
+        ground_role[b].append(h[5])
+    means = {c: (torch.stack(shape_role[c]).mean(0), torch.stack(ground_role[c]).mean(0)) for c in colours}
+    same_word_other_role = sum(cos(f, g, 0) for f, g in means.values()) / len(colours)
+    other_word_same_role = sum(cos(means[a][0], means[b][0], 0) for a, b in itertools.combinations(colours, 2)) / 28
+    assert same_word_other_role < 0.8 and other_word_same_role < 0.9, (same_word_other_role, other_word_same_role)
 
 
 # ---------------------------------------------------------------------------------------------- learnt
@@ -172,6 +194,7 @@ def test_prompt_following_subset(parts, variant):
     result = prompt_following(parts[variant], parts["text"], parts["vae"], settings, count=FOLLOW_PROMPTS, seed=1)
     result.pop("images")
     assert result["background_accuracy"] >= FOLLOW_THRESHOLD, result
+    assert result["colour_accuracy"] >= SHAPE_COLOUR_THRESHOLD, result
 
 
 def test_prompt_following_check_can_fail(parts):
@@ -187,6 +210,7 @@ def test_prompt_following_check_can_fail(parts):
                               seed=1)
     result.pop("images")
     assert result["background_accuracy"] < FOLLOW_THRESHOLD, result
+    assert result["colour_accuracy"] < SHAPE_COLOUR_THRESHOLD, result
 
     class ShiftedText:  # encodes each prompt with every colour replaced by the next palette colour
         names = list(world.COLOURS)
@@ -201,6 +225,7 @@ def test_prompt_following_check_can_fail(parts):
     result = prompt_following(parts["turbo"], ShiftedText(), parts["vae"], settings, count=FOLLOW_PROMPTS, seed=1)
     result.pop("images")
     assert result["background_accuracy"] < FOLLOW_THRESHOLD, result
+    assert result["colour_accuracy"] < SHAPE_COLOUR_THRESHOLD, result
 
 
 # ------------------------------------------------------------------------------------------------ world
@@ -227,6 +252,27 @@ def test_world_lacks_the_demo_style():
         if "black" not in (scene.colour, scene.background):
             assert (arr.max(-1) < 60).mean() < 0.002  # no dark outline
         assert "poster" not in caption and "outline" not in caption
+
+
+def test_vae_training_images_are_not_the_posters():
+    """The VAE's broader images (broad_image, graphic_image) are drawn from their own rules, not the demo posters:
+    as a set they sit as far from the posters' style as the world does (several times the posters' own spread)."""
+    from krea2_train.evaluate.style import StyleReference
+
+    ref = StyleReference.from_folder(ROOT / "datasets" / "demo")
+    for images in ([world.graphic_image(5, i) for i in range(32)], [world.broad_image(5, i) for i in range(32)]):
+        assert ref.distance(images) > 4 * ref.spread
+    a, b = world.graphic_image(2, 3), world.graphic_image(2, 3)
+    assert a.tobytes() == b.tobytes() and a.tobytes() != world.graphic_image(2, 4).tobytes()
+
+
+def test_vae_keeps_the_poster_style(parts):
+    """A LoRA can only show a style its VAE can decode: the posters' round trip through the shipped VAE stays close
+    to the posters (the world, another style, is far)."""
+    from krea2_train.evaluate.prompt_following import style_roundtrip
+
+    got = style_roundtrip(parts["vae"], ROOT / "datasets" / "demo")
+    assert got["distance_roundtrip"] < 0.25 * got["distance_world"], got
 
 
 def test_single_frame_vae_path_is_exact():

@@ -133,3 +133,108 @@ def prompt_set(seed: int, count: int) -> list[Scene]:
         colour, background = rng.sample(sorted(COLOURS), 2)
         scenes.append(Scene(colour, rng.choice(SHAPES), background))
     return scenes
+
+
+# ------------------------------------------------------------------------------------------ the VAE's wider world
+def broad_image(seed: int, index: int, size: int = SIZE):
+    """A random flat-graphics picture for training the micro VAE only: any RGB colours (not the world's eight),
+    1-5 overlapping shapes and bars, outlines of random width and colour, stripes, gradients and grain.
+
+    A real VAE is trained on far more than its transformer's data; one trained on the world alone cannot represent
+    a picture outside it (measured: the demo posters' cream paper came back white, teal purple, outlines lost), so a
+    LoRA could never show a new style through it. This set covers the kinds of thing a style brings (palettes, ink
+    lines, hatching, paper grain) without drawing the demo posters themselves."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed * 1_000_003 + index + 7)
+    k = 2
+    big = size * k
+
+    def colour():
+        return tuple(rng.randrange(256) for _ in range(3))
+
+    img = Image.new("RGB", (big, big), colour())
+    draw = ImageDraw.Draw(img)
+    if rng.random() < 0.35:  # vertical or horizontal gradient
+        a, b = np.array(colour(), np.float32), np.array(colour(), np.float32)
+        t = np.linspace(0, 1, big, dtype=np.float32)[:, None, None]
+        grad = (a * (1 - t) + b * t).repeat(big, axis=1)
+        img = Image.fromarray((grad if rng.random() < 0.5 else grad.transpose(1, 0, 2)).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+    if rng.random() < 0.4:  # stripes / hatching across the whole frame
+        step, width, ink = rng.randint(4, 24), rng.randint(1, 4), colour()
+        for x in range(-big, big, step):
+            draw.line([(x, 0), (x + big, big)] if rng.random() < 0.5 else [(x, 0), (x, big)], fill=ink, width=width)
+    for _ in range(rng.randint(1, 5)):
+        w, h = rng.uniform(0.1, 0.7) * big, rng.uniform(0.1, 0.7) * big
+        x, y = rng.uniform(-0.1, 0.9) * big, rng.uniform(-0.1, 0.9) * big
+        box = (x, y, x + w, y + h)
+        outline = colour() if rng.random() < 0.5 else (rng.randrange(40),) * 3
+        width = rng.choice((0, 0, 2, 4, 8, 12))
+        kind = rng.randrange(4)
+        if kind == 0:
+            draw.ellipse(box, fill=colour(), outline=outline, width=width)
+        elif kind == 1:
+            draw.rectangle(box, fill=colour(), outline=outline, width=width)
+        elif kind == 2:
+            draw.polygon([(x + w / 2, y), (x + w, y + h), (x, y + h)], fill=colour(), outline=outline,
+                         width=width)
+        else:
+            draw.pieslice(box, rng.choice((0, 90, 180, 270)), rng.choice((180, 270, 360)) , fill=colour(),
+                          outline=outline, width=width)
+    out = np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.float32)
+    if rng.random() < 0.4:  # paper grain
+        out = out + np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(2, 10), out.shape)
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def broad_batch(seed: int, start: int, count: int, size: int = SIZE) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1]: broad_image for items start .. start+count-1."""
+    return to_tensor([broad_image(seed, i, size) for i in range(start, start + count)])
+
+
+def graphic_image(seed: int, index: int, size: int = SIZE):
+    """A random flat graphic design for the micro VAE's second phase: a pale paper-like ground (any light colour,
+    sometimes finely hatched in a darker tone of itself), 1-6 flat shapes and bars in random colours, most with
+    near-black outlines 1-5 px wide at 128 px. `broad_image` rarely draws a pale ground or a thin dark line, and
+    a VAE that never saw them turns a cream page white and drops outlines; never the demo posters themselves
+    (their own palette and layouts are not drawn here; tests check the distance)."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed * 1_000_003 + index + 13)
+    k = 4
+    big = size * k
+    ground = tuple(rng.randint(170, 255) for _ in range(3))
+    img = Image.new("RGB", (big, big), ground)
+    draw = ImageDraw.Draw(img)
+    if rng.random() < 0.5:
+        shade = tuple(max(0, c - rng.randint(10, 40)) for c in ground)
+        step, width = rng.randint(8, 28), rng.randint(2, 5)
+        for x in range(-big, big, step):
+            draw.line([(x, 0), (x + big, big)], fill=shade, width=width)
+    ink = (rng.randrange(50),) * 3
+    for _ in range(rng.randint(1, 6)):
+        w, h = rng.uniform(0.08, 0.6) * big, rng.uniform(0.08, 0.6) * big
+        if rng.random() < 0.3:  # a bar
+            h = rng.uniform(0.03, 0.1) * big
+        x, y = rng.uniform(0.0, 1.0) * big - w / 2, rng.uniform(0.0, 1.0) * big - h / 2
+        box = (x, y, x + w, y + h)
+        fill = tuple(rng.randrange(256) for _ in range(3))
+        width = rng.choice((0, 4, 6, 8, 12, 16, 20))
+        kind = rng.randrange(4)
+        if kind == 0:
+            draw.ellipse(box, fill=fill, outline=ink, width=width)
+        elif kind == 1:
+            draw.rectangle(box, fill=fill, outline=ink, width=width)
+        elif kind == 2:
+            draw.polygon([(x + w / 2, y), (x + w, y + h), (x, y + h)], fill=fill, outline=ink, width=width)
+        else:
+            draw.pieslice(box, 180, 360, fill=fill, outline=ink, width=width)
+    if rng.random() < 0.5:  # a frame around the page
+        draw.rectangle((0, 0, big - 1, big - 1), outline=ink, width=rng.choice((4, 8, 12)))
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def graphic_batch(seed: int, start: int, count: int, size: int = SIZE) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1]: graphic_image for items start .. start+count-1."""
+    return to_tensor([graphic_image(seed, i, size) for i in range(start, start + count)])

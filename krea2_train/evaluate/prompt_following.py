@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -128,11 +129,33 @@ def vae_roundtrip(vae, count: int = 64, seed: int = 777) -> dict:
             "colour_accuracy": float(np.mean([r.foreground == sc.colour for r, sc in zip(readings, scenes)]))}
 
 
+def style_roundtrip(vae, folder, size: int = 128) -> dict:
+    """How much of a style survives the VAE alone: the style distance (evaluate/style.py) of `folder`'s images
+    encoded and decoded at `size` px, beside that of the micro world's images (a different style) for scale. A LoRA
+    can never bring a picture closer to the style than its VAE round trip."""
+    from PIL import Image
+
+    from krea2_train.evaluate.style import StyleReference
+    from krea2_train.models.vae import to_pil
+
+    ref = StyleReference.from_folder(folder)
+    files = sorted(p for p in Path(folder).glob("*.png"))
+    images = [Image.open(f).convert("RGB").resize((size, size), Image.LANCZOS) for f in files]
+    rec = to_pil(torch.cat([vae.decode(vae.encode(world.to_tensor(images[i:i + 8]))) for i in range(0, len(images),
+                                                                                                    8)]))
+    other, _, _ = world.world_batch(777, 0, len(images))
+    return {"images": len(images), "distance_roundtrip": round(ref.distance(rec), 3),
+            "distance_originals": round(ref.distance(images), 3),
+            "distance_world": round(ref.distance(to_pil(other)), 3)}
+
+
 def measure_all(root=None, count: int = 64, seed: int = 0, size: int = 128, timing: bool = True,
-                verify: bool = False, keep_images: bool = False, guidance: float | None = None) -> dict:
+                verify: bool = False, keep_images: bool = False, guidance: float | None = None,
+                style_folder=None) -> dict:
     """The micro model's figures: Raw (28 steps, CFG) and Turbo (8 steps, no CFG) prompt following, seconds per
     128 px image (on this machine's current torch thread count). `root`: a folder in the shipped layout (default the
-    shipped model); `verify`: check its manifest first (off while building it, as the manifest comes after)."""
+    shipped model); `verify`: check its manifest first (off while building it, as the manifest comes after);
+    `style_folder`: images (the demo posters) whose VAE round trip is measured (`style_roundtrip`)."""
     from krea2_train.inference import SampleSettings
     from krea2_train.models.micro import load_micro
 
@@ -151,6 +174,8 @@ def measure_all(root=None, count: int = 64, seed: int = 0, size: int = 128, timi
             result["seconds_per_image"] = round(seconds_per_image(transformer, text_encoder, vae, settings), 3)
         out[variant] = result
     out["vae_roundtrip"] = vae_roundtrip(vae)
+    if style_folder is not None:
+        out["vae_style_roundtrip"] = style_roundtrip(vae, style_folder)
     return out
 
 

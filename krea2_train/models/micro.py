@@ -62,9 +62,9 @@ MICRO_TRANSFORMER = dict(
     axes_dims_rope=(32, 48, 48),
 )
 
-# 36 layers so the Krea 2 taps (hidden_states[2 .. 35]) exist; narrow MLPs keep it a few MB. It stays random: a
-# Krea 2 LoRA never trains the text encoder, and the text fusion learns to read what it gives (tests check that
-# captions stay distinguishable).
+# 36 layers so the Krea 2 taps (hidden_states[2 .. 35]) exist; narrow MLPs keep it a few MB. Pretraining gives it a
+# short language-model training on the grammar (train/micro_pretrain.train_text_encoder: a random encoder does not
+# say which colour is the foreground); a Krea 2 LoRA never trains it.
 MICRO_TEXT = dict(
     hidden_size=160,
     intermediate_size=64,
@@ -236,17 +236,20 @@ def check_tokenizer(tokenizer, words: str) -> None:
 
 
 def assemble(work, out=None) -> Path:
-    """Copy a finished pretraining run's model files (work folder of micro_pretrain) into the shipped layout."""
+    """Copy a finished pretraining run's model files (work folder of micro_pretrain) into the shipped layout. The text
+    encoder gets Qwen3-VL's vision tokens and processor files (tiny.enable_captioning), so `krea2-train caption` runs
+    on it; the rows of the words it was trained on are unchanged, so are their hidden states."""
     import shutil
 
+    from krea2_train.models.tiny import enable_captioning
     from krea2_train.utils.io import atomic_dir
 
     work, out = Path(work), Path(out or WEIGHTS_DIR)
     with atomic_dir(out) as tmp:
         for name in ("transformer_raw.safetensors", "transformer_turbo.safetensors"):
             shutil.copy2(work / name, tmp / name)
-        for name in ("text_encoder", "vae"):
-            shutil.copytree(work / name, tmp / name)
+        shutil.copytree(work / "vae", tmp / "vae")
+        enable_captioning(work / "text_encoder", tmp / "text_encoder")
     return out
 
 

@@ -195,7 +195,7 @@ def enable_captioning(src, dst, seed: int = SEED + 4) -> Path:
     the micro model's text encoder, which ships without them; the language model's existing rows are unchanged."""
     from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
-    model = Qwen3VLForConditionalGeneration.from_pretrained(src)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(src, torch_dtype="auto")  # keep the stored dtype
     tokenizer = AutoTokenizer.from_pretrained(src)
     torch.manual_seed(seed)
     add_vision_tokens(model, tokenizer)
