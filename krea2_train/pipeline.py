@@ -93,6 +93,21 @@ def cache(cfg, scan):
     return build_caches(cfg.data, cfg.model, cfg.cache_dir, res, scan=scan)
 
 
+def _epochs(cfg, dataset_size: int) -> int:
+    """Passes over the training images (kohya's ss_num_epochs, whole passes rounded up): images drawn by every
+    process of the run (RUN/runtime.json says how many trained it) over the training images."""
+    import json
+    import math
+
+    runtime = cfg.run_dir / "runtime.json"
+    try:
+        processes = int(json.loads(runtime.read_text()).get("processes", 1))
+    except (OSError, ValueError):
+        processes = 1
+    seen = sum(st.steps * st.batch_size for st in cfg.train.stages) * cfg.train.gradient_accumulation * processes
+    return math.ceil(seen / dataset_size)
+
+
 def export_settings(cfg, manifest=None) -> tuple[str, dict]:
     """The exported files' name stem and header metadata, as the config asks for them now."""
     name = cfg.export.name or cfg.run_name
@@ -104,6 +119,8 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
     if manifest is not None:
         train = [i for i in manifest.items if i.get("split") == "train"]
         metadata["dataset_size"] = len(train)
+        if train:
+            metadata["epochs"] = _epochs(cfg, len(train))
         # Civitai's ss_dataset_dirs / ss_tag_frequency (lora/civitai.py): per dataset folder, its training images
         # and the tags of their captions as trained (trigger word included).
         from krea2_train.lora.civitai import tag_frequency

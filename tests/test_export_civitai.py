@@ -97,3 +97,18 @@ def test_model_hash_is_over_tensor_data_only(adapter, tmp_path):
             hashes.append(f.metadata()["sshs_model_hash"])
         assert hashes[-1] == _data_hash_from_file(p)
     assert hashes[0] == hashes[1] != hashes[2]
+
+
+def test_epochs_count_every_process_and_stage(tmp_path):
+    """ss_num_epochs: images drawn by all processes over all stages (with accumulation) / training images, rounded
+    up; the process count is the one RUN/runtime.json recorded when the run trained."""
+    import json
+    from types import SimpleNamespace
+
+    from krea2_train.pipeline import _epochs
+
+    stages = [SimpleNamespace(steps=10, batch_size=4), SimpleNamespace(steps=5, batch_size=1)]
+    cfg = SimpleNamespace(run_dir=tmp_path, train=SimpleNamespace(stages=stages, gradient_accumulation=2))
+    assert _epochs(cfg, 14) == 7  # (40 + 5) * 2 = 90 images over 14: 6.4 passes -> 7
+    (tmp_path / "runtime.json").write_text(json.dumps({"processes": 2}))
+    assert _epochs(cfg, 14) == 13  # 180 / 14 = 12.9
