@@ -69,6 +69,11 @@ def check_data(cfg):
     if scan.fatal:
         raise UserError("the data has fatal problems; fix them and run again:\n" + format_report(scan))
     _say(f"check-data: {scan.summary()}")
+    skipped = sorted(map(str, scan.skipped_files()))
+    if skipped:  # the reasons and fixes per file: `krea2-train check-data CONFIG`, or RUN/data_report.json
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        _say(f"check-data: not trained on: {', '.join(skipped[:5])}{more} (why and how to fix: "
+             f"krea2-train check-data CONFIG, or {cfg.run_dir / 'data_report.json'})")
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # for the run page

@@ -76,8 +76,12 @@ def caption(args) -> int:
     import json
 
     from krea2_train.data.caption import caption_datasets, caption_model_path
+    from krea2_train.models.micro import resolve_models
     from krea2_train.utils.io import write_json_atomic
 
+    micro = resolve_models(args.model) if args.model else None
+    if micro is not None:  # `--model micro`: the shipped micro model's text encoder (it captions, as a model set)
+        args.model = str(micro.text_encoder)
     flags = {"data.caption.model": args.model, "data.caption.preset": args.preset,
              "data.caption.instruction": args.instruction, "data.caption.batch_size": args.batch_size,
              "data.caption.max_new_tokens": args.max_new_tokens, "data.caption.max_pixels": args.max_pixels}
@@ -108,7 +112,7 @@ def register(sub) -> None:
                            "text encoder's own vision tower (resumable; splits across processes under accelerate "
                            "launch)", caption, overrides_help="key=value overrides (e.g. data.caption.max_pixels="
                            "524288)")
-    p.add_argument("--model", help="Qwen3-VL folder to caption with (default: data.caption.model, else "
+    p.add_argument("--model", help="Qwen3-VL folder to caption with, or `micro` (default: data.caption.model, else "
                    "model.text_encoder)")
     p.add_argument("--preset", choices=CAPTION_PRESETS, help="style: the content, never the style; character / "
                    "object (product): the subject named by the trigger word, its pose, clothes, setting; general "

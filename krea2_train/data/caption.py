@@ -356,7 +356,8 @@ class CaptionReport:
                  f"{len(self.kept)} existing, {len(self.failed)} failed{rate}; longest {self.max_tokens} tokens"]
         for f, c in self.written[: 5 if self.dry_run else 0]:
             lines.append(f"  {f}: {c}")
-        lines += [f"  failed: {i}: {w}" for i, w in self.failed]
+        # the reason usually names the file already (ImageProblem messages start with the path)
+        lines += [f"  failed: {w}" if str(w).startswith(str(i)) else f"  failed: {i}: {w}" for i, w in self.failed]
         return "\n".join(lines)
 
 

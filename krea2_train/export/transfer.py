@@ -354,6 +354,9 @@ def _reading(ratio: float, cosine: float, strength: float) -> str:
         parts.append(f"the LoRA acts with similar strength on Turbo ({ratio:.2f}x)")
     if cosine < 0.5:
         parts.append(f"its direction differs on Turbo (cosine {cosine:.2f}): expect artefacts, compare the grid")
+    elif cosine < 0.8:  # the fit scales only the part along Raw's effect: s ~ cosine / ratio, below 1 even if weaker
+        parts.append(f"only partly along its Raw direction (cosine {cosine:.2f}), so the best-fitting strength is "
+                     "about cosine / ratio")
     parts.append(f"suggested Turbo strength {strength:.2f}")
     return "; ".join(parts)
 
