@@ -123,7 +123,10 @@ def summarize(raw: dict, turbo: dict, guidance: float) -> dict:
 
 
 def slider_reading(section: list[dict]) -> str:
+    """One sentence per slider. The range is measured (the swept strengths over which Turbo moves monotonically along
+    the direction), the strength matching Raw's +-1 is fitted; they are different figures and said apart."""
     parts = []
+    max_swept = max(abs(x) for x in SLIDER_STRENGTHS)
     for i, s in enumerate(section):
         rng = s["suggested_turbo_range"]
         parts.append(
@@ -131,7 +134,11 @@ def slider_reading(section: list[dict]) -> str:
             + ("monotonic" if s["monotonic"] else "NOT monotonic") + ", "
             + ("symmetric" if s["symmetric"] else "asymmetric") + ", "
             + (f"{s['ratio']:.2f}x of Raw's effect" if s["ratio"] is not None else "no Raw effect to compare")
-            + (f", use strengths {rng[0]:g} to {rng[1]:g}" if rng else ", no swept range moves it monotonically")
-            + (f" (Raw's +-1 is Turbo's +-{s['suggested_turbo_strength']:.2f})"
+            + (f", moves steadily over {rng[0]:g} to {rng[1]:g}" + (" (all that was swept)" if rng[1] >= max_swept
+                                                                     else "") if rng
+               else ", no swept range moves it monotonically")
+            + (f"; Raw's +-1 is Turbo's +-{s['suggested_turbo_strength']:.2f}"
+               + (" (beyond the swept range: check it in the grid)"
+                  if rng and s["suggested_turbo_strength"] > rng[1] else "")
                if s["suggested_turbo_strength"] is not None else ""))
     return "; ".join(parts)
