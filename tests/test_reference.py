@@ -1,0 +1,130 @@
+"""The reference-latent forward (models/reference.py) against independent computations of ComfyUI's Krea 2 rules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from krea2_train.models.loading import load_transformer
+from krea2_train.models.reference import reference_forward
+from krea2_train.schedule import pack_latents, position_ids
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    torch.set_num_threads(1)
+    m = load_transformer(tiny_dir / "transformer_raw.safetensors", dtype="float32")
+    # the tiny file's modulation tables may be small: make t and t=0 modulations clearly differ per block
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for blk in m.transformer_blocks:
+            blk.scale_shift_table.add_(0.1 * torch.randn(blk.scale_shift_table.shape, generator=g))
+    return m.eval()
+
+
+def _inputs(b=2, txt=5, h=8, w=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 16, h, w, generator=g)
+    text = torch.randn(b, txt, 12, 32, generator=g)
+    sig = torch.tensor([0.7, 0.3])[:b]
+    refs = [torch.randn(b, 16, 6, 4, generator=g), torch.randn(1, 16, 4, 8, generator=g)]
+    return pack_latents(x), text, sig, position_ids(txt, h // 2, w // 2), refs
+
+
+def _comfy_ids(txt, grids):
+    """ComfyUI process_img: img_ids[..., 0] = index, [..., 1] = row, [..., 2] = col; text zeros."""
+    rows = [torch.zeros(txt, 3)]
+    for index, (gh, gw) in enumerate(grids):
+        ids = torch.zeros(gh, gw, 3)
+        ids[..., 0] = index
+        ids[..., 1] = torch.arange(gh, dtype=torch.float32)[:, None]
+        ids[..., 2] = torch.arange(gw, dtype=torch.float32)[None, :]
+        rows.append(ids.reshape(gh * gw, 3))
+    return torch.cat(rows)
+
+
+def _seq(x, refs, b):
+    return torch.cat([x] + [pack_latents(r.expand(b, -1, -1, -1)) for r in refs], dim=1)
+
+
+@torch.no_grad()
+def test_no_references_is_the_plain_forward(model):
+    x, text, sig, pos, _ = _inputs()
+    plain = model(hidden_states=x, encoder_hidden_states=text, timestep=sig, position_ids=pos, return_dict=False)[0]
+    assert torch.equal(reference_forward(model, x, text, sig, pos, None), plain)
+    assert torch.equal(reference_forward(model, x, text, sig, pos, []), plain)
+
+
+@torch.no_grad()
+def test_index_equals_the_concatenated_sequence(model):
+    """`index`: the model's own forward on [image, ref1, ref2] with ComfyUI's ids, output sliced to the image."""
+    x, text, sig, pos, refs = _inputs()
+    ids = _comfy_ids(5, [(4, 3), (3, 2), (2, 4)])
+    full = model(hidden_states=_seq(x, refs, 2), encoder_hidden_states=text, timestep=sig, position_ids=ids,
+                 return_dict=False)[0][:, :x.shape[1]]
+    out = reference_forward(model, x, text, sig, pos, refs, "index")
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+    # the references matter, and their order matters (axis-0 index follows the list)
+    plain = reference_forward(model, x, text, sig, pos, None)
+    assert (out - plain).abs().max() > 1e-3
+    swapped = reference_forward(model, x, text, sig, pos, refs[::-1], "index")
+    assert (out - swapped).abs().max() > 1e-4
+
+
+def _comfy_block(blk, x, vec, vec0, rope, k):
+    """ComfyUI SingleStreamBlock.forward with timestep_zero_index=k, written out from its code."""
+    mod = vec.unflatten(-1, (6, -1)) + blk.scale_shift_table
+    mod0 = vec0.unflatten(-1, (6, -1)) + blk.scale_shift_table
+    ps, psh, pg, qs, qsh, qg = mod.unbind(-2)
+    rps, rpsh, rpg, rqs, rqsh, rqg = mod0.unbind(-2)
+    pre = blk.norm1(x).clone()
+    pre[:, :k] = pre[:, :k] * (1 + ps) + psh
+    pre[:, k:] = pre[:, k:] * (1 + rps) + rpsh
+    attn = blk.attn(pre, image_rotary_emb=rope).clone()
+    attn[:, :k] *= pg
+    attn[:, k:] *= rpg
+    x = x + attn
+    post = blk.norm2(x).clone()
+    post[:, :k] = post[:, :k] * (1 + qs) + qsh
+    post[:, k:] = post[:, k:] * (1 + rqs) + rqsh
+    mlp = blk.ff(post).clone()
+    mlp[:, :k] *= qg
+    mlp[:, k:] *= rqg
+    return x + mlp
+
+
+@torch.no_grad()
+def test_index_timestep_zero_matches_comfy_rules(model):
+    x, text, sig, pos, refs = _inputs()
+    n_img = x.shape[1]
+    ids = _comfy_ids(5, [(4, 3), (3, 2), (2, 4)])
+    t = model.time_embed(sig, dtype=torch.float32)
+    vec = model.time_mod_proj(F.gelu(t, approximate="tanh"))
+    vec0 = model.time_mod_proj(F.gelu(model.time_embed(torch.zeros_like(sig), dtype=torch.float32),
+                                      approximate="tanh"))
+    ctx = model.txt_in(model.text_fusion(text))
+    h = torch.cat([ctx, model.img_in(_seq(x, refs, 2))], dim=1)
+    rope = model.rotary_emb(ids)
+    for blk in model.transformer_blocks:
+        h = _comfy_block(blk, h, vec, vec0, rope, 5 + n_img)
+    want = model.final_layer(h, t)[:, 5:5 + n_img]
+    out = reference_forward(model, x, text, sig, pos, refs, "index_timestep_zero")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert (out - reference_forward(model, x, text, sig, pos, refs, "index")).abs().max() > 1e-4
+
+
+def test_masked_text_and_gradients_reach_lora(model):
+    """A padded text mask gives the unpadded answer; gradients flow through the wrapper."""
+    x, text, sig, pos, refs = _inputs()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    with torch.no_grad():
+        a = reference_forward(model, x, text, sig, pos, refs, "index_timestep_zero", encoder_attention_mask=mask)
+        b = reference_forward(model, x[1:], text[1:, :3], sig[1:], position_ids(3, 4, 3),
+                              [r[-1:] for r in refs], "index_timestep_zero")
+    torch.testing.assert_close(a[1:], b, rtol=1e-5, atol=1e-5)
+    w = model.transformer_blocks[0].attn.to_q.weight
+    w.requires_grad_(True)
+    reference_forward(model, x, text, sig, pos, refs, "index").square().mean().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    w.grad = None
