@@ -70,6 +70,11 @@ class CaptionConfig:
 @dataclass
 class DataConfig:
     datasets: List[DatasetConfig] = field(default_factory=list)
+    # Edit LoRAs: every image has a reference image of the same file name (any image extension) in
+    # <dataset>/<reference_folder>/ (folder datasets); the reference's latent is given to the transformer clean, beside
+    # the noisy target (models/reference.py). That folder is not trained on as images.
+    reference: bool = False
+    reference_folder: str = "reference"
     # Where the trigger word goes: prefix ("trigger, caption") or suffix ("caption, trigger").
     trigger_position: str = choice("prefix", ("prefix", "suffix"))
     trigger_separator: str = ", "
@@ -124,6 +129,11 @@ def validate_data_config(cfg: DataConfig) -> None:
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
     need(cfg.text_batch_size >= 1 and cfg.vae_batch_size >= 1, "text_batch_size",
          "and data.vae_batch_size must be >= 1")
+    need(not (cfg.reference and cfg.flip), "flip",
+         "= true with data.reference: true: a flipped target needs a flipped reference, which is not cached yet; set "
+         "data.flip: false")
+    need(not cfg.reference or (cfg.reference_folder.strip() and "/" not in cfg.reference_folder.strip("/")),
+         "reference_folder", f"= {cfg.reference_folder!r}: give a folder name inside each dataset (e.g. reference)")
     c = cfg.caption
     need(1 <= c.max_new_tokens <= 2048, "caption.max_new_tokens", f"= {c.max_new_tokens}: use 1 to 2048 (captions "
          "are cut to the 507 tokens the text encoder reads anyway)")

@@ -237,6 +237,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
             need(bool(cfg.export.verify and cfg.model.turbo), "export.verify",
                  "must be true with model.turbo set for lora.type: dora: a DoRA file for ComfyUI is computed against "
                  "the Turbo weights (ComfyUI normalises DoRA by the base weight) and checked there")
+    if cfg.data.reference:
+        need(cfg.train.mode == "lora", "data.reference", f"= true needs train.mode: lora (not {cfg.train.mode}); "
+             "set data.reference: false for a slider")
     need(len(cfg.train.stages) >= 1, "train.stages", "must list at least one stage")
     for i, st in enumerate(cfg.train.stages):
         k = f"train.stages[{i}]"

@@ -63,6 +63,11 @@ class TrainSection:
     # +strength and down at -strength, taught by Raw itself (no data; config/slider.py, train/slider.py).
     mode: str = choice("lora", ("lora", "slider"))
     sliders: List[SliderTarget] = field(default_factory=list)
+    # With data.reference: how the reference tokens enter, as ComfyUI's Krea 2 model reads ref_latents_method
+    # (models/reference.py). index (default): every ComfyUI method value other than index_timestep_zero (its
+    # FluxKontextMultiReferenceLatentMethod node's default "offset" included) runs as index in Krea 2's model.
+    # index_timestep_zero: reference tokens modulated with timestep 0; the graph must then set that method.
+    reference_method: str = choice("index", ("index", "index_timestep_zero"))
 
 
 @dataclass
