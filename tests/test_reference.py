@@ -128,3 +128,25 @@ def test_masked_text_and_gradients_reach_lora(model):
     reference_forward(model, x, text, sig, pos, refs, "index").square().mean().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
     w.grad = None
+
+
+def test_sample_with_reference(tiny_dir, tmp_path, one_torch_thread, capsys):
+    """`sample --reference IMG`: the reference changes the image (same seed); a bad file is refused by name."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from krea2_train.cli import main
+    demo = sorted((Path(__file__).resolve().parents[1] / "datasets" / "demo").glob("*.png"))
+    common = ["sample", "--models", str(tiny_dir), "--prompt", "a red circle", "--height", "64", "--width", "64",
+              "--steps", "2", "--dtype", "float32", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--reference", str(demo[0]), "--out", str(tmp_path / "ref")]) == 0
+    assert main([*common, "--reference", str(demo[0]), "--reference", str(demo[1]),
+                 "--reference-method", "index_timestep_zero", "--out", str(tmp_path / "ref2")]) == 0
+    imgs = [torch.tensor(list(Image.open(next((tmp_path / d).glob("*.png"))).getdata()), dtype=torch.float32)
+            for d in ("plain", "ref", "ref2")]
+    assert (imgs[0] - imgs[1]).abs().max() > 0 and (imgs[1] - imgs[2]).abs().max() > 0
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    assert main([*common, "--reference", str(tmp_path / "bad.png"), "--out", str(tmp_path / "bad")]) != 0
+    assert "--reference" in capsys.readouterr().err and not (tmp_path / "bad").exists()
