@@ -70,6 +70,8 @@ def test_config_errors_name_the_key(tmp_path):
     base = ["model.transformer=a", "model.text_encoder=b", "model.vae=c", f"data.datasets=[{{path: {tmp_path}}}]"]
     with pytest.raises(UserError, match="train.reference_method"):
         load_config(None, [*base, "train.reference_method=offset"])
+    with pytest.raises(UserError, match="preview.prompts"):
+        load_config(None, [*base, "data.reference=true", "preview.prompts=[a cat]"])
     with pytest.raises(UserError, match="data.flip"):
         from krea2_train.config.data import validate_data_config
 

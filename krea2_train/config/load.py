@@ -240,6 +240,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     if cfg.data.reference:
         need(cfg.train.mode == "lora", "data.reference", f"= true needs train.mode: lora (not {cfg.train.mode}); "
              "set data.reference: false for a slider")
+        # previews would sample without the reference and show a text-to-image picture of an edit LoRA
+        need(not cfg.preview.prompts, "preview.prompts", "must be empty with data.reference: true (previews do not "
+             "take reference images yet); set preview.prompts: [] and use `krea2-train sample --reference IMG "
+             "--lora RUN_DIR`")
     need(len(cfg.train.stages) >= 1, "train.stages", "must list at least one stage")
     for i, st in enumerate(cfg.train.stages):
         k = f"train.stages[{i}]"
