@@ -150,3 +150,49 @@ def test_sample_with_reference(tiny_dir, tmp_path, one_torch_thread, capsys):
     (tmp_path / "bad.png").write_bytes(b"nope")
     assert main([*common, "--reference", str(tmp_path / "bad.png"), "--out", str(tmp_path / "bad")]) != 0
     assert "--reference" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def comfy_model(model):
+    """ComfyUI's SingleStreamDiT (its own code, tests/_comfy_krea2.py) with the tiny model's weights. ComfyUI's
+    text-fusion MLP widths are rounded to 128 (FACTS.md), which the tiny text fusion is not: its text path is the
+    diffusers one (references never enter it); every block, modulation, RoPE and the final layer are ComfyUI's."""
+    import types
+
+    import _comfy_krea2
+
+    from krea2_train.models.keys import diffusers_to_original_state_dict
+
+    krea2 = _comfy_krea2.load()
+    if krea2 is None:
+        pytest.skip("ComfyUI source not available")
+    cm = krea2.SingleStreamDiT(features=128, tdim=64, txtdim=32, heads=4, kvheads=2, multiplier=3, layers=2,
+                               txtlayers=12, txtheads=2, txtkvheads=2, operations=types.SimpleNamespace(
+                                   Linear=torch.nn.Linear))
+    sd = diffusers_to_original_state_dict(model.state_dict())
+    sd = {k: v for k, v in sd.items() if not k.startswith(("txtfusion.", "txtmlp."))}
+    missing, unexpected = cm.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith(("txtfusion.", "txtmlp.")) for k in missing), (missing, unexpected)
+
+    class _Fusion(torch.nn.Module):
+        def forward(self, x, mask=None, transformer_options=None):
+            return model.text_fusion(x)
+
+    cm.txtfusion, cm.txtmlp = _Fusion(), model.txt_in
+    return cm.float().eval()
+
+
+@pytest.mark.parametrize("method", ["index", "index_timestep_zero", None])
+@torch.no_grad()
+def test_matches_comfyui_own_model(model, comfy_model, method):
+    """ComfyUI's Krea 2 model with ref_latents (ReferenceLatent) and ref_latents_method gives our velocity; with no
+    method (the graph lacks FluxKontextMultiReferenceLatentMethod) it ignores the references, as the plain forward."""
+    from krea2_train.schedule import unpack_latents
+
+    x, text, sig, pos, refs = _inputs()
+    kw = {} if method is None else {"ref_latents_method": method}
+    comfy = comfy_model(unpack_latents(x, 8, 6), sig, text.flatten(2), ref_latents=refs, **kw)
+    ours = reference_forward(model, x, text, sig, pos, refs if method else None, method or "index")
+    other = reference_forward(model, x, text, sig, pos, refs, "index" if method != "index" else "index_timestep_zero")
+    assert (unpack_latents(other, 8, 6) - comfy).abs().max() > 1e-3  # the comparison can fail
+    torch.testing.assert_close(comfy, unpack_latents(ours, 8, 6), rtol=1e-4, atol=1e-5)
