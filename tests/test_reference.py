@@ -196,3 +196,24 @@ def test_matches_comfyui_own_model(model, comfy_model, method):
     other = reference_forward(model, x, text, sig, pos, refs, "index" if method != "index" else "index_timestep_zero")
     assert (unpack_latents(other, 8, 6) - comfy).abs().max() > 1e-3  # the comparison can fail
     torch.testing.assert_close(comfy, unpack_latents(ours, 8, 6), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_call_goes_through_the_model_and_its_hooks(model):
+    """The reference call is `model(...)` (so DDP / FSDP / forward hooks see it), with forward restored after."""
+    import copy
+
+    from krea2_train.runtime.speed import enable_text_padding_trim
+
+    x, text, sig, pos, refs = _inputs()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[:, 4:] = False  # one padded token in both rows: the trim hook drops it
+    want = reference_forward(model, x, text, sig, pos, refs, "index_timestep_zero", encoder_attention_mask=mask)
+    m = copy.deepcopy(model)
+    calls = []
+    m.register_forward_pre_hook(lambda mod, a, kw: calls.append(kw["encoder_hidden_states"].shape[1]),
+                                with_kwargs=True)
+    enable_text_padding_trim(m)
+    got = reference_forward(m, x, text, sig, pos, refs, "index_timestep_zero", encoder_attention_mask=mask)
+    assert calls == [5] and "forward" not in m.__dict__
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@
   (the final layer uses the sampling timestep; its per-token output is discarded for the references anyway);
 - the output keeps only the image tokens.
 
-Not a fork: `reference_forward` calls the model's own submodules (img_in, time_embed, time_mod_proj, text_fusion,
+Not a fork: `reference_forward` runs the model's own submodules (img_in, time_embed, time_mod_proj, text_fusion,
 txt_in, rotary_emb, transformer_blocks, final_layer) with a per-token modulation vector, which diffusers' block
 broadcasts as (B, S, 6*D) exactly as it does (B, 1, 6*D). Module names are untouched, so a PEFT LoRA on the model
 trains and exports as for text-to-image.
@@ -67,15 +67,37 @@ def reference_forward(model, hidden_states: torch.Tensor, encoder_hidden_states:
 
     hidden_states: (B, N_img, 64) packed noisy latents; encoder_hidden_states: (B, N_text, layers, width);
     timestep: (B,) sigmas; position_ids: (N_text + N_img, 3) from `schedule.position_ids`; references: list of clean
-    (B, 16, h_k, w_k) latents (each its own size), or None/[] for the plain forward (the model's own call, exactly);
-    method: `index` or `index_timestep_zero`; encoder_attention_mask: (B, N_text) bool or None.
-    `model` may be the PEFT wrapper or the bare transformer; it is called through its submodules.
+    (B or 1, 16, h_k, w_k) latents (each its own size), or None/[] for the plain forward (the model's own call,
+    exactly); method: `index` or `index_timestep_zero`; encoder_attention_mask: (B, N_text) bool or None.
+
+    `model` may be the bare transformer or a PEFT / DDP / FSDP wrapper of it: the call still goes through
+    `model(...)` (DDP's gradient sync, FSDP's unsharding and forward hooks run as usual); only the transformer's
+    own `forward` is swapped for the reference one for this call.
     """
+    kwargs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                  position_ids=position_ids, encoder_attention_mask=encoder_attention_mask, return_dict=False)
     if not references:
-        return model(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
-                     position_ids=position_ids, encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]
+        return model(**kwargs)[0]
     check_method(method, "reference method")
     tr = _bare(model)
+    if "forward" in tr.__dict__:
+        raise RuntimeError("the transformer's forward is already overridden (a reference call inside another?)")
+
+    def forward(hidden_states, encoder_hidden_states, timestep, position_ids, encoder_attention_mask=None,
+                attention_kwargs=None, return_dict=False):
+        return (_forward(tr, hidden_states, encoder_hidden_states, timestep, position_ids, references, method,
+                         encoder_attention_mask),)
+
+    tr.forward = forward
+    try:
+        return model(**kwargs)[0]
+    finally:
+        del tr.forward
+
+
+def _forward(tr, hidden_states, encoder_hidden_states, timestep, position_ids, references, method,
+             encoder_attention_mask):
+    """Krea2Transformer2DModel.forward with the reference tokens: the same submodule calls in the same order."""
     b, n_img, _ = hidden_states.shape
     n_text = encoder_hidden_states.shape[1]
     if position_ids.shape[0] != n_text + n_img:
