@@ -51,11 +51,10 @@ def test_check_data_reports_reference_problems_per_file(tiny_dir, tmp_path, one_
     assert ("missing_reference", missing) in kinds
     assert ("unreadable_reference", broken) in kinds
     assert len(scan.items) == 3  # the broken pairs are skipped; reference/ itself is not read as training images
-    assert all(i.reference is not None and Path(i.reference.name).parent.name == "reference" for i in scan.items)
     for i in scan.items:
-        assert Path(i.reference.name).name == Path(i.name).name
-        assert {r: p.bucket for r, p in i.reference.placements.items()} == \
-            {r: p.bucket for r, p in i.placements.items()}
+        (ref,) = i.references
+        assert Path(ref.name).parent.name == "reference" and Path(ref.name).name == Path(i.name).name
+        assert {r: p.bucket for r, p in ref.placements.items()} == {r: p.bucket for r, p in i.placements.items()}
 
 
 def _names(cfg):
@@ -88,7 +87,7 @@ def test_cache_and_train_with_references(tiny_dir, tmp_path, one_torch_thread, m
     cfg = _cfg(tiny_dir, tmp_path, f"train.reference_method={method}")
     manifest = pipeline.cache(cfg, pipeline.check_data(cfg))
     assert len(manifest.items) == 3
-    assert all(i["latents"]["128"]["reference_key"] != i["latents"]["128"]["key"] for i in manifest.items)
+    assert all(i["latents"]["128"]["reference_keys"][0] != i["latents"]["128"]["key"] for i in manifest.items)
     plan = BatchPlan(manifest, 128, 2, seed=0)
     batch = read_batch(manifest, 128, plan.batch(0)["entries"])
     (refs,) = batch["references"]
@@ -113,3 +112,25 @@ def test_cache_and_train_with_references(tiny_dir, tmp_path, one_torch_thread, m
     assert res.step == 3 and not res.interrupted
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in res.history)
     assert (cfg.run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_two_reference_folders(tiny_dir, tmp_path, one_torch_thread):
+    """data.reference_folders [reference, reference_2]: a pair needs both (a missing second one is reported for that
+    file); the batch carries reference 1 then reference 2; both folders stay out of the training images."""
+    from krea2_train import pipeline
+    from krea2_train.data.loader import BatchPlan, read_batch
+
+    cfg = _cfg(tiny_dir, tmp_path, "data.reference_folders=[reference,reference_2]")
+    data = Path(cfg.data.datasets[0].path)
+    (data / "reference_2").mkdir()
+    pngs = sorted(data.glob("*.png"))
+    for png in pngs[:2]:  # the third good pair lacks its second reference
+        shutil.copy(data / "reference" / png.name, data / "reference_2" / png.name)
+    scan = pipeline.check_data(cfg)
+    assert ("missing_reference", pngs[2].name) in {(p.kind, Path(p.file).name) for p in scan.problems}
+    assert len(scan.items) == 2 and all(len(i.references) == 2 for i in scan.items)
+    manifest = pipeline.cache(cfg, scan)
+    batch = read_batch(manifest, 128, BatchPlan(manifest, 128, 2, seed=0).batch(0)["entries"])
+    first, second = batch["references"]
+    torch.testing.assert_close(first, second)  # reference_2 holds copies of reference's files
+    assert first.shape == batch["latents"].shape

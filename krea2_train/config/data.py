@@ -70,11 +70,12 @@ class CaptionConfig:
 @dataclass
 class DataConfig:
     datasets: List[DatasetConfig] = field(default_factory=list)
-    # Edit LoRAs: every image has a reference image of the same file name (any image extension) in
-    # <dataset>/<reference_folder>/ (folder datasets); the reference's latent is given to the transformer clean, beside
-    # the noisy target (models/reference.py). That folder is not trained on as images.
+    # Edit LoRAs: every image has a reference image of the same file name (any image extension) in each of
+    # <dataset>/<reference_folders[k]>/ (folder datasets), reference k + 1 in ComfyUI's order (RoPE index k + 1); their
+    # latents are given to the transformer clean, beside the noisy target (models/reference.py). Those folders are
+    # not trained on as images. Several: [reference_1, reference_2].
     reference: bool = False
-    reference_folder: str = "reference"
+    reference_folders: List[str] = field(default_factory=lambda: ["reference"])
     # Where the trigger word goes: prefix ("trigger, caption") or suffix ("caption, trigger").
     trigger_position: str = choice("prefix", ("prefix", "suffix"))
     trigger_separator: str = ", "
@@ -132,8 +133,11 @@ def validate_data_config(cfg: DataConfig) -> None:
     need(not (cfg.reference and cfg.flip), "flip",
          "= true with data.reference: true: a flipped target needs a flipped reference, which is not cached yet; set "
          "data.flip: false")
-    need(not cfg.reference or (cfg.reference_folder.strip() and "/" not in cfg.reference_folder.strip("/")),
-         "reference_folder", f"= {cfg.reference_folder!r}: give a folder name inside each dataset (e.g. reference)")
+    if cfg.reference:
+        folders = [str(f).strip("/") for f in cfg.reference_folders]
+        need(bool(folders) and all(f and "/" not in f for f in folders) and len(set(folders)) == len(folders),
+             "reference_folders", f"= {list(cfg.reference_folders)}: give one or more distinct folder names inside "
+             "each dataset (e.g. [reference] or [reference_1, reference_2])")
     c = cfg.caption
     need(1 <= c.max_new_tokens <= 2048, "caption.max_new_tokens", f"= {c.max_new_tokens}: use 1 to 2048 (captions "
          "are cut to the 507 tokens the text encoder reads anyway)")

@@ -44,9 +44,9 @@ class Item:
     split: str = "train"          # or "validation"
     placements: dict = field(default_factory=dict)  # resolution -> Placement (absent: skipped at that resolution)
     record: Optional[Record] = field(default=None, repr=False, compare=False)
-    # data.reference: the reference image, an Item whose placements put it into this item's buckets (its own resize
-    # and crop, the target's bucket, so a batch's references stack like its targets)
-    reference: Optional["Item"] = field(default=None, repr=False)
+    # data.reference: the reference images in data.reference_folders order, each an Item whose placements put it
+    # into this item's buckets (its own resize and crop, the target's bucket, so a batch's references stack)
+    references: list = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -161,7 +161,7 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
     sizes: list[tuple[int, int]] = []  # every decoded, non-skipped-duplicate image
     for index, ds_cfg in enumerate(data_cfg.datasets):
         prefix = f"data.datasets[{index}]"
-        records, found = load_records(ds_cfg, index, data_cfg.reference_folder if data_cfg.reference else None)
+        records, found = load_records(ds_cfg, index, list(data_cfg.reference_folders) if data_cfg.reference else None)
         problems.extend(found)
         if any(p.severity == "fatal" for p in found):
             continue
@@ -245,10 +245,11 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
                                         f"{data_cfg.max_aspect}]; it is cropped to the most extreme bucket, losing part "
                                         f"of the image. Crop it yourself or widen {side}."))
             if data_cfg.reference:
-                ref = _reference_item(item, ds_cfg, data_cfg, known, problems)
-                if ref is None:
+                refs = [_reference_item(item, ds_cfg, data_cfg, str(f).strip("/"), known, problems)
+                        for f in data_cfg.reference_folders]
+                if any(r is None for r in refs):  # each missing one reported; the pair is skipped
                     continue
-                item.reference = ref
+                item.references = refs
             items.append(item)
             usable += 1
         if usable == 0:
@@ -264,12 +265,13 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
     return Scan(items, problems, resolutions)
 
 
-def _reference_item(item: Item, ds_cfg, data_cfg: DataConfig, known: dict, problems: list) -> Optional[Item]:
-    """The reference of `item` (<dataset>/<reference_folder>/<same relative path>, any image extension) as an Item
-    placed into each of `item`'s buckets, or None with an error Problem (the pair is skipped)."""
+def _reference_item(item: Item, ds_cfg, data_cfg: DataConfig, sub: str, known: dict, problems: list
+                    ) -> Optional[Item]:
+    """The reference of `item` in folder `sub` (<dataset>/<sub>/<same relative path>, any image extension) as an
+    Item placed into each of `item`'s buckets, or None with an error Problem (the pair is skipped)."""
     root = Path(os.path.expanduser(ds_cfg.path)).resolve()
     rel = Path(item.record.key)
-    folder = root / data_cfg.reference_folder.strip("/") / rel.parent
+    folder = root / sub / rel.parent
     found = [folder / rel.name] + [folder / (rel.stem + e) for e in sorted(IMAGE_EXTENSIONS) if e != rel.suffix.lower()]
     found = [p for p in found if p.is_file()]
     if not found:
@@ -278,7 +280,7 @@ def _reference_item(item: Item, ds_cfg, data_cfg: DataConfig, known: dict, probl
                                 "skipped. Add it, or remove the image."))
         return None
     path = found[0]
-    record = Record(item.dataset, f"{data_cfg.reference_folder}/{rel}", str(path), None,
+    record = Record(item.dataset, f"{sub}/{rel}", str(path), None,
                     (lambda p=path: p.read_bytes()), str(path))
     result = _inspect(record, data_cfg.max_image_pixels, known)
     if isinstance(result, ImageProblem):

@@ -149,8 +149,9 @@ class _Fatal(Exception):
     pass
 
 
-def load_records(cfg: DatasetConfig, index: int, reference_folder: Optional[str] = None
+def load_records(cfg: DatasetConfig, index: int, reference_folders: Optional[list] = None
                  ) -> tuple[list[Record], list[Problem]]:
+    """`reference_folders` (data.reference): top-level folders of the dataset that hold references, not images."""
     """Records and problems of one configured dataset. A dataset that cannot be read at all is one fatal Problem."""
     root = Path(os.path.expanduser(cfg.path)).resolve()
     key = f"data.datasets[{index}].path"
@@ -163,12 +164,12 @@ def load_records(cfg: DatasetConfig, index: int, reference_folder: Optional[str]
                                                               "at the folder that holds the images")]
     kind = detect_type(root) if cfg.type == "auto" else cfg.type
     try:
-        if reference_folder is not None and kind != "folder":
-            raise _Fatal(f"data.reference: true needs a folder dataset (images + a {reference_folder}/ folder beside "
+        if reference_folders is not None and kind != "folder":
+            raise _Fatal(f"data.reference: true needs a folder dataset (images + {reference_folders} folders beside "
                          f"them); data.datasets[{index}] is {kind}. Export it as a folder, or set data.reference: "
                          "false")
         if kind == "folder":
-            skip = (reference_folder.strip("/"),) if reference_folder is not None else ()
+            skip = tuple(str(f).strip("/") for f in reference_folders or ())
             return folder_records(cfg, index, root, skip)
         if kind == "imagefolder":
             import datasets
