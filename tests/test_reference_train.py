@@ -106,6 +106,17 @@ def test_cache_and_train_with_references(tiny_dir, tmp_path, one_torch_thread, m
         other = t.loss_on({**batch, "references": [refs.flip(-1)]}, sigmas=sig, noise=noise)
     assert torch.isfinite(with_refs).all()
     assert (with_refs - other).abs().max() > 1e-6  # the references reach the loss
+    # data.reference_dropout: 1 drops the references of every training batch (the step's generator draws it)
+    t.cfg.data.reference_dropout = 1.0
+    with torch.no_grad():
+        dropped = t.loss_on(batch, generator=torch.Generator().manual_seed(1), sigmas=sig, noise=noise)
+        t.cfg.data.reference = False
+        plain = t.loss_on(batch, sigmas=sig, noise=noise)
+        t.cfg.data.reference = True
+        t.cfg.data.reference_dropout = 0.0
+        kept = t.loss_on(batch, generator=torch.Generator().manual_seed(1), sigmas=sig, noise=noise)
+    torch.testing.assert_close(dropped, plain)
+    torch.testing.assert_close(kept, with_refs)
     with pytest.raises(RuntimeError, match="reference"):
         t.loss_on({k: v for k, v in batch.items() if k != "references"}, sigmas=sig, noise=noise)
     res = t.run()

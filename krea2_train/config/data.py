@@ -76,6 +76,9 @@ class DataConfig:
     # not trained on as images. Several: [reference_1, reference_2].
     reference: bool = False
     reference_folders: List[str] = field(default_factory=lambda: ["reference"])
+    # Probability that a training batch runs without its references (text-to-image), so the LoRA keeps working
+    # without one. Drawn per micro-batch from the step's seeded generator (resumes reproduce it).
+    reference_dropout: float = 0.0
     # Where the trigger word goes: prefix ("trigger, caption") or suffix ("caption, trigger").
     trigger_position: str = choice("prefix", ("prefix", "suffix"))
     trigger_separator: str = ", "
@@ -133,6 +136,7 @@ def validate_data_config(cfg: DataConfig) -> None:
     need(not (cfg.reference and cfg.flip), "flip",
          "= true with data.reference: true: a flipped target needs a flipped reference, which is not cached yet; set "
          "data.flip: false")
+    need(0 <= cfg.reference_dropout <= 1, "reference_dropout", f"= {cfg.reference_dropout}: must be in [0, 1]")
     if cfg.reference:
         folders = [str(f).strip("/") for f in cfg.reference_folders]
         need(bool(folders) and all(f and "/" not in f for f in folders) and len(set(folders)) == len(folders),
