@@ -69,8 +69,10 @@ def test_config_errors_name_the_key(tmp_path):
     base = ["model.transformer=a", "model.text_encoder=b", "model.vae=c", f"data.datasets=[{{path: {tmp_path}}}]"]
     with pytest.raises(UserError, match="train.reference_method"):
         load_config(None, [*base, "train.reference_method=offset"])
-    with pytest.raises(UserError, match="preview.prompts"):
+    with pytest.raises(UserError, match="preview.references"):
         load_config(None, [*base, "data.reference=true", "preview.prompts=[a cat]"])
+    with pytest.raises(UserError, match="preview.references"):
+        load_config(None, [*base, "preview.references=[x.png]"])
     with pytest.raises(UserError, match="data.flip"):
         from krea2_train.config.data import validate_data_config
 
@@ -145,3 +147,35 @@ def test_two_reference_folders(tiny_dir, tmp_path, one_torch_thread):
     first, second = batch["references"]
     torch.testing.assert_close(first, second)  # reference_2 holds copies of reference's files
     assert first.shape == batch["latents"].shape
+
+
+def test_previews_with_references(tiny_dir, tmp_path, one_torch_thread):
+    """preview.references: the grid has the reference first, then Turbo, Turbo + LoRA and Raw + LoRA, each sampled
+    with the reference (the Raw column differs from one sampled without it)."""
+    from PIL import Image
+
+    from krea2_train import pipeline
+    from krea2_train.data.source import CachedData
+    from krea2_train.inference import SampleSettings, sample_latents
+    from krea2_train.train import preview
+    from krea2_train.train.trainer import Trainer
+
+    ref = sorted((ROOT / "datasets" / "demo").glob("*.png"))[0]
+    cfg = _cfg(tiny_dir, tmp_path, "preview.prompts=[make it red]", f"preview.references=[{ref}]",
+               "preview.resolution=64", "preview.raw_steps=2", "preview.turbo_steps=2", "preview.raw_guidance=0")
+    manifest = pipeline.cache(cfg, pipeline.check_data(cfg))
+    t = Trainer(cfg)
+    t.source = CachedData(cfg, t.acc, manifest=manifest)
+    t.setup()
+    out = preview.render_previews(cfg, t.transformer, tmp_path / "run", 0)
+    grid = out["preview"]
+    files = list((tmp_path / "run" / "previews").glob("step-*.png"))
+    assert len(files) == 1 and Image.open(files[0]).size == grid.size
+    assert grid.width >= 4 * 64  # reference, Turbo, Turbo + LoRA, Raw + LoRA
+    emb, mask, _, _ = preview.prompt_embeddings(cfg)
+    ((lats,),), (img,) = preview.preview_references(cfg)  # one prompt, one reference
+    assert lats.shape == (1, 16, 8, 8) and img.size == (64, 64)
+    s = SampleSettings.raw(steps=2, guidance=0, height=64, width=64, seed=0)
+    with_ref = sample_latents(t.transformer, emb, mask, s, references=[lats])
+    without = sample_latents(t.transformer, emb, mask, s)
+    assert (with_ref - without).abs().max() > 1e-4

@@ -240,10 +240,12 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     if cfg.data.reference:
         need(cfg.train.mode == "lora", "data.reference", f"= true needs train.mode: lora (not {cfg.train.mode}); "
              "set data.reference: false for a slider")
-        # previews would sample without the reference and show a text-to-image picture of an edit LoRA
-        need(not cfg.preview.prompts, "preview.prompts", "must be empty with data.reference: true (previews do not "
-             "take reference images yet); set preview.prompts: [] and use `krea2-train sample --reference IMG "
-             "--lora RUN_DIR`")
+        # previews without the reference would show a text-to-image picture of an edit LoRA
+        need(len(cfg.preview.references) == len(cfg.preview.prompts), "preview.references",
+             f"has {len(cfg.preview.references)} images for {len(cfg.preview.prompts)} preview.prompts with "
+             "data.reference: true: give one reference image per prompt")
+    else:
+        need(not cfg.preview.references, "preview.references", "is only used with data.reference: true; remove it")
     need(len(cfg.train.stages) >= 1, "train.stages", "must list at least one stage")
     for i, st in enumerate(cfg.train.stages):
         k = f"train.stages[{i}]"

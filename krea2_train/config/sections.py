@@ -127,6 +127,9 @@ class PreviewSection:
     raw_steps: int = 28
     raw_guidance: float = 4.5
     negative_prompt: str = ""
+    # With data.reference (edit LoRAs): one reference image per prompt, shown first in the grid; every column is
+    # sampled with it (train.reference_method).
+    references: List[str] = field(default_factory=list)
     # Also sample Turbo with the current LoRA at 8 steps. true: with model.turbo (its weights swapped into the base
     # and back); false: off; a path: a Turbo checkpoint, or a Turbo LoRA (Turbo minus Raw, e.g. Comfy-Org's
     # krea2_turbo_lora_rank_64_bf16.safetensors or `krea2-train extract`) stacked on Raw under the training LoRA:
