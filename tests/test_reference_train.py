@@ -1,6 +1,7 @@
 """Edit LoRAs end to end on the tiny model: a reference/ folder beside the images, check-data's per-file reports,
 cached reference latents, and training with the references in context (data.reference, train.reference_method)."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -172,6 +173,9 @@ def test_previews_with_references(tiny_dir, tmp_path, one_torch_thread):
     files = list((tmp_path / "run" / "previews").glob("step-*.png"))
     assert len(files) == 1 and Image.open(files[0]).size == grid.size
     assert grid.width >= 4 * 64  # reference, Turbo, Turbo + LoRA, Raw + LoRA
+    api = json.loads(Image.open(files[0]).text["prompt"])  # the embedded ComfyUI graph has the reference nodes
+    assert {n["inputs"].get("image") for n in api.values() if n["class_type"] == "LoadImage"} == {ref.name}
+    assert any(n["class_type"] == "FluxKontextMultiReferenceLatentMethod" for n in api.values())
     emb, mask, _, _ = preview.prompt_embeddings(cfg)
     ((lats,),), (img,) = preview.preview_references(cfg)  # one prompt, one reference
     assert lats.shape == (1, 16, 8, 8) and img.size == (64, 64)

@@ -173,9 +173,9 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     grid.save(buf, format="PNG")
     path = Path(run_dir) / "previews" / f"step-{step:06d}.png"
     # dragged onto ComfyUI, the picture opens the graph that makes its Turbo + LoRA column there
-    # (not for an edit LoRA yet: the graph has no ReferenceLatent nodes, so it would be a text-to-image graph)
-    chunks = {} if ref_images else run_workflow_chunks(cfg, strength=1.0, prompt=p.prompts[0], width=p.resolution,
-                                                       height=p.resolution, seed=p.seed)
+    # an edit LoRA's graph loads the first prompt's reference image (by file name, from ComfyUI's input folder)
+    chunks = run_workflow_chunks(cfg, strength=1.0, prompt=p.prompts[0], width=p.resolution, height=p.resolution,
+                                 seed=p.seed, references=[Path(p.references[0]).name] if ref_images else ())
     write_bytes_atomic(path, embed_png_chunks(buf.getvalue(), chunks))
     write_steps_grid(Path(run_dir) / "previews")
     log.info("preview: %s", path)
