@@ -51,6 +51,7 @@ def test_check_data_reports_reference_problems_per_file(tiny_dir, tmp_path, one_
     kinds = {(p.kind, Path(p.file).name) for p in scan.problems}
     assert ("missing_reference", missing) in kinds
     assert ("unreadable_reference", broken) in kinds
+    assert not any(k == "reference_small" for k, _ in kinds)  # demo references are as large as their targets
     assert len(scan.items) == 3  # the broken pairs are skipped; reference/ itself is not read as training images
     for i in scan.items:
         (ref,) = i.references
@@ -183,3 +184,17 @@ def test_previews_with_references(tiny_dir, tmp_path, one_torch_thread):
     with_ref = sample_latents(t.transformer, emb, mask, s, references=[lats])
     without = sample_latents(t.transformer, emb, mask, s)
     assert (with_ref - without).abs().max() > 1e-4
+
+
+def test_small_reference_is_reported(tiny_dir, tmp_path):
+    from PIL import Image
+
+    from krea2_train import pipeline
+
+    cfg = _cfg(tiny_dir, tmp_path)
+    data = Path(cfg.data.datasets[0].path)
+    first = sorted(data.glob("*.png"))[0]
+    Image.open(data / "reference" / first.name).resize((40, 40)).save(data / "reference" / first.name)
+    scan = pipeline.check_data(cfg)
+    assert ("reference_small", first.name) in {(p.kind, Path(p.file).name) for p in scan.problems}
+    assert len(scan.items) == 3  # a warning: the pair still trains

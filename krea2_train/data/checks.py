@@ -293,6 +293,12 @@ def _reference_item(item: Item, ds_cfg, data_cfg: DataConfig, sub: str, known: d
     for r, placement in item.placements.items():
         rng = random.Random(f"{data_cfg.seed}:{sha}:{r}:reference")
         ref.placements[r] = place(w, h, placement.bucket, "center", rng)
+    small = [r for r, p in ref.placements.items() if needs_upscale(w, h, p.bucket)]
+    if small:  # an upscaled reference is blurrier than the inputs users will give: a size mismatch worth fixing
+        problems.append(Problem("warning", "reference_small", item.name,
+                                f"{item.name}: its reference {path.name} ({w}x{h}) is smaller than the "
+                                f"{ref.placements[small[0]].bucket[0]}x{ref.placements[small[0]].bucket[1]} bucket "
+                                f"at {small} px and is upscaled; use a reference as large as its target."))
     ratio = (w / h) / (item.width / item.height)
     if not 0.8 <= ratio <= 1.25:
         problems.append(Problem("warning", "reference_aspect", item.name,
