@@ -217,3 +217,24 @@ def test_call_goes_through_the_model_and_its_hooks(model):
     got = reference_forward(m, x, text, sig, pos, refs, "index_timestep_zero", encoder_attention_mask=mask)
     assert calls == [5] and "forward" not in m.__dict__
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_takes_the_method_a_run_trained(tmp_path):
+    """`sample --lora RUN_DIR` without --reference-method uses the run's train.reference_method (a different one
+    would sample what the LoRA was not trained on); two runs that differ are refused."""
+    from krea2_train.cli.sample import _trained_method
+    from krea2_train.errors import UserError
+
+    def run(name, method, reference=True):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(f"data:\n  reference: {str(reference).lower()}\n"
+                                       f"train:\n  reference_method: {method}\n")
+        return str(d)
+
+    a, b = run("a", "index_timestep_zero"), run("b", "index")
+    assert _trained_method([a]) == "index_timestep_zero"
+    assert _trained_method([str(tmp_path / "x.safetensors")]) == "index"
+    assert _trained_method([run("c", "index_timestep_zero", reference=False)]) == "index"
+    with pytest.raises(UserError, match="--reference-method"):
+        _trained_method([a, b])
