@@ -238,3 +238,22 @@ def test_sample_takes_the_method_a_run_trained(tmp_path):
     assert _trained_method([run("c", "index_timestep_zero", reference=False)]) == "index"
     with pytest.raises(UserError, match="--reference-method"):
         _trained_method([a, b])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model):
+    """Memory presets turn on diffusers' gradient checkpointing: the reference path uses it with equal results."""
+    import copy
+
+    x, text, sig, pos, refs = _inputs()
+    grads = []
+    for ckpt in (False, True):
+        m = copy.deepcopy(model).train()
+        if ckpt:
+            m.enable_gradient_checkpointing()
+        w = m.transformer_blocks[1].ff.up.weight
+        w.requires_grad_(True)
+        out = reference_forward(m, x, text, sig, pos, refs, "index_timestep_zero")
+        out.square().mean().backward()
+        grads.append((out.detach(), w.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
