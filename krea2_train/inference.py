@@ -25,9 +25,11 @@ from krea2_train.schedule import SCHEDULERS, beta_sigmas, make_scheduler, mu_for
 log = logging.getLogger(__name__)
 
 
-def predict_velocity(transformer, packed, sigma, embeds, mask, grid: tuple[int, int]):
+def predict_velocity(transformer, packed, sigma, embeds, mask, grid: tuple[int, int], references=None,
+                     reference_method: str = "index"):
     """One transformer call: packed latents (B, N, 64) on a (rows, cols) token grid, sigma (B,) in [0, 1] ->
-    velocity (B, N, 64)."""
+    velocity (B, N, 64). `references`: clean reference latents [(B or 1, 16, h, w), ...] for an edit LoRA, in
+    context as ComfyUI's ReferenceLatent gives them (models/reference.py); None: text-to-image."""
     b, n, _ = packed.shape
     gh, gw = grid
     if gh * gw != n:
@@ -37,6 +39,12 @@ def predict_velocity(transformer, packed, sigma, embeds, mask, grid: tuple[int, 
         mask = None  # nothing padded: skip the mask so the fastest attention kernel can run
     dtype = transformer.img_in.weight.dtype  # the compute dtype (norms and tables stay float32)
     sigma = sigma.expand(b) if sigma.ndim == 1 and sigma.shape[0] == 1 else sigma
+    if references:
+        from krea2_train.models.reference import reference_forward
+
+        return reference_forward(transformer, packed.to(dtype), embeds.to(dtype), sigma.to(dtype), pos,
+                                 [r.to(packed.device, dtype) for r in references], reference_method,
+                                 encoder_attention_mask=mask)
     return transformer(
         hidden_states=packed.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=sigma.to(dtype),
         position_ids=pos, encoder_attention_mask=mask, return_dict=False,
@@ -78,8 +86,11 @@ def initial_noise(batch: int, height: int, width: int, seed: int, channels: int 
 
 @torch.no_grad()
 def sample_latents(transformer, embeds, mask, settings: SampleSettings, negative_embeds=None, negative_mask=None,
-                   noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-    """Run the Euler sampler; returns normalised latents (B, 16, H/8, W/8) in float32."""
+                   noise: torch.Tensor | None = None, progress: bool = False, references=None,
+                   reference_method: str = "index") -> torch.Tensor:
+    """Run the Euler sampler; returns normalised latents (B, 16, H/8, W/8) in float32. `references` (edit LoRAs):
+    clean reference latents [(B or 1, 16, h, w), ...], given to the conditional and the unconditional pass alike (as
+    ComfyUI's ConditioningZeroOut keeps the positive's reference latents)."""
     device = next(transformer.parameters()).device
     b = embeds.shape[0]
     s = settings
@@ -112,10 +123,11 @@ def sample_latents(transformer, embeds, mask, settings: SampleSettings, negative
             sigma = sigma_now.expand(b)
         else:
             sigma = (step / 1000.0).expand(b)
-        v = predict_velocity(transformer, latents, sigma, embeds, mask, grid).float()
+        v = predict_velocity(transformer, latents, sigma, embeds, mask, grid, references, reference_method).float()
         if guided:
             v_neg = predict_velocity(transformer, latents, sigma, negative_embeds.to(device),
-                                     negative_mask.to(device) if negative_mask is not None else None, grid).float()
+                                     negative_mask.to(device) if negative_mask is not None else None, grid,
+                                     references, reference_method).float()
             v = v + s.guidance * (v - v_neg)
         if s.scheduler == "beta":
             latents = latents + (sigma_next - sigma_now) * v
@@ -223,12 +235,30 @@ class Generator:
     def encode(self, prompts: list[str]):
         return self.text_encoder.encode(prompts)
 
-    def __call__(self, prompts: list[str], settings: SampleSettings, negative_prompt: str = "", progress=False):
+    def encode_references(self, images, settings: SampleSettings) -> list[torch.Tensor]:
+        """Reference images (PIL) -> clean latents [(1, 16, H/8, W/8), ...]: each resized and centre-cropped to the
+        output size, as training puts a reference into its target's bucket (data/checks.py)."""
+        import numpy as np
+
+        from krea2_train.data.buckets import apply, place
+
+        out = []
+        for img in images:
+            img = apply(img.convert("RGB"), place(img.width, img.height, (settings.width, settings.height)))
+            px = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+            out.append(self.vae.encode(px[None]))
+        return out
+
+    def __call__(self, prompts: list[str], settings: SampleSettings, negative_prompt: str = "", progress=False,
+                 references=None, reference_method: str = "index"):
+        """`references`: PIL reference images (edit LoRAs), shared by every prompt."""
         from krea2_train.models.vae import to_pil
 
         embeds, mask = self.encode(prompts)
         neg = neg_mask = None
         if settings.guidance > 0:
             neg, neg_mask = self.encode([negative_prompt] * len(prompts))
-        latents = sample_latents(self.transformer, embeds, mask, settings, neg, neg_mask, progress=progress)
+        refs = self.encode_references(references, settings) if references else None
+        latents = sample_latents(self.transformer, embeds, mask, settings, neg, neg_mask, progress=progress,
+                                 references=refs, reference_method=reference_method)
         return to_pil(self.vae.decode(latents))

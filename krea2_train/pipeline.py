@@ -121,6 +121,9 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
                 "steps": cfg.total_steps, "base_model": "Krea 2 Raw"}
     if cfg.preview.prompts:  # the prompt of the ComfyUI workflow written beside the export
         metadata["sample_prompt"] = cfg.preview.prompts[0]
+    if cfg.data.reference:  # an edit LoRA: the workflow gets the reference nodes with the method trained
+        metadata["reference_method"] = cfg.train.reference_method
+        metadata["reference_count"] = len(cfg.data.reference_folders)
     if manifest is not None:
         train = [i for i in manifest.items if i.get("split") == "train"]
         metadata["dataset_size"] = len(train)

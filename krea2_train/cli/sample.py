@@ -36,6 +36,8 @@ def _sample(args) -> int:
     if sweep and len(loras) != 1:
         raise UserError("--strengths sweeps one LoRA: give exactly one --lora")
     initial_noise(1, args.height, args.width, 0)  # size errors before minutes of model loading
+    references = _references(args.reference)  # unreadable files before model loading
+    args.reference_method = args.reference_method or _trained_method(args.lora)
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     model = load_transformer(transformer, dtype=args.dtype, device=device)
     strengths = (args.strength * len(loras) if len(args.strength) == 1 else args.strength) or [1.0] * len(loras)
@@ -57,12 +59,14 @@ def _sample(args) -> int:
 
     def generate():
         if turbo_lora is None:
-            return generator(args.prompt, settings, negative_prompt=args.negative, progress=True)
+            return generator(args.prompt, settings, negative_prompt=args.negative, progress=True,
+                             references=references, reference_method=args.reference_method)
         from krea2_train.inference import stacked_lora
         from krea2_train.lora.turbo import TURBO_LORA_ADAPTER
 
         with stacked_lora(model, turbo_lora, args.turbo_lora_strength, TURBO_LORA_ADAPTER):
-            return generator(args.prompt, settings, negative_prompt=args.negative, progress=True)
+            return generator(args.prompt, settings, negative_prompt=args.negative, progress=True,
+                             references=references, reference_method=args.reference_method)
 
     what = variant if turbo_lora is None else f"raw + turbo lora {args.turbo_lora_strength:g}"
     what += f", {args.scheduler}" if args.scheduler != "simple" else ""
@@ -92,6 +96,40 @@ def _sample(args) -> int:
         image.save(buf, format="PNG")
         print(write_bytes_atomic(_fresh(out / f"sample_{settings.seed}_{i}{tag}.png"), buf.getvalue()))
     return 0
+
+
+def _trained_method(loras) -> str:
+    """train.reference_method of the --lora run folders (their config.yaml), else index; two that differ are
+    refused (one sampling pass has one method)."""
+    from krea2_train.errors import UserError
+
+    found = set()
+    for x in loras:
+        cfg = Path(x) / "config.yaml"
+        if Path(x).is_dir() and cfg.exists():
+            from omegaconf import OmegaConf
+
+            data = OmegaConf.to_container(OmegaConf.load(cfg))
+            if (data.get("data") or {}).get("reference"):
+                found.add((data.get("train") or {}).get("reference_method", "index"))
+    if len(found) > 1:
+        raise UserError(f"the --lora runs were trained with reference methods {sorted(found)}; pick one with "
+                        "--reference-method")
+    return found.pop() if found else "index"
+
+
+def _references(paths) -> list:
+    """--reference files as RGB PIL images (an unreadable one is refused by name)."""
+    from krea2_train.data.images import ImageProblem, open_image
+    from krea2_train.errors import UserError
+
+    images = []
+    for p in paths or []:
+        try:
+            images.append(open_image(Path(p).read_bytes(), str(p)))
+        except (OSError, ImageProblem) as exc:
+            raise UserError(f"--reference {p}: cannot read the image ({exc})") from exc
+    return images
 
 
 def _turbo_lora(args):
@@ -131,6 +169,11 @@ def _fresh(path: Path) -> Path:
 def register(sub) -> None:
     p = sub.add_parser("sample", help="generate images with Raw or Turbo, optionally with LoRAs")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
+    p.add_argument("--reference", action="append", default=[], metavar="IMG",
+                   help="reference image for an edit LoRA (repeatable: reference 1, 2, ...), resized and centre-"
+                        "cropped to --width x --height, in context as ComfyUI's ReferenceLatent gives it")
+    p.add_argument("--reference-method", choices=["index", "index_timestep_zero"], default=None,
+                   help="how the references enter; default: train.reference_method of a --lora run folder, else index")
     p.add_argument("--negative", default="", help="negative prompt (used when guidance > 0)")
     p.add_argument("--variant", choices=["raw", "turbo"], default=None,
                    help="schedule: turbo = 8 steps, mu 1.15, no guidance; raw = 28 steps, guidance 4.5, shifted "

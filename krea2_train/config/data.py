@@ -70,6 +70,15 @@ class CaptionConfig:
 @dataclass
 class DataConfig:
     datasets: List[DatasetConfig] = field(default_factory=list)
+    # Edit LoRAs: every image has a reference image of the same file name (any image extension) in each of
+    # <dataset>/<reference_folders[k]>/ (folder datasets), reference k + 1 in ComfyUI's order (RoPE index k + 1); their
+    # latents are given to the transformer clean, beside the noisy target (models/reference.py). Those folders are
+    # not trained on as images. Several: [reference_1, reference_2].
+    reference: bool = False
+    reference_folders: List[str] = field(default_factory=lambda: ["reference"])
+    # Probability that a training batch runs without its references (text-to-image), so the LoRA keeps working
+    # without one. Drawn per micro-batch from the step's seeded generator (resumes reproduce it).
+    reference_dropout: float = 0.0
     # Where the trigger word goes: prefix ("trigger, caption") or suffix ("caption, trigger").
     trigger_position: str = choice("prefix", ("prefix", "suffix"))
     trigger_separator: str = ", "
@@ -124,6 +133,15 @@ def validate_data_config(cfg: DataConfig) -> None:
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
     need(cfg.text_batch_size >= 1 and cfg.vae_batch_size >= 1, "text_batch_size",
          "and data.vae_batch_size must be >= 1")
+    need(not (cfg.reference and cfg.flip), "flip",
+         "= true with data.reference: true: a flipped target needs a flipped reference, which is not cached yet; set "
+         "data.flip: false")
+    need(0 <= cfg.reference_dropout <= 1, "reference_dropout", f"= {cfg.reference_dropout}: must be in [0, 1]")
+    if cfg.reference:
+        folders = [str(f).strip("/") for f in cfg.reference_folders]
+        need(bool(folders) and all(f and "/" not in f for f in folders) and len(set(folders)) == len(folders),
+             "reference_folders", f"= {list(cfg.reference_folders)}: give one or more distinct folder names inside "
+             "each dataset (e.g. [reference] or [reference_1, reference_2])")
     c = cfg.caption
     need(1 <= c.max_new_tokens <= 2048, "caption.max_new_tokens", f"= {c.max_new_tokens}: use 1 to 2048 (captions "
          "are cut to the 507 tokens the text encoder reads anyway)")

@@ -237,6 +237,15 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
             need(bool(cfg.export.verify and cfg.model.turbo), "export.verify",
                  "must be true with model.turbo set for lora.type: dora: a DoRA file for ComfyUI is computed against "
                  "the Turbo weights (ComfyUI normalises DoRA by the base weight) and checked there")
+    if cfg.data.reference:
+        need(cfg.train.mode == "lora", "data.reference", f"= true needs train.mode: lora (not {cfg.train.mode}); "
+             "set data.reference: false for a slider")
+        # previews without the reference would show a text-to-image picture of an edit LoRA
+        need(len(cfg.preview.references) == len(cfg.preview.prompts), "preview.references",
+             f"has {len(cfg.preview.references)} images for {len(cfg.preview.prompts)} preview.prompts with "
+             "data.reference: true: give one reference image per prompt")
+    else:
+        need(not cfg.preview.references, "preview.references", "is only used with data.reference: true; remove it")
     need(len(cfg.train.stages) >= 1, "train.stages", "must list at least one stage")
     for i, st in enumerate(cfg.train.stages):
         k = f"train.stages[{i}]"

@@ -63,6 +63,11 @@ class TrainSection:
     # +strength and down at -strength, taught by Raw itself (no data; config/slider.py, train/slider.py).
     mode: str = choice("lora", ("lora", "slider"))
     sliders: List[SliderTarget] = field(default_factory=list)
+    # With data.reference: how the reference tokens enter, as ComfyUI's Krea 2 model reads ref_latents_method
+    # (models/reference.py). index (default): every ComfyUI method value other than index_timestep_zero (its
+    # FluxKontextMultiReferenceLatentMethod node's default "offset" included) runs as index in Krea 2's model.
+    # index_timestep_zero: reference tokens modulated with timestep 0; the graph must then set that method.
+    reference_method: str = choice("index", ("index", "index_timestep_zero"))
 
 
 @dataclass
@@ -122,6 +127,9 @@ class PreviewSection:
     raw_steps: int = 28
     raw_guidance: float = 4.5
     negative_prompt: str = ""
+    # With data.reference (edit LoRAs): one reference image per prompt, shown first in the grid; every column is
+    # sampled with it (train.reference_method).
+    references: List[str] = field(default_factory=list)
     # Also sample Turbo with the current LoRA at 8 steps. true: with model.turbo (its weights swapped into the base
     # and back); false: off; a path: a Turbo checkpoint, or a Turbo LoRA (Turbo minus Raw, e.g. Comfy-Org's
     # krea2_turbo_lora_rank_64_bf16.safetensors or `krea2-train extract`) stacked on Raw under the training LoRA:

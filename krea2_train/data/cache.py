@@ -184,6 +184,13 @@ def _plan(scan: Scan, data_cfg: DataConfig, text_fp: str, vae_fp: str, backgroun
             jobs.append((item, r, placement, variants))
             per_res[str(r)] = {**placement.as_dict(), "key": variants[0][0],
                                "flip_key": variants[1][0] if data_cfg.flip else None}
+            if item.references:  # each its own latent entry, content-keyed like a target's, same bucket
+                keys = []
+                for ref in item.references:
+                    ref_key = latent_key(ref.sha256, ref.placements[r], False, background, vae_fp)
+                    jobs.append((ref, r, ref.placements[r], [(ref_key, False)]))
+                    keys.append(ref_key)
+                per_res[str(r)]["reference_keys"] = keys
         items.append({"id": item.id, "name": item.name, "dataset": item.dataset, "split": item.split,
                       "caption": item.caption, "text": tk, "caption_dropout": item.caption_dropout,
                       "repeats": item.repeats, "sample_seed": int(hashlib.sha256(item.id.encode()).hexdigest()[:8], 16),
@@ -349,7 +356,7 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
             continue
         missing = [r for r, lat in entry["latents"].items()
                    if any(k and k not in encoded and not entry_path(cache_dir, "latents", k).exists()
-                          for k in (lat["key"], lat["flip_key"]))]
+                          for k in (lat["key"], lat["flip_key"], *lat.get("reference_keys", ())))]
         if missing:
             problems.append(f"{entry['name']}: latents for {missing} px could not be made (see the log); skipped")
             continue

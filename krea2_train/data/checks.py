@@ -24,7 +24,7 @@ from typing import Optional
 from krea2_train import facts
 from krea2_train.config.data import DataConfig, validate_data_config
 from krea2_train.data.buckets import make_buckets, nearest_bucket, needs_upscale, place
-from krea2_train.data.images import ImageProblem, open_image, parse_colour
+from krea2_train.data.images import IMAGE_EXTENSIONS, ImageProblem, open_image, parse_colour
 from krea2_train.data.sources import SEVERITIES, Problem, Record, load_records
 
 SCAN_VERSION = 1
@@ -44,6 +44,9 @@ class Item:
     split: str = "train"          # or "validation"
     placements: dict = field(default_factory=dict)  # resolution -> Placement (absent: skipped at that resolution)
     record: Optional[Record] = field(default=None, repr=False, compare=False)
+    # data.reference: the reference images in data.reference_folders order, each an Item whose placements put it
+    # into this item's buckets (its own resize and crop, the target's bucket, so a batch's references stack)
+    references: list = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -158,7 +161,7 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
     sizes: list[tuple[int, int]] = []  # every decoded, non-skipped-duplicate image
     for index, ds_cfg in enumerate(data_cfg.datasets):
         prefix = f"data.datasets[{index}]"
-        records, found = load_records(ds_cfg, index)
+        records, found = load_records(ds_cfg, index, list(data_cfg.reference_folders) if data_cfg.reference else None)
         problems.extend(found)
         if any(p.severity == "fatal" for p in found):
             continue
@@ -241,6 +244,12 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
                                         f"outside [data.min_aspect, data.max_aspect] = [{data_cfg.min_aspect}, "
                                         f"{data_cfg.max_aspect}]; it is cropped to the most extreme bucket, losing part "
                                         f"of the image. Crop it yourself or widen {side}."))
+            if data_cfg.reference:
+                refs = [_reference_item(item, ds_cfg, data_cfg, str(f).strip("/"), known, problems)
+                        for f in data_cfg.reference_folders]
+                if any(r is None for r in refs):  # each missing one reported; the pair is skipped
+                    continue
+                item.references = refs
             items.append(item)
             usable += 1
         if usable == 0:
@@ -254,6 +263,49 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
                                 f"data.validation_images={data_cfg.validation_images} holds out every image; lower it"))
     problems.extend(_empty_resolutions(items, sizes, resolutions, data_cfg))
     return Scan(items, problems, resolutions)
+
+
+def _reference_item(item: Item, ds_cfg, data_cfg: DataConfig, sub: str, known: dict, problems: list
+                    ) -> Optional[Item]:
+    """The reference of `item` in folder `sub` (<dataset>/<sub>/<same relative path>, any image extension) as an
+    Item placed into each of `item`'s buckets, or None with an error Problem (the pair is skipped)."""
+    root = Path(os.path.expanduser(ds_cfg.path)).resolve()
+    rel = Path(item.record.key)
+    folder = root / sub / rel.parent
+    found = [folder / rel.name] + [folder / (rel.stem + e) for e in sorted(IMAGE_EXTENSIONS) if e != rel.suffix.lower()]
+    found = [p for p in found if p.is_file()]
+    if not found:
+        problems.append(Problem("error", "missing_reference", item.name,
+                                f"{item.name}: no reference image {folder / rel.stem}.* (data.reference: true); "
+                                "skipped. Add it, or remove the image."))
+        return None
+    path = found[0]
+    record = Record(item.dataset, f"{sub}/{rel}", str(path), None,
+                    (lambda p=path: p.read_bytes()), str(path))
+    result = _inspect(record, data_cfg.max_image_pixels, known)
+    if isinstance(result, ImageProblem):
+        problems.append(Problem("error", "unreadable_reference", item.name,
+                                f"{item.name}: its reference is not usable: {result}. Pair skipped."))
+        return None
+    sha, w, h = result
+    known[sha] = [w, h]
+    ref = Item(item.id, item.dataset, str(path), sha, w, h, "", 0.0, 1, item.split, record=record)
+    for r, placement in item.placements.items():
+        rng = random.Random(f"{data_cfg.seed}:{sha}:{r}:reference")
+        ref.placements[r] = place(w, h, placement.bucket, "center", rng)
+    small = [r for r, p in ref.placements.items() if needs_upscale(w, h, p.bucket)]
+    if small:  # an upscaled reference is blurrier than the inputs users will give: a size mismatch worth fixing
+        problems.append(Problem("warning", "reference_small", item.name,
+                                f"{item.name}: its reference {path.name} ({w}x{h}) is smaller than the "
+                                f"{ref.placements[small[0]].bucket[0]}x{ref.placements[small[0]].bucket[1]} bucket "
+                                f"at {small} px and is upscaled; use a reference as large as its target."))
+    ratio = (w / h) / (item.width / item.height)
+    if not 0.8 <= ratio <= 1.25:
+        problems.append(Problem("warning", "reference_aspect", item.name,
+                                f"{item.name}: {item.width}x{item.height} but its reference {path.name} is {w}x{h}; "
+                                "the reference is cropped to the target's bucket, losing part of it. Crop the pair "
+                                "alike."))
+    return ref
 
 
 # Caption tokens the text encoder keeps: 512 prompt tokens include the 5-token chat suffix (models/text_encoder.py).

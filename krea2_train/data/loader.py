@@ -180,6 +180,13 @@ def read_batch(manifest: Manifest, resolution: int, entries: list, **extra) -> d
         lat_paths.append(str(entry_path(cache_dir, "latents", lat["flip_key"] if flip else lat["key"])))
         text_paths.append(str(entry_path(cache_dir, "text", manifest.empty_text if dropped else item["text"])))
     text, mask = read_padded(text_paths, "text")
+    refs = [e[0]["latents"][res].get("reference_keys") or [] for e in entries]
+    if any(refs):
+        if len({len(r) for r in refs}) != 1:
+            raise CacheReadError(f"batch mixes items with different reference counts: {[e[0]['id'] for e in entries]}")
+        # per reference k: (B, 16, h, w) clean latents in the target's bucket (data.reference)
+        extra = {"references": [read_stack([str(entry_path(cache_dir, "latents", r[k])) for r in refs], "latent")
+                                for k in range(len(refs[0]))], **extra}
     return {
         "latents": read_stack(lat_paths, "latent"),
         "text": text,

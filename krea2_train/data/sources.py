@@ -66,12 +66,15 @@ def _decode_caption(raw: bytes, name: str, problems: list, fallback: str) -> Opt
         return None
 
 
-def folder_records(cfg: DatasetConfig, index: int, root: Path) -> tuple[list[Record], list[Problem]]:
+def folder_records(cfg: DatasetConfig, index: int, root: Path, skip_dirs: tuple = ()
+                   ) -> tuple[list[Record], list[Problem]]:
+    """`skip_dirs`: top-level folder names not read as images (the reference folder of an edit dataset)."""
     records, problems = [], []
     ext = cfg.caption_extension if cfg.caption_extension.startswith(".") else "." + cfg.caption_extension
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # skip .git, .cache, ...
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")  # skip .git, .cache, ...
+                             and not (Path(dirpath) == root and d in skip_dirs))
         files.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
     fallback = (f"data.datasets[{index}].default_caption" if cfg.default_caption is not None
                 else "the trigger word alone" if cfg.trigger_word else "an empty caption")
@@ -146,7 +149,9 @@ class _Fatal(Exception):
     pass
 
 
-def load_records(cfg: DatasetConfig, index: int) -> tuple[list[Record], list[Problem]]:
+def load_records(cfg: DatasetConfig, index: int, reference_folders: Optional[list] = None
+                 ) -> tuple[list[Record], list[Problem]]:
+    """`reference_folders` (data.reference): top-level folders of the dataset that hold references, not images."""
     """Records and problems of one configured dataset. A dataset that cannot be read at all is one fatal Problem."""
     root = Path(os.path.expanduser(cfg.path)).resolve()
     key = f"data.datasets[{index}].path"
@@ -159,8 +164,13 @@ def load_records(cfg: DatasetConfig, index: int) -> tuple[list[Record], list[Pro
                                                               "at the folder that holds the images")]
     kind = detect_type(root) if cfg.type == "auto" else cfg.type
     try:
+        if reference_folders is not None and kind != "folder":
+            raise _Fatal(f"data.reference: true needs a folder dataset (images + {reference_folders} folders beside "
+                         f"them); data.datasets[{index}] is {kind}. Export it as a folder, or set data.reference: "
+                         "false")
         if kind == "folder":
-            return folder_records(cfg, index, root)
+            skip = tuple(str(f).strip("/") for f in reference_folders or ())
+            return folder_records(cfg, index, root, skip)
         if kind == "imagefolder":
             import datasets
 

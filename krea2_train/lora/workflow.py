@@ -62,6 +62,14 @@ _SPEC = {
                   ("latent_image", "LATENT")), ("LATENT",)),
     "VAEDecode": ((), (("samples", "LATENT"), ("vae", "VAE")), ("IMAGE",)),
     "SaveImage": (("filename_prefix",), (("images", "IMAGE"),), ("IMAGE",)),
+    # edit LoRAs (references): comfy nodes.py LoadImage / ImageScale / VAEEncode, comfy_extras nodes_edit_model.py
+    # ReferenceLatent, nodes_flux.py FluxKontextMultiReferenceLatentMethod ("Edit Model Reference Method")
+    "LoadImage": (("image",), (), ("IMAGE", "MASK")),
+    "ImageScale": (("upscale_method", "width", "height", "crop"), (("image", "IMAGE"),), ("IMAGE",)),
+    "VAEEncode": ((), (("pixels", "IMAGE"), ("vae", "VAE")), ("LATENT",)),
+    "ReferenceLatent": ((), (("conditioning", "CONDITIONING"), ("latent", "LATENT")), ("CONDITIONING",)),
+    "FluxKontextMultiReferenceLatentMethod": (("reference_latents_method",), (("conditioning", "CONDITIONING"),),
+                                              ("CONDITIONING",)),
 }
 
 
@@ -72,10 +80,35 @@ def _prompt_text(prompt: str, trigger_words) -> str:
     return ", ".join(missing + [text])
 
 
-def _nodes(lora_name, strength, prompt, trigger_words, models, seed, width, height, filename_prefix):
-    """[(id, type, title, {widget: value}, {input: (source id, slot)}, (x, y))] in execution order."""
+def _nodes(lora_name, strength, prompt, trigger_words, models, seed, width, height, filename_prefix,
+           references=(), reference_method="index"):
+    """[(id, type, title, {widget: value}, {input: (source id, slot)}, (x, y))] in execution order.
+
+    `references` (edit LoRAs): input image file names; each is LoadImage -> ImageScale (lanczos, centre crop to the
+    output size, as training fits a reference to its target's bucket) -> VAEEncode -> ReferenceLatent chained on the
+    prompt (reference 1, 2, ... in order), then the reference-method node with the method trained (without it
+    ComfyUI's Krea 2 model ignores the references); the zeroed negative is taken after them."""
     m = models or ComfyModels()
-    return [
+    positive = (5, 0)
+    extra = []
+    for k, image in enumerate(references or ()):
+        base, y = 20 + 4 * k, 800 + 260 * k
+        extra += [
+            (base, "LoadImage", f"Reference {k + 1}", {"image": image}, {}, (0, y)),
+            (base + 1, "ImageScale", f"Fit reference {k + 1}", {"upscale_method": "lanczos", "width": int(width),
+                                                               "height": int(height), "crop": "center"},
+             {"image": (base, 0)}, (420, y)),
+            (base + 2, "VAEEncode", f"Encode reference {k + 1}", {}, {"pixels": (base + 1, 0), "vae": (4, 0)},
+             (420, y + 130)),
+            (base + 3, "ReferenceLatent", f"Reference latent {k + 1}", {},
+             {"conditioning": positive, "latent": (base + 2, 0)}, (840, y)),
+        ]
+        positive = (base + 3, 0)
+    if extra:
+        extra.append((19, "FluxKontextMultiReferenceLatentMethod", "Reference method (as trained)",
+                      {"reference_latents_method": reference_method}, {"conditioning": positive}, (840, 600)))
+        positive = (19, 0)
+    return extra + [
         (1, "UNETLoader", "Load Krea 2 Turbo", {"unet_name": m.unet, "weight_dtype": "default"}, {}, (0, 0)),
         (2, "LoraLoaderModelOnly", "LoRA", {"lora_name": lora_name, "strength_model": round(float(strength), 4)},
          {"model": (1, 0)}, (420, 0)),
@@ -83,13 +116,13 @@ def _nodes(lora_name, strength, prompt, trigger_words, models, seed, width, heig
          (0, 200)),
         (4, "VAELoader", "Load VAE", {"vae_name": m.vae}, {}, (0, 400)),
         (5, "CLIPTextEncode", "Prompt", {"text": _prompt_text(prompt, trigger_words)}, {"clip": (3, 0)}, (420, 200)),
-        (6, "ConditioningZeroOut", "Negative (zero)", {}, {"conditioning": (5, 0)}, (420, 480)),
+        (6, "ConditioningZeroOut", "Negative (zero)", {}, {"conditioning": positive}, (420, 480)),
         (7, "EmptyLatentImage", "Size", {"width": int(width), "height": int(height), "batch_size": 1}, {},
          (420, 600)),
         (8, "KSampler", "KSampler (Turbo)", {"seed": int(seed), "steps": TURBO_STEPS, "cfg": TURBO_CFG,
                                              "sampler_name": TURBO_SAMPLER, "scheduler": TURBO_SCHEDULER,
                                              "denoise": 1.0},
-         {"model": (2, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}, (840, 0)),
+         {"model": (2, 0), "positive": positive, "negative": (6, 0), "latent_image": (7, 0)}, (840, 0)),
         (9, "VAEDecode", "Decode", {}, {"samples": (8, 0), "vae": (4, 0)}, (1200, 0)),
         (10, "SaveImage", "Save", {"filename_prefix": filename_prefix or "krea2_lora"}, {"images": (9, 0)},
          (1200, 200)),
@@ -98,10 +131,19 @@ def _nodes(lora_name, strength, prompt, trigger_words, models, seed, width, heig
 
 def workflow_graph(lora_name: str, *, strength: float = 1.0, prompt: str = "", trigger_words=(),
                    models: ComfyModels | None = None, seed: int = 0, width: int = 1024, height: int = 1024,
-                   filename_prefix: str | None = None) -> dict:
+                   filename_prefix: str | None = None, references=(), reference_method: str = "index") -> dict:
     """{"workflow": UI form, "prompt": API form} of the Turbo graph with `lora_name` (a file name as ComfyUI's
-    models/loras lists it) at `strength`."""
-    nodes = _nodes(lora_name, strength, prompt, trigger_words, models, seed, width, height, filename_prefix)
+    models/loras lists it) at `strength`; `references`: input image names for an edit LoRA (see `_nodes`)."""
+    nodes = _nodes(lora_name, strength, prompt, trigger_words, models, seed, width, height, filename_prefix,
+                   references, reference_method)
+    # the UI's `order`: dependency order, each time the first node (in list order) whose inputs are all made
+    done, ordered, pending = set(), [], list(nodes)
+    while pending:
+        n = next(n for n in pending if all(src in done for src, _ in n[4].values()))
+        ordered.append(n)
+        done.add(n[0])
+        pending.remove(n)
+    nodes = ordered
     types = {nid: t for nid, t, *_ in nodes}
     api = {}
     for nid, ntype, title, widgets, wires, _ in nodes:
@@ -125,6 +167,8 @@ def workflow_graph(lora_name: str, *, strength: float = 1.0, prompt: str = "", t
             values.append(widgets[w])
             if ntype == "KSampler" and w == "seed":
                 values.append("fixed")  # control_after_generate: keep the seed that made the picture
+            if ntype == "LoadImage":
+                values.append("image")  # the upload widget's value, as ComfyUI saves it
         ui_nodes.append({
             "id": nid, "type": ntype, "title": title, "pos": [x, y], "size": [380, 160], "flags": {}, "order": order,
             "mode": 0,
@@ -142,13 +186,15 @@ def workflow_graph(lora_name: str, *, strength: float = 1.0, prompt: str = "", t
 
 def workflow_png_chunks(lora_name: str, *, strength: float = 1.0, prompt: str = "", trigger_words=(),
                         models: ComfyModels | None = None, seed: int = 0, width: int = 1024, height: int = 1024,
-                        filename_prefix: str | None = None) -> dict[str, str]:
+                        filename_prefix: str | None = None, references=(), reference_method: str = "index"
+                        ) -> dict[str, str]:
     """The PNG tEXt chunks ComfyUI reads a graph from: {"workflow": UI form JSON, "prompt": API form JSON}, for
     `embed_png_chunks` (or PIL's PngInfo.add_text). Arguments as `workflow_graph`: `lora_name` as ComfyUI lists the
     file in models/loras (export/export.py's choice: `comfyui_lora_name(paths, out_dir)`), `strength` the LoRA
     strength shown, `prompt` + `trigger_words` the positive prompt, `seed`/`width`/`height` those of the picture."""
     graph = workflow_graph(lora_name, strength=strength, prompt=prompt, trigger_words=trigger_words, models=models,
-                           seed=seed, width=width, height=height, filename_prefix=filename_prefix)
+                           seed=seed, width=width, height=height, filename_prefix=filename_prefix,
+                           references=references, reference_method=reference_method)
     return {"workflow": json.dumps(graph["workflow"]), "prompt": json.dumps(graph["prompt"])}
 
 
@@ -169,6 +215,16 @@ def embed_png_chunks(png: bytes, chunks: dict[str, str]) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def reference_nodes(metadata: dict) -> dict:
+    """`workflow_graph` arguments for an edit LoRA from its export metadata (pipeline.export_settings writes
+    reference_method and reference_count): placeholder input names reference_1.png, ... for the user to pick."""
+    method = (metadata or {}).get("reference_method")
+    if not method:
+        return {}
+    n = int(metadata.get("reference_count") or 1)
+    return {"references": [f"reference_{k + 1}.png" for k in range(n)], "reference_method": str(method)}
 
 
 def write_workflow(path, lora_name: str, **kwargs) -> tuple[Path, Path]:
@@ -206,10 +262,13 @@ def run_lora_name(cfg) -> str:
     return comfyui_lora_name(paths, ".") or f"{name}.safetensors"
 
 
-def run_workflow_chunks(cfg, *, strength: float, prompt: str, width: int, height: int, seed: int = 0) -> dict[str, str]:
+def run_workflow_chunks(cfg, *, strength: float, prompt: str, width: int, height: int, seed: int = 0,
+                        references=()) -> dict[str, str]:
     """The PNG chunks for a picture of run `cfg` (previews, the transfer grid): the graph that makes it in ComfyUI
-    with the run's exported file, the run's trigger words and the export section's model file names."""
+    with the run's exported file, the run's trigger words and the export section's model file names; `references`
+    (edit LoRAs): the input image names, with the run's train.reference_method."""
     e = cfg.export
+    refs = {"references": list(references), "reference_method": cfg.train.reference_method} if references else {}
     return workflow_png_chunks(run_lora_name(cfg), strength=strength, prompt=prompt,
                                trigger_words=tuple(e.trigger_words), models=run_models(cfg), seed=seed, width=width,
-                               height=height, filename_prefix=e.name or cfg.run_name)
+                               height=height, filename_prefix=e.name or cfg.run_name, **refs)

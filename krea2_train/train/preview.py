@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -48,6 +49,43 @@ def prompt_embeddings(cfg):
     return _EMBEDS[key]
 
 
+_REFS: dict = {}
+
+
+def preview_references(cfg):
+    """(per prompt: [(1, 16, h, w) clean latent], PIL images) for preview.references (edit LoRAs), or (None, None).
+    Each image is resized and centre-cropped to the preview size, as training puts a reference in its target's
+    bucket; encoded once per process."""
+    p = cfg.preview
+    if not getattr(getattr(cfg, "data", None), "reference", False) or not getattr(p, "references", None):
+        return None, None
+    key = (cfg.model.vae, tuple(p.references), p.resolution)
+    if key not in _REFS:
+        import numpy as np
+
+        from krea2_train.data.buckets import apply, place
+        from krea2_train.data.images import open_image
+        from krea2_train.models.vae import VAE
+
+        vae = VAE.from_path(cfg.model.vae, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu")
+        lats, images = [], []
+        for path in p.references:
+            img = open_image(Path(os.path.expanduser(path)).read_bytes(), path)
+            img = apply(img, place(img.width, img.height, (p.resolution, p.resolution)))
+            px = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+            lats.append([vae.encode(px[None]).cpu()])
+            images.append(img)
+        del vae
+        gc.collect()
+        _REFS.clear()
+        _REFS[key] = (lats, images)
+    return _REFS[key]
+
+
+def _method(cfg) -> str:
+    return getattr(getattr(cfg, "train", None), "reference_method", "index")
+
+
 def _decode(cfg, latents_list, device):
     from krea2_train.models.vae import VAE, to_pil
 
@@ -73,13 +111,16 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     if not p.prompts:
         return {}
     emb, mask, neg, neg_mask = prompt_embeddings(cfg)
+    refs, ref_images = preview_references(cfg)
+    method = _method(cfg)
     device = next(p_ for p_ in transformer.parameters()).device
     was_training = transformer.training
     transformer.eval()
     size = dict(height=p.resolution, width=p.resolution, seed=p.seed)
     raw_settings = SampleSettings.raw(steps=p.raw_steps, guidance=p.raw_guidance, **size)
     lat_raw = [sample_latents(transformer, emb[i:i + 1], mask[i:i + 1], raw_settings, neg[i:i + 1],
-                              neg_mask[i:i + 1]) for i in range(len(p.prompts))]
+                              neg_mask[i:i + 1], references=refs[i] if refs else None, reference_method=method)
+               for i in range(len(p.prompts))]
     transformer.train(was_training)
     latents, labels, lat_turbo = [], [], None
     from krea2_train.lora.turbo import preview_turbo_source
@@ -89,7 +130,7 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     if source is not None and source[0] == "lora":
         transformer.eval()
         try:  # one base: Raw + the Turbo LoRA (+ the training LoRA); works however the base is held
-            lat_turbo = _turbo_lora_latents(cfg, transformer, emb, mask, size, source[1], device)
+            lat_turbo = _turbo_lora_latents(cfg, transformer, emb, mask, size, source[1], device, refs)
         finally:
             transformer.train(was_training)
         at = f"{p.turbo_lora_strength:g}"
@@ -98,12 +139,12 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     if source is not None:
         transformer.eval()
         try:
-            lat_turbo = _turbo_latents_swapped(cfg, transformer, emb, mask, size, source[1])
+            lat_turbo = _turbo_latents_swapped(cfg, transformer, emb, mask, size, source[1], refs)
         except TypeError:  # quantised base: only a separate Turbo copy works, if it fits
             lat_turbo = None
             if _second_copy_fits(transformer, device):
                 lat_turbo = _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config,
-                                           source[1])
+                                           source[1], refs)
             else:
                 log.warning("preview: Turbo column skipped: the base is quantised (cannot swap weights in place) "
                             "and a second bf16 copy does not fit in free GPU memory; set preview.turbo to a Turbo LoRA "
@@ -123,6 +164,8 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     if not write:
         return {}
     columns = _decode(cfg, latents, device)
+    if ref_images:  # the input first, then what the LoRA makes of it
+        columns, labels = [ref_images] + columns, ["Reference"] + labels
     grid = grid_image(columns, labels, row_labels=list(p.prompts))
     import io
 
@@ -130,8 +173,9 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     grid.save(buf, format="PNG")
     path = Path(run_dir) / "previews" / f"step-{step:06d}.png"
     # dragged onto ComfyUI, the picture opens the graph that makes its Turbo + LoRA column there
+    # an edit LoRA's graph loads the first prompt's reference image (by file name, from ComfyUI's input folder)
     chunks = run_workflow_chunks(cfg, strength=1.0, prompt=p.prompts[0], width=p.resolution, height=p.resolution,
-                                 seed=p.seed)
+                                 seed=p.seed, references=[Path(p.references[0]).name] if ref_images else ())
     write_bytes_atomic(path, embed_png_chunks(buf.getvalue(), chunks))
     write_steps_grid(Path(run_dir) / "previews")
     log.info("preview: %s", path)
@@ -146,7 +190,7 @@ def _second_copy_fits(transformer, device) -> bool:
     return free > 1.1 * needed
 
 
-def _turbo_latents_swapped(cfg, transformer, emb, mask, size, turbo_path=None):
+def _turbo_latents_swapped(cfg, transformer, emb, mask, size, turbo_path=None, refs=None):
     """Turbo + the current LoRA on the training transformer itself: base weights swapped to Turbo and back."""
     from krea2_train.inference import SampleSettings
     from krea2_train.runtime.swap import copy_base_weights
@@ -155,12 +199,13 @@ def _turbo_latents_swapped(cfg, transformer, emb, mask, size, turbo_path=None):
     copy_base_weights(transformer, turbo_path)  # raises TypeError before touching anything if quantised
     try:
         settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
-        return _with_and_without(transformer, emb, mask, settings, cfg, size, key=str(turbo_path))
+        return _with_and_without(transformer, emb, mask, settings, cfg, size, key=str(turbo_path), refs=refs)
     finally:
         copy_base_weights(transformer, cfg.model.transformer)  # back to Raw, bit for bit (same file, same dtype)
 
 
-def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config, turbo_path=None):
+def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, peft_config, turbo_path=None,
+                   refs=None):
     from peft import set_peft_model_state_dict
 
     from krea2_train.inference import SampleSettings
@@ -178,7 +223,7 @@ def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, pef
         turbo.add_adapter(config)
         set_peft_model_state_dict(turbo, state)
         settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
-        return _with_and_without(turbo, emb, mask, settings, cfg, size, key=str(turbo_path))
+        return _with_and_without(turbo, emb, mask, settings, cfg, size, key=str(turbo_path), refs=refs)
     finally:
         del turbo
         gc.collect()
@@ -189,7 +234,7 @@ def _turbo_latents(cfg, transformer, emb, mask, size, device, adapter_state, pef
 _TURBO_LORAS: dict = {}
 
 
-def _turbo_lora_latents(cfg, transformer, emb, mask, size, path, device):
+def _turbo_lora_latents(cfg, transformer, emb, mask, size, path, device, refs=None):
     """(Raw + Turbo LoRA, Raw + Turbo LoRA + the current LoRA): the Turbo LoRA stacked under the training adapter
     at `preview.turbo_lora_strength` (inference.stacked_lora) and removed after. The file is read once per run."""
     from krea2_train.inference import SampleSettings, stacked_lora
@@ -202,20 +247,24 @@ def _turbo_lora_latents(cfg, transformer, emb, mask, size, path, device):
     strength = float(cfg.preview.turbo_lora_strength)
     settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
     with stacked_lora(transformer, _TURBO_LORAS[path], strength, TURBO_LORA_ADAPTER, device=device) as name:
-        return _with_and_without(transformer, emb, mask, settings, cfg, size, key=f"{path}@{strength}", only=name)
+        return _with_and_without(transformer, emb, mask, settings, cfg, size, key=f"{path}@{strength}", only=name,
+                                 refs=refs)
 
 
 _TURBO_ALONE: dict = {}
 
 
-def _with_and_without(model, emb, mask, settings, cfg, size, key: str = "", only: str | None = None):
+def _with_and_without(model, emb, mask, settings, cfg, size, key: str = "", only: str | None = None, refs=None):
     """(Turbo latents without the LoRA, with it). Without it the result never changes during a run: sampled once
     (adapters disabled on the same model, or all but adapter `only`, the Turbo LoRA) and kept. `key` names the
     Turbo source in that cache."""
     from krea2_train.inference import sample_latents
 
-    def run():
-        return torch.cat([sample_latents(model, emb[i:i + 1], mask[i:i + 1], settings) for i in range(emb.shape[0])])
+    def run():  # refs: per prompt its reference latents (edit LoRAs), else None
+        return torch.cat([sample_latents(model, emb[i:i + 1], mask[i:i + 1], settings,
+                                         references=refs[i] if refs else None,
+                                         reference_method=_method(cfg))
+                          for i in range(emb.shape[0])])
 
     from krea2_train.runtime.sharding import is_sharded
 
@@ -223,7 +272,8 @@ def _with_and_without(model, emb, mask, settings, cfg, size, key: str = "", only
         # FSDP2 keeps the requires_grad its unsharded parameters had when first gathered: toggling the adapters
         # here would leave the LoRA without gradients, so sharded runs show Turbo with the LoRA only
         return None, run()
-    key = (key, tuple(cfg.preview.prompts), cfg.preview.turbo_steps, tuple(sorted(size.items())))
+    key = (key, tuple(cfg.preview.prompts), cfg.preview.turbo_steps, tuple(sorted(size.items())),
+           tuple(getattr(cfg.preview, "references", ())) if refs else ())
     if key not in _TURBO_ALONE:
         from krea2_train.inference import _tuner_layers
 

@@ -265,9 +265,19 @@ class Trainer:
         text = batch["text"].to(dev)
         mask = batch.get("text_mask")
         pos = position_ids(text.shape[1], h // 2, w // 2, device=dev)
+        refs = batch.get("references")
+        if self.cfg.data.reference and not refs:
+            raise RuntimeError("data.reference is on but the batch has no reference latents (cache built without it?); "
+                               "run `krea2-train cache CONFIG` again")
+        use_refs = self.cfg.data.reference
+        p = self.cfg.data.reference_dropout
+        if use_refs and p > 0 and generator is not None:  # drawn after noise and sigmas: p = 0 changes nothing
+            use_refs = bool(torch.rand((), generator=generator) >= p)
         per = flow_matching_loss(model, x0.to(dev), noise.to(dev), sigmas.to(dev), text, pos,
                                  mask.to(dev) if mask is not None else None,
-                                 dtype=self.transformer.img_in.weight.dtype, autocast=self.acc.autocast())
+                                 dtype=self.transformer.img_in.weight.dtype, autocast=self.acc.autocast(),
+                                 references=refs if use_refs else None,
+                                 reference_method=self.cfg.train.reference_method)
         return per * loss_weights(self.cfg.timesteps, sigmas).to(per.device)
 
     @torch.no_grad()
