@@ -141,3 +141,32 @@ def test_overrides_may_follow_flags_and_fsdp_needs_gpus(capsys):
     assert "--gpus N" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["estimate", DEMO, "--card", "80", "--no-such-flag"])
+
+
+@pytest.mark.parametrize("fmt,storage", [("float8_e4m3fn", "one_byte"), ("int8_convrot", "one_byte"),
+                                         ("nvfp4", "dequantised")])
+def test_a_comfyui_quantised_base_file_is_estimated_as_the_trainer_holds_it(tiny_dir, tmp_path, fmt, storage):
+    """fp8 / int8 files keep their block weights 1 byte (the trainer's keep_quantized): estimated like
+    memory.quantize=int8 on the plain file, and said so; nvfp4 is dequantised on load: the plain file's figure."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _comfy_quant import quantize_file
+    from safetensors.torch import load_file, save_file
+
+    from krea2_train.models.inspect import block_weight_storage
+
+    plain = tiny_dir / "transformer_raw.safetensors"
+    state, header = quantize_file(load_file(plain), fmt, groupsize=64)  # 64: a power of 4 the tiny widths take
+    qfile = tmp_path / f"raw_{fmt}.safetensors"
+    save_file(state, qfile, metadata=header or None)
+    assert block_weight_storage(qfile)[0] == storage and block_weight_storage(plain)[0] == "plain"
+    one = ["train.stages=[{resolution: 256, batch_size: 1}]"]
+
+    def estimate(path, *extra):
+        return _tiny(one + [f"model.transformer={path}", *extra])
+
+    got = estimate(qfile)
+    want = estimate(plain, "memory.quantize=int8") if storage == "one_byte" else estimate(plain)
+    assert got["stages"][0]["est_alloc_gib"] == pytest.approx(want["stages"][0]["est_alloc_gib"])
+    assert estimate(plain)["notes"] == [] and len(got["notes"]) == 1 and str(qfile) in got["notes"][0]
+    if storage == "one_byte":
+        assert got["stages"][0]["est_alloc_gib"] < estimate(plain)["stages"][0]["est_alloc_gib"]

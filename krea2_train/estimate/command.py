@@ -70,6 +70,8 @@ def estimate_config(cfg, memory_settings=None, *, gpus: int = 1, fsdp: bool | No
         from krea2_train.models.tiny import TINY_TRANSFORMER as arch
     else:  # krea2, or auto (no file is read): the full 12.9B model, diffusers' defaults
         arch = {}
+    notes = []
+    settings = _base_file_settings(cfg, settings, fsdp, notes)
     dtype = getattr(torch, cfg.model.dtype)
     compute = _compute_dtype(cfg.train.mixed_precision)
     model = build_meta_model(arch, dtype)
@@ -98,7 +100,31 @@ def estimate_config(cfg, memory_settings=None, *, gpus: int = 1, fsdp: bool | No
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
     return dict(settings=settings, optimizer=optimizer, fsdp=bool(fsdp), gpus=gpus, architecture=architecture,
-                text_tokens=text_tokens, caption_tokens=caption_tokens, stages=rows)
+                text_tokens=text_tokens, caption_tokens=caption_tokens, stages=rows, notes=notes)
+
+
+def _base_file_settings(cfg, settings, fsdp: bool, notes: list):
+    """The settings the trainer ends up with for the base *file* it will read: a ComfyUI fp8 / int8 file keeps its
+    block weights 1 byte (train/trainer.py loads with keep_quantized unless FSDP), which costs what quantize=int8
+    does; nvfp4 / mxfp8 files are expanded to model.dtype on load. Appends a line to `notes` saying which."""
+    from pathlib import Path
+
+    from krea2_train.models.inspect import block_weight_storage, is_transformer_checkpoint
+
+    path = cfg.model.transformer
+    if not path or not is_transformer_checkpoint(Path(str(path)).expanduser()):
+        return settings
+    storage, formats = block_weight_storage(Path(str(path)).expanduser())
+    if storage == "one_byte" and settings.quantize == "none" and not fsdp:
+        notes.append(f"base file {path} stores the block weights as {', '.join(formats)}: they stay 1 byte on the "
+                     "GPU, estimated as memory.quantize: int8")
+        return dataclasses.replace(settings, quantize="int8")
+    if storage == "one_byte" and fsdp:
+        notes.append(f"base file {path} ({', '.join(formats)}) is dequantised to {cfg.model.dtype} under FSDP")
+    elif storage == "dequantised":
+        notes.append(f"base file {path} ({', '.join(formats)}) is dequantised to {cfg.model.dtype} on load: it costs "
+                     f"what a {cfg.model.dtype} base does (memory.quantize applies after)")
+    return settings
 
 
 def _explicit_memory_keys(cfg) -> list[str]:
@@ -236,6 +262,8 @@ def estimate_command(args) -> int:
     print(f"text: {result['caption_tokens']} valid caption tokens of {result['text_tokens']} (--caption-tokens); "
           "image tokens = (resolution/16)^2 per image; non-square buckets of the same area have the same count")
     print("\n".join(_fmt_table(result, card_gb)))
+    for line in result.get("notes", []):
+        print(line)
     for line in lines:
         print(line)
     print(f"note: {CAVEATS}. ({time.perf_counter() - t0:.0f} s)")

@@ -76,3 +76,25 @@ def format_checkpoint(info: dict) -> str:
         lines.append(f"  {group}: " + ", ".join(f"{n} x {p}" for p, n in sorted(counts.items())))
     lines.append("  loads: yes" if info["loadable"] else f"  loads: NO: {info['problem']}")
     return "\n".join(lines)
+
+
+def block_weight_storage(path, sample: int = 16) -> tuple[str, list[str]]:
+    """How a transformer file stores its blocks' Linear weights, as the training base would hold them:
+    ("one_byte", formats) when they are fp8 / int8 (ConvRot or not) and stay 1 byte per weight
+    (`load_transformer(keep_quantized=True)`), ("dequantised", formats) for nvfp4 / mxfp8 (expanded to the model
+    dtype on load), ("plain", []) otherwise. Reads the first `sample` block weights (files are quantised uniformly)."""
+    from krea2_train.models.loading import _block_linear_weight
+
+    handle, keys = open_safetensors(Path(path))
+    names = original_names(keys) or {}
+    reader = QuantReader(Path(path), handle, names, handle.metadata() or {})
+    formats, one_byte = set(), []
+    for name in [n for n in names if _block_linear_weight(n) and not reader.is_side(n)][:sample]:
+        q = reader.weight(name)
+        if q is None:
+            continue
+        formats.add(q.format)
+        one_byte.append(q.one_byte() is not None)
+    if not formats:
+        return "plain", []
+    return ("one_byte" if all(one_byte) else "dequantised"), sorted(formats)
