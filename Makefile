@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_step.py
 	$(BIN)/python scripts/bench_data.py
 
-# Rebuild the shipped micro Krea 2 (about an hour on a 2-core CPU; resumable) and print its figures.
+# Rebuild the shipped micro Krea 2 (about 90 minutes at 1 thread on a 2-core CPU; resumable) and print its figures.
 micro: $(STAMP)
 	$(BIN)/python scripts/pretrain_micro.py
 
