@@ -101,10 +101,11 @@ def cache(cfg, scan):
 def _epochs(cfg, dataset_size: int) -> int:
     """Passes over the training images (kohya's ss_num_epochs, whole passes rounded up): images drawn by every
     process of the run (RUN/runtime.json says how many trained it) over the training images."""
-    import json
     import math
 
-    runtime = cfg.run_dir / "runtime.json"
+    from krea2_train.train.trainer import RUNTIME_FILE
+
+    runtime = cfg.run_dir / RUNTIME_FILE
     try:
         processes = int(json.loads(runtime.read_text()).get("processes", 1))
     except (OSError, ValueError):

@@ -113,10 +113,12 @@ def test_slider_loss_equals_the_objective_computed_independently(tiny_dir, with_
     assert scales == {1.0}
 
 
-def test_adapter_scale_zero_is_the_base_and_minus_one_flips_the_delta(tiny_dir):
-    model = _tiny_with_lora(tiny_dir)
-    gen = torch.Generator().manual_seed(2)
-    xt, text, sig = torch.randn(1, 16, 64, generator=gen), torch.randn(1, 5, 12, 32, generator=gen), torch.tensor([.5])
+def _scaled_outputs(model, seed: int, sigma: float):
+    """(base with adapters disabled, adapter scale 0, scale 1, scale -1, scale 1 with every lora_B negated by hand)
+    outputs of `model` for one seeded input; the last one leaves lora_B negated."""
+    gen = torch.Generator().manual_seed(seed)
+    xt, text, sig = (torch.randn(1, 16, 64, generator=gen), torch.randn(1, 5, 12, 32, generator=gen),
+                     torch.tensor([sigma]))
     with torch.no_grad():
         model.disable_adapters()
         base = _call(model, xt, sig, text)
@@ -126,16 +128,19 @@ def test_adapter_scale_zero_is_the_base_and_minus_one_flips_the_delta(tiny_dir):
         plus = _call(model, xt, sig, text)
         with adapter_scale(model, -1.0):
             minus = _call(model, xt, sig, text)
-    assert torch.equal(zero, base)
-    assert float((plus - base).norm()) > 1e-3
-    with torch.no_grad():  # -1 by hand: every lora_B negated
-        for n, p in model.named_parameters():
+        for n, p in model.named_parameters():  # -1 by hand: every lora_B negated
             if "lora_B" in n:
                 p.neg_()
         by_hand = _call(model, xt, sig, text)
+    return base, zero, plus, minus, by_hand
+
+
+def test_adapter_scale_zero_is_the_base_and_minus_one_flips_the_delta(tiny_dir):
+    base, zero, plus, minus, by_hand = _scaled_outputs(_tiny_with_lora(tiny_dir), seed=2, sigma=0.5)
+    assert torch.equal(zero, base)
+    assert float((plus - base).norm()) > 1e-3
     assert torch.allclose(minus, by_hand, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(minus, plus, atol=1e-4)
-
 
 
 @pytest.mark.parametrize("preset", ["80gb", "48gb", "24gb", "16gb"])
@@ -148,21 +153,7 @@ def test_adapter_scale_under_every_memory_preset(tiny_dir, preset):
     model = _tiny_with_lora(tiny_dir)
     memory.apply_memory_settings(model, resolve_memory_settings(dict(preset=preset, compile=False)), "cpu")
     model.eval()  # checkpointing and offload hooks stay in place; eval only skips dropout (there is none)
-    gen = torch.Generator().manual_seed(4)
-    xt, text, sig = torch.randn(1, 16, 64, generator=gen), torch.randn(1, 5, 12, 32, generator=gen), torch.tensor([.4])
-    with torch.no_grad():
-        model.disable_adapters()
-        base = _call(model, xt, sig, text)
-        model.enable_adapters()
-        with adapter_scale(model, 0.0):
-            zero = _call(model, xt, sig, text)
-        with adapter_scale(model, -1.0):
-            minus = _call(model, xt, sig, text)
-        plus = _call(model, xt, sig, text)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.neg_()
-        by_hand = _call(model, xt, sig, text)
+    base, zero, plus, minus, by_hand = _scaled_outputs(model, seed=4, sigma=0.4)
     assert torch.allclose(zero, base, atol=1e-6, rtol=0)
     assert float((plus - base).norm()) > 1e-3
     assert torch.allclose(minus, by_hand, atol=1e-5, rtol=1e-4)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,12 +134,12 @@ def style_roundtrip(vae, folder, size: int = 128) -> dict:
     can never bring a picture closer to the style than its VAE round trip."""
     from PIL import Image
 
-    from krea2_train.evaluate.style import StyleReference
+    from krea2_train.evaluate.style import StyleReference, reference_images
     from krea2_train.models.vae import to_pil
 
-    ref = StyleReference.from_folder(folder)
-    files = sorted(p for p in Path(folder).glob("*.png"))
-    images = [Image.open(f).convert("RGB").resize((size, size), Image.LANCZOS) for f in files]
+    originals = reference_images([folder])
+    ref = StyleReference.from_images(originals)
+    images = [im.resize((size, size), Image.LANCZOS) for im in originals]
     rec = to_pil(torch.cat([vae.decode(vae.encode(world.to_tensor(images[i:i + 8]))) for i in range(0, len(images),
                                                                                                     8)]))
     other, _, _ = world.world_batch(777, 0, len(images))

@@ -73,6 +73,29 @@ def set_features(images) -> np.ndarray:
     return np.mean([image_features(im) for im in images], axis=0)
 
 
+def reference_images(folders, max_images: int = 64) -> list:
+    """The RGB images a style reference is taken from: every readable image under `folders` (recursively; at most
+    `max_images`, evenly spaced in name order). ValueError when there is none."""
+    from PIL import Image
+
+    from krea2_train.data.images import IMAGE_EXTENSIONS
+
+    files = sorted(p for f in folders for p in Path(f).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{', '.join(map(str, folders))}: no images to take a style reference from")
+    files = [files[i * len(files) // max_images] for i in range(max_images)] if len(files) > max_images else files
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(im.convert("RGB"))
+        except OSError:  # check-data reports unreadable files; the reference simply leaves them out
+            continue
+    if not images:
+        raise ValueError(f"{', '.join(map(str, folders))}: none of the images could be read for a style reference")
+    return images
+
+
 @dataclass
 class StyleReference:
     """The training images' mean features; `spread`: their own mean distance to it (what "on style" looks like)."""
@@ -106,24 +129,7 @@ class StyleReference:
     @classmethod
     def from_folders(cls, folders, max_images: int = 64) -> "StyleReference":
         """The images under every folder, as one set (at most `max_images`, evenly spaced in name order)."""
-        from PIL import Image
-
-        from krea2_train.data.images import IMAGE_EXTENSIONS
-
-        files = sorted(p for f in folders for p in Path(f).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise ValueError(f"{', '.join(map(str, folders))}: no images to take a style reference from")
-        files = [files[i * len(files) // max_images] for i in range(max_images)] if len(files) > max_images else files
-        images = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    images.append(im.convert("RGB"))
-            except OSError:  # check-data reports unreadable files; the reference simply leaves them out
-                continue
-        if not images:
-            raise ValueError(f"{', '.join(map(str, folders))}: none of the images could be read for a style reference")
-        return cls.from_images(images)
+        return cls.from_images(reference_images(folders, max_images))
 
     def distance(self, images) -> float:
         """Distance of a set of images (their mean features) to the training set's mean features."""

@@ -126,8 +126,8 @@ def slider_reading(section: list[dict]) -> str:
     """One sentence per slider. The range is measured (the swept strengths over which Turbo moves monotonically along
     the direction), the strength matching Raw's +-1 is fitted; they are different figures and said apart."""
     parts = []
-    max_swept = max(abs(x) for x in SLIDER_STRENGTHS)
     for i, s in enumerate(section):
+        max_swept = max(abs(float(k)) for k in (s.get("turbo_effect") or SLIDER_STRENGTHS))  # what was swept
         rng = s["suggested_turbo_range"]
         parts.append(
             f"slider {i} ({s['positive']!r} vs {s['negative']!r}) on Turbo: "
