@@ -7,9 +7,14 @@ distilled from Raw's guided trajectories and runs without CFG, so its plain delt
 to the conditional delta alone ignores the (1 + g) amplification of whatever the LoRA ties to the prompt (measured on
 the micro model: a suggestion several times too low). We compare Turbo's delta with the guided Raw delta: ratio
 |d_turbo| / |d_raw| (below 1: the LoRA acts weaker on Turbo) and their cosine (low: it pushes somewhere else, which
-users see as noise). The suggested Turbo strength s is the least-squares fit of s * d_turbo(s) to d_raw, refined
-once at the fitted strength since the effect is not exactly linear. Without a text encoder (random embeddings, no
-empty prompt) the conditional delta is used.
+users see as noise). The velocity fit is the least-squares s of s * d_turbo(s) to d_raw, refined once at the fitted
+strength since the effect is not exactly linear. Without a text encoder (random embeddings, no empty prompt) the
+conditional delta is used, and the velocity fit is the suggestion.
+
+With the text encoder and the VAE the suggested Turbo strength comes from samples instead (evaluate/strength.py
+`look_fit`): Raw's sampled effect under CFG is not linear in its velocity delta (micro demo: velocity fit 1.05,
+pictures 0.62), so Turbo + LoRA is sampled over a sweep of strengths and the one whose latents look most like Raw +
+LoRA's (same prompts, LOOK_IMAGES images at seeds other than the grid's) is suggested.
 Turbo samples without the LoRA, at strength 1 and at s are rendered side by side, with Raw + LoRA (28 steps, CFG)
 for reference and the prompt above each row.
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,6 +46,7 @@ DEFAULT_PROMPTS = ("a photo of a cat sitting on a red chair", "a portrait of a w
                    "a watercolor landscape with mountains")
 DEFAULT_SIGMAS = (0.9, 0.7, 0.5, 0.3, 0.1)
 STRENGTH_RANGE = (0.25, 3.0)
+LOOK_IMAGES = 8  # images per strength for the look fit (prompts x seeds): fewer and one image's layout dominates
 
 
 def _transformer(obj, dtype, device):
@@ -187,10 +194,28 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
             model.delete_adapters([name])
 
     raw_images = []
+    # The look fit's samples: other seeds than the pictures that check it, about LOOK_IMAGES images in all
+    fit_seeds = [seed + 1000 + r for r in range(-(-LOOK_IMAGES // len(prompts)))] if pictures else []
+    fit_raw = []
+
+    def sample_fit(model, strength):
+        """Latents of `model` (+ LoRA at `strength`, None: without) at every fit seed, stacked (B, C, h, w)."""
+        name = apply_lora(model, lora, strength=strength, adapter_name="krea2_transfer_fit") if strength else None
+        try:
+            out = []
+            for fs in fit_seeds:
+                settings = replace(turbo_settings if model is turbo_model else raw_settings, seed=fs)
+                neg = negative if settings.guidance > 0 else (None, None)
+                out.append(sample_latents(model, embeds, mask, settings, *neg))
+            return torch.cat(out)
+        finally:
+            if name:
+                model.delete_adapters([name])
 
     def measure_raw(model):
         if pictures:
             raw_images.extend(sample(model, 1.0))
+            fit_raw.append(sample_fit(model, 1.0))
         # Raw as deployed: under CFG, like the deltas below; Turbo has none
         slider_raw.extend(slider_effects(model, lora, it, inp, grid, negative=slider_negative, guidance=guidance)
                           for it, inp in zip(slider_items, slider_inputs))
@@ -206,6 +231,12 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     s1 = min(max(_fit(d_turbo_1, d_raw), STRENGTH_RANGE[0]), STRENGTH_RANGE[1])
     d_turbo_s1 = _deltas(turbo_model, lora, [s1], inputs, embeds, mask, grid)[s1]
     s2 = min(max(s1 * _fit(d_turbo_s1, d_raw), STRENGTH_RANGE[0]), STRENGTH_RANGE[1])
+    look = None
+    if pictures:  # the suggestion from samples (evaluate/strength.py look_fit); the velocity fit stays reported
+        from krea2_train.evaluate.strength import look_fit
+
+        look = look_fit(fit_raw[0], lambda st: sample_fit(turbo_model, st), sample_fit(turbo_model, None))
+    suggested = look["strength"] if look is not None else s2
 
     per_sigma = []
     for i, s in enumerate(sigmas):
@@ -223,11 +254,14 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         "resolution": [height, width],
         "ratio": ratio,
         "cosine": cosine,
-        "suggested_turbo_strength": round(s2, 3),
+        "suggested_turbo_strength": round(suggested, 3),
+        "suggestion_method": "look fit (samples)" if look is not None else "velocity fit",
+        "velocity_fit_strength": round(s2, 3),
         "first_fit_strength": round(s1, 3),
+        **({"look_fit": look} if look is not None else {}),
         "raw_target": f"guided delta, CFG {guidance:g}" if guidance > 0 else "conditional delta (no text encoder)",
         "per_sigma": per_sigma,
-        "reading": _reading(ratio if ratio is not None else 1.0, cosine, s2),
+        "reading": _reading(ratio if ratio is not None else 1.0, cosine, s2, look),
     }
     if slider_items:
         section = []
@@ -246,8 +280,8 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
 
         if isinstance(style_reference, (str, Path)):
             style_reference = StyleReference.from_folder(style_reference)
-        strengths = sorted({0.0, 1.0, s2, *(sweep if sweep is not None else DEFAULT_SWEEP)}) \
-            if style_reference is not None else [0.0, 1.0, s2]
+        strengths = sorted({0.0, 1.0, suggested, *(sweep if sweep is not None else DEFAULT_SWEEP)}) \
+            if style_reference is not None else [0.0, 1.0, suggested]
         if slider_items:  # a slider is used both ways: its Turbo pictures at negative strengths too
             from krea2_train.export.slider_transfer import PICTURE_STRENGTHS
 
@@ -256,16 +290,16 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         for st in tqdm(strengths, desc="transfer: Turbo samples", unit="strength", disable=len(strengths) < 4):
             turbo_images[st] = sample(turbo_model, None if st == 0.0 else st)
         if style_reference is not None:
-            report["style"] = style_match(style_reference, raw_images, turbo_images, s2)
+            report["style"] = style_match(style_reference, raw_images, turbo_images, suggested)
             report["reading"] += "; " + _style_reading(report["style"])
-        columns = [turbo_images[0.0], turbo_images[1.0], turbo_images[s2], raw_images]
-        grid_png = _grid_png(columns, ["Turbo", "Turbo + LoRA 1.00", f"Turbo + LoRA {s2:.2f} (suggested)",
+        columns = [turbo_images[0.0], turbo_images[1.0], turbo_images[suggested], raw_images]
+        grid_png = _grid_png(columns, ["Turbo", "Turbo + LoRA 1.00", f"Turbo + LoRA {suggested:.2f} (suggested)",
                                        "Raw + LoRA 1.00 (CFG)"], row_labels=prompts)
         if workflow is not None:  # the ComfyUI graph for the suggested column: {lora_name, trigger_words, models}
             from krea2_train.lora.workflow import embed_png_chunks, workflow_png_chunks
 
             grid_png = embed_png_chunks(grid_png, workflow_png_chunks(
-                strength=round(s2, 2), prompt=prompts[0], width=width, height=height, seed=seed, **workflow))
+                strength=round(suggested, 2), prompt=prompts[0], width=width, height=height, seed=seed, **workflow))
         write_bytes_atomic(out_dir / "transfer_grid.png", grid_png)
         report["grid"] = "transfer_grid.png"
         if slider_items:
@@ -276,7 +310,7 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
                 row_labels=prompts))
             report["slider_grid"] = "slider_grid.png"
         buf = io.BytesIO()
-        turbo_images[s2][0].save(buf, format="PNG")
+        turbo_images[suggested][0].save(buf, format="PNG")
         report["_preview_png"] = buf.getvalue()
     write_json_atomic(out_dir / "transfer_report.json", {k: v for k, v in report.items() if not k.startswith("_")})
     return report
@@ -344,7 +378,7 @@ def _raw_deltas(held: list, raw, turbo_source, owned: bool, measure, dtype, devi
     return turbo_model, d_raw
 
 
-def _reading(ratio: float, cosine: float, strength: float) -> str:
+def _reading(ratio: float, cosine: float, velocity_strength: float, look: dict | None = None) -> str:
     parts = []
     if ratio < 0.8:
         parts.append(f"the LoRA acts weaker on Turbo ({ratio:.2f}x of its Raw effect)")
@@ -354,10 +388,16 @@ def _reading(ratio: float, cosine: float, strength: float) -> str:
         parts.append(f"the LoRA acts with similar strength on Turbo ({ratio:.2f}x)")
     if cosine < 0.5:
         parts.append(f"its direction differs on Turbo (cosine {cosine:.2f}): expect artefacts, compare the grid")
-    elif cosine < 0.8:  # the fit scales only the part along Raw's effect: s ~ cosine / ratio, below 1 even if weaker
+    elif cosine < 0.8 and look is None:  # the fit scales only the part along Raw's effect: s ~ cosine / ratio
         parts.append(f"only partly along its Raw direction (cosine {cosine:.2f}), so the best-fitting strength is "
                      "about cosine / ratio")
-    parts.append(f"suggested Turbo strength {strength:.2f}")
+    if look is None:
+        parts.append(f"suggested Turbo strength {velocity_strength:.2f}")
+        return "; ".join(parts)
+    parts.append(f"suggested Turbo strength {look['strength']:.2f}: where Turbo + LoRA's samples look most like "
+                 f"Raw + LoRA's (the velocity fit alone says {velocity_strength:.2f})")
+    if look["at_grid_edge"]:
+        parts.append("that is at the end of the strengths tried: the LoRA may not reach Raw's look on Turbo")
     return "; ".join(parts)
 
 
