@@ -35,6 +35,26 @@ def tokenizer_problem(tokenizer) -> str:
                                                                    else ""))
 
 
+def load_tokenizer(tok_dir: Path):
+    """The tokenizer of a Hugging Face Qwen3-VL folder (tokenizer.json) or of ComfyUI's qwen25_tokenizer folder
+    (vocab.json + merges.txt + tokenizer_config.json: transformers' Qwen2Tokenizer, the class ComfyUI loads it
+    with); `model.tokenizer`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tok_dir)
+    except Exception as exc:
+        raise ModelLoadError(f"{tok_dir} (`model.tokenizer`): cannot load the tokenizer ({exc}); "
+                             f"{tokenizer_problem(None)}") from exc
+
+
+def check_tokenizer_fits(tok, vocab_rows: int, tok_dir, path) -> None:
+    """Refuse a tokenizer whose ids run past the text encoder's embedding table (another model's tokenizer)."""
+    if len(tok) > vocab_rows:
+        raise ModelLoadError(f"{tok_dir}: the tokenizer has {len(tok)} tokens but {path}'s embedding table only "
+                             f"{vocab_rows} rows: they are not from the same model. {tokenizer_problem(None)}.")
+
+
 def _language_keys(keys) -> dict[str, str]:
     """{Qwen3VLModel `language_model.` name: key in the file}."""
     out = {}
@@ -68,7 +88,7 @@ def _inferred_config(state: dict, pad_token_id):
 def load_text_encoder_file(path: Path, tokenizer, dtype: torch.dtype, config_key: str):
     """(Qwen3VLModel, tokenizer) from a ComfyUI single-file text encoder; see the module docstring."""
     from accelerate import init_empty_weights
-    from transformers import AutoTokenizer, Qwen3VLConfig, Qwen3VLModel
+    from transformers import Qwen3VLConfig, Qwen3VLModel
 
     from krea2_train.models.loading import open_safetensors
 
@@ -80,11 +100,8 @@ def load_text_encoder_file(path: Path, tokenizer, dtype: torch.dtype, config_key
     tok_dir = Path(str(tokenizer)).expanduser() if tokenizer else None
     if tok_dir is None or not tok_dir.is_dir():
         raise ModelLoadError(f"{path} is a single-file text encoder (ComfyUI layout): {tokenizer_problem(tokenizer)}.")
-    try:
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-    except Exception as exc:
-        raise ModelLoadError(f"{tok_dir} (`model.tokenizer`): cannot load the tokenizer ({exc}); "
-                             f"{tokenizer_problem(None)}") from exc
+    tok = load_tokenizer(tok_dir)
+    check_tokenizer_fits(tok, handle.get_slice(lm["embed_tokens.weight"]).get_shape()[0], tok_dir, path)
     reader = QuantReader(path, handle, {k: k for k in keys}, handle.metadata() or {})
     state = {}
     for name, key in lm.items():

@@ -323,6 +323,9 @@ def load_text_encoder(path, dtype="bfloat16", device="cpu", config_key: str = "m
         model = Qwen3VLModel.from_pretrained(path, torch_dtype=resolve_dtype(dtype))
     finally:
         hf_logging.set_verbosity(previous)
+    from krea2_train.models.comfy_files import check_tokenizer_fits
+
+    check_tokenizer_fits(tokenizer, model.language_model.embed_tokens.num_embeddings, tok_dir, path)
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
