@@ -229,3 +229,45 @@ def test_what_cannot_be_applied_exactly_is_refused(files, tmp_path):
             pass
     assert_unchanged(model, before)
     assert not re.search("turbo|stacked", " ".join(n for n, _ in model.named_parameters()))
+
+
+# ------------------------------------------------------------------------------------------------------- extract
+def test_extract_writes_comfyui_deltas(files, tmp_path, capsys, one_torch_thread):
+    """`krea2-train extract RAW TURBO --deltas biases|all`: the LoRA plus Turbo - Raw exactly for what a LoRA cannot
+    carry, named as ComfyUI's extractor names bias deltas (`<module>.diff_b`) and its key map other parameters;
+    ComfyUI's own load_lora reads every key; at full rank Raw + the file is Turbo."""
+    from krea2_train.cli import main
+
+    raw, turbo = load_file(files.raw), load_file(files.turbo)
+    out = {}
+    for which in ("biases", "all"):
+        out[which] = tmp_path / f"turbo_{which}.safetensors"
+        assert main(["extract", str(files.raw), str(files.turbo), "--out", str(out[which]), "--rank", "256",
+                     "--deltas", which, "--dtype", "float32"]) == 0
+    keys = {w: [k for k in load_file(p) if k.endswith((".diff", ".diff_b"))] for w, p in out.items()}
+    assert sorted(keys["biases"]) == sorted(f"diffusion_model.{k[:-len('.bias')]}.diff_b" for k in raw
+                                            if k.endswith(".bias"))
+    others = [k for k in raw if not k.endswith((".weight", ".bias"))]  # norm scales, modulation tables
+    assert sorted(keys["all"]) == sorted(keys["biases"] + [f"diffusion_model.{k}.diff" for k in others])
+    comfy = _comfy_source.load()
+    if comfy is not None:
+        weights = {f"diffusion_model.{k}": v for k, v in raw.items()}
+        theirs, not_loaded, errors = _comfy_source.patch(comfy, load_file(out["all"]), comfyui_key_map(files.raw),
+                                                         weights)
+        assert not not_loaded and not errors and len(theirs) == len(raw)
+        for k in others + [k for k in raw if k.endswith(".bias")]:  # the deltas: exactly Turbo's tensors
+            torch.testing.assert_close(theirs[f"diffusion_model.{k}"], turbo[k].float(), rtol=0, atol=1e-6)
+    model, target = load_transformer(files.raw, dtype="float32"), load_transformer(files.turbo, dtype="float32")
+    g = torch.Generator().manual_seed(1)
+    x, emb, sigma = torch.randn(1, 16, 64, generator=g), torch.randn(1, 5, 12, 32, generator=g), torch.tensor([0.5])
+    want = predict_velocity(target, x, sigma, emb, None, (4, 4))
+    errs = {}
+    for which, path in out.items():
+        with stacked_lora(model, path, 1.0), torch.no_grad():
+            errs[which] = float((predict_velocity(model, x, sigma, emb, None, (4, 4)) - want).norm() / want.norm())
+    print(f"full-rank extract vs Turbo: velocity rel err {errs}")
+    assert errs["all"] < 1e-4 < errs["biases"]
+    capsys.readouterr()
+    assert main(["extract", str(files.raw), str(files.turbo), "--out", str(tmp_path / "d"), "--deltas", "all",
+                 "--format", "diffusers"]) != 0
+    assert "only the comfyui layout" in capsys.readouterr().err and not (tmp_path / "d").exists()

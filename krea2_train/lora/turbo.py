@@ -227,3 +227,40 @@ def read_turbo_lora(source, header: dict | None = None) -> TurboLora:
                 "ComfyUI then applies only the .diff and drops the LoRA, which is unlikely to be meant. Re-extract "
                 "the LoRA with one of the two per layer.")
     return TurboLora(adapter, diffs, name, diff_keys)
+
+
+def delta_key(name: str) -> str:
+    """ComfyUI's key for a full delta of the checkpoint tensor `name` (original names): `<module>.diff` for a
+    weight, `<module>.diff_b` for a bias (its extractor's names), `<parameter>.diff` for the rest (its key map's
+    own name for a parameter not called weight)."""
+    if name.endswith(".weight"):
+        return f"diffusion_model.{name[:-len('.weight')]}.diff"
+    if name.endswith(".bias"):
+        return f"diffusion_model.{name[:-len('.bias')]}.diff_b"
+    return f"diffusion_model.{name}.diff"
+
+
+def write_turbo_lora(adapter, deltas: dict, path, dtype="bfloat16", comfyui_style: str = "alpha",
+                     metadata: dict | None = None) -> Path:
+    """A Turbo LoRA in ComfyUI's layout: the LoRA as lora.writers writes `comfyui` (lora_down/lora_up + .alpha,
+    or baked lora_A/lora_B) plus `deltas` {original tensor name: delta} as `.diff` / `.diff_b` (`delta_key`), in
+    `dtype`. ComfyUI and `read_turbo_lora` read it; diffusers and the plain-LoRA tools do not (they read no deltas)."""
+    import json
+
+    from krea2_train.lora.writers import bakes_scale, lora_state_for_format
+    from krea2_train.models.loading import resolve_dtype
+    from krea2_train.utils.io import save_safetensors_atomic
+
+    if bakes_scale("comfyui", comfyui_style):
+        adapter = adapter.baked()
+    adapter = adapter.to(dtype)
+    tensors, header = lora_state_for_format(adapter, "comfyui", comfyui_style)
+    for name, delta in deltas.items():
+        tensors[delta_key(name)] = delta.to(resolve_dtype(dtype)).contiguous()
+    info = {**adapter.info, **(metadata or {})}
+    header["krea2_train.format"] = "comfyui"
+    header["krea2_train.base_model"] = "krea-2-raw"
+    header["krea2_train.deltas"] = str(len(deltas))
+    if info:
+        header["krea2_train.info"] = json.dumps(info, sort_keys=True, default=str)
+    return save_safetensors_atomic(tensors, Path(path), metadata=header)
