@@ -304,8 +304,9 @@ def _delta_targets(transformer, turbo) -> dict:
         param = getattr(module, leaf, None) if module is not None else None
         if not isinstance(param, torch.nn.Parameter):
             raise UserError(f"{turbo.source}: {key} patches {pname}, which this transformer does not have as a "
-                            "plain parameter (another model, or a 1-byte quantised layer: load the base with "
-                            "memory.quantize off / a bf16 checkpoint to stack a LoRA with full deltas).")
+                            "plain parameter (another model size, fused q/k/v projections, or a quantised layer "
+                            "that keeps no float weight). Use the Turbo checkpoint for previews instead, or a Turbo "
+                            "LoRA without `.diff` tensors.")
         if is_sharded(param):
             raise UserError(f"{turbo.source}: its full-weight deltas (e.g. {key}) cannot be added to an FSDP-sharded "
                             "transformer; set preview.turbo to the Turbo checkpoint, or use a Turbo LoRA without "
@@ -313,8 +314,10 @@ def _delta_targets(transformer, turbo) -> dict:
         if tuple(param.shape) != tuple(delta.shape):
             raise UserError(f"{turbo.source}: {key} has shape {tuple(delta.shape)} but {pname} is "
                             f"{tuple(param.shape)}; the LoRA is for another model size.")
-        if not param.is_floating_point():
-            raise UserError(f"{turbo.source}: {pname} is stored as {param.dtype}; a delta cannot be added exactly.")
+        if param.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise UserError(f"{turbo.source}: {key} patches {pname}, which this transformer keeps as {param.dtype} "
+                            "(a 1-byte quantised base layer): a delta cannot be added to it exactly. Train on a "
+                            "bf16 Raw (memory.quantize off), or use a Turbo LoRA without `.diff` on Linear weights.")
         out[pname] = (param, delta)
     return out
 

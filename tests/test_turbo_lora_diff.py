@@ -271,3 +271,29 @@ def test_extract_writes_comfyui_deltas(files, tmp_path, capsys, one_torch_thread
     assert main(["extract", str(files.raw), str(files.turbo), "--out", str(tmp_path / "d"), "--deltas", "all",
                  "--format", "diffusers"]) != 0
     assert "only the comfyui layout" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_deltas_refused_on_one_byte_and_sharded_weights(files, tmp_path, monkeypatch):
+    """A `.diff` on a Linear weight the base keeps 1 byte (ComfyUI fp8 file, keep_quantized) cannot be added exactly;
+    any delta on an FSDP-sharded parameter is refused too. Nothing is changed."""
+    from _comfy_quant import quantize_file
+
+    from krea2_train.runtime import sharding
+
+    state, header = quantize_file(load_file(files.raw), "float8_e4m3fn", groupsize=64)
+    save_file(state, tmp_path / "raw_fp8.safetensors", metadata=header)
+    model = load_transformer(tmp_path / "raw_fp8.safetensors", dtype="float32", keep_quantized=True)
+    assert model.transformer_blocks[0].attn.to_q.weight.element_size() == 1
+    save_file({"diffusion_model.blocks.0.attn.wq.diff": torch.zeros(128, 128)}, tmp_path / "wq.safetensors")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match=r"wq.safetensors: diffusion_model.blocks.0.attn.wq.diff .*1-byte quantised"):
+        with stacked_lora(model, tmp_path / "wq.safetensors", 1.0):
+            pass
+    with stacked_lora(model, files.full.parent / "krea2_turbo_lora_rank_8_bf16.safetensors", 1.0):
+        pass  # biases, norms and tables stay float in a 1-byte base: the mixed file applies
+    assert_unchanged(model, before)
+    plain = load_transformer(files.raw, dtype="float32")
+    monkeypatch.setattr(sharding, "is_sharded", lambda t: t is plain.final_layer.norm.weight)
+    with pytest.raises(UserError, match="FSDP-sharded"):
+        with stacked_lora(plain, files.mixed, 1.0):
+            pass
