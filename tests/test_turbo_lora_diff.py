@@ -297,3 +297,20 @@ def test_deltas_refused_on_one_byte_and_sharded_weights(files, tmp_path, monkeyp
     with pytest.raises(UserError, match="FSDP-sharded"):
         with stacked_lora(plain, files.mixed, 1.0):
             pass
+
+
+def test_run_start_checks_the_deltas_fit(files, tmp_path, monkeypatch):
+    """train/trainer.py calls check_turbo_lora_fits once the model is built: a delta file that cannot be applied
+    to this transformer (here: sharded) is refused at the start, naming preview.turbo, not at the first preview."""
+    from krea2_train.lora.turbo import check_turbo_lora_fits
+    from krea2_train.runtime import sharding
+
+    model = load_transformer(files.raw, dtype="float32")
+    cfg = SimpleNamespace(model=SimpleNamespace(turbo=None), preview=SimpleNamespace(
+        prompts=["a red circle"], turbo=str(files.mixed)))
+    check_turbo_lora_fits(cfg, model)  # fits
+    monkeypatch.setattr(sharding, "is_sharded", lambda t: t is model.img_in.bias)
+    with pytest.raises(UserError, match="preview.turbo: .*FSDP-sharded"):
+        check_turbo_lora_fits(cfg, model)
+    cfg.preview.prompts = []
+    check_turbo_lora_fits(cfg, model)  # no previews: nothing to check

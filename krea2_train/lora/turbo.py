@@ -264,3 +264,29 @@ def write_turbo_lora(adapter, deltas: dict, path, dtype="bfloat16", comfyui_styl
     if info:
         header["krea2_train.info"] = json.dumps(info, sort_keys=True, default=str)
     return save_safetensors_atomic(tensors, Path(path), metadata=header)
+
+
+def check_turbo_lora_fits(cfg, transformer) -> None:
+    """At the start of training: when `preview.turbo` is a Turbo LoRA with `.diff` / `.diff_b` deltas, check now
+    that each can be added to the training transformer as built (not sharded, not a 1-byte or fused weight), so the
+    first preview, steps later, does not stop the run. Raises UserError naming the file and the fix."""
+    if not getattr(cfg.preview, "prompts", None):
+        return
+    source = preview_turbo_source(cfg)
+    if not source or source[0] != "lora":
+        return
+    turbo = read_turbo_lora(source[1])
+    if not turbo.diffs:
+        return
+    from krea2_train.inference import _delta_targets
+
+    try:
+        from krea2_train.runtime.speed import unwrap_transformer
+
+        transformer = unwrap_transformer(transformer)
+    except TypeError:
+        pass
+    try:
+        _delta_targets(transformer, turbo)
+    except UserError as exc:
+        raise UserError(f"preview.turbo: {exc}") from exc
