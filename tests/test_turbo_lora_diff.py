@@ -314,3 +314,30 @@ def test_run_start_checks_the_deltas_fit(files, tmp_path, monkeypatch):
         check_turbo_lora_fits(cfg, model)
     cfg.preview.prompts = []
     check_turbo_lora_fits(cfg, model)  # no previews: nothing to check
+
+
+def test_other_delta_namings_comfyui_maps(files, tmp_path):
+    """The other names ComfyUI's Krea 2 key map gives a delta (a bias by its own name + .diff, diffusers Linear
+    names under diffusion_model. / transformer.) patch what ComfyUI's code patches."""
+    comfy = _comfy_source.load()
+    if comfy is None:
+        pytest.skip("ComfyUI source not available")
+    g = torch.Generator().manual_seed(3)
+    lora = {"diffusion_model.first.bias.diff": torch.randn(128, generator=g),
+            "transformer.time_embed.linear_1.diff_b": torch.randn(128, generator=g),
+            "diffusion_model.transformer_blocks.0.attn.to_q.diff": torch.randn(128, 128, generator=g),
+            "transformer.transformer_blocks.1.ff.up.diff": torch.randn(256, 128, generator=g)}
+    raw = load_file(files.raw)
+    theirs, not_loaded, errors = _comfy_source.patch(comfy, lora, comfyui_key_map(files.raw),
+                                                     {f"diffusion_model.{k}": v for k, v in raw.items()}, 0.5)
+    assert not not_loaded and not errors and len(theirs) == 4
+    want = to_diffusers({k: theirs.get(f"diffusion_model.{k}", v.float()) for k, v in raw.items()})
+    save_file(lora, tmp_path / "names.safetensors")
+    model = load_transformer(files.raw, dtype="float32")
+    with stacked_lora(model, tmp_path / "names.safetensors", 0.5):
+        ours = effective_state(model)
+    base = to_diffusers({k: v.float() for k, v in raw.items()})
+    changed = [k for k in want if not torch.equal(want[k], base[k])]
+    assert len(changed) == 4
+    for k in want:
+        torch.testing.assert_close(ours[k], want[k], rtol=0, atol=1e-6)

@@ -125,14 +125,16 @@ def _diff_fix(source: str) -> str:
 def _diff_target(key: str, source: str) -> tuple[str, bool]:
     """(original or diffusers parameter name, is_original) that the delta `key` patches, as comfy/lora.py maps it:
     `<prefix><module>.diff` -> `<module>.weight`, `.diff_b` -> `<module>.bias`, and `diffusion_model.<parameter>.diff`
-    for parameters not called `weight` (norm `scale`, modulation `lin`) -> that parameter."""
+    for parameters not called `weight` (norm `scale`, modulation `lin`, a `bias`) -> that parameter. Under
+    `diffusion_model.` ComfyUI also maps diffusers Linear names; they pass the Krea 2 name check below as they are."""
     from krea2_train.lora.formats import _resolve_module
 
     bias = key.endswith(".diff_b")
     name = key[: -len(".diff_b" if bias else ".diff")]
     if name.startswith("diffusion_model."):
         name = name[len("diffusion_model."):]
-        if re.search(r"\.(scale|lin)$", name):  # a parameter of its own (ComfyUI key_map: non-.weight keys)
+        if re.search(r"\.(scale|lin|bias)$", name):  # a parameter by its own name (ComfyUI's key map: every
+            # model key not ending in .weight maps to itself)
             if bias:
                 raise TurboSourceError(f"{_diff_fix(source)}; {key} puts a bias delta on the parameter {name}, "
                                        "which ComfyUI maps to no tensor. Re-extract the LoRA.")
