@@ -103,8 +103,8 @@ def test_wan_names_match_comfyui_module(comfy, which):
 
 def test_real_vae_facts_match_comfyui(comfy):
     """comfy/sd.py's Wan 2.1 VAE config (what it builds for qwen_image_vae.safetensors) is REAL_VAE at width 96, and
-    the normalisation ComfyUI applies to Krea 2 latents (latent_formats.Wan21, scale 1) is diffusers'
-    AutoencoderKLQwenImage default, which a config-less real-size file gets."""
+    the normalisation ComfyUI applies to Krea 2 latents (supported_models.Krea2's latent_formats.Wan21, scale 1;
+    nothing from the file) is diffusers' AutoencoderKLQwenImage default, which a config-less real-size file gets."""
     import inspect
 
     import _comfy_wan_vae
@@ -116,6 +116,9 @@ def test_real_vae_facts_match_comfyui(comfy):
     assert sd_cfg["z_dim"] is None and "self.latent_channels = 16" in src[src.index("# Wan 2.1 VAE"):][:800]
     assert sd_cfg["dim_mult"] == REAL_VAE["dim_mult"] and sd_cfg["num_res_blocks"] == REAL_VAE["num_res_blocks"]
     assert sd_cfg["temperal_downsample"] == REAL_VAE["temperal_downsample"] and sd_cfg["attn_scales"] == []
+    models = _comfy_wan_vae._source("comfy/supported_models.py")
+    krea2 = models[models.index("class Krea2("):]
+    assert re.search(r"^    latent_format = latent_formats\.Wan21$", krea2.split("\nclass ", 1)[0], re.M)
     with torch.device("meta"):
         wan = comfy_wan_vae(comfy, REAL_VAE).state_dict()
     assert wan["decoder.head.0.gamma"].shape[0] == 96  # the width sd.py reads
