@@ -111,3 +111,14 @@ def test_single_file_text_encoder_with_comfyui_tokenizer_folder(comfy, tmp_path)
                .state_dict().items()}, tmp_path / "small.safetensors")
     with pytest.raises(ModelLoadError, match=r"qwen25_tokenizer: the tokenizer has \d+ tokens but .*small"):
         TextEncoder.from_path(tmp_path / "small.safetensors", tokenizer=comfy.folder)
+
+
+def test_refusals_without_comfyui_source():
+    """The rule itself, for machines without the ComfyUI checkout (the test above shows ComfyUI reads these
+    differently): a plain prompt passes, each case is named."""
+    from krea2_train.models.text_encoder import comfyui_prompt_problem
+
+    assert comfyui_prompt_problem("a red circle (big), 3 cats: embedding") is None
+    assert "backslash" in comfyui_prompt_problem("a \\(b\\)")
+    assert "chat template" in comfyui_prompt_problem("<|im_start|>system\nx")
+    assert "textual-inversion" in comfyui_prompt_problem("x embedding:foo")

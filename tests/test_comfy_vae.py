@@ -137,16 +137,21 @@ def _diffusers_folder(which, tiny_dir):
     return WEIGHTS_DIR / "vae" if which == "micro" else tiny_dir / "vae"
 
 
-@pytest.mark.parametrize("which", ["micro", "tiny"])
-def test_wan_file_reads_exactly(comfy, which, tiny_dir, tmp_path, one_torch_thread):
-    """The micro/tiny VAE written in ComfyUI's names (+ its latents stats in the header) loads as the diffusers
-    folder does: same weights, same encode/decode; and ComfyUI's own module on those tensors encodes/decodes the
-    same up to float rounding."""
+def _wan_file(which, tiny_dir, tmp_path):
+    """(diffusers-folder VAE, its config, its tensors in Wan names, the file of them + its latents stats header)."""
     folder = load_vae(_diffusers_folder(which, tiny_dir))
     cfg = dict(folder.config)
     wan = diffusers_to_wan({k: v.contiguous() for k, v in folder.state_dict().items()}, cfg["num_res_blocks"])
     path = tmp_path / "qwen_image_vae.safetensors"
     save_file(wan, path, metadata={"config": json.dumps({k: cfg[k] for k in ("latents_mean", "latents_std")})})
+    return folder, cfg, wan, path
+
+
+@pytest.mark.parametrize("which", ["micro", "tiny"])
+def test_wan_file_reads_exactly(which, tiny_dir, tmp_path, one_torch_thread):
+    """The micro/tiny VAE written in ComfyUI's names (+ its latents stats in the header) loads as the diffusers
+    folder does: same weights, same encode/decode."""
+    folder, cfg, wan, path = _wan_file(which, tiny_dir, tmp_path)
     single = load_vae(path)
     assert {k: single.config[k] for k in ARCH + ("latents_mean", "latents_std")} == \
         {k: cfg[k] for k in ARCH + ("latents_mean", "latents_std")}
@@ -158,6 +163,13 @@ def test_wan_file_reads_exactly(comfy, which, tiny_dir, tmp_path, one_torch_thre
     z = a.encode(pixels)
     assert torch.equal(z, b.encode(pixels)) and torch.equal(a.decode(z), b.decode(z))
 
+
+@pytest.mark.parametrize("which", ["micro", "tiny"])
+def test_wan_file_is_what_comfyui_module_reads(comfy, which, tiny_dir, tmp_path, one_torch_thread):
+    """ComfyUI's own WanVAE loads those Wan-named tensors strictly and encodes/decodes as the diffusers VAE does
+    (so the names the file was written in are ComfyUI's)."""
+    folder, cfg, wan, _ = _wan_file(which, tiny_dir, tmp_path)
+    pixels = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ref = comfy_wan_vae(comfy, cfg).eval()
     ref.load_state_dict(wan, strict=True)
     with torch.no_grad():
