@@ -145,11 +145,11 @@ def test_full_deltas_turn_raw_into_turbo(files, one_torch_thread):
     torch.testing.assert_close(predict_velocity(raw, x, sigma, emb, None, (4, 4)), plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("memory", ["plain", "offload"])
-def test_preview_with_deltas_equals_turbo_by_hand(tiny_dir, files, memory):
-    """The preview path (train/preview._turbo_lora_latents) with the mixed file under a training LoRA, with and
-    without block offload (poisoned CPU homes: a delta lost on the next onload would show): Raw + LoRA + deltas
-    merged by hand."""
+@pytest.mark.parametrize("memory, which", [("plain", "mixed"), ("offload", "mixed"), ("offload", "full")])
+def test_preview_with_deltas_equals_turbo_by_hand(tiny_dir, files, memory, which):
+    """The preview path (train/preview._turbo_lora_latents) with the mixed file (LoRA + deltas) or the full one
+    (deltas only: no adapter is added) under a training LoRA, with and without block offload (poisoned CPU homes: a
+    delta lost on the next onload would show): Raw + LoRA + deltas merged by hand."""
     from krea2_train.runtime.memory import offload_blocks
 
     model = trained_transformer(tiny_dir).eval()
@@ -157,20 +157,21 @@ def test_preview_with_deltas_equals_turbo_by_hand(tiny_dir, files, memory):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     if memory == "offload":
         offload_blocks(model, "cpu", poison=True)
-    turbo = read_turbo_lora(files.mixed)
+    path = getattr(files, which)
+    turbo = read_turbo_lora(path)
     cfg = SimpleNamespace(model=SimpleNamespace(dtype="float32"), preview=SimpleNamespace(
-        turbo=str(files.mixed), turbo_steps=3, turbo_lora_strength=0.7, prompts=["a red circle"]))
+        turbo=str(path), turbo_steps=3, turbo_lora_strength=0.7, prompts=["a red circle"]))
     emb, mask = torch.randn(1, 5, 12, 32), torch.ones(1, 5, dtype=torch.bool)
     size = dict(height=64, width=64, seed=1)
     preview._TURBO_ALONE.clear()
     preview._TURBO_LORAS.clear()
-    alone, with_lora = preview._turbo_lora_latents(cfg, model, emb, mask, size, str(files.mixed), "cpu")
+    alone, with_lora = preview._turbo_lora_latents(cfg, model, emb, mask, size, str(path), "cpu")
 
     def by_hand(adapters):
         m = load_transformer(files.raw, dtype="float32")
         with torch.no_grad():
             for adapter, s in adapters:
-                for mod in adapter.modules:
+                for mod in adapter.modules if adapter is not None else ():
                     m.get_submodule(mod).weight += s * adapter.delta(mod)
             for name, d in turbo.diffs.items():
                 m.get_parameter(name).add_(0.7 * d)

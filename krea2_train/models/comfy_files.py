@@ -1,4 +1,7 @@
-"""The Qwen3-VL text encoder as ComfyUI ships it: one safetensors file (e.g. `qwen3vl_4b_fp8_scaled.safetensors`).
+"""ComfyUI's single files that are not the transformer: the Qwen3-VL text encoder (below) and the Qwen-Image VAE
+(`qwen_image_vae.safetensors`, see "VAE file" further down).
+
+The text encoder as ComfyUI ships it: one safetensors file (e.g. `qwen3vl_4b_fp8_scaled.safetensors`).
 
 The file holds Hugging Face's `Qwen3VLForConditionalGeneration` tensor names (`model.language_model.*`,
 `model.visual.*`, `lm_head.*`; ComfyUI renames them on load, comfy/sd.py) or ComfyUI's own (`model.layers.*`), with
