@@ -26,11 +26,17 @@ def _source(path: str) -> str:
                           check=True).stdout
 
 
-def _take(path: str, names: set, ns: dict) -> None:
-    tree = ast.parse(_source(path))
-    nodes = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
+def _take(path: str, names: set, ns: dict, inside: str | None = None) -> None:
+    """exec the top-level functions/classes `names` of `path` into ns (with `inside`: methods of that class, into a
+    class of the same name with no base)."""
+    body = ast.parse(_source(path)).body
+    if inside:
+        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == inside).body
+    nodes = [n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
     assert {n.name for n in nodes} == set(names), (path, names)
-    exec(compile(ast.Module(body=nodes, type_ignores=[]), path, "exec"), ns)
+    if inside:
+        nodes = [ast.ClassDef(name=inside, bases=[], keywords=[], body=nodes, decorator_list=[], type_params=[])]
+    exec(compile(ast.fix_missing_locations(ast.Module(body=nodes, type_ignores=[])), path, "exec"), ns)
 
 
 def copy_tokenizer_folder(dest: Path) -> Path:
@@ -64,6 +70,8 @@ def load(workdir: Path):
         _take("comfy/sd1_clip.py", {"parse_parentheses", "token_weights", "escape_important", "unescape_important",
                                     "load_embed", "safe_load_embed_zip", "expand_directory_list", "bundled_embed",
                                     "SDTokenizer", "SD1Tokenizer"}, sd1)
+
+        _take("comfy/sd1_clip.py", {"process_tokens"}, sd1, inside="SDClipModel")  # its token -> attention mask
 
         class SD1ClipModel:  # stand-in for the Qwen3-VL model: "hidden states" = each token's position
             def __init__(self, *a, **kw):
@@ -99,6 +107,20 @@ def load(workdir: Path):
         sys.modules.update(saved)
     tokenizers = {}
     model = krea2.Krea2TEModel.__new__(krea2.Krea2TEModel)
+    clip = sd1["SDClipModel"]()  # Qwen3VLClipModel's special tokens; embeddings are not looked at
+    clip.special_tokens = {"pad": 151643}
+    clip.transformer = types.SimpleNamespace(get_input_embeddings=lambda: (
+        lambda t, out_dtype=None: torch.zeros(*t.shape, 1)))
+
+    def kept_mask(prompt: str, embedding_directory=None) -> list[int]:
+        """ComfyUI's attention mask (SDClipModel.process_tokens) over the tokens kept_ids returns."""
+        if embedding_directory not in tokenizers:
+            tokenizers[embedding_directory] = krea2.Krea2Tokenizer(embedding_directory=embedding_directory)
+        tokens = tokenizers[embedding_directory].tokenize_with_weights(prompt)
+        ids = [t for t, _ in tokens["qwen3vl_4b"][0]]
+        _, mask, _, _ = clip.process_tokens([ids], "cpu")
+        out, _, _ = model.encode_token_weights(tokens)
+        return [int(mask[0, int(p)]) for p in out[0, :, 0].tolist()]
 
     def kept_ids(prompt: str, embedding_directory=None) -> list[int]:
         """The token ids of `prompt` whose hidden states ComfyUI's Krea 2 text encoder returns (CLIPTextEncode).
@@ -110,4 +132,5 @@ def load(workdir: Path):
         out, _, _ = model.encode_token_weights(tokens)  # (1, seq, 12) positions after ComfyUI's stripping
         return [ids[int(p)] for p in out[0, :, 0].tolist()]
 
-    return types.SimpleNamespace(kept_ids=kept_ids, template=krea2.KREA2_TEMPLATE, taps=krea2.KREA2_TAP_LAYERS)
+    return types.SimpleNamespace(kept_ids=kept_ids, kept_mask=kept_mask, template=krea2.KREA2_TEMPLATE,
+                                 taps=krea2.KREA2_TAP_LAYERS)

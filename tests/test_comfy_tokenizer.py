@@ -53,6 +53,7 @@ def test_same_ids_as_comfyui(comfy, ours, tmp_path):
     """ComfyUI's code run as ComfyUI runs it (with an embeddings folder)."""
     for p in PROMPTS:
         assert kept(ours, p) == comfy.kept_ids(p, embedding_directory=str(tmp_path)), p
+        assert set(comfy.kept_mask(p, embedding_directory=str(tmp_path))) == {1}, p  # ComfyUI masks none of them
     # batched (padded in the middle, as training batches are): the valid ids are the same
     ids, mask = ours.tokenize(PROMPTS)
     for i, p in enumerate(PROMPTS):
@@ -67,13 +68,15 @@ def test_same_ids_as_comfyui(comfy, ours, tmp_path):
     ("embedding:foo bar", "textual-inversion embedding"),
     ("a embedding:foo", "textual-inversion embedding"),
     ("x embedding: y", "textual-inversion embedding"),
+    ("a <|endoftext|> b", "masks every token from it on"),
 ])
 def test_prompts_comfyui_reads_differently_are_refused(comfy, ours, prompt, why, tmp_path):
     """Each refused prompt really is read differently by ComfyUI's code (with an embeddings folder, as ComfyUI
-    runs), so the refusal is not a guess; the same prompt made plain is read the same."""
+    runs: other token ids, or tokens it masks), so the refusal is not a guess."""
     theirs = comfy.kept_ids(prompt, embedding_directory=str(tmp_path))
     body = ours.tokenizer(facts.PROMPT_PREFIX + prompt).input_ids[facts.PREFIX_TOKENS:]
-    assert theirs != body + ours.tokenizer(facts.PROMPT_SUFFIX).input_ids
+    assert theirs != body + ours.tokenizer(facts.PROMPT_SUFFIX).input_ids or \
+        0 in comfy.kept_mask(prompt, embedding_directory=str(tmp_path))
     with pytest.raises(UserError, match=why):
         ours.tokenize([prompt])
 
@@ -122,3 +125,4 @@ def test_refusals_without_comfyui_source():
     assert "backslash" in comfyui_prompt_problem("a \\(b\\)")
     assert "chat template" in comfyui_prompt_problem("<|im_start|>system\nx")
     assert "textual-inversion" in comfyui_prompt_problem("x embedding:foo")
+    assert "pad token" in comfyui_prompt_problem("x <|endoftext|>")

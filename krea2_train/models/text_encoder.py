@@ -29,14 +29,18 @@ def comfyui_prompt_problem(prompt: str) -> str | None:
     """Why ComfyUI's Krea 2 text encoder (CLIPTextEncode -> comfy/text_encoders/krea2.py) would read `prompt`
     differently from diffusers' Krea2Pipeline and this trainer, or None. Found by running ComfyUI's own tokenizer
     code (tests/test_comfy_tokenizer.py): it skips the template for text starting with `<|im_start|>`, turns `\\(` /
-    `\\)` into `(` / `)` (its prompt-weight escapes, applied with weights off too) and reads `embedding:NAME` as a
-    textual-inversion embedding (dropping the word when there is none)."""
+    `\\)` into `(` / `)` (its prompt-weight escapes, applied with weights off too), masks everything from the pad
+    token `<|endoftext|>` on, and reads `embedding:NAME` as a textual-inversion embedding (dropping the word when
+    there is none)."""
     if prompt.startswith("<|im_start|>"):
         return ("it starts with <|im_start|>, so ComfyUI uses it as a whole chat template instead of Krea 2's; "
                 "give the prompt text only")
     if "\\(" in prompt or "\\)" in prompt:
         return ("ComfyUI reads `\\(` / `\\)` as escaped parentheses and drops the backslash, diffusers keeps it; write "
                 "plain ( ) (read the same by both: Krea 2 in ComfyUI has no prompt weights)")
+    if "<|endoftext|>" in prompt:
+        return ("it contains <|endoftext|>, Qwen's pad token: ComfyUI masks every token from it on (the rest of the "
+                "prompt and the template's end), diffusers reads them; remove it")
     if re.search(r"(^|\s)embedding:", prompt):
         return ("ComfyUI reads `embedding:NAME` as a textual-inversion embedding (and drops the word when there is "
                 "none); rephrase it")
