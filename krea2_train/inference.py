@@ -176,53 +176,150 @@ def stacked_lora(transformer, source, strength: float, name: str = "stacked", de
     after; yields the adapter name. The active adapters keep their own scales and trainability (nothing of theirs is
     re-set: under FSDP a toggled requires_grad would stick to the gathered LoRA), so training resumes unchanged.
 
-    Injected with PEFT straight from the factors (no state-dict load, which FSDP's sharded state would meet), on the
-    compute `device` (block offload keeps the base weights on the CPU); each module's scale is checked to be
-    `strength` x the file's own scale, so the LoRA never acts at another strength than asked."""
+    `source`: a LoRA file, a `TrainedAdapter`, or a `lora.turbo.TurboLora` (a file read with `read_turbo_lora`: a
+    LoRA plus ComfyUI's `.diff` / `.diff_b` full deltas). The low-rank part is injected with PEFT straight from the
+    factors (no state-dict load, which FSDP's sharded state would meet), on the compute `device` (block offload keeps
+    the base weights on the CPU); each module's scale is checked to be `strength` x the file's own scale, so the LoRA
+    never acts at another strength than asked. The deltas are added to the base parameters as ComfyUI does
+    (`param += strength * delta`, in float32, then rounded to the parameter's dtype; ComfyUI rounds bf16
+    stochastically), and the original tensors are put back on exit, bit for bit."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from krea2_train.lora.formats import TrainedAdapter, read_lora_file
+    from krea2_train.lora.formats import TrainedAdapter
+    from krea2_train.lora.turbo import TurboLora, read_turbo_lora
 
-    adapter = source if isinstance(source, TrainedAdapter) else read_lora_file(source).adapter
+    turbo = source if isinstance(source, TurboLora) else (
+        TurboLora(source, {}, "<adapter>") if isinstance(source, TrainedAdapter) else read_turbo_lora(source))
+    adapter = turbo.adapter
     if name in (getattr(transformer, "peft_config", None) or {}):
         raise ValueError(f"adapter {name!r} is already loaded")
-    if any(type(m).__module__.startswith("peft.tuners.lokr") for m in _tuner_layers(transformer)):
+    if adapter is not None and any(type(m).__module__.startswith("peft.tuners.lokr")
+                                   for m in _tuner_layers(transformer)):
         from krea2_train.errors import UserError
 
         raise UserError("a LoRA cannot be stacked on a LoKr adapter (PEFT mixes them only in a PeftMixedModel); "
                         "train with lora.type: lora or dora, or set preview.turbo to the Turbo checkpoint")
+    targets = _delta_targets(transformer, turbo)  # checked before anything is changed
     layers = _tuner_layers(transformer)
     active = list(layers[0].active_adapters) if layers else []
     grads = {p: p.requires_grad for p in transformer.parameters()}
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
-    with warnings.catch_warnings():  # "Already found a `peft_config`": several adapters is the point here
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        inject_adapter_in_model(LoraConfig(**adapter.lora_config_dict()), transformer, adapter_name=name)
+    saved = {}
+    injected = False
     try:
+        if adapter is not None:
+            with warnings.catch_warnings():  # "Already found a `peft_config`": several adapters is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(LoraConfig(**adapter.lora_config_dict()), transformer, adapter_name=name)
+            injected = True
+            with torch.no_grad():
+                for m in adapter.modules:
+                    layer = transformer.get_submodule(m)
+                    for factors, value in ((layer.lora_A, adapter.down[m]), (layer.lora_B, adapter.up[m])):
+                        w = factors[name].weight
+                        if tuple(w.shape) != tuple(value.shape):
+                            raise ValueError(f"LoRA module {m}: factor {tuple(value.shape)} vs layer {tuple(w.shape)}")
+                        w.data = value.to(device, w.dtype if w.dtype.is_floating_point else torch.float32).clone()
+                    layer.set_scale(name, float(strength))
+                    want = float(strength) * adapter.scale(m)
+                    if abs(layer.scaling[name] - want) > 1e-9 * max(1.0, abs(want)):
+                        raise RuntimeError(f"LoRA module {m} would act at scale {layer.scaling[name]}, not {want}")
+            for layer in _tuner_layers(transformer):
+                layer.set_adapter(active + [name])
+        homes = _offloaded_homes(transformer)
         with torch.no_grad():
-            for m in adapter.modules:
-                layer = transformer.get_submodule(m)
-                for factors, value in ((layer.lora_A, adapter.down[m]), (layer.lora_B, adapter.up[m])):
-                    w = factors[name].weight
-                    if tuple(w.shape) != tuple(value.shape):
-                        raise ValueError(f"LoRA module {m}: factor {tuple(value.shape)} vs layer {tuple(w.shape)}")
-                    w.data = value.to(device, w.dtype if w.dtype.is_floating_point else torch.float32).clone()
-                layer.set_scale(name, float(strength))
-                want = float(strength) * adapter.scale(m)
-                if abs(layer.scaling[name] - want) > 1e-9 * max(1.0, abs(want)):
-                    raise RuntimeError(f"LoRA module {m} would act at scale {layer.scaling[name]}, not {want}")
-        for layer in _tuner_layers(transformer):
-            layer.set_adapter(active + [name])
+            for pname, (param, delta) in targets.items():
+                saved[pname] = _set_param(param, lambda home: (home.float() + float(strength) * delta.to(
+                    home.device, torch.float32)).to(home.dtype), homes)
         for p, flag in grads.items():
             p.requires_grad_(flag)
         yield name
     finally:
-        for layer in _tuner_layers(transformer):
-            layer.delete_adapter(name)
-            layer.set_adapter(active)
-        transformer.peft_config.pop(name, None)
+        for pname, original in saved.items():
+            _set_param(targets[pname][0], lambda home, original=original: original, homes)
+        if injected:
+            for layer in _tuner_layers(transformer):
+                layer.delete_adapter(name)
+                layer.set_adapter(active)
+            transformer.peft_config.pop(name, None)
         for p, flag in grads.items():
             p.requires_grad_(flag)
+
+
+def _offloaded_homes(transformer) -> dict:
+    """{id(param): (offloader, block, entry)} for the frozen block weights a BlockOffloader (runtime/memory.py)
+    keeps in CPU memory and copies in on every block call: a patch must go to that home copy, or the next onload
+    brings the unpatched weight back."""
+    try:
+        from krea2_train.runtime.speed import unwrap_transformer
+
+        model = unwrap_transformer(transformer)
+    except TypeError:
+        model = transformer
+    off = getattr(model, "_krea2_offloader", None)
+    if off is None:
+        return {}
+    return {id(p): (off, i, j) for i, entries in enumerate(off.tensors) for j, (p, _) in enumerate(entries)}
+
+
+def _set_param(param, make, homes: dict) -> torch.Tensor:
+    """Replace `param`'s value by make(its current home tensor); returns that home tensor (to put back with
+    make=lambda _: it). For an offloaded weight the home is the offloader's CPU copy, and the device copy (if the
+    block is on the device now) follows."""
+    if id(param) not in homes:
+        old = param.data
+        param.data = make(old)
+        return old
+    off, i, j = homes[id(param)]
+    p, old = off.tensors[i][j]
+    new = make(old)
+    if off.device.type == "cuda" and not new.is_pinned():
+        new = new.pin_memory()
+    off.tensors[i][j] = (p, new)
+    if i in off.on_device:
+        p.data = new.to(off.device)
+        off.onloaded[i][j] = p.data.data_ptr()  # ours, not a library's replacement (BlockOffloader._offload)
+    elif not off.poison:
+        p.data = new
+    return old
+
+
+def _delta_targets(transformer, turbo) -> dict:
+    """{diffusers parameter name: (the Parameter to patch, delta)} for a TurboLora's full deltas, each resolved
+    under PEFT wrapping (`base_layer`) and checked: a missing parameter, another shape, a sharded (FSDP) or 1-byte
+    (quantised) parameter is refused naming the file and the key."""
+    from krea2_train.errors import UserError
+    from krea2_train.runtime.sharding import is_sharded
+
+    out = {}
+    for pname, delta in turbo.diffs.items():
+        key = turbo.diff_keys.get(pname, pname)
+        module_name, _, leaf = pname.rpartition(".")
+        try:
+            module = transformer.get_submodule(module_name) if module_name else transformer
+        except AttributeError:
+            module = None
+        if module is not None and hasattr(module, "get_base_layer"):
+            module = module.get_base_layer()
+        param = getattr(module, leaf, None) if module is not None else None
+        if not isinstance(param, torch.nn.Parameter):
+            raise UserError(f"{turbo.source}: {key} patches {pname}, which this transformer does not have as a "
+                            "plain parameter (another model size, fused q/k/v projections, or a quantised layer "
+                            "that keeps no float weight). Use the Turbo checkpoint for previews instead, or a Turbo "
+                            "LoRA without `.diff` tensors.")
+        if is_sharded(param):
+            raise UserError(f"{turbo.source}: its full-weight deltas (e.g. {key}) cannot be added to an FSDP-sharded "
+                            "transformer; set preview.turbo to the Turbo checkpoint, or use a Turbo LoRA without "
+                            "`.diff` tensors.")
+        if tuple(param.shape) != tuple(delta.shape):
+            raise UserError(f"{turbo.source}: {key} has shape {tuple(delta.shape)} but {pname} is "
+                            f"{tuple(param.shape)}; the LoRA is for another model size.")
+        if param.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise UserError(f"{turbo.source}: {key} patches {pname}, which this transformer keeps as {param.dtype} "
+                            "(a 1-byte quantised base layer): a delta cannot be added to it exactly. Train on a "
+                            "bf16 Raw (memory.quantize off), or use a Turbo LoRA without `.diff` on Linear weights.")
+        out[pname] = (param, delta)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- images

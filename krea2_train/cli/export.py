@@ -226,10 +226,28 @@ def _merge(args) -> int:
 
 
 def _extract(args) -> int:
-    from krea2_train.lora.tools import extract_lora
+    from krea2_train.lora.tools import extract_deltas, extract_lora
 
+    which = getattr(args, "deltas", "none") or "none"
+    if which != "none" and args.format != "comfyui":
+        raise UserError(f"--deltas {which} writes ComfyUI's .diff/.diff_b tensors, which only the comfyui layout "
+                        f"carries (diffusers and musubi loaders read no deltas); use --format comfyui or --deltas none")
+    deltas = extract_deltas(args.base, args.target, which)  # before the SVDs: a wrong pair fails fast
     adapter, report = extract_lora(args.base, args.target, rank=args.rank, min_energy=args.min_energy)
-    return _report_out(adapter, report, args)
+    if which == "none":
+        return _report_out(adapter, report, args)
+    from krea2_train.lora.tools import energy_summary
+    from krea2_train.lora.turbo import write_turbo_lora
+
+    path = write_turbo_lora(adapter, deltas, args.dest, dtype=args.dtype, comfyui_style=args.comfyui_style)
+    if args.report:
+        from krea2_train.utils.io import write_json_atomic
+
+        write_json_atomic(args.report, {**report, "deltas": sorted(deltas)})
+    print(energy_summary(report))
+    print(f"{len(deltas)} full deltas ({which}) as .diff/.diff_b")
+    print(path)
+    return 0
 
 
 def _transfer(args) -> int:
@@ -376,6 +394,11 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", help="weight dtype of the written file (default bfloat16)")
     p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"],
                    help="comfyui/civitai: lora_down/up + .alpha (default), or lora_A/B with the scale baked in")
+    p.add_argument("--deltas", default="none", choices=["none", "biases", "all"],
+                   help="also write TARGET - BASE exactly for tensors a LoRA cannot carry, as ComfyUI's .diff/.diff_b "
+                   "(--format comfyui only): biases (what ComfyUI's own extractor adds), or all (biases, norm "
+                   "scales, modulation tables). Read by ComfyUI, preview.turbo and sample --turbo-lora; not by "
+                   "diffusers. Default none")
     p.add_argument("--report", help="write the per-module rank/energy report to this JSON file")
     p.add_argument("-v", "--verbose", action="store_true", help="print every module's rank and energy kept")
     p.set_defaults(func=_extract)

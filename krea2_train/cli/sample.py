@@ -133,18 +133,17 @@ def _references(paths) -> list:
 
 
 def _turbo_lora(args):
-    """The --turbo-lora file read as a LoRA (TrainedAdapter), or None; a checkpoint or an unclear file is refused
-    by name."""
+    """The --turbo-lora file read as ComfyUI reads it (lora.turbo.TurboLora: LoRA factors + .diff/.diff_b deltas),
+    or None; a checkpoint or an unclear file is refused by name."""
     if not args.turbo_lora:
         return None
     from krea2_train.errors import UserError
-    from krea2_train.lora.formats import read_lora_file
-    from krea2_train.lora.turbo import transformer_file_kind
+    from krea2_train.lora.turbo import read_turbo_lora, transformer_file_kind
 
     if transformer_file_kind(args.turbo_lora, "--turbo-lora") != "lora":
         raise UserError(f"--turbo-lora {args.turbo_lora} is a transformer checkpoint, not a LoRA: sample a Turbo "
                         "checkpoint with --transformer FILE --variant turbo, or give the Turbo LoRA file here")
-    return read_lora_file(args.turbo_lora).adapter
+    return read_turbo_lora(args.turbo_lora)
 
 
 def _parse_strengths(text: str) -> list[float]:

@@ -376,6 +376,38 @@ def extract_lora(base, target, rank: int, min_energy: float | None = None,
     return TrainedAdapter(down, up, alpha, info=info), report
 
 
+DELTA_CHOICES = ("none", "biases", "all")
+
+
+def extract_deltas(base, target, which: str = "biases") -> dict[str, torch.Tensor]:
+    """{original tensor name: float32 target - base} for what a Linear LoRA cannot carry, to be written as ComfyUI's
+    full-weight deltas (lora.turbo.write_turbo_lora): `biases` (what ComfyUI's own extractor, comfy_extras/
+    nodes_lora_extract.py with bias_diff on, writes as `.diff_b`; its `.diff` for 1-D weights finds none in Krea 2,
+    whose norms are `scale` and modulation tables `lin`, which it skips) or `all` (biases, norm scales and modulation
+    tables: every tensor that is not a Linear weight; ComfyUI's loader reads these `.diff` too). Unchanged tensors
+    are left out."""
+    if which not in DELTA_CHOICES:
+        raise UserError(f"--deltas must be one of {', '.join(DELTA_CHOICES)}, got {which!r}")
+    if which == "none":
+        return {}
+    ra, rb = _CheckpointReader(base), _CheckpointReader(target)
+    linear = set(ra.linear_modules().values())
+    names = [n for n in ra.tensor_names() if n not in linear and (which == "all" or n.endswith(".bias"))]
+    missing = sorted(set(names) - set(rb.tensor_names()))
+    if missing:
+        raise UserError(f"{target} lacks {missing[:3]} that {base} has; extract needs two checkpoints of the same "
+                        "architecture")
+    out = {}
+    for n in names:
+        a, b = ra.get(n).float(), rb.get(n).float()
+        if a.shape != b.shape:
+            raise UserError(f"mismatched shapes at {n}: {tuple(a.shape)} vs {tuple(b.shape)}; the checkpoints are "
+                            "different model sizes")
+        if not torch.equal(a, b):
+            out[n] = b - a
+    return out
+
+
 def energy_summary(report: dict) -> str:
     if not report:
         return "no modules"

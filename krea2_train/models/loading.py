@@ -6,7 +6,8 @@ Transformer sources (all end as diffusers' `Krea2Transformer2DModel`; the archit
       exactly or refuses them), dequantised, or for training kept 1 byte per weight (`keep_quantized`)
     * a diffusers folder (`config.json` + weights)
 Text encoder: a Qwen3-VL folder in Hugging Face layout, or ComfyUI's single file + a tokenizer folder
-(models/comfy_files.py). VAE: a Qwen-Image VAE diffusers folder or single file.
+(models/comfy_files.py). VAE: a Qwen-Image VAE diffusers folder or single file (diffusers or ComfyUI's Wan 2.1
+names; models/comfy_files.py).
 
 Single files are read lazily (safetensors mmap) into a model built on the meta device and assigned in place, so a
 12.9B checkpoint is never held twice in RAM.
@@ -322,12 +323,16 @@ def load_text_encoder(path, dtype="bfloat16", device="cpu", config_key: str = "m
         model = Qwen3VLModel.from_pretrained(path, torch_dtype=resolve_dtype(dtype))
     finally:
         hf_logging.set_verbosity(previous)
+    from krea2_train.models.comfy_files import check_tokenizer_fits
+
+    check_tokenizer_fits(tokenizer, model.language_model.embed_tokens.num_embeddings, tok_dir, path)
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
 # --------------------------------------------------------------------------------------------------- VAE
 def load_vae(path, dtype="float32", device="cpu", config_key: str = "model.vae"):
-    """Qwen-Image VAE from a diffusers folder, or a single file in diffusers or original (Wan-style) names."""
+    """Qwen-Image VAE from a diffusers folder, or a single file in diffusers or Wan 2.1 names (ComfyUI's
+    qwen_image_vae.safetensors): the architecture read off the tensors (models/comfy_files.vae_file_config)."""
     from diffusers import AutoencoderKLQwenImage
 
     path = require_path(path, "Qwen-Image VAE", config_key)
@@ -337,20 +342,27 @@ def load_vae(path, dtype="float32", device="cpu", config_key: str = "model.vae")
         vae = AutoencoderKLQwenImage.from_pretrained(sub, torch_dtype=dtype)
     else:
         from accelerate import init_empty_weights
-        from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+        from krea2_train.models.comfy_files import is_wan_vae, vae_file_config, wan_vae_to_diffusers
 
         handle, keys = open_safetensors(path)
         state = {k: handle.get_tensor(k) for k in keys}
-        if "encoder.conv1.weight" in state or "conv1.weight" in state:  # original Wan/Qwen-Image names (ComfyUI)
-            state = convert_wan_vae_to_diffusers(state)
-        if "encoder.conv_in.weight" not in state:
-            raise ModelLoadError(f"{path} is not a Qwen-Image VAE (no encoder.conv_in). Point `{config_key}` at the "
-                                 "VAE file or folder.")
-        # The real VAE's config is the class default; the tiny one differs only in width and depth.
-        base_dim = state["encoder.conv_in.weight"].shape[0]
-        meta = handle.metadata() or {}
-        config = json.loads(meta["config"]) if "config" in meta else {"base_dim": base_dim}
+        if "encoder.conv1.weight" not in state and "encoder.conv_in.weight" not in state:
+            raise ModelLoadError(f"{path} is not a Qwen-Image VAE (no encoder.conv1 / encoder.conv_in). Point "
+                                 f"`{config_key}` at the VAE file (ComfyUI's qwen_image_vae.safetensors) or folder.")
+        # The whole architecture is read off the tensors (models/comfy_files.py), the normalisation from the header
+        # or, for the real VAE only, Wan 2.1's (what ComfyUI uses); anything else is refused naming the file.
+        config = vae_file_config(state, handle.metadata() or {}, path)
+        if is_wan_vae(keys):  # Wan 2.1 names, as ComfyUI ships it
+            state = wan_vae_to_diffusers(state, config, path)
         with init_empty_weights():
             vae = AutoencoderKLQwenImage(**config)
+        expected = vae.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        wrong = [k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)]
+        if missing or unexpected or wrong:
+            raise ModelLoadError(f"{path}: tensors do not fit the Qwen-Image VAE read from the file ({config}): "
+                                 f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}. The "
+                                 "file is incomplete or from another model; re-download it.")
         vae.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return vae.to(device).eval().requires_grad_(False)

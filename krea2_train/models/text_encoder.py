@@ -12,12 +12,39 @@ valid tokens (the batch padded to its longest caption): same values, far fewer t
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 from pathlib import Path
 
 import torch
 
 from krea2_train import facts
+from krea2_train.errors import UserError
 from krea2_train.models.loading import load_text_encoder
+
+log = logging.getLogger(__name__)
+
+
+def comfyui_prompt_problem(prompt: str) -> str | None:
+    """Why ComfyUI's Krea 2 text encoder (CLIPTextEncode -> comfy/text_encoders/krea2.py) would read `prompt`
+    differently from diffusers' Krea2Pipeline and this trainer, or None. Found by running ComfyUI's own tokenizer
+    code (tests/test_comfy_tokenizer.py): it skips the template for text starting with `<|im_start|>`, turns `\\(` /
+    `\\)` into `(` / `)` (its prompt-weight escapes, applied with weights off too), masks everything from the pad
+    token `<|endoftext|>` on, and reads `embedding:NAME` as a textual-inversion embedding (dropping the word when
+    there is none)."""
+    if prompt.startswith("<|im_start|>"):
+        return ("it starts with <|im_start|>, so ComfyUI uses it as a whole chat template instead of Krea 2's; "
+                "give the prompt text only")
+    if "\\(" in prompt or "\\)" in prompt:
+        return ("ComfyUI reads `\\(` / `\\)` as escaped parentheses and drops the backslash, diffusers keeps it; write "
+                "plain ( ) (read the same by both: Krea 2 in ComfyUI has no prompt weights)")
+    if "<|endoftext|>" in prompt:
+        return ("it contains <|endoftext|>, Qwen's pad token: ComfyUI masks every token from it on (the rest of the "
+                "prompt and the template's end), diffusers reads them; remove it")
+    if re.search(r"(^|\s)embedding:", prompt):
+        return ("ComfyUI reads `embedding:NAME` as a textual-inversion embedding (and drops the word when there is "
+                "none); rephrase it")
+    return None
 
 
 def files_fingerprint(path) -> str:
@@ -54,15 +81,50 @@ class TextEncoder:
         return next(self.model.parameters()).device
 
     def tokenize(self, prompts: list[str]):
-        """Token ids and mask in the Krea 2 layout, padded to the longest prompt in this batch (not to 512)."""
+        """Token ids and mask in the Krea 2 layout, padded to the longest prompt in this batch (not to 512).
+
+        The ids kept after the prefix are the ones ComfyUI's Krea 2 text encoder keeps (comfy/text_encoders/krea2.py;
+        tests/test_comfy_tokenizer.py), except where the two programs read a prompt differently; those prompts are
+        refused (`comfyui_prompt_problem`) or, past 512 tokens, truncated as diffusers does with a warning."""
         tok = self.tokenizer
-        body = tok([facts.PROMPT_PREFIX + p for p in prompts], truncation=True,
-                   max_length=self.max_length + facts.PREFIX_TOKENS - facts.SUFFIX_TOKENS,
+        for p in prompts:
+            problem = comfyui_prompt_problem(p)
+            if problem:
+                raise UserError(f"prompt {p[:60]!r}: {problem}")
+        limit = self.max_length + facts.PREFIX_TOKENS - facts.SUFFIX_TOKENS
+        body = tok([facts.PROMPT_PREFIX + p for p in prompts], truncation=True, max_length=limit,
                    padding="longest", padding_side="right", return_tensors="pt")  # the layout needs PAD after the prompt
+        prefix = self._prefix_ids()
+        for i, p in enumerate(prompts):
+            if body.input_ids[i, : facts.PREFIX_TOKENS].tolist() != prefix:
+                raise UserError(f"prompt {p[:60]!r}: its first characters merge with the end of Krea 2's template "
+                                "(`user` + line break) into one token, so diffusers drops part of the prompt with "
+                                "the template and ComfyUI keeps part of the template: the two encode it "
+                                "differently. Remove the leading line break(s).")
+        full = body.attention_mask.sum(1) >= limit
+        if bool(full.any()):
+            lengths = [len(x) for x in tok([facts.PROMPT_PREFIX + prompts[i] for i in full.nonzero()[:, 0].tolist()],
+                                            truncation=False).input_ids]
+            for n in lengths:
+                if n > limit:
+                    log.warning("a prompt of %d tokens is cut to Krea 2's %d (as diffusers does); ComfyUI reads all "
+                                "of it, so its encoding there differs. Shorten prompts to %d tokens.",
+                                n - facts.PREFIX_TOKENS, self.max_length - facts.SUFFIX_TOKENS,
+                                self.max_length - facts.SUFFIX_TOKENS)
         suffix = tok([facts.PROMPT_SUFFIX] * len(prompts), return_tensors="pt")
         ids = torch.cat([body.input_ids, suffix.input_ids], dim=1)
         mask = torch.cat([body.attention_mask, suffix.attention_mask], dim=1).bool()
         return ids, mask
+
+    def _prefix_ids(self) -> list[int]:
+        if getattr(self, "_prefix", None) is None:
+            ids = self.tokenizer(facts.PROMPT_PREFIX).input_ids
+            if len(ids) != facts.PREFIX_TOKENS:
+                raise UserError(f"the tokenizer gives Krea 2's template prefix {len(ids)} tokens, not "
+                                f"{facts.PREFIX_TOKENS}: it is not Qwen3-VL's tokenizer. Point `model.tokenizer` "
+                                "(or the text encoder folder) at Qwen3-VL-4B-Instruct's or ComfyUI's qwen25_tokenizer.")
+            self._prefix = ids
+        return self._prefix
 
     @torch.no_grad()
     def encode(self, prompts: list[str] | str):

@@ -238,17 +238,18 @@ def _turbo_lora_latents(cfg, transformer, emb, mask, size, path, device, refs=No
     """(Raw + Turbo LoRA, Raw + Turbo LoRA + the current LoRA): the Turbo LoRA stacked under the training adapter
     at `preview.turbo_lora_strength` (inference.stacked_lora) and removed after. The file is read once per run."""
     from krea2_train.inference import SampleSettings, stacked_lora
-    from krea2_train.lora.formats import read_lora_file
-    from krea2_train.lora.turbo import TURBO_LORA_ADAPTER
+    from krea2_train.lora.turbo import TURBO_LORA_ADAPTER, read_turbo_lora
 
     if path not in _TURBO_LORAS:
         _TURBO_LORAS.clear()
-        _TURBO_LORAS[path] = read_lora_file(path).adapter
+        _TURBO_LORAS[path] = read_turbo_lora(path)  # LoRA factors + ComfyUI's .diff/.diff_b deltas
     strength = float(cfg.preview.turbo_lora_strength)
     settings = SampleSettings.turbo(steps=cfg.preview.turbo_steps, **size)
-    with stacked_lora(transformer, _TURBO_LORAS[path], strength, TURBO_LORA_ADAPTER, device=device) as name:
-        return _with_and_without(transformer, emb, mask, settings, cfg, size, key=f"{path}@{strength}", only=name,
-                                 refs=refs)
+    turbo = _TURBO_LORAS[path]
+    with stacked_lora(transformer, turbo, strength, TURBO_LORA_ADAPTER, device=device) as name:
+        # a file of deltas only adds no adapter: "without the LoRA" is then all adapters off (the deltas stay)
+        return _with_and_without(transformer, emb, mask, settings, cfg, size, key=f"{path}@{strength}",
+                                 only=name if turbo.adapter is not None else None, refs=refs)
 
 
 _TURBO_ALONE: dict = {}

@@ -174,6 +174,9 @@ class Trainer:
         from diffusers import Krea2Transformer2DModel  # noqa: F401
 
         self.transformer = self.strategy.build(self._build_model)
+        from krea2_train.lora.turbo import check_turbo_lora_fits
+
+        check_turbo_lora_fits(self.cfg, self.transformer)  # a Turbo LoRA's deltas fit this model: now, not at a preview
 
     def _build_model(self, load_device, mesh=None):
         """The Raw transformer with the LoRA injected and the memory settings applied; sharded over `mesh` (FSDP)."""
