@@ -124,7 +124,7 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
         metadata["sample_prompt"] = cfg.preview.prompts[0]
     if cfg.data.reference:  # an edit LoRA: the workflow gets the reference nodes with the method trained
         metadata["reference_method"] = cfg.train.reference_method
-        metadata["reference_count"] = len(cfg.data.reference_folders)
+        metadata["reference_count"] = reference_count(cfg, manifest)
     if manifest is not None:
         train = [i for i in manifest.items if i.get("split") == "train"]
         metadata["dataset_size"] = len(train)
@@ -141,6 +141,16 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
         metadata["datasets"] = {d: len(c) for d, c in by_dir.items()}
         metadata["tag_frequency"] = {d: tag_frequency(c) for d, c in by_dir.items()}
     return name, metadata
+
+
+def reference_count(cfg, manifest=None) -> int:
+    """References per pair of an edit run: what the cache holds (metadata / dataset columns decide it at check-data),
+    else the number of data.reference_folders."""
+    for item in getattr(manifest, "items", None) or ():
+        for lat in item.get("latents", {}).values():
+            if lat.get("reference_keys"):
+                return len(lat["reference_keys"])
+    return len(cfg.data.reference_folders)
 
 
 def _dataset_folder_names(cfg) -> list[str]:

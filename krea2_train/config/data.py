@@ -40,6 +40,13 @@ class DatasetConfig:
     # Columns in `imagefolder` / `disk` datasets.
     image_column: str = "image"
     caption_column: str = "text"
+    # data.reference with an `imagefolder` / `disk` dataset: the column(s) holding each row's reference image(s),
+    # reference 1, 2, ... in ComfyUI's order. A column holds an image (a `datasets` Image feature, or metadata.jsonl's
+    # `reference_file_name`, which `datasets` reads as column `reference`), a path relative to the dataset folder, or
+    # (one column) a list of those. [] (default): found by name: `reference` / `reference_1`, `reference_2`, ...;
+    # else `references` (a list); else `input_image` (InstructPix2Pix: set image_column: edited_image and
+    # caption_column: edit_prompt). Without such a column, an imagefolder uses data.reference_folders as a folder does.
+    reference_columns: List[str] = field(default_factory=list)
     # Split of a DatasetDict saved to disk / of an imagefolder.
     split: str = "train"
 
@@ -152,4 +159,10 @@ def validate_data_config(cfg: DataConfig) -> None:
          "is empty: give an instruction, or null for the preset's")
     for i, d in enumerate(cfg.datasets):
         need(d.repeats >= 1, f"datasets[{i}].repeats", f"= {d.repeats}: must be >= 1")
+        columns = [str(c) for c in d.reference_columns]
+        need(not columns or cfg.reference, f"datasets[{i}].reference_columns",
+             f"= {columns} is only read with data.reference: true; set it, or remove reference_columns")
+        need(all(c.strip() for c in columns) and len(set(columns)) == len(columns)
+             and d.image_column not in columns, f"datasets[{i}].reference_columns",
+             f"= {columns}: give distinct column names other than the image column ({d.image_column!r})")
         need(0 <= d.caption_dropout <= 1, f"datasets[{i}].caption_dropout", f"= {d.caption_dropout}: must be in [0, 1]")

@@ -14,9 +14,11 @@ Layout (all safetensors, bf16, each written atomically; content-addressed so ent
     <cache_dir>/scan_index.json                   image hash -> size, so re-checks skip decoding known images
 
 Keys: a text key hashes (caption, text-encoder fingerprint); a latent key hashes (image bytes sha256, bucket, resize,
-crop box, flip, alpha background, VAE fingerprint). The fingerprints cover the model files (names, sizes, mtimes),
-dtype and encoder settings, so anything that changes a tensor changes its key; a changed entry is simply a new file
-and stale ones are never read. An entry whose file is missing, truncated or for another key is (re)computed.
+crop box, flip, alpha background, VAE fingerprint). A reference latent (data.reference) is keyed the same way by its
+own bytes, whichever source gave it (a reference folder, a metadata.jsonl path, a dataset's image column). The
+fingerprints cover the model files (names, sizes, mtimes), dtype and encoder settings, so anything that changes a
+tensor changes its key; a changed entry is simply a new file and stale ones are never read. An entry whose file is
+missing, truncated or for another key is (re)computed.
 
 A killed run leaves only whole files (atomic rename) and resumes where it stopped. Under `accelerate launch` each
 process of every machine encodes a disjoint share (round robin by global rank over the sorted missing keys, which
@@ -413,7 +415,7 @@ def prune_cache(cache_dir, dry_run: bool = False) -> tuple[int, int]:
         for item in data.get("items", []):
             keep.add(item["text"])
             for lat in item["latents"].values():
-                keep.update({lat["key"], lat["flip_key"]})
+                keep.update({lat["key"], lat["flip_key"], *lat.get("reference_keys", ())})
     files = nbytes = 0
     for kind in ("text", "latents"):
         for path in (cache_dir / kind).glob("*/*.safetensors"):
