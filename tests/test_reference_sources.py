@@ -341,3 +341,24 @@ def test_cache_and_batches_from_metadata_references(tiny_dir, tmp_path, one_torc
         assert entry["latents"][str(RES)]["reference_keys"][0] == old["latents"][str(RES)]["reference_keys"][0]
     assert not torch.equal(first, second) and len(by_name) == 2
     assert export_settings(cfg, manifest)[1]["reference_count"] == 2
+
+
+def test_disk_dataset_list_of_images(tmp_path):
+    """A save_to_disk `references` column of List(Image()): references 1 and 2 in list order, by their bytes."""
+    import datasets
+
+    def png(seed):
+        return _image(tmp_path / "src" / f"{seed}.png", seed).read_bytes()
+
+    rows = {"image": [{"bytes": png(i), "path": None} for i in range(3)], "text": ["a", "b", "c"],
+            "references": [[{"bytes": png(10 + i), "path": None}, {"bytes": png(20 + i), "path": None}]
+                           for i in range(3)]}
+    feats = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                               "references": datasets.List(datasets.Image())})
+    datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(tmp_path / "disk"))
+    scan = _scan(_data(tmp_path / "disk"))
+    assert not scan.fatal and scan.reference_count == 2 and len(scan.items) == 3
+    for item in scan.items:
+        row = int(item.id.split("row")[1])
+        assert [r.sha256 for r in item.references] == [
+            hashlib.sha256((tmp_path / "src" / f"{s}.png").read_bytes()).hexdigest() for s in (10 + row, 20 + row)]
