@@ -199,5 +199,15 @@ def test_transfer_without_preview_prompts_uses_the_pairs(tiny_dir, tmp_path, one
     v = pipeline.verify_references(cfg, manifest)
     assert v["references"][0].shape[0] == 1 and v["reference_method"] == cfg.train.reference_method
     torch.testing.assert_close(v["references"][0], expected[0][:1])
+    # the style check's reference: the targets only (StyleReference.from_datasets also reads reference/)
+    import numpy as np
+
+    from krea2_train.evaluate.style import StyleReference
+
+    style = pipeline._transfer_kwargs(cfg, manifest)["style_reference"]
+    targets = [Image.open(i["name"]).convert("RGB") for i in sorted(manifest.items, key=lambda i: i["name"])]
+    assert style.count == len(manifest.items) == len(targets)
+    np.testing.assert_allclose(style.mean, StyleReference.from_images(targets).mean, rtol=1e-6)
+    assert StyleReference.from_datasets(cfg.data.datasets).count > style.count
     cfg.data.reference = False
     assert pipeline.verify_references(cfg, manifest) is None

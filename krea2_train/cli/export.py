@@ -277,8 +277,13 @@ def _transfer(args) -> int:
                             "drop --prompt / --height / --width")
         from krea2_train.pipeline import run_manifest, transfer_references
 
-        edit = transfer_references(cfg, run_manifest(cfg))
+        manifest = run_manifest(cfg)
+        edit = transfer_references(cfg, manifest)
         prompts = edit.pop("prompts", prompts)
+        if args.style_reference is None:  # the targets, not the reference inputs beside them
+            from krea2_train.pipeline import edit_style_reference
+
+            style = edit_style_reference(manifest)
     height, width = edit.pop("height", args.height or size), edit.pop("width", args.width or size)
     report = transfer_report(lora, raw, turbo, args.out, text_encoder=pick(args.text_encoder, "text_encoder",
                                                                            "text_encoder"),
