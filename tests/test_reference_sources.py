@@ -362,3 +362,44 @@ def test_disk_dataset_list_of_images(tmp_path):
         row = int(item.id.split("row")[1])
         assert [r.sha256 for r in item.references] == [
             hashlib.sha256((tmp_path / "src" / f"{s}.png").read_bytes()).hexdigest() for s in (10 + row, 20 + row)]
+
+
+def test_flip_flips_the_references_with_their_target(tiny_dir, tmp_path, one_torch_thread):
+    """data.flip with data.reference: each reference is cached flipped too, and a batch's flipped targets come with
+    flipped references: the cached flipped latent equals the VAE latent of the mirrored reference image, encoded here
+    independently."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from krea2_train.config import load_config
+    from krea2_train.data.buckets import apply
+    from krea2_train.data.cache import build_caches, entry_path, prune_cache
+    from krea2_train.data.loader import read_batch
+    from krea2_train.models.vae import VAE
+
+    folder = _folder_pairs(tmp_path / "folder", 2)
+    cfg = load_config(None, [f"model.transformer={tiny_dir}/transformer_raw.safetensors",
+                             f"model.text_encoder={tiny_dir}/text_encoder", f"model.vae={tiny_dir}/vae",
+                             f"data.datasets=[{{path: {folder}}}]", "data.reference=true", "data.flip=true",
+                             f"cache_dir={tmp_path}/cache"])
+    scan = _scan(cfg.data)
+    manifest = build_caches(cfg.data, cfg.model, cfg.cache_dir, [RES], scan=scan, progress=False)
+    entries = sorted(manifest.items, key=lambda i: i["id"])
+    lat = entries[0]["latents"][str(RES)]
+    assert len(lat["reference_flip_keys"]) == 1 and lat["reference_flip_keys"][0] != lat["reference_keys"][0]
+    flipped = read_batch(manifest, RES, [(entries[0], True, False), (entries[1], False, False)])
+    plain = read_batch(manifest, RES, [(entries[0], False, False), (entries[1], False, False)])
+    (ref_f,), (ref_p,) = flipped["references"], plain["references"]
+    torch.testing.assert_close(ref_f[1], ref_p[1])  # the unflipped entry keeps its reference
+    assert not torch.allclose(ref_f[0], ref_p[0])
+    item = next(i for i in scan.items if i.id == entries[0]["id"])
+    ref = item.references[0]
+    img = apply(Image.open(ref.name).convert("RGB"), ref.placements[RES]).transpose(Image.FLIP_LEFT_RIGHT)
+    px = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    vae = VAE.from_path(cfg.model.vae, dtype="float32", device="cpu")
+    with torch.no_grad():
+        expected = vae.encode(px[None])[0]
+    torch.testing.assert_close(ref_f[0].float(), expected.to(torch.bfloat16).float(), atol=2e-2, rtol=2e-2)
+    prune_cache(cfg.cache_dir)  # the flipped references are kept
+    assert entry_path(cfg.cache_dir, "latents", lat["reference_flip_keys"][0]).exists()

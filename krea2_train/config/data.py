@@ -94,7 +94,8 @@ class DataConfig:
     max_aspect: float = 2.0
     # center | random. A random crop is drawn once per image (from `seed`) and recorded, so the cache stays valid.
     crop: str = choice("center", ("center", "random"))
-    # Random horizontal flips: both variants are cached, the loader picks one per sample and epoch.
+    # Random horizontal flips: both variants are cached, the loader picks one per sample and epoch. With
+    # data.reference the references are flipped with their target (wrong for left/right instructions: keep it off).
     flip: bool = False
     # Images smaller than their bucket are skipped for that resolution unless upscaling is allowed.
     allow_upscale: bool = False
@@ -140,9 +141,6 @@ def validate_data_config(cfg: DataConfig) -> None:
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
     need(cfg.text_batch_size >= 1 and cfg.vae_batch_size >= 1, "text_batch_size",
          "and data.vae_batch_size must be >= 1")
-    need(not (cfg.reference and cfg.flip), "flip",
-         "= true with data.reference: true: a flipped target needs a flipped reference, which is not cached yet; set "
-         "data.flip: false")
     need(0 <= cfg.reference_dropout <= 1, "reference_dropout", f"= {cfg.reference_dropout}: must be in [0, 1]")
     if cfg.reference:
         folders = [str(f).strip("/") for f in cfg.reference_folders]
