@@ -169,7 +169,8 @@ def test_imagefolder_without_a_column_uses_reference_folders(tmp_path):
     shutil.rmtree(root / "reference")
     scan = _scan(_data(root))
     (p,) = [p for p in scan.problems if p.severity == "fatal"]
-    assert "no reference column" in p.message and "data.datasets[0].reference_columns" in p.message
+    assert p.kind == "no_reference_column" and "no reference column" in p.message
+    assert "data.datasets[0].reference_columns" in p.message
 
 
 def _disk(tmp_path, columns: dict, n=3):
@@ -217,9 +218,9 @@ def test_disk_dataset_instruct_pix2pix_columns(tmp_path):
     assert ("reference_columns", "disk") not in _kinds(explicit)
 
 
-def _fatal(scan):
+def _fatal(scan, kind="ambiguous_reference"):
     fatal = [p for p in scan.problems if p.severity == "fatal"]
-    assert len(fatal) == 1, scan.problems
+    assert len(fatal) == 1 and fatal[0].kind == kind, scan.problems
     return fatal[0].message
 
 
@@ -248,7 +249,7 @@ def test_ambiguous_references_are_refused(tmp_path):
     _metadata(root, lines)
     assert "reference_1" in _fatal(_scan(_data(root)))
 
-    msg = _fatal(_scan(_data(root, "data.datasets.0.reference_columns=[nope]")))
+    msg = _fatal(_scan(_data(root, "data.datasets.0.reference_columns=[nope]")), "no_reference_column")
     assert "'nope'" in msg and "data.datasets[0].reference_columns" in msg
 
 
@@ -277,7 +278,7 @@ def test_datasets_with_different_reference_counts_are_refused(tmp_path):
                     for i in range(2)])
     cfg = load_config(None, ["model.transformer=a", "model.text_encoder=b", "model.vae=c",
                              f"data.datasets=[{{path: {one}}}, {{path: {two}}}]", "data.reference=true"]).data
-    msg = _fatal(_scan(cfg))
+    msg = _fatal(_scan(cfg), "reference_count")
     assert "data.datasets[0]" in msg and "data.datasets[1]" in msg and "1 from folders" in msg and "2 from" in msg
 
 

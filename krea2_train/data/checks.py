@@ -297,7 +297,7 @@ def _reference_item(item: Item, slot, data_cfg: DataConfig, known: dict, problem
     result = _inspect(record, data_cfg.max_image_pixels, known)
     if isinstance(result, ImageProblem):
         problems.append(Problem("error", "unreadable_reference", item.name,
-                                f"{item.name}: its reference is not usable: {result}. Pair skipped."))
+                                f"{item.name}: its reference is not usable: {str(result).rstrip('.')}. Pair skipped."))
         return None
     sha, w, h = result
     known[sha] = [w, h]

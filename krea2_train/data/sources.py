@@ -151,22 +151,23 @@ def reference_columns_for(cfg: DatasetConfig, columns: list, features, index: in
         wanted = [str(c) for c in cfg.reference_columns]
         absent = [c for c in wanted if c not in columns]
         if absent:
-            raise _Fatal(f"{root}: no reference column {absent[0]!r} (columns: {columns}). Fix {key}.")
+            raise _Fatal(f"{root}: no reference column {absent[0]!r} (columns: {columns}). Fix {key}.",
+                         "no_reference_column")
         lists = [c for c in wanted if _is_list_feature(features[c])]
         if lists and len(wanted) > 1:
             raise _Fatal(f"{root}: {key} = {wanted}: {lists[0]!r} holds a list of references; give it alone, or "
-                         "several columns of one image each")
+                         "several columns of one image each", "ambiguous_reference")
         return wanted, bool(lists)
     numbered = sorted((c for c in columns if re.fullmatch(r"reference_[1-9][0-9]*", c)), key=lambda c: int(c[10:]))
     if "reference" in columns and "reference_1" in columns:
         raise _Fatal(f"{root}: columns 'reference' and 'reference_1' both present: which is reference 1 is ambiguous. "
-                     f"Set {key} (e.g. [reference_1, reference_2]) or rename one.")
+                     f"Set {key} (e.g. [reference_1, reference_2]) or rename one.", "ambiguous_reference")
     groups = [g for g in ((["reference"] if "reference" in columns else []) + numbered,
                           [LIST_REFERENCE_COLUMN] if LIST_REFERENCE_COLUMN in columns else [],
                           [INSTRUCT_PIX2PIX["reference"]] if INSTRUCT_PIX2PIX["reference"] in columns else []) if g]
     if len(groups) > 1:
         raise _Fatal(f"{root}: columns {' and '.join(str(g) for g in groups)} all look like reference images: which "
-                     f"to use is ambiguous. Set {key} to the one(s) to train with.")
+                     f"to use is ambiguous. Set {key} to the one(s) to train with.", "ambiguous_reference")
     if not groups:
         return None
     group = groups[0]
@@ -212,7 +213,8 @@ def _hf_references(ds, records: list, cfg: DatasetConfig, index: int, root: Path
             where = ("add a `reference` field (a path relative to the dataset folder) to each line of metadata.jsonl, "
                      f"put the references in {list(reference_folders)} folders under it (same file names), or set "
                      if kind == "imagefolder" else "set ")
-            raise _Fatal(f"{root}: data.reference: true but no reference column (columns: {columns}); {where}{key}")
+            raise _Fatal(f"{root}: data.reference: true but no reference column (columns: {columns}); {where}{key}",
+                         "no_reference_column")
         for r in records:
             r.references = [folder_reference(index, root, sub, r.key, r.name) for sub in reference_folders]
         info.update(count=len(reference_folders), source=f"folders {list(reference_folders)}")
@@ -280,7 +282,8 @@ def _hf_references(ds, records: list, cfg: DatasetConfig, index: int, root: Path
         raise _Fatal(f"{root}: reference {disagree[0]}" + (f" (and {len(disagree) - 1} more)" if len(disagree) > 1
                                                             else "")
                      + f": folder and metadata references disagree, so which to train on is ambiguous. Remove the "
-                     f"{folders} folder(s) or the reference column(s), or make them name the same files.")
+                     f"{folders} folder(s) or the reference column(s), or make them name the same files.",
+                     "ambiguous_reference")
 
 
 def _hf_records(ds, cfg: DatasetConfig, index: int, root: Path, kind: str, reference_folders=None,
@@ -336,7 +339,9 @@ def _hf_records(ds, cfg: DatasetConfig, index: int, root: Path, kind: str, refer
 
 
 class _Fatal(Exception):
-    pass
+    def __init__(self, message: str, kind: str = "unreadable_dataset"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def load_records(cfg: DatasetConfig, index: int, reference_folders: Optional[list] = None,
@@ -363,7 +368,8 @@ def load_records(cfg: DatasetConfig, index: int, reference_folders: Optional[lis
             if cfg.reference_columns:
                 raise _Fatal(f"data.datasets[{index}].reference_columns = {list(cfg.reference_columns)}, but "
                              f"{root} is a folder dataset (no metadata.jsonl): its references are found in "
-                             f"data.reference_folders {folders}. Remove reference_columns, or add a metadata.jsonl.")
+                             f"data.reference_folders {folders}. Remove reference_columns, or add a metadata.jsonl.",
+                             "ambiguous_reference")
             if folders is not None:
                 info.update(count=len(folders), source=f"folders {folders}")
             return folder_records(cfg, index, root, tuple(folders or ()), folders)
@@ -391,4 +397,4 @@ def load_records(cfg: DatasetConfig, index: int, reference_folders: Optional[lis
             return _hf_records(ds, cfg, index, root, kind, folders, info)
         raise _Fatal(f"data.datasets[{index}].type={cfg.type!r} is not known; use auto, folder, imagefolder or disk")
     except _Fatal as exc:
-        return [], [Problem("fatal", "unreadable_dataset", str(root), str(exc))]
+        return [], [Problem("fatal", exc.kind, str(root), str(exc))]
