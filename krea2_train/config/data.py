@@ -43,9 +43,10 @@ class DatasetConfig:
     # data.reference with an `imagefolder` / `disk` dataset: the column(s) holding each row's reference image(s),
     # reference 1, 2, ... in ComfyUI's order. A column holds an image (a `datasets` Image feature, or metadata.jsonl's
     # `reference_file_name`, which `datasets` reads as column `reference`), a path relative to the dataset folder, or
-    # (one column) a list of those. [] (default): found by name: `reference` / `reference_1`, `reference_2`, ...;
-    # else `references` (a list); else `input_image` (InstructPix2Pix: set image_column: edited_image and
-    # caption_column: edit_prompt). Without such a column, an imagefolder uses data.reference_folders as a folder does.
+    # (one column) a list of those. [] (default): found by name, one of (two at once are refused): `reference` /
+    # `reference_1`, `reference_2`, ...; `references` (a list); `input_image` (InstructPix2Pix: set image_column:
+    # edited_image and caption_column: edit_prompt). Without such a column, an imagefolder uses data.reference_folders
+    # as a folder does (a folder and a column that name different files are refused).
     reference_columns: List[str] = field(default_factory=list)
     # Split of a DatasetDict saved to disk / of an imagefolder.
     split: str = "train"
@@ -78,7 +79,8 @@ class CaptionConfig:
 class DataConfig:
     datasets: List[DatasetConfig] = field(default_factory=list)
     # Edit LoRAs: every image has a reference image of the same file name (any image extension) in each of
-    # <dataset>/<reference_folders[k]>/ (folder datasets), reference k + 1 in ComfyUI's order (RoPE index k + 1); their
+    # <dataset>/<reference_folders[k]>/ (folder datasets; imagefolder / disk datasets: data.datasets[i]
+    # .reference_columns), reference k + 1 in ComfyUI's order (RoPE index k + 1); their
     # latents are given to the transformer clean, beside the noisy target (models/reference.py). Those folders are
     # not trained on as images. Several: [reference_1, reference_2].
     reference: bool = False
