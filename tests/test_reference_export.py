@@ -196,6 +196,19 @@ def test_transfer_without_preview_prompts_uses_the_pairs(tiny_dir, tmp_path, one
     assert len(chosen) == 3  # one bucket: the held-out pair and training pairs
     kw = pipeline.transfer_references(cfg, manifest)
     assert kw["prompts"] == pairs["captions"] and "1 held out" in kw["reference_source"]
+    # the report on those pairs: reference column decoded from the cached latents, placeholder names in the graph
+    from PIL import Image as PILImage
+
+    from krea2_train.export.transfer import transfer_report
+
+    lora = write_lora_file(trained_adapter(tiny_dir, r=4, alpha=4), tmp_path / "l.safetensors", "comfyui",
+                           dtype="float32")
+    report = transfer_report(lora, tiny_dir / "transformer_raw.safetensors", tiny_dir / "transformer_turbo.safetensors",
+                             tmp_path / "tr", text_encoder=tiny_dir / "text_encoder", vae=tiny_dir / "vae",
+                             sigmas=(0.5,), dtype="float32", device="cpu", sweep=[1.0], **kw)
+    assert report["prompts"] == pairs["captions"] and report["references"]["latent_sizes"] == [[16, 16]]
+    grid = PILImage.open(tmp_path / "tr" / "transfer_grid.png")
+    assert grid.width >= 5 * 128 and grid.height >= 3 * 128
     v = pipeline.verify_references(cfg, manifest)
     assert v["references"][0].shape[0] == 1 and v["reference_method"] == cfg.train.reference_method
     torch.testing.assert_close(v["references"][0], expected[0][:1])
