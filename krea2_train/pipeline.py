@@ -187,9 +187,15 @@ def export_valid(cfg, manifest=None) -> bool:
         return False
     if cfg.export.transfer_report and not (run / "export" / "transfer_report.json").exists():
         return False
+    # an edit run's reports must have been measured with its references (not text-to-image, as before they were)
+    edit = bool(cfg.data.reference)
+    if cfg.export.transfer_report and edit and \
+            "references" not in json.loads((run / "export" / "transfer_report.json").read_text()):
+        return False
     if cfg.export.verify:
         v = run / "export" / "verify.json"
-        if not v.exists() or not all(r.get("ok") for r in json.loads(v.read_text()).values()):
+        if not v.exists() or not all(r.get("ok") and (not edit or r.get("references"))
+                                     for r in json.loads(v.read_text()).values()):
             return False
     return True
 

@@ -155,6 +155,19 @@ def test_edit_run_verifies_and_transfers_with_references(tiny_dir, tmp_path, one
     methods = [n["inputs"] for n in api.values() if n["class_type"] == "FluxKontextMultiReferenceLatentMethod"]
     assert methods and methods[0].get("reference_latents_method") == "index_timestep_zero"
 
+    # reports of an edit run measured without references (as before) do not count as up to date
+    manifest = pipeline.cache(cfg, pipeline.check_data(cfg))
+    assert pipeline.export_valid(cfg, manifest)
+    for name in ("verify.json", "transfer_report.json"):
+        saved = (out / name).read_text()
+        data = json.loads(saved)
+        for r in (data.values() if name == "verify.json" else [data]):
+            r.pop("references")
+        (out / name).write_text(json.dumps(data))
+        assert not pipeline.export_valid(cfg, manifest)
+        (out / name).write_text(saved)
+    assert pipeline.export_valid(cfg, manifest)
+
     # `krea2-train verify RUN` / `transfer RUN`: the run's references and method, from its cache
     from krea2_train.cli import main
 
