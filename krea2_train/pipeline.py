@@ -9,7 +9,10 @@
     train        skipped when RUN/train_done.json says all steps ran and the adapter is on disk; resumes otherwise
     export       the configured formats; skipped when RUN/export/export.json is newer than the adapter and has the
                  same formats, name and header metadata (trigger words...)
-    verify       each exported file on Turbo (a failure fails the run); skipped with export
+    verify       each exported file on Turbo (a failure fails the run); skipped with export. An edit LoRA
+                 (data.reference) is verified, and its transfer report measured, with references in context: a
+                 held-out pair's cached reference latents (verify), preview.prompts + preview.references or the
+                 held-out pairs (transfer), run with train.reference_method (`edit_pairs`, `transfer_references`)
 
 Works under `accelerate launch`: caching splits across processes, training is data parallel, export and verify run
 on the main process.
@@ -124,7 +127,7 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
         metadata["sample_prompt"] = cfg.preview.prompts[0]
     if cfg.data.reference:  # an edit LoRA: the workflow gets the reference nodes with the method trained
         metadata["reference_method"] = cfg.train.reference_method
-        metadata["reference_count"] = len(cfg.data.reference_folders)
+        metadata["reference_count"] = reference_count(cfg, manifest)
     if manifest is not None:
         train = [i for i in manifest.items if i.get("split") == "train"]
         metadata["dataset_size"] = len(train)
@@ -141,6 +144,16 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
         metadata["datasets"] = {d: len(c) for d, c in by_dir.items()}
         metadata["tag_frequency"] = {d: tag_frequency(c) for d, c in by_dir.items()}
     return name, metadata
+
+
+def reference_count(cfg, manifest=None) -> int:
+    """References per pair of an edit run: what the cache holds (metadata / dataset columns decide it at check-data),
+    else the number of data.reference_folders."""
+    for item in getattr(manifest, "items", None) or ():
+        for lat in item.get("latents", {}).values():
+            if lat.get("reference_keys"):
+                return len(lat["reference_keys"])
+    return len(cfg.data.reference_folders)
 
 
 def _dataset_folder_names(cfg) -> list[str]:
@@ -174,9 +187,15 @@ def export_valid(cfg, manifest=None) -> bool:
         return False
     if cfg.export.transfer_report and not (run / "export" / "transfer_report.json").exists():
         return False
+    # an edit run's reports must have been measured with its references (not text-to-image, as before they were)
+    edit = bool(cfg.data.reference)
+    if cfg.export.transfer_report and edit and \
+            "references" not in json.loads((run / "export" / "transfer_report.json").read_text()):
+        return False
     if cfg.export.verify:
         v = run / "export" / "verify.json"
-        if not v.exists() or not all(r.get("ok") for r in json.loads(v.read_text()).values()):
+        if not v.exists() or not all(r.get("ok") and (not edit or r.get("references"))
+                                     for r in json.loads(v.read_text()).values()):
             return False
     return True
 
@@ -205,8 +224,9 @@ def export(cfg, manifest=None):
         result = export_and_verify(
             run / "adapter", out, cfg.model.turbo, formats=list(cfg.export.formats), metadata=metadata, name=name,
             preview_png=None if transfer else preview_png, transfer=transfer, raw_path=cfg.model.transformer,
-            text_encoder=cfg.model.text_encoder, vae=cfg.model.vae, transfer_kwargs=_transfer_kwargs(cfg),
-            workflow_models=run_models(cfg))
+            text_encoder=cfg.model.text_encoder, vae=cfg.model.vae,
+            transfer_kwargs=_transfer_kwargs(cfg, manifest) if transfer else None,
+            workflow_models=run_models(cfg), verify_kwargs=verify_references(cfg, manifest))
         paths = result["paths"]
         _say_exported(paths)  # what was written first, then what was checked on it
         _say("verify: every exported file loads on Turbo with the trained effect")
@@ -217,7 +237,7 @@ def export(cfg, manifest=None):
                             workflow_models=run_models(cfg))
         _say_exported(paths)
         if cfg.export.transfer_report:
-            _transfer_report(cfg, run, out)
+            _transfer_report(cfg, run, out, manifest)
     return paths
 
 
@@ -226,14 +246,115 @@ def _say_exported(paths) -> None:
         _say(f"export: {fmt}: {p}")
 
 
-def _transfer_kwargs(cfg) -> dict:
+def _transfer_kwargs(cfg, manifest=None) -> dict:
     from krea2_train.evaluate.style import StyleReference
 
-    return dict(prompts=list(cfg.preview.prompts) or None, height=cfg.preview.resolution,
-                width=cfg.preview.resolution, seed=cfg.preview.seed,
-                style_reference=StyleReference.from_datasets(cfg.data.datasets),
-                sweep=list(cfg.export.strength_sweep), workflow=_workflow_for_pictures(cfg),
-                slider=list(cfg.train.sliders) if cfg.train.mode == "slider" else None)
+    kwargs = dict(prompts=list(cfg.preview.prompts) or None, height=cfg.preview.resolution,
+                  width=cfg.preview.resolution, seed=cfg.preview.seed,
+                  style_reference=StyleReference.from_datasets(cfg.data.datasets),
+                  sweep=list(cfg.export.strength_sweep), workflow=_workflow_for_pictures(cfg),
+                  slider=list(cfg.train.sliders) if cfg.train.mode == "slider" else None)
+    if cfg.data.reference:
+        kwargs.update(transfer_references(cfg, manifest), style_reference=edit_style_reference(manifest))
+    return kwargs
+
+
+def edit_style_reference(manifest, max_images: int = 64):
+    """The style check's reference for an edit run: its target images only (a dataset folder's reference/ inputs
+    are not what the LoRA should produce, but StyleReference.from_datasets reads every image under the folder); at
+    most `max_images`, evenly spaced in name order; None when no target is a file (save_to_disk datasets)."""
+    from PIL import Image
+
+    from krea2_train.evaluate.style import StyleReference
+
+    files = sorted({i["name"] for i in (manifest.items if manifest is not None else ()) if Path(i["name"]).is_file()})
+    files = [files[i * len(files) // max_images] for i in range(max_images)] if len(files) > max_images else files
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(im.convert("RGB"))
+        except OSError:  # changed since it was cached: the style check simply leaves it out
+            continue
+    return StyleReference.from_images(images) if images else None
+
+
+EDIT_PAIRS = 3  # pairs the transfer report measures an edit LoRA on, without preview.prompts
+
+
+def edit_pairs(cfg, manifest, count: int = EDIT_PAIRS) -> dict:
+    """Up to `count` pairs of an edit run from its cache, at the last stage's resolution and in one bucket (their
+    references stack): held-out (validation) pairs first, then training pairs, each in id order.
+
+    Returns {"names", "captions", "references": per reference k a (n, 16, h, w) clean latent, "width", "height",
+    "resolution", "source"}. Refuses (naming the fix) a manifest without reference latents."""
+    from krea2_train.data.loader import read_batch
+
+    res = int(cfg.train.stages[-1].resolution)
+    items = [i for i in (manifest.items if manifest is not None else ()) if str(res) in i["latents"]
+             and i["latents"][str(res)].get("reference_keys")]
+    if not items:
+        raise UserError(f"data.reference: true, but the cache has no pair with reference latents at {res} px to verify "
+                        "the edit LoRA with: run `krea2-train cache CONFIG` (or the whole job) again")
+    items.sort(key=lambda i: (i["split"] != "validation", i["id"]))
+    bucket = items[0]["latents"][str(res)]["bucket"]
+    chosen = [i for i in items if i["latents"][str(res)]["bucket"] == bucket][:count]
+    batch = read_batch(manifest, res, [(i, False, False) for i in chosen])
+    held = sum(i["split"] == "validation" for i in chosen)
+    what = (f"held-out pair(s) {', '.join(Path(i['name']).name for i in chosen)}" if held == len(chosen) else
+            f"pair(s) {', '.join(Path(i['name']).name for i in chosen)} ({held} held out, the rest training pairs: "
+            "data.validation_images holds pairs out)")
+    return {"names": [i["name"] for i in chosen], "captions": [i["caption"] for i in chosen],
+            "references": batch["references"], "width": int(bucket[0]), "height": int(bucket[1]),
+            "resolution": res, "source": f"{what}, cached at {res} px ({bucket[0]}x{bucket[1]})"}
+
+
+def verify_references(cfg, manifest) -> dict | None:
+    """verify_lora_file's reference arguments for an edit run (one held-out pair's reference latents, the trained
+    method), or None for text-to-image."""
+    if not cfg.data.reference:
+        return None
+    pairs = edit_pairs(cfg, manifest, count=1)
+    return dict(references=[r[:1] for r in pairs["references"]], reference_method=cfg.train.reference_method,
+                reference_source=pairs["source"])
+
+
+def run_manifest(cfg):
+    """The cache manifest of a finished run's data as its config reads now (check-data, no model loaded), for
+    `verify` / `transfer` on an edit run folder; refuses, with the command to run, a cache that is not complete."""
+    from krea2_train.data.cache import manifest_if_ready
+    from krea2_train.data.checks import scan_data
+    from krea2_train.data.source import stage_resolutions
+
+    res = stage_resolutions(cfg)
+    scan = scan_data(cfg.data, res, None, progress=False)
+    manifest = None if scan.fatal else manifest_if_ready(cfg.data, cfg.model, cfg.cache_dir, res, scan)
+    if manifest is None:
+        raise UserError(f"{cfg.run_dir} is an edit run (data.reference: true): its references come from its cache "
+                        f"({cfg.cache_dir}), which is not complete for its data now. Run `krea2-train cache "
+                        f"{cfg.run_dir / 'config.yaml'}` first.")
+    return manifest
+
+
+def transfer_references(cfg, manifest) -> dict:
+    """transfer_report's prompts, size and reference arguments for an edit run: preview.prompts with their
+    preview.references (encoded at the preview size, as previews do) when the run has one reference per pair, else
+    up to EDIT_PAIRS held-out / training pairs from the cache with their captions, at their bucket's size."""
+    method = cfg.train.reference_method
+    count = reference_count(cfg, manifest)
+    if cfg.preview.prompts and cfg.preview.references and count == 1:
+        import torch
+
+        from krea2_train.train.preview import preview_references
+
+        lats, images = preview_references(cfg)
+        return dict(references=[torch.cat([lat[0] for lat in lats])], reference_images=list(images),
+                    reference_method=method, reference_names=[Path(p).name for p in cfg.preview.references[:1]],
+                    reference_source=f"preview.references at {cfg.preview.resolution} px")
+    pairs = edit_pairs(cfg, manifest)
+    why = "" if not cfg.preview.prompts else f" (preview.references give 1 reference per prompt, the run has {count})"
+    return dict(prompts=pairs["captions"], height=pairs["height"], width=pairs["width"],
+                references=pairs["references"], reference_method=method, reference_source=pairs["source"] + why)
 
 
 def _workflow_for_pictures(cfg) -> dict:
@@ -242,14 +363,14 @@ def _workflow_for_pictures(cfg) -> dict:
                 models=run_models(cfg), filename_prefix=cfg.export.name or cfg.run_name)
 
 
-def _transfer_report(cfg, run, out):
+def _transfer_report(cfg, run, out, manifest=None):
     """How the LoRA acts on Turbo compared with Raw (strength suggestion + side-by-side grid), next to the files."""
     from krea2_train.export.transfer import transfer_report
 
     report = transfer_report(run / "adapter" / "adapter_model.safetensors", out_dir=out,
                              raw_path=cfg.model.transformer, turbo_path=cfg.model.turbo,
                              text_encoder=cfg.model.text_encoder, vae=cfg.model.vae, dtype=cfg.model.dtype,
-                             **_transfer_kwargs(cfg))
+                             **_transfer_kwargs(cfg, manifest))
     _say(f"transfer report: {out / 'transfer_report.json'}")
     return report
 

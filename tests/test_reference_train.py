@@ -75,10 +75,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, [*base, "data.reference=true", "preview.prompts=[a cat]"])
     with pytest.raises(UserError, match="preview.references"):
         load_config(None, [*base, "preview.references=[x.png]"])
-    with pytest.raises(UserError, match="data.flip"):
-        from krea2_train.config.data import validate_data_config
-
-        validate_data_config(load_config(None, [*base, "data.reference=true", "data.flip=true"]).data)
+    # data.flip with data.reference is allowed: the references are flipped with their target
+    # (test_reference_sources.test_flip_flips_the_references_with_their_target)
 
 
 @pytest.mark.parametrize("method", ["index", "index_timestep_zero"])

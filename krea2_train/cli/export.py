@@ -142,8 +142,15 @@ def _verify(args) -> int:
     against = args.against or (str(run / "adapter") if run is not None and (run / "adapter").is_dir()
                                 and lora.parent.name != "adapter" else None)  # a run's file must match its training
     against = as_adapter(against) if against else None
+    refs = {}
+    cfg = _run_config(run) if run is not None else None
+    if cfg is not None and cfg.data.reference:  # an edit run: verified with a held-out pair's references in context
+        from krea2_train.pipeline import run_manifest, verify_references
+
+        refs = verify_references(cfg, run_manifest(cfg))
     report = verify_lora_file(lora, args.turbo, adapter=against, dtype=args.dtype, device=_device(args.device),
-                              strength=args.strength, check_diffusers=not args.no_diffusers, raise_on_failure=False)
+                              strength=args.strength, check_diffusers=not args.no_diffusers, raise_on_failure=False,
+                              **refs)
     print(report.summary())
     if args.json:
         write_report(report, args.json)
@@ -280,12 +287,29 @@ def _transfer(args) -> int:
 
         style = StyleReference.from_datasets(cfg.data.datasets)
     prompts = args.prompt or (list(cfg.preview.prompts) if cfg is not None else None) or None
+    edit = {}
+    if cfg is not None and cfg.data.reference:  # an edit run: its prompts come with their references
+        if args.prompt or args.height or args.width:
+            raise UserError(f"{run} is an edit LoRA: the transfer report takes its prompts with their references "
+                            "and sizes from the run (preview.prompts + preview.references, else its held-out pairs); "
+                            "drop --prompt / --height / --width")
+        from krea2_train.pipeline import run_manifest, transfer_references
+
+        manifest = run_manifest(cfg)
+        edit = transfer_references(cfg, manifest)
+        prompts = edit.pop("prompts", prompts)
+        if args.style_reference is None:  # the targets, not the reference inputs beside them
+            from krea2_train.pipeline import edit_style_reference
+
+            style = edit_style_reference(manifest)
+    height, width = edit.pop("height", args.height or size), edit.pop("width", args.width or size)
     report = transfer_report(lora, raw, turbo, args.out, text_encoder=pick(args.text_encoder, "text_encoder",
                                                                            "text_encoder"),
-                             vae=pick(args.vae, "vae", "vae"), prompts=prompts, height=args.height or size,
-                             width=args.width or size, seed=args.seed, dtype=args.dtype, device=_device(args.device),
+                             vae=pick(args.vae, "vae", "vae"), prompts=prompts, height=height,
+                             width=width, seed=args.seed, dtype=args.dtype, device=_device(args.device),
                              style_reference=style,
-                             slider=list(cfg.train.sliders) if cfg is not None and cfg.train.mode == "slider" else None)
+                             slider=list(cfg.train.sliders) if cfg is not None and cfg.train.mode == "slider" else None,
+                             **edit)
     print(report["reading"])
     print(Path(args.out) / "transfer_report.json")
     return 0

@@ -40,6 +40,14 @@ class DatasetConfig:
     # Columns in `imagefolder` / `disk` datasets.
     image_column: str = "image"
     caption_column: str = "text"
+    # data.reference with an `imagefolder` / `disk` dataset: the column(s) holding each row's reference image(s),
+    # reference 1, 2, ... in ComfyUI's order. A column holds an image (a `datasets` Image feature, or metadata.jsonl's
+    # `reference_file_name`, which `datasets` reads as column `reference`), a path relative to the dataset folder, or
+    # (one column) a list of those. [] (default): found by name, one of (two at once are refused): `reference` /
+    # `reference_1`, `reference_2`, ...; `references` (a list); `input_image` (InstructPix2Pix: set image_column:
+    # edited_image and caption_column: edit_prompt). Without such a column, an imagefolder uses data.reference_folders
+    # as a folder does (a folder and a column that name different files are refused).
+    reference_columns: List[str] = field(default_factory=list)
     # Split of a DatasetDict saved to disk / of an imagefolder.
     split: str = "train"
 
@@ -71,7 +79,8 @@ class CaptionConfig:
 class DataConfig:
     datasets: List[DatasetConfig] = field(default_factory=list)
     # Edit LoRAs: every image has a reference image of the same file name (any image extension) in each of
-    # <dataset>/<reference_folders[k]>/ (folder datasets), reference k + 1 in ComfyUI's order (RoPE index k + 1); their
+    # <dataset>/<reference_folders[k]>/ (folder datasets; imagefolder / disk datasets: data.datasets[i]
+    # .reference_columns), reference k + 1 in ComfyUI's order (RoPE index k + 1); their
     # latents are given to the transformer clean, beside the noisy target (models/reference.py). Those folders are
     # not trained on as images. Several: [reference_1, reference_2].
     reference: bool = False
@@ -87,7 +96,8 @@ class DataConfig:
     max_aspect: float = 2.0
     # center | random. A random crop is drawn once per image (from `seed`) and recorded, so the cache stays valid.
     crop: str = choice("center", ("center", "random"))
-    # Random horizontal flips: both variants are cached, the loader picks one per sample and epoch.
+    # Random horizontal flips: both variants are cached, the loader picks one per sample and epoch. With
+    # data.reference the references are flipped with their target (wrong for left/right instructions: keep it off).
     flip: bool = False
     # Images smaller than their bucket are skipped for that resolution unless upscaling is allowed.
     allow_upscale: bool = False
@@ -133,9 +143,6 @@ def validate_data_config(cfg: DataConfig) -> None:
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
     need(cfg.text_batch_size >= 1 and cfg.vae_batch_size >= 1, "text_batch_size",
          "and data.vae_batch_size must be >= 1")
-    need(not (cfg.reference and cfg.flip), "flip",
-         "= true with data.reference: true: a flipped target needs a flipped reference, which is not cached yet; set "
-         "data.flip: false")
     need(0 <= cfg.reference_dropout <= 1, "reference_dropout", f"= {cfg.reference_dropout}: must be in [0, 1]")
     if cfg.reference:
         folders = [str(f).strip("/") for f in cfg.reference_folders]
@@ -152,4 +159,10 @@ def validate_data_config(cfg: DataConfig) -> None:
          "is empty: give an instruction, or null for the preset's")
     for i, d in enumerate(cfg.datasets):
         need(d.repeats >= 1, f"datasets[{i}].repeats", f"= {d.repeats}: must be >= 1")
+        columns = [str(c) for c in d.reference_columns]
+        need(not columns or cfg.reference, f"datasets[{i}].reference_columns",
+             f"= {columns} is only read with data.reference: true; set it, or remove reference_columns")
+        need(all(c.strip() for c in columns) and len(set(columns)) == len(columns)
+             and d.image_column not in columns, f"datasets[{i}].reference_columns",
+             f"= {columns}: give distinct column names other than the image column ({d.image_column!r})")
         need(0 <= d.caption_dropout <= 1, f"datasets[{i}].caption_dropout", f"= {d.caption_dropout}: must be in [0, 1]")

@@ -14,9 +14,11 @@ Layout (all safetensors, bf16, each written atomically; content-addressed so ent
     <cache_dir>/scan_index.json                   image hash -> size, so re-checks skip decoding known images
 
 Keys: a text key hashes (caption, text-encoder fingerprint); a latent key hashes (image bytes sha256, bucket, resize,
-crop box, flip, alpha background, VAE fingerprint). The fingerprints cover the model files (names, sizes, mtimes),
-dtype and encoder settings, so anything that changes a tensor changes its key; a changed entry is simply a new file
-and stale ones are never read. An entry whose file is missing, truncated or for another key is (re)computed.
+crop box, flip, alpha background, VAE fingerprint). A reference latent (data.reference) is keyed the same way by its
+own bytes, whichever source gave it (a reference folder, a metadata.jsonl path, a dataset's image column). The
+fingerprints cover the model files (names, sizes, mtimes), dtype and encoder settings, so anything that changes a
+tensor changes its key; a changed entry is simply a new file and stale ones are never read. An entry whose file is
+missing, truncated or for another key is (re)computed.
 
 A killed run leaves only whole files (atomic rename) and resumes where it stopped. Under `accelerate launch` each
 process of every machine encodes a disjoint share (round robin by global rank over the sorted missing keys, which
@@ -185,12 +187,18 @@ def _plan(scan: Scan, data_cfg: DataConfig, text_fp: str, vae_fp: str, backgroun
             per_res[str(r)] = {**placement.as_dict(), "key": variants[0][0],
                                "flip_key": variants[1][0] if data_cfg.flip else None}
             if item.references:  # each its own latent entry, content-keyed like a target's, same bucket
-                keys = []
+                keys, flip_keys = [], []
                 for ref in item.references:
-                    ref_key = latent_key(ref.sha256, ref.placements[r], False, background, vae_fp)
-                    jobs.append((ref, r, ref.placements[r], [(ref_key, False)]))
-                    keys.append(ref_key)
+                    ref_variants = [(latent_key(ref.sha256, ref.placements[r], False, background, vae_fp), False)]
+                    if data_cfg.flip:  # a flipped target trains with its references flipped alike
+                        ref_variants.append((latent_key(ref.sha256, ref.placements[r], True, background, vae_fp),
+                                             True))
+                    jobs.append((ref, r, ref.placements[r], ref_variants))
+                    keys.append(ref_variants[0][0])
+                    flip_keys.append(ref_variants[1][0] if data_cfg.flip else None)
                 per_res[str(r)]["reference_keys"] = keys
+                if data_cfg.flip:
+                    per_res[str(r)]["reference_flip_keys"] = flip_keys
         items.append({"id": item.id, "name": item.name, "dataset": item.dataset, "split": item.split,
                       "caption": item.caption, "text": tk, "caption_dropout": item.caption_dropout,
                       "repeats": item.repeats, "sample_seed": int(hashlib.sha256(item.id.encode()).hexdigest()[:8], 16),
@@ -356,7 +364,8 @@ def build_caches(data_cfg: DataConfig, model_cfg, cache_dir, resolutions, scan: 
             continue
         missing = [r for r, lat in entry["latents"].items()
                    if any(k and k not in encoded and not entry_path(cache_dir, "latents", k).exists()
-                          for k in (lat["key"], lat["flip_key"], *lat.get("reference_keys", ())))]
+                          for k in (lat["key"], lat["flip_key"], *lat.get("reference_keys", ()),
+                                    *lat.get("reference_flip_keys", ())))]
         if missing:
             problems.append(f"{entry['name']}: latents for {missing} px could not be made (see the log); skipped")
             continue
@@ -413,7 +422,8 @@ def prune_cache(cache_dir, dry_run: bool = False) -> tuple[int, int]:
         for item in data.get("items", []):
             keep.add(item["text"])
             for lat in item["latents"].values():
-                keep.update({lat["key"], lat["flip_key"]})
+                keep.update({lat["key"], lat["flip_key"], *lat.get("reference_keys", ()),
+                             *lat.get("reference_flip_keys", ())})
     files = nbytes = 0
     for kind in ("text", "latents"):
         for path in (cache_dir / kind).glob("*/*.safetensors"):

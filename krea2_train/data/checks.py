@@ -24,7 +24,7 @@ from typing import Optional
 from krea2_train import facts
 from krea2_train.config.data import DataConfig, validate_data_config
 from krea2_train.data.buckets import make_buckets, nearest_bucket, needs_upscale, place
-from krea2_train.data.images import IMAGE_EXTENSIONS, ImageProblem, open_image, parse_colour
+from krea2_train.data.images import ImageProblem, open_image, parse_colour
 from krea2_train.data.sources import SEVERITIES, Problem, Record, load_records
 
 SCAN_VERSION = 1
@@ -54,6 +54,7 @@ class Scan:
     items: list
     problems: list
     resolutions: list
+    reference_count: Optional[int] = None  # data.reference: references per pair (every dataset has the same)
 
     @property
     def fatal(self) -> bool:
@@ -159,12 +160,17 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
     known = _load_index(cache_dir)
     items: list[Item] = []
     sizes: list[tuple[int, int]] = []  # every decoded, non-skipped-duplicate image
+    ref_counts: dict = {}  # data.reference: dataset index -> (references per pair, where they come from)
     for index, ds_cfg in enumerate(data_cfg.datasets):
         prefix = f"data.datasets[{index}]"
-        records, found = load_records(ds_cfg, index, list(data_cfg.reference_folders) if data_cfg.reference else None)
+        info: dict = {}
+        records, found = load_records(ds_cfg, index, list(data_cfg.reference_folders) if data_cfg.reference else None,
+                                      info)
         problems.extend(found)
         if any(p.severity == "fatal" for p in found):
             continue
+        if data_cfg.reference:
+            ref_counts[index] = (info["count"], info["source"])
         with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decodes without the GIL
             results = list(tqdm(pool.map(lambda r: _inspect(r, data_cfg.max_image_pixels, known), records),
                                 total=len(records), desc=f"checking {ds_cfg.path}", unit="img",
@@ -245,8 +251,11 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
                                         f"{data_cfg.max_aspect}]; it is cropped to the most extreme bucket, losing part "
                                         f"of the image. Crop it yourself or widen {side}."))
             if data_cfg.reference:
-                refs = [_reference_item(item, ds_cfg, data_cfg, str(f).strip("/"), known, problems)
-                        for f in data_cfg.reference_folders]
+                if record.reference_problem is not None:  # e.g. another number of references than the others
+                    kind, message = record.reference_problem
+                    problems.append(Problem("error", kind, record.name, message))
+                    continue
+                refs = [_reference_item(item, slot, data_cfg, known, problems) for slot in record.references]
                 if any(r is None for r in refs):  # each missing one reported; the pair is skipped
                     continue
                 item.references = refs
@@ -257,39 +266,42 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
                                     f"{ds_cfg.path} ({prefix}) has no usable images"
                                     + (f" ({len(records)} found, all skipped)" if records else "")))
     _save_index(cache_dir, known)
+    reference_count = None
+    if ref_counts:
+        reference_count = next(iter(ref_counts.values()))[0]
+        if len({n for n, _ in ref_counts.values()}) > 1:  # batches stack references; the graph has a fixed number
+            each = "; ".join(f"data.datasets[{i}] ({data_cfg.datasets[i].path}): {n} from {src}"
+                             for i, (n, src) in ref_counts.items())
+            problems.append(Problem("fatal", "reference_count", "data.datasets",
+                                    f"the datasets give different numbers of references per pair ({each}). Every "
+                                    "pair of a run needs the same number (a batch stacks them; the ComfyUI graph has "
+                                    "that many ReferenceLatent nodes): train them in separate runs, or give each "
+                                    "the same reference folders / columns."))
     _choose_validation(items, data_cfg)
     if items and not any(i.split == "train" for i in items):
         problems.append(Problem("fatal", "no_training_images", "data.validation_images",
                                 f"data.validation_images={data_cfg.validation_images} holds out every image; lower it"))
     problems.extend(_empty_resolutions(items, sizes, resolutions, data_cfg))
-    return Scan(items, problems, resolutions)
+    return Scan(items, problems, resolutions, reference_count)
 
 
-def _reference_item(item: Item, ds_cfg, data_cfg: DataConfig, sub: str, known: dict, problems: list
-                    ) -> Optional[Item]:
-    """The reference of `item` in folder `sub` (<dataset>/<sub>/<same relative path>, any image extension) as an
-    Item placed into each of `item`'s buckets, or None with an error Problem (the pair is skipped)."""
-    root = Path(os.path.expanduser(ds_cfg.path)).resolve()
-    rel = Path(item.record.key)
-    folder = root / sub / rel.parent
-    found = [folder / rel.name] + [folder / (rel.stem + e) for e in sorted(IMAGE_EXTENSIONS) if e != rel.suffix.lower()]
-    found = [p for p in found if p.is_file()]
-    if not found:
-        problems.append(Problem("error", "missing_reference", item.name,
-                                f"{item.name}: no reference image {folder / rel.stem}.* (data.reference: true); "
-                                "skipped. Add it, or remove the image."))
+def _reference_item(item: Item, slot, data_cfg: DataConfig, known: dict, problems: list) -> Optional[Item]:
+    """`item`'s reference `slot` (a Record from its source: a file in a reference folder, or a metadata / dataset
+    column; or the message saying it is missing) as an Item placed into each of `item`'s buckets, or None with an
+    error Problem (the pair is skipped). Every source is checked alike."""
+    if isinstance(slot, str):
+        problems.append(Problem("error", "missing_reference", item.name, slot))
         return None
-    path = found[0]
-    record = Record(item.dataset, f"{sub}/{rel}", str(path), None,
-                    (lambda p=path: p.read_bytes()), str(path))
+    record = slot
+    path = Path(record.name)
     result = _inspect(record, data_cfg.max_image_pixels, known)
     if isinstance(result, ImageProblem):
         problems.append(Problem("error", "unreadable_reference", item.name,
-                                f"{item.name}: its reference is not usable: {result}. Pair skipped."))
+                                f"{item.name}: its reference is not usable: {str(result).rstrip('.')}. Pair skipped."))
         return None
     sha, w, h = result
     known[sha] = [w, h]
-    ref = Item(item.id, item.dataset, str(path), sha, w, h, "", 0.0, 1, item.split, record=record)
+    ref = Item(item.id, item.dataset, record.name, sha, w, h, "", 0.0, 1, item.split, record=record)
     for r, placement in item.placements.items():
         rng = random.Random(f"{data_cfg.seed}:{sha}:{r}:reference")
         ref.placements[r] = place(w, h, placement.bucket, "center", rng)

@@ -180,7 +180,9 @@ def read_batch(manifest: Manifest, resolution: int, entries: list, **extra) -> d
         lat_paths.append(str(entry_path(cache_dir, "latents", lat["flip_key"] if flip else lat["key"])))
         text_paths.append(str(entry_path(cache_dir, "text", manifest.empty_text if dropped else item["text"])))
     text, mask = read_padded(text_paths, "text")
-    refs = [e[0]["latents"][res].get("reference_keys") or [] for e in entries]
+    # a flipped target's references are flipped alike (data.flip with data.reference: reference_flip_keys)
+    refs = [(e[0]["latents"][res].get("reference_flip_keys") if e[1] else e[0]["latents"][res].get("reference_keys"))
+            or [] for e in entries]
     if any(refs):
         if len({len(r) for r in refs}) != 1:
             raise CacheReadError(f"batch mixes items with different reference counts: {[e[0]['id'] for e in entries]}")

@@ -140,14 +140,16 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
                       name: str = "krea2_lora", dtype="bfloat16", comfyui_style: str = "alpha",
                       preview_png: bytes | None = None, transformer=None, verify_dtype="auto", device=None,
                       raw_path=None, text_encoder=None, vae=None, transfer: bool = False,
-                      transfer_kwargs: dict | None = None, workflow_models=None) -> dict:
+                      transfer_kwargs: dict | None = None, workflow_models=None,
+                      verify_kwargs: dict | None = None) -> dict:
     """Export, then verify every file on Turbo against the trained adapter (one Turbo load for all files).
 
     With `transfer=True` (needs `raw_path`; `text_encoder` and `vae` for prompts and the image grid) the Raw -> Turbo
     transfer report runs first, and its suggested Turbo strength and a Turbo sample at that strength go into the
     Civitai header (unless `metadata["turbo_strength"]` / `preview_png` are given).
 
-    A `transformer` passed in is taken to be Turbo as loaded from `turbo_path` (when given).
+    A `transformer` passed in is taken to be Turbo as loaded from `turbo_path` (when given). `verify_kwargs`: passed
+    to each file's verification (an edit LoRA's `references`, `reference_method`, `reference_source`).
 
     Returns {"paths": {format: path}, "reports": {format: VerifyReport}, "transfer": report or None}; writes
     verify.json (and transfer_report.json, transfer_grid.png) next to the files. Raises LoraVerifyError (a
@@ -172,7 +174,8 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
     if lycoris is not None:
         return export_and_verify_lycoris(lycoris, out_dir, transformer, formats=formats, metadata=metadata,
                                          name=name, dtype=dtype, preview_png=preview_png,
-                                         workflow_models=workflow_models, turbo_path=turbo_path)
+                                         workflow_models=workflow_models, turbo_path=turbo_path,
+                                         verify_kwargs=verify_kwargs)
     transfer_result = None
     if transfer:
         from krea2_train.export.transfer import transfer_report
@@ -188,8 +191,8 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
         metadata.setdefault("turbo_strength", transfer_result["suggested_turbo_strength"])
         preview_png = preview_png or transfer_result.get("_preview_png")
     paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png, workflow_models)
-    reports = {fmt: verify_lora_file(p, adapter=adapter, transformer=transformer, raise_on_failure=False)
-               for fmt, p in paths.items()}
+    reports = {fmt: verify_lora_file(p, adapter=adapter, transformer=transformer, raise_on_failure=False,
+                                     **(verify_kwargs or {})) for fmt, p in paths.items()}
     for fmt, r in reports.items():
         # A file must be exact in every program it is written for (a consumer that refuses it loudly is fine).
         short = [c for c in FORMAT_CONSUMERS[fmt] if c not in r.valid_for]

@@ -208,8 +208,10 @@ def diffusers_refusal(path) -> str:
 
 
 def verify_lycoris_file(path, adapter, transformer, *, seed: int = 0, delta_tol: float | None = None,
-                        output_tol: float | None = None):
-    """Check a DoRA/LoKr file on Turbo per consumer; returns export.verify.VerifyReport (not raising)."""
+                        output_tol: float | None = None, references=None, reference_method: str = "index",
+                        reference_source: str = ""):
+    """Check a DoRA/LoKr file on Turbo per consumer; returns export.verify.VerifyReport (not raising).
+    `references` (an edit LoRA): the probe's reference latents, run with `reference_method` (as verify_lora_file)."""
     from safetensors import safe_open
 
     from krea2_train.export.verify import DELTA_TOL, OUTPUT_TOL, VerifyReport, probe_inputs, velocity
@@ -254,7 +256,11 @@ def verify_lycoris_file(path, adapter, transformer, *, seed: int = 0, delta_tol:
         report.problems.append(f"ComfyUI's weight change at {worst_m} differs from PEFT's by {worst:.2e} (relative), "
                                f"above {report.delta_tolerance:.0e}")
     report.comfyui_delta_error = worst
-    inputs = probe_inputs(transformer, seed)
+    inputs = probe_inputs(transformer, seed, references=references, reference_method=reference_method)
+    if references:
+        report.references = (f"{len(references)} reference latent(s)"
+                             + (f" from {reference_source}" if reference_source else "")
+                             + f", method {reference_method}")
     v_base = velocity(transformer, inputs)
     v_peft = peft_velocity(transformer, adapter, inputs)
     v_comfy = velocity_with_weights(transformer, patch.weights, inputs)
@@ -333,8 +339,10 @@ def _check_dora_with_diffusers(path, adapter: DoraAdapter, transformer, inputs, 
 
 
 def export_and_verify_lycoris(adapter, out_dir, transformer, *, formats, metadata=None, name="krea2_lora",
-                              dtype="bfloat16", preview_png=None, workflow_models=None, turbo_path=None) -> dict:
-    """export_lycoris against `transformer` (Turbo), verify each file, write verify.json and valid_for."""
+                              dtype="bfloat16", preview_png=None, workflow_models=None, turbo_path=None,
+                              verify_kwargs: dict | None = None) -> dict:
+    """export_lycoris against `transformer` (Turbo), verify each file, write verify.json and valid_for.
+    `verify_kwargs`: verify_lycoris_file's references / reference_method / reference_source (edit LoRAs)."""
     from krea2_train.export.verify import LoraVerifyError
     from krea2_train.utils.io import write_json_atomic
 
@@ -343,7 +351,7 @@ def export_and_verify_lycoris(adapter, out_dir, transformer, *, formats, metadat
         metadata.setdefault("dora_base", Path(turbo_path).name if turbo_path else "the Turbo used for verify")
     base = turbo_weights(transformer, adapter.modules) if adapter.kind == DORA else None
     paths = export_lycoris(adapter, out_dir, formats, metadata, name, dtype, preview_png, base, workflow_models)
-    reports = {fmt: verify_lycoris_file(p, adapter, transformer) for fmt, p in paths.items()}
+    reports = {fmt: verify_lycoris_file(p, adapter, transformer, **(verify_kwargs or {})) for fmt, p in paths.items()}
     write_json_atomic(Path(out_dir) / "verify.json", {fmt: r.to_dict() for fmt, r in reports.items()})
     manifest_path = Path(out_dir) / "export.json"
     manifest = json.loads(manifest_path.read_text())

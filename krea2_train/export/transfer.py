@@ -27,6 +27,11 @@ its own direction on Turbo and on Raw over negative and positive strengths (expo
 symmetric, how strong against Raw, and the Turbo strength range to use; with pictures, slider_grid.png shows Turbo
 at strengths -2 .. 2.
 
+With `references` (an edit LoRA, data.reference) every measurement runs what the user runs: the prompts' clean
+reference latents are in context (models/reference.py, the run's train.reference_method) for Turbo's clean samples,
+every delta (conditional and unconditional: ComfyUI's ConditioningZeroOut keeps the reference latents) and every
+picture; the grid's first column shows the references. Without them the report is the text-to-image one, unchanged.
+
 Writes transfer_report.json and transfer_grid.png into the output folder.
 """
 
@@ -65,14 +70,23 @@ def _noisy_inputs(x0: torch.Tensor, sigmas, seed: int):
 
 
 @torch.no_grad()
-def _deltas(transformer, lora, strengths, inputs, embeds, mask, grid) -> dict[float, list[torch.Tensor]]:
-    """{strength: [velocity delta per sigma]} for `transformer` with `lora` at each strength."""
+def _deltas(transformer, lora, strengths, inputs, embeds, mask, grid, references=None,
+            reference_method: str = "index") -> dict[float, list[torch.Tensor]]:
+    """{strength: [velocity delta per sigma]} for `transformer` with `lora` at each strength (`references`: clean
+    reference latents in context, as predict_velocity takes them)."""
     from krea2_train.inference import apply_lora, predict_velocity
 
-    def run():
-        return [predict_velocity(transformer, x, s, embeds, mask, grid).float().cpu() for x, s in inputs]
-
     device = next(transformer.parameters()).device
+    if references:
+        refs = [r.to(device) for r in references]
+
+        def run():
+            return [predict_velocity(transformer, x, s, embeds, mask, grid, refs, reference_method).float().cpu()
+                    for x, s in inputs]
+    else:
+        def run():
+            return [predict_velocity(transformer, x, s, embeds, mask, grid).float().cpu() for x, s in inputs]
+
     inputs = [(x.to(device), s.to(device)) for x, s in inputs]
     embeds = embeds.to(device)
     mask = mask.to(device) if mask is not None else None
@@ -102,7 +116,8 @@ def _cos(a, b) -> float:
 def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, turbo_path=None, text_encoder=None,
                     vae=None, prompts=None, sigmas=DEFAULT_SIGMAS, height: int = 1024, width: int = 1024,
                     seed: int = 0, dtype="bfloat16", device=None, render: bool = True, style_reference=None,
-                    sweep=None, workflow: dict | None = None, slider=None) -> dict:
+                    sweep=None, workflow: dict | None = None, slider=None, references=None, reference_images=None,
+                    reference_method: str = "index", reference_source: str = "", reference_names=None) -> dict:
     """Measure Raw vs Turbo effect of `lora` (a file in any layout, or a TrainedAdapter) and write the report;
     returns the report dict.
 
@@ -115,6 +130,9 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     strengths (default evaluate.strength.DEFAULT_SWEEP). `workflow`: lora/workflow.workflow_png_chunks' lora_name,
     trigger_words and models, to embed ComfyUI's graph for the suggested column in the grid PNG. `slider`: the
     slider targets (config SliderTargets or dicts with target/positive/negative/guidance) for the slider section.
+    `references` (an edit LoRA): per reference k a clean latent (len(prompts) or 1, 16, h, w), in ComfyUI's order,
+    run with `reference_method`; `reference_images` (PIL, one per prompt; else decoded from the latents) head the
+    grid; `reference_source` says where they came from and `reference_names` (file names) go into the grid's graph.
     """
     from krea2_train import facts
     from krea2_train.inference import SampleSettings, apply_lora, sample_latents
@@ -154,11 +172,25 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         embeds = torch.randn(len(prompts), 8, cfg.num_text_layers, cfg.text_hidden_dim, generator=gen)
         mask = None
     grid = (height // facts.PIXEL_MULTIPLE, width // facts.PIXEL_MULTIPLE)
+    ref_kw = {}
+    if references:
+        from krea2_train.models.reference import check_method
+
+        check_method(reference_method)
+        if slider:
+            from krea2_train.errors import UserError
+
+            raise UserError("the transfer report measures a slider or an edit LoRA, not both")
+        bad = [tuple(r.shape) for r in references if r.dim() != 4 or r.shape[0] not in (1, len(prompts))]
+        if bad:
+            raise ValueError(f"reference latents {bad}: each must be (1 or {len(prompts)} prompts, 16, h, w)")
+        references = [r.float().cpu() for r in references]
+        ref_kw = dict(references=references, reference_method=reference_method)
 
     # Clean latents x0: Turbo's own sample for each prompt (what the LoRA edits in practice), else noise-like.
     turbo_settings = SampleSettings.turbo(height=height, width=width, seed=seed)
     if text_encoder is not None:
-        x0 = pack_latents(sample_latents(turbo_model, embeds, mask, turbo_settings))
+        x0 = pack_latents(sample_latents(turbo_model, embeds, mask, turbo_settings, **ref_kw))
     else:
         x0 = torch.randn(len(prompts), grid[0] * grid[1], cfg.in_channels, generator=torch.Generator().manual_seed(seed))
     inputs = _noisy_inputs(x0, sigmas, seed + 2)
@@ -173,7 +205,7 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
 
     # Turbo at strength 1, then Raw, then Turbo at the fitted strength. Only one 12.9B transformer is ever on the
     # accelerator (two bf16 copies + text encoder + VAE do not fit on a 48 GB card): see _raw_deltas.
-    d_turbo_1 = _deltas(turbo_model, lora, [1.0], inputs, embeds, mask, grid)[1.0]
+    d_turbo_1 = _deltas(turbo_model, lora, [1.0], inputs, embeds, mask, grid, **ref_kw)[1.0]
     held, turbo_model = [turbo_model], None  # _raw_deltas may have to drop Turbo: no other reference here
     pictures = render and vae is not None and text_encoder is not None
     raw_settings = SampleSettings.raw(height=height, width=width, seed=seed)
@@ -186,10 +218,10 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         settings = turbo_settings if model is turbo_model else raw_settings
         neg = negative if settings.guidance > 0 else (None, None)
         if strength is None:
-            return to_pil(vae.decode(sample_latents(model, embeds, mask, settings, *neg)))
+            return to_pil(vae.decode(sample_latents(model, embeds, mask, settings, *neg, **ref_kw)))
         name = apply_lora(model, lora, strength=strength, adapter_name="krea2_transfer_render")
         try:
-            return to_pil(vae.decode(sample_latents(model, embeds, mask, settings, *neg)))
+            return to_pil(vae.decode(sample_latents(model, embeds, mask, settings, *neg, **ref_kw)))
         finally:
             model.delete_adapters([name])
 
@@ -206,7 +238,7 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
             for fs in fit_seeds:
                 settings = replace(turbo_settings if model is turbo_model else raw_settings, seed=fs)
                 neg = negative if settings.guidance > 0 else (None, None)
-                out.append(sample_latents(model, embeds, mask, settings, *neg))
+                out.append(sample_latents(model, embeds, mask, settings, *neg, **ref_kw))
             return torch.cat(out)
         finally:
             if name:
@@ -219,17 +251,17 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         # Raw as deployed: under CFG, like the deltas below; Turbo has none
         slider_raw.extend(slider_effects(model, lora, it, inp, grid, negative=slider_negative, guidance=guidance)
                           for it, inp in zip(slider_items, slider_inputs))
-        cond = _deltas(model, lora, [1.0], inputs, embeds, mask, grid)[1.0]
+        cond = _deltas(model, lora, [1.0], inputs, embeds, mask, grid, **ref_kw)[1.0]
         if guidance <= 0:
             return cond
-        uncond = _deltas(model, lora, [1.0], inputs, *negative, grid)[1.0]
+        uncond = _deltas(model, lora, [1.0], inputs, *negative, grid, **ref_kw)[1.0]
         return [c + guidance * (c - u) for c, u in zip(cond, uncond)]
 
     turbo_model, d_raw = _raw_deltas(held, raw, turbo_source, not isinstance(turbo, torch.nn.Module), measure_raw,
                                      dtype, device)
 
     s1 = min(max(_fit(d_turbo_1, d_raw), STRENGTH_RANGE[0]), STRENGTH_RANGE[1])
-    d_turbo_s1 = _deltas(turbo_model, lora, [s1], inputs, embeds, mask, grid)[s1]
+    d_turbo_s1 = _deltas(turbo_model, lora, [s1], inputs, embeds, mask, grid, **ref_kw)[s1]
     s2 = min(max(s1 * _fit(d_turbo_s1, d_raw), STRENGTH_RANGE[0]), STRENGTH_RANGE[1])
     look = None
     if pictures:  # the suggestion from samples (evaluate/strength.py look_fit); the velocity fit stays reported
@@ -263,6 +295,9 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         "per_sigma": per_sigma,
         "reading": _reading(ratio if ratio is not None else 1.0, cosine, s2, look),
     }
+    if references:
+        report["references"] = {"count": len(references), "method": reference_method, "source": reference_source,
+                                "latent_sizes": [list(r.shape[2:]) for r in references]}
     if slider_items:
         section = []
         for it, inp, raw_fx in zip(slider_items, slider_inputs, slider_raw):
@@ -293,13 +328,22 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
             report["style"] = style_match(style_reference, raw_images, turbo_images, suggested)
             report["reading"] += "; " + _style_reading(report["style"])
         columns = [turbo_images[0.0], turbo_images[1.0], turbo_images[suggested], raw_images]
-        grid_png = _grid_png(columns, ["Turbo", "Turbo + LoRA 1.00", f"Turbo + LoRA {suggested:.2f} (suggested)",
-                                       "Raw + LoRA 1.00 (CFG)"], row_labels=prompts)
+        labels = ["Turbo", "Turbo + LoRA 1.00", f"Turbo + LoRA {suggested:.2f} (suggested)", "Raw + LoRA 1.00 (CFG)"]
+        graph_refs = {}
+        if references:  # the input first, as previews show it
+            if reference_images is None:
+                first = references[0].expand(len(prompts), -1, -1, -1) if references[0].shape[0] == 1 else references[0]
+                reference_images = to_pil(vae.decode(first.to(device)))
+            columns, labels = [list(reference_images), *columns], ["Reference", *labels]
+            names = list(reference_names or [f"reference_{k}.png" for k in range(1, len(references) + 1)])
+            graph_refs = dict(references=names, reference_method=reference_method)
+        grid_png = _grid_png(columns, labels, row_labels=prompts)
         if workflow is not None:  # the ComfyUI graph for the suggested column: {lora_name, trigger_words, models}
             from krea2_train.lora.workflow import embed_png_chunks, workflow_png_chunks
 
             grid_png = embed_png_chunks(grid_png, workflow_png_chunks(
-                strength=round(suggested, 2), prompt=prompts[0], width=width, height=height, seed=seed, **workflow))
+                strength=round(suggested, 2), prompt=prompts[0], width=width, height=height, seed=seed, **workflow,
+                **graph_refs))
         write_bytes_atomic(out_dir / "transfer_grid.png", grid_png)
         report["grid"] = "transfer_grid.png"
         if slider_items:

@@ -2,6 +2,11 @@
 gets exactly the delta the trained adapter implies, and Turbo's output moves as that delta predicts. Layouts
 diffusers reads are also loaded through diffusers' own `Krea2Pipeline.load_lora_weights` and must agree.
 
+An edit LoRA (data.reference) is verified on the forward it runs with: the probe carries clean reference latents
+(`references`, a run's held-out pair from its cache) and every velocity goes through the reference forward
+(models/reference.py) with the run's train.reference_method; the probe's target then has the reference's size.
+Without references the probe and every check are the text-to-image ones, unchanged.
+
 Tolerances are relative Frobenius errors. The weight check compares against the trained adapter in float32, so it
 is set by the file's dtype (bf16 rounding is ~0.4% per factor). The output check compares Turbo + LoRA (PEFT,
 unmerged) against Turbo with the trained adapter's branch added by forward hooks, relative to the size of the
@@ -57,6 +62,8 @@ class VerifyReport:
     consumers: dict = field(default_factory=dict)
     problems: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    # edit LoRAs: what the probe's reference latents were and the method run (None: text-to-image)
+    references: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -68,12 +75,16 @@ class VerifyReport:
         return [c for c, v in self.consumers.items() if v == "valid"]
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok, "valid_for": self.valid_for}
+        out = {**asdict(self), "ok": self.ok, "valid_for": self.valid_for}
+        if out["references"] is None:  # a text-to-image report reads as it always has
+            del out["references"]
+        return out
 
     def summary(self) -> str:
         lines = [
             f"LoRA verification on Turbo: {self.path}",
             f"  layout {self.layout}, {self.modules} modules, strength {self.strength}",
+            *([f"  probe with references: {self.references}"] if self.references else []),
             f"  weight deltas: max relative error {self.max_delta_error:.2e} (tolerance {self.delta_tolerance:.0e})"
             + (f" at {self.worst_module}" if self.worst_module else ""),
             f"  output: LoRA changes Turbo's velocity by {self.output_change:.2e} (relative); matches the expected "
@@ -97,23 +108,46 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def probe_inputs(transformer, seed: int = 0, grid: int = 4, text_len: int = 8,
-                 sigmas=(0.9, 0.6, 0.3)) -> tuple:
-    """Deterministic random transformer inputs (packed latents, sigmas, text embeds) sized from its config."""
+                 sigmas=(0.9, 0.6, 0.3), references=None, reference_method: str = "index") -> tuple:
+    """Deterministic random transformer inputs (packed latents, sigmas, text embeds) sized from its config.
+
+    `references` (edit LoRAs): clean reference latents [(1, 16, h, w), ...]; the probe's target then has the first
+    one's size (h/2 x w/2 tokens, as a reference put in its target's bucket) and every `velocity` runs the reference
+    forward with `reference_method`. Without them the inputs are exactly the text-to-image probe."""
     cfg = transformer.config
     gen = torch.Generator().manual_seed(seed)
     b = len(sigmas)
-    packed = torch.randn(b, grid * grid, cfg.in_channels, generator=gen)
+    if references:
+        from krea2_train import facts
+        from krea2_train.models.reference import check_method
+
+        check_method(reference_method)
+        shape = tuple(references[0].shape)
+        if len(shape) != 4 or shape[0] != 1 or shape[2] % facts.PATCH or shape[3] % facts.PATCH:
+            raise ValueError(f"a probe reference is a (1, C, h, w) latent with even sides, got {shape}")
+        rows, cols = shape[2] // facts.PATCH, shape[3] // facts.PATCH
+    else:
+        rows = cols = grid
+    packed = torch.randn(b, rows * cols, cfg.in_channels, generator=gen)
     embeds = torch.randn(b, text_len, cfg.num_text_layers, cfg.text_hidden_dim, generator=gen)
-    return packed, torch.tensor(sigmas, dtype=torch.float32), embeds, (grid, grid)
+    out = (packed, torch.tensor(sigmas, dtype=torch.float32), embeds, (rows, cols))
+    if references:
+        out += ([r.float().cpu() for r in references], reference_method)
+    return out
 
 
 @torch.no_grad()
 def velocity(transformer, inputs) -> torch.Tensor:
-    """One forward through the inference core's `predict_velocity`, in float32 on the CPU."""
+    """One forward through the inference core's `predict_velocity`, in float32 on the CPU (with the probe's
+    references, the reference forward)."""
     from krea2_train.inference import predict_velocity
 
     device = next(transformer.parameters()).device
-    packed, sigma, embeds, grid = inputs
+    packed, sigma, embeds, grid, *refs = inputs
+    if refs:
+        references, method = refs
+        return predict_velocity(transformer, packed.to(device), sigma.to(device), embeds.to(device), None, grid,
+                                references=[r.to(device) for r in references], reference_method=method).float().cpu()
     return predict_velocity(transformer, packed.to(device), sigma.to(device), embeds.to(device), None, grid).float().cpu()
 
 
@@ -231,10 +265,15 @@ def default_device(device=None) -> str:
 def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = None, *, transformer=None,
                      dtype="auto", device=None, strength: float = 1.0, check_diffusers: bool = True,
                      seed: int = 0, delta_tol: float | None = None, output_tol: float | None = None,
-                     raise_on_failure: bool = True) -> VerifyReport:
+                     raise_on_failure: bool = True, references=None, reference_method: str = "index",
+                     reference_source: str = "") -> VerifyReport:
     """Load `path` onto Turbo through the inference core and check it against `adapter` (the trained one; default:
     the file's own contents). Pass an already loaded Turbo `transformer` to verify several files with one load; it
     is left without adapters. Raises LoraVerifyError with the full report unless every check passes.
+
+    `references` (an edit LoRA): clean reference latents [(1, 16, h, w), ...] in ComfyUI's order; every output check
+    then runs the reference forward with `reference_method` (the run's train.reference_method). `reference_source`
+    says where they came from, for the report.
     """
     from krea2_train.inference import apply_lora
     from krea2_train.models.loading import load_transformer
@@ -269,7 +308,12 @@ def verify_lora_file(path, turbo_path=None, adapter: TrainedAdapter | None = Non
         if extra:
             report.problems.append(f"the file adapts modules that were not trained: {extra[:3]}")
 
-    inputs = probe_inputs(transformer, seed)
+    inputs = probe_inputs(transformer, seed, references=references, reference_method=reference_method)
+    if references:
+        sizes = ", ".join("x".join(str(d) for d in r.shape[2:]) for r in references)
+        report.references = (f"{len(references)} reference latent(s) {sizes}"
+                             + (f" from {reference_source}" if reference_source else "")
+                             + f", method {reference_method}")
     v_base = velocity(transformer, inputs)
     v_ref = reference_velocity(transformer, expected, strength, inputs)
     expected_change = (v_ref - v_base).norm().item()
