@@ -235,6 +235,21 @@ def test_error_unsupported_adapter_types():
         read_lora_state({"transformer.img_in.lora_magnitude_vector": torch.zeros(3)}, source="d.safetensors")
     with pytest.raises(LoraFormatError, match="LoKr"):
         read_lora_state({"lora_unet_blocks_0_attn_wq.lokr_w1": torch.zeros(3)}, source="k.safetensors")
+    with pytest.raises(LoraFormatError, match="sample --turbo-lora.*without --deltas"):  # a Turbo LoRA's deltas
+        read_lora_state({"diffusion_model.blocks.0.attn.wq.lora_down.weight": torch.zeros(2, 4),
+                         "diffusion_model.blocks.0.attn.q_norm.weight.diff": torch.zeros(4)}, source="t.safetensors")
+
+
+
+def test_model_diffusion_model_prefix_is_not_a_diff(adapter, tmp_path):
+    """ComfyUI's `model.diffusion_model.` prefix holds ".diff": a plain LoRA under it reads as the LoRA it is."""
+    path = write_lora_file(adapter, tmp_path / "c.safetensors", "comfyui", dtype="float32")
+    with safe_open(str(path), framework="pt") as h:
+        state = {"model." + k: h.get_tensor(k) for k in h.keys()}
+    lora = read_lora_state(state, source="m.safetensors").adapter
+    assert lora.modules == adapter.modules
+    for name in adapter.modules:
+        assert torch.allclose(lora.delta(name), adapter.delta(name), atol=1e-6), name
 
 
 def test_reads_what_diffusers_save_lora_weights_writes(tiny_dir, tmp_path):
