@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-slider test install bench clean micro measure-micro
+.PHONY: demo demo-slider demo-edit test install bench clean micro measure-micro
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 demo-slider: $(STAMP)  # a concept slider on the micro model (background darker at -1, lighter at +1)
 	$(BIN)/krea2-train configs/demo_slider.yaml
+
+demo-edit: $(STAMP)  # an edit LoRA on the micro model ("make the shape red", reference images), then its edit rate
+	$(BIN)/krea2-train configs/edit_demo.yaml
+	$(BIN)/python scripts/measure_edit.py runs/edit_demo --sheet runs/edit_demo/edit_sheet.png
 
 test: $(STAMP)
 	$(BIN)/ruff check krea2_train scripts tests   # unused imports, dead names, import order

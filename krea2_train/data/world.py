@@ -238,3 +238,40 @@ def graphic_image(seed: int, index: int, size: int = SIZE):
 def graphic_batch(seed: int, start: int, count: int, size: int = SIZE) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1]: graphic_image for items start .. start+count-1."""
     return to_tensor([graphic_image(seed, i, size) for i in range(start, start + count)])
+
+
+# ------------------------------------------------------------------------------------------ edit pairs (edit LoRAs)
+EDIT_COLOUR = "red"
+EDIT_INSTRUCTION = f"make the shape {EDIT_COLOUR}"  # "the", "shape" and "red" are whole micro tokens
+
+
+@dataclass(frozen=True)
+class EditPair:
+    reference: object  # PIL image: the input
+    target: object  # PIL image: the same scene (shape, size, position, background) with the shape in EDIT_COLOUR
+    instruction: str
+    scene: Scene  # the reference's scene
+
+
+def edit_scene(rng: random.Random) -> Scene:
+    """A reference scene for the edit: neither its shape nor its background is EDIT_COLOUR already (a red shape
+    would make the pair a no-op, and a red background would hide the recoloured shape)."""
+    colour, background = rng.sample(sorted(c for c in COLOURS if c != EDIT_COLOUR), 2)
+    shape = rng.choice(SHAPES)
+    size = rng.choice(sorted(SIZES)) if rng.random() < 0.5 else None
+    position = rng.choice(sorted(POSITIONS)) if rng.random() < 0.5 else None
+    return Scene(colour, shape, background, size, position)
+
+
+def edit_pair(seed: int, index: int, size: int = SIZE) -> EditPair:
+    """Edit pair number `index` from `seed`: "make the shape red". Both images are drawn from the same geometry
+    draws (render's random numbers do not depend on the colour), so only the shape's colour differs."""
+    from dataclasses import replace
+
+    rng = random.Random(seed * 1_000_003 + index + 29)
+    scene = edit_scene(rng)
+    state = rng.getstate()
+    reference = render(scene, rng, size)
+    rng.setstate(state)
+    target = render(replace(scene, colour=EDIT_COLOUR), rng, size)
+    return EditPair(reference, target, EDIT_INSTRUCTION, scene)
