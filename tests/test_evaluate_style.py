@@ -65,60 +65,57 @@ def test_style_match_reports_the_suggestion_error():
 
 
 # ---------------------------------------------------------------------------------------------- look fit
-def test_refine_minimum_finds_a_parabolas_vertex():
-    from krea2_train.evaluate.strength import refine_minimum
-
-    curve = {s: (s - 0.73) ** 2 + 0.1 for s in (0.5, 0.6, 0.7, 0.8, 0.9)}
-    assert refine_minimum(curve) == pytest.approx(0.73, abs=1e-9)
-    assert refine_minimum({0.2: 0.1, 0.3: 0.4, 0.4: 0.9}) == 0.2  # a minimum at the end stays there
-
-
-def _latents(mean, std, n=6, seed=0):
+def _latents(mean, std, n=32, seed=0):
     import torch
 
     g = torch.Generator().manual_seed(seed)
     return mean.view(1, -1, 1, 1) + std.view(1, -1, 1, 1) * torch.randn(n, mean.numel(), 8, 8, generator=g)
 
 
-@pytest.mark.parametrize("match", [0.65, 1.35])
-def test_look_fit_finds_where_turbo_looks_like_raw(match):
-    """Turbo + LoRA's latents move linearly with strength from Turbo alone's look; Raw + LoRA's look is reached at
-    `match`. The fit returns it from samples of other noise (a strength past it overshoots, one short falls short)."""
+def _models(match, side_effect=0.0, cap=None):
+    """Raw without / with the LoRA, Turbo alone, and Turbo + LoRA at s: the LoRA moves the channel means by `shift`
+    on Raw; on Turbo by s / match of it (so `match` is where it equals Raw's effect), capped at `cap` of it, plus
+    a `side_effect` on the spreads that Raw does not show."""
     import torch
 
-    from krea2_train.evaluate.strength import look_fit
-
-    m0, s0 = torch.zeros(16), torch.ones(16)
-    m1, s1 = torch.linspace(-1, 1, 16), torch.full((16,), 1.5)  # Raw + LoRA: other channel means and spreads
-    raw = _latents(m1, s1, n=32, seed=1)
+    m, sd = torch.zeros(16), torch.ones(16)
+    shift = torch.linspace(-1, 1, 16)
+    raw_alone, raw_lora = _latents(m + 0.3, sd, seed=1), _latents(m + 0.3 + shift, sd, seed=2)
 
     def turbo(s):
-        t = s / match
-        return _latents(m0 + t * (m1 - m0), s0 + t * (s1 - s0), n=32, seed=2)
+        t = s / match if cap is None else min(s / match, cap)
+        return _latents(m + t * shift, sd * (1 + side_effect * s), seed=3 + int(s * 100))
 
-    fit = look_fit(raw, turbo, turbo(0.0))
-    assert fit["strength"] == pytest.approx(match, rel=0.05), fit
-    assert not fit["at_grid_edge"] and fit["turbo_alone_distance"] > 3 * min(fit["look_distance"].values())
+    return raw_alone, raw_lora, turbo, _latents(m, sd, seed=3)
 
 
-def test_look_fit_says_when_raw_is_out_of_reach():
-    import torch
-
+@pytest.mark.parametrize("match", [0.65, 1.35])
+def test_look_fit_finds_where_turbo_changes_as_raw_does(match):
     from krea2_train.evaluate.strength import look_fit
 
-    raw = _latents(torch.full((16,), 10.0), torch.ones(16), seed=1)  # a look Turbo would need strength ~50 for
-    fit = look_fit(raw, lambda s: _latents(torch.full((16,), 0.2 * s), torch.ones(16), seed=2),
-                   _latents(torch.zeros(16), torch.ones(16), seed=2))
-    assert fit["strength"] == 3.0 and fit["at_grid_edge"]
+    raw_alone, raw_lora, turbo, alone = _models(match)
+    fit = look_fit(raw_alone, raw_lora, turbo, alone)
+    assert fit["strength"] == pytest.approx(match, rel=0.06), fit
+    assert fit["left_at_strength"] < 0.2 and fit["effect_difference"]["0.2"] > 0.6
+
+
+def test_look_fit_says_how_much_of_raws_effect_turbo_misses():
+    from krea2_train.evaluate.strength import look_fit
+
+    raw_alone, raw_lora, turbo, alone = _models(0.5, cap=0.7)  # at most 70% of Raw's effect, from 0.35 on
+    fit = look_fit(raw_alone, raw_lora, turbo, alone)
+    assert fit["left_at_strength"] == pytest.approx(0.3, abs=0.08) and fit["strength"] >= 0.35, fit
 
 
 def test_look_fit_takes_the_first_minimum_not_an_overdriven_dip():
-    """A curve that falls to Raw's look at 0.5, climbs, and dips lower again at 1.5 (the demo LoRA's shape): 0.5."""
+    """The demo-like curve: falls to its best at 0.7, climbs, dips a little lower again at 1.5: 0.7, refined."""
     from krea2_train.evaluate.strength import first_minimum, refine_minimum
 
-    curve = {0.2: 0.83, 0.3: 0.79, 0.4: 0.57, 0.5: 0.27, 0.6: 0.38, 0.7: 0.48, 1.0: 0.42, 1.4: 0.23, 1.5: 0.22,
-             1.75: 0.3, 2.0: 0.41}
-    first = first_minimum(curve, rise=0.085)
-    assert first == 0.5 and 0.5 < refine_minimum(curve, first) < 0.55
-    assert first_minimum(curve, rise=0.5) == 1.5  # no climb that large: the lowest point
-    assert first_minimum({0.2: 0.9, 0.3: 0.5, 0.4: 0.52, 0.5: 0.2, 0.6: 0.6}, rise=0.1) == 0.5  # a wiggle is noise
+    curve = {0.2: 1.0, 0.4: 0.9, 0.5: 0.66, 0.6: 0.37, 0.7: 0.2, 0.8: 0.22, 0.9: 0.33, 1.2: 0.24, 1.5: 0.19,
+             1.75: 0.3, 2.0: 0.5}
+    first = first_minimum(curve, climb=0.1)
+    assert first == 0.7 and 0.7 < refine_minimum(curve, first) < 0.75
+    assert first_minimum(curve, climb=0.5) == 1.5  # no climb that large: the lowest point
+    assert first_minimum({0.2: 0.9, 0.3: 0.5, 0.4: 0.52, 0.5: 0.2, 0.6: 0.6}, climb=0.1) == 0.5  # a wiggle is noise
+    parabola = {x: (x - 0.73) ** 2 for x in (0.5, 0.6, 0.7, 0.8, 0.9)}
+    assert refine_minimum(parabola, 0.7) == pytest.approx(0.73) and refine_minimum(parabola, 0.5) == 0.5

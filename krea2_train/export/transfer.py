@@ -12,9 +12,10 @@ strength since the effect is not exactly linear. Without a text encoder (random 
 conditional delta is used, and the velocity fit is the suggestion.
 
 With the text encoder and the VAE the suggested Turbo strength comes from samples instead (evaluate/strength.py
-`look_fit`): Raw's sampled effect under CFG is not linear in its velocity delta (micro demo: velocity fit 1.05,
-pictures 0.62), so Turbo + LoRA is sampled over a sweep of strengths and the one whose latents look most like Raw +
-LoRA's (same prompts, LOOK_IMAGES images at seeds other than the grid's) is suggested.
+`look_fit`): Raw's sampled effect under CFG is not linear in its velocity delta (micro demo: velocity fit 0.89,
+pictures 0.60), so Raw with and without the LoRA and Turbo over a sweep of strengths are sampled (same prompts,
+LOOK_IMAGES images at seeds other than the grid's) and the strength at which the LoRA changes Turbo's samples most
+like it changes Raw's is suggested.
 Turbo samples without the LoRA, at strength 1 and at s are rendered side by side, with Raw + LoRA (28 steps, CFG)
 for reference and the prompt above each row.
 
@@ -247,7 +248,7 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     def measure_raw(model):
         if pictures:
             raw_images.extend(sample(model, 1.0))
-            fit_raw.append(sample_fit(model, 1.0))
+            fit_raw.extend([sample_fit(model, None), sample_fit(model, 1.0)])
         # Raw as deployed: under CFG, like the deltas below; Turbo has none
         slider_raw.extend(slider_effects(model, lora, it, inp, grid, negative=slider_negative, guidance=guidance)
                           for it, inp in zip(slider_items, slider_inputs))
@@ -267,7 +268,7 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     if pictures:  # the suggestion from samples (evaluate/strength.py look_fit); the velocity fit stays reported
         from krea2_train.evaluate.strength import look_fit
 
-        look = look_fit(fit_raw[0], lambda st: sample_fit(turbo_model, st), sample_fit(turbo_model, None))
+        look = look_fit(*fit_raw, lambda st: sample_fit(turbo_model, st), sample_fit(turbo_model, None))
     suggested = look["strength"] if look is not None else s2
 
     per_sigma = []
@@ -438,10 +439,11 @@ def _reading(ratio: float, cosine: float, velocity_strength: float, look: dict |
     if look is None:
         parts.append(f"suggested Turbo strength {velocity_strength:.2f}")
         return "; ".join(parts)
-    parts.append(f"suggested Turbo strength {look['strength']:.2f}: where Turbo + LoRA's samples look most like "
-                 f"Raw + LoRA's (the velocity fit alone says {velocity_strength:.2f})")
-    if look["at_grid_edge"]:
-        parts.append("that is at the end of the strengths tried: the LoRA may not reach Raw's look on Turbo")
+    parts.append(f"suggested Turbo strength {look['strength']:.2f}: where the LoRA changes Turbo's samples most "
+                 f"like Raw's (the velocity fit alone says {velocity_strength:.2f})")
+    left = look.get("left_at_strength")
+    if left is not None and left > 0.5:
+        parts.append(f"even there {100 * left:.0f}% of Raw's effect is not reproduced on Turbo: compare the grid")
     return "; ".join(parts)
 
 
