@@ -263,19 +263,10 @@ def edit_style_reference(manifest, max_images: int = 64):
     """The style check's reference for an edit run: its target images only (a dataset folder's reference/ inputs
     are not what the LoRA should produce, but StyleReference.from_datasets reads every image under the folder); at
     most `max_images`, evenly spaced in name order; None when no target is a file (save_to_disk datasets)."""
-    from PIL import Image
-
-    from krea2_train.evaluate.style import StyleReference
+    from krea2_train.evaluate.style import StyleReference, open_spaced
 
     files = sorted({i["name"] for i in (manifest.items if manifest is not None else ()) if Path(i["name"]).is_file()})
-    files = [files[i * len(files) // max_images] for i in range(max_images)] if len(files) > max_images else files
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
-        except OSError:  # changed since it was cached: the style check simply leaves it out
-            continue
+    images = open_spaced(files, max_images)
     return StyleReference.from_images(images) if images else None
 
 

@@ -73,24 +73,32 @@ def set_features(images) -> np.ndarray:
     return np.mean([image_features(im) for im in images], axis=0)
 
 
-def reference_images(folders, max_images: int = 64) -> list:
-    """The RGB images a style reference is taken from: every readable image under `folders` (recursively; at most
-    `max_images`, evenly spaced in name order). ValueError when there is none."""
+def open_spaced(files, max_images: int = 64) -> list:
+    """RGB images of at most `max_images` of `files`, evenly spaced in their order; unreadable ones are left out
+    (check-data reports them; a file may also have changed since it was cached)."""
     from PIL import Image
 
-    from krea2_train.data.images import IMAGE_EXTENSIONS
-
-    files = sorted(p for f in folders for p in Path(f).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"{', '.join(map(str, folders))}: no images to take a style reference from")
+    files = list(files)
     files = [files[i * len(files) // max_images] for i in range(max_images)] if len(files) > max_images else files
     images = []
     for f in files:
         try:
             with Image.open(f) as im:
                 images.append(im.convert("RGB"))
-        except OSError:  # check-data reports unreadable files; the reference simply leaves them out
+        except OSError:
             continue
+    return images
+
+
+def reference_images(folders, max_images: int = 64) -> list:
+    """The RGB images a style reference is taken from: every readable image under `folders` (recursively; at most
+    `max_images`, evenly spaced in name order). ValueError when there is none."""
+    from krea2_train.data.images import IMAGE_EXTENSIONS
+
+    files = sorted(p for f in folders for p in Path(f).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{', '.join(map(str, folders))}: no images to take a style reference from")
+    images = open_spaced(files, max_images)
     if not images:
         raise ValueError(f"{', '.join(map(str, folders))}: none of the images could be read for a style reference")
     return images
