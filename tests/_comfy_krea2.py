@@ -6,25 +6,13 @@ tests/_comfy_source.COMFYUI_GIT; `load()` returns None when it is absent (tests 
 
 from __future__ import annotations
 
-import ast
 import math
 import os
 import subprocess
 import sys
 import types
 
-from _comfy_source import COMFYUI_GIT
-
-
-def _source(path: str) -> str:
-    return subprocess.run(["git", "-C", COMFYUI_GIT, "show", f"HEAD:{path}"], capture_output=True, text=True,
-                          check=True).stdout
-
-
-def _take(path: str, names: set, ns: dict) -> None:
-    tree = ast.parse(_source(path))
-    body = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
-    exec(compile(ast.Module(body=body, type_ignores=[]), path, "exec"), ns)
+from _comfy_source import COMFYUI_GIT, source, stub_module, take
 
 
 def rearrange(x, pattern: str, **n):
@@ -58,13 +46,7 @@ def load():
     ours = ("comfy", "einops")
     saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ours}
     try:
-        def mod(name, **attrs):
-            m = types.ModuleType(name)
-            m.__path__ = []
-            m.__dict__.update(attrs)
-            sys.modules[name] = m
-            return m
-
+        mod = stub_module
         mm = mod("comfy.model_management", in_training=True, supports_fp64=lambda device: True,
                  cast_to=lambda t, dtype=None, device=None, **kw: t.to(dtype=dtype, device=device))
 
@@ -92,9 +74,9 @@ def load():
 
         ns_math = {"torch": torch, "rearrange": rearrange, "Tensor": Tensor, "comfy": types.SimpleNamespace(
             model_management=mm)}
-        _take("comfy/ldm/flux/math.py", {"rope", "_apply_rope1", "_apply_rope", "apply_rope", "apply_rope1"}, ns_math)
+        take("comfy/ldm/flux/math.py", {"rope", "_apply_rope1", "_apply_rope", "apply_rope", "apply_rope1"}, ns_math)
         ns_layers = {"torch": torch, "nn": nn, "math": math, "Tensor": Tensor, "rope": ns_math["rope"]}
-        _take("comfy/ldm/flux/layers.py", {"EmbedND", "timestep_embedding"}, ns_layers)
+        take("comfy/ldm/flux/layers.py", {"EmbedND", "timestep_embedding"}, ns_layers)
         comfy = mod("comfy", model_management=mm, patcher_extension=pe)
         ldm = mod("comfy.ldm")
         comfy.ldm = ldm
@@ -107,7 +89,7 @@ def load():
         mod("comfy.ldm.modules.attention", optimized_attention_masked=optimized_attention_masked)
         mod("einops", rearrange=rearrange)
         krea2 = types.ModuleType("comfy_krea2_model")
-        exec(compile(_source("comfy/ldm/krea2/model.py"), "comfy/ldm/krea2/model.py", "exec"), krea2.__dict__)
+        exec(compile(source("comfy/ldm/krea2/model.py"), "comfy/ldm/krea2/model.py", "exec"), krea2.__dict__)
         return krea2
     except (OSError, subprocess.CalledProcessError, SyntaxError, ImportError, KeyError):
         return None

@@ -17,9 +17,35 @@ import types
 COMFYUI_GIT = os.environ.get("KREA2_COMFYUI_GIT", "/work/.mirror/yzkee+ComfyUI/repo")
 
 
-def _source(path: str) -> str:
+def source(path: str) -> str:
+    """The text of `path` in the ComfyUI checkout (its HEAD)."""
     return subprocess.run(["git", "-C", COMFYUI_GIT, "show", f"HEAD:{path}"], capture_output=True, text=True,
                           check=True).stdout
+
+
+def take(path: str, names: set, ns: dict, inside: tuple = (), base: str | None = None) -> None:
+    """exec the top-level functions/classes `names` of `path` into ns. With `inside` (a chain of class names, e.g.
+    ("disable_weight_init", "Conv3d")): methods of the innermost class, in a class of its name (with `base` as its
+    base, e.g. "torch.nn.Conv3d"; their `super()` needs the __class__ cell a class body gives)."""
+    body = ast.parse(source(path)).body
+    for cls in inside:
+        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    nodes = [n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
+    assert {n.name for n in nodes} == set(names), (path, names)
+    if inside:
+        bases = [ast.parse(base, mode="eval").body] if base else []
+        nodes = [ast.ClassDef(name=inside[-1], bases=bases, keywords=[], body=nodes, decorator_list=[],
+                              type_params=[])]
+    exec(compile(ast.fix_missing_locations(ast.Module(body=nodes, type_ignores=[])), path, "exec"), ns)
+
+
+def stub_module(name: str, **attrs) -> types.ModuleType:
+    """A package-like module `name` holding `attrs`, registered in sys.modules (callers restore sys.modules)."""
+    m = types.ModuleType(name)
+    m.__path__ = []
+    m.__dict__.update(attrs)
+    sys.modules[name] = m
+    return m
 
 
 def load() -> types.SimpleNamespace | None:
@@ -45,13 +71,13 @@ def load() -> types.SimpleNamespace | None:
             mod = types.ModuleType(f"comfy.weight_adapter.{name}")
             mod.__package__ = "comfy.weight_adapter"
             sys.modules[mod.__name__] = mod
-            exec(compile(_source(f"comfy/weight_adapter/{name}.py"), f"comfy/weight_adapter/{name}.py", "exec"),
+            exec(compile(source(f"comfy/weight_adapter/{name}.py"), f"comfy/weight_adapter/{name}.py", "exec"),
                  mod.__dict__)
             mods[name] = mod
         wa.WeightAdapterBase = mods["base"].WeightAdapterBase
         # the order of comfy/weight_adapter/__init__.py's `adapters` (GLoRA/OFT/BOFT read none of our keys)
         wa.adapters = [mods["lora"].LoRAAdapter, mods["loha"].LoHaAdapter, mods["lokr"].LoKrAdapter]
-        tree = ast.parse(_source("comfy/lora.py"))
+        tree = ast.parse(source("comfy/lora.py"))
         funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("load_lora", "calculate_weight",
                                                                                       "pad_tensor_to_shape")]
         ns = {"torch": torch, "logging": logging, "comfy": comfy, "weight_adapter": wa}

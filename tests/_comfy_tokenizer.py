@@ -9,34 +9,15 @@ returns each token's position, so ComfyUI's stripping shows which tokens it keep
 
 from __future__ import annotations
 
-import ast
 import os
 import subprocess
 import sys
 import types
 from pathlib import Path
 
-from _comfy_source import COMFYUI_GIT
+from _comfy_source import COMFYUI_GIT, source, take
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
-
-
-def _source(path: str) -> str:
-    return subprocess.run(["git", "-C", COMFYUI_GIT, "show", f"HEAD:{path}"], capture_output=True, text=True,
-                          check=True).stdout
-
-
-def _take(path: str, names: set, ns: dict, inside: str | None = None) -> None:
-    """exec the top-level functions/classes `names` of `path` into ns (with `inside`: methods of that class, into a
-    class of the same name with no base)."""
-    body = ast.parse(_source(path)).body
-    if inside:
-        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == inside).body
-    nodes = [n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
-    assert {n.name for n in nodes} == set(names), (path, names)
-    if inside:
-        nodes = [ast.ClassDef(name=inside, bases=[], keywords=[], body=nodes, decorator_list=[], type_params=[])]
-    exec(compile(ast.fix_missing_locations(ast.Module(body=nodes, type_ignores=[])), path, "exec"), ns)
 
 
 def copy_tokenizer_folder(dest: Path) -> Path:
@@ -67,11 +48,11 @@ def load(workdir: Path):
         copy_tokenizer_folder(root)
         sd1 = {"torch": torch, "os": os, "re": re, "logging": logging, "numbers": numbers,
                "CLIPTokenizer": CLIPTokenizer}
-        _take("comfy/sd1_clip.py", {"parse_parentheses", "token_weights", "escape_important", "unescape_important",
+        take("comfy/sd1_clip.py", {"parse_parentheses", "token_weights", "escape_important", "unescape_important",
                                     "load_embed", "safe_load_embed_zip", "expand_directory_list", "bundled_embed",
                                     "SDTokenizer", "SD1Tokenizer"}, sd1)
 
-        _take("comfy/sd1_clip.py", {"process_tokens"}, sd1, inside="SDClipModel")  # its token -> attention mask
+        take("comfy/sd1_clip.py", {"process_tokens"}, sd1, inside=("SDClipModel",))  # its token -> attention mask
 
         class SD1ClipModel:  # stand-in for the Qwen3-VL model: "hidden states" = each token's position
             def __init__(self, *a, **kw):
@@ -86,7 +67,7 @@ def load(workdir: Path):
                                          SD1ClipModel=SD1ClipModel, SDClipModel=object)
         qwen = {"os": os, "torch": torch, "Qwen2Tokenizer": Qwen2Tokenizer, "sd1_clip": sd1_clip,
                 "__file__": str(root / "qwen3vl.py")}
-        _take("comfy/text_encoders/qwen3vl.py", {"Qwen3VLSDTokenizer", "Qwen3VLTokenizer"}, qwen)
+        take("comfy/text_encoders/qwen3vl.py", {"Qwen3VLSDTokenizer", "Qwen3VLTokenizer"}, qwen)
         qwen3vl = types.SimpleNamespace(Qwen3VLTokenizer=qwen["Qwen3VLTokenizer"], Qwen3VLClipModel=object)
         comfy = types.ModuleType("comfy")
         comfy.__path__ = []
@@ -98,7 +79,7 @@ def load(workdir: Path):
         sys.modules.update({"comfy": comfy, "comfy.text_encoders": te, "comfy.text_encoders.qwen3vl": qwen3vl,
                             "comfy.sd1_clip": sd1_clip})
         krea2 = types.ModuleType("comfy_krea2_te")
-        exec(compile(_source("comfy/text_encoders/krea2.py"), "comfy/text_encoders/krea2.py", "exec"), krea2.__dict__)
+        exec(compile(source("comfy/text_encoders/krea2.py"), "comfy/text_encoders/krea2.py", "exec"), krea2.__dict__)
     except (OSError, subprocess.CalledProcessError, SyntaxError, ImportError, AssertionError):
         return None
     finally:

@@ -8,33 +8,12 @@ comfy/ldm/modules/diffusionmodules/model.py); only plain torch layers and einops
 
 from __future__ import annotations
 
-import ast
 import os
 import subprocess
 import sys
 import types
 
-from _comfy_source import COMFYUI_GIT
-
-
-def _source(path: str) -> str:
-    return subprocess.run(["git", "-C", COMFYUI_GIT, "show", f"HEAD:{path}"], capture_output=True, text=True,
-                          check=True).stdout
-
-
-def _take(path: str, names: set, ns: dict, inside: str | None = None, of: str | None = None) -> None:
-    """exec the top-level functions/classes `names` of `path` into ns (or, with inside/of, methods of the class
-    `of` nested in the class `inside`)."""
-    body = ast.parse(_source(path)).body
-    if inside:
-        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == inside).body
-        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == of).body
-    nodes = [n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
-    assert {n.name for n in nodes} == set(names), (path, names)
-    if inside:  # methods keep a class body around them (their `super()` needs its __class__ cell)
-        nodes = [ast.ClassDef(name=of, bases=[ast.parse("torch.nn." + of, mode="eval").body], keywords=[],
-                              body=nodes, decorator_list=[], type_params=[])]
-    exec(compile(ast.fix_missing_locations(ast.Module(body=nodes, type_ignores=[])), path, "exec"), ns)
+from _comfy_source import COMFYUI_GIT, source, stub_module, take
 
 
 def rearrange(x, pattern: str, **n):
@@ -57,15 +36,10 @@ def load():
     ours = ("comfy", "einops")
     saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ours}
     try:
-        def mod(name, **attrs):
-            m = types.ModuleType(name)
-            m.__path__ = []
-            m.__dict__.update(attrs)
-            sys.modules[name] = m
-            return m
-
+        mod = stub_module
         ops_ns = {"torch": torch, "NVIDIA_MEMORY_CONV_BUG_WORKAROUND": False}
-        _take("comfy/ops.py", {"_conv_forward"}, ops_ns, inside="disable_weight_init", of="Conv3d")  # -> Conv3d
+        take("comfy/ops.py", {"_conv_forward"}, ops_ns, inside=("disable_weight_init", "Conv3d"),
+             base="torch.nn.Conv3d")  # -> ops_ns["Conv3d"]
 
         class Conv3d(ops_ns["Conv3d"]):  # comfy/ops.py disable_weight_init.Conv3d's _conv_forward, plain weights
             def forward(self, input, autopad=None):
@@ -76,7 +50,7 @@ def load():
                   scaled_dot_product_attention=F.scaled_dot_product_attention)
         comfy = mod("comfy", ops=ops, model_management=mm)
         model_ns = {"torch": torch, "comfy": comfy, "model_management": mm, "logging": __import__("logging")}
-        _take("comfy/ldm/modules/diffusionmodules/model.py", {"torch_cat_if_needed", "pytorch_attention"}, model_ns)
+        take("comfy/ldm/modules/diffusionmodules/model.py", {"torch_cat_if_needed", "pytorch_attention"}, model_ns)
         mod("comfy.ldm")
         mod("comfy.ldm.modules")
         mod("comfy.ldm.modules.diffusionmodules")
@@ -84,9 +58,9 @@ def load():
             vae_attention=lambda: model_ns["pytorch_attention"])
         mod("einops", rearrange=rearrange)
         vae = types.ModuleType("comfy_wan_vae")
-        exec(compile(_source("comfy/ldm/wan/vae.py"), "comfy/ldm/wan/vae.py", "exec"), vae.__dict__)
+        exec(compile(source("comfy/ldm/wan/vae.py"), "comfy/ldm/wan/vae.py", "exec"), vae.__dict__)
         lf = {"torch": torch}
-        _take("comfy/latent_formats.py", {"LatentFormat", "Wan21"}, lf)
+        take("comfy/latent_formats.py", {"LatentFormat", "Wan21"}, lf)
         return types.SimpleNamespace(vae=vae, Wan21=lf["Wan21"])
     except (OSError, subprocess.CalledProcessError, SyntaxError, ImportError, KeyError, StopIteration):
         return None

@@ -107,16 +107,16 @@ def test_real_vae_facts_match_comfyui(comfy):
     nothing from the file) is diffusers' AutoencoderKLQwenImage default, which a config-less real-size file gets."""
     import inspect
 
-    import _comfy_wan_vae
+    from _comfy_source import source
     from diffusers import AutoencoderKLQwenImage
 
-    src = _comfy_wan_vae._source("comfy/sd.py")
+    src = source("comfy/sd.py")
     line = next(x for x in src[src.index("# Wan 2.1 VAE"):].splitlines() if "ddconfig = " in x)
     sd_cfg = ast.literal_eval(re.sub(r"\b(dim|self\.\w+)\b(?=[,}])", "None", line.split("ddconfig = ", 1)[1]))
     assert sd_cfg["z_dim"] is None and "self.latent_channels = 16" in src[src.index("# Wan 2.1 VAE"):][:800]
     assert sd_cfg["dim_mult"] == REAL_VAE["dim_mult"] and sd_cfg["num_res_blocks"] == REAL_VAE["num_res_blocks"]
     assert sd_cfg["temperal_downsample"] == REAL_VAE["temperal_downsample"] and sd_cfg["attn_scales"] == []
-    models = _comfy_wan_vae._source("comfy/supported_models.py")
+    models = source("comfy/supported_models.py")
     krea2 = models[models.index("class Krea2("):]
     assert re.search(r"^    latent_format = latent_formats\.Wan21$", krea2.split("\nclass ", 1)[0], re.M)
     with torch.device("meta"):
