@@ -214,17 +214,24 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     guidance = raw_settings.guidance if negative is not None else 0.0
     slider_negative = text_encoder.encode([""]) if slider_items else None  # one row: a slider's inputs are batch 1
 
-    def sample(model, strength):
-        """Decoded samples of `model` with the LoRA at `strength` (None: without it); Raw with CFG, Turbo without."""
-        settings = turbo_settings if model is turbo_model else raw_settings
-        neg = negative if settings.guidance > 0 else (None, None)
-        if strength is None:
-            return to_pil(vae.decode(sample_latents(model, embeds, mask, settings, *neg, **ref_kw)))
-        name = apply_lora(model, lora, strength=strength, adapter_name="krea2_transfer_render")
+    def latents_at(model, strength, seeds):
+        """Latents of `model` with the LoRA at `strength` (None: without it) at each seed, stacked (B, C, h, w);
+        Raw with CFG, Turbo without."""
+        name = apply_lora(model, lora, strength=strength, adapter_name="krea2_transfer") if strength else None
         try:
-            return to_pil(vae.decode(sample_latents(model, embeds, mask, settings, *neg, **ref_kw)))
+            out = []
+            for s in seeds:
+                settings = replace(turbo_settings if model is turbo_model else raw_settings, seed=s)
+                neg = negative if settings.guidance > 0 else (None, None)
+                out.append(sample_latents(model, embeds, mask, settings, *neg, **ref_kw))
+            return torch.cat(out)
         finally:
-            model.delete_adapters([name])
+            if name:
+                model.delete_adapters([name])
+
+    def sample(model, strength):
+        """Decoded samples at the report's seed, one per prompt."""
+        return to_pil(vae.decode(latents_at(model, strength, [seed])))
 
     raw_images = []
     # The look fit's samples: other seeds than the pictures that check it, about LOOK_IMAGES images in all
@@ -232,18 +239,7 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
     fit_raw = []
 
     def sample_fit(model, strength):
-        """Latents of `model` (+ LoRA at `strength`, None: without) at every fit seed, stacked (B, C, h, w)."""
-        name = apply_lora(model, lora, strength=strength, adapter_name="krea2_transfer_fit") if strength else None
-        try:
-            out = []
-            for fs in fit_seeds:
-                settings = replace(turbo_settings if model is turbo_model else raw_settings, seed=fs)
-                neg = negative if settings.guidance > 0 else (None, None)
-                out.append(sample_latents(model, embeds, mask, settings, *neg, **ref_kw))
-            return torch.cat(out)
-        finally:
-            if name:
-                model.delete_adapters([name])
+        return latents_at(model, strength, fit_seeds)
 
     def measure_raw(model):
         if pictures:
