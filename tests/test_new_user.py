@@ -87,6 +87,33 @@ def test_inspect_takes_a_run_folder(run_folder, capsys):
     assert "mystyle.safetensors" in captured.err  # says which file it read
 
 
+def test_inspect_shows_references_and_turbo_strength(tiny_dir, tmp_path, capsys):
+    """An edit LoRA's reference method and count and its suggested Turbo strength (header metadata, as export
+    writes them; the run's transfer report wins over the header and the difference is said), on their own lines:
+    the info JSON in `metadata` is cut at 300 characters."""
+    import json
+
+    from test_export_helpers import trained_adapter
+
+    from krea2_train.lora.writers import write_lora_file
+
+    run = tmp_path / "runs" / "edits"
+    meta = {"reference_method": "index_timestep_zero", "reference_count": 2, "turbo_strength": 0.8,
+            "tag_frequency": {"edits": {f"tag{i}": 1 for i in range(60)}}}  # pushes the keys past the cut
+    write_lora_file(trained_adapter(tiny_dir, r=4, alpha=4), run / "export" / "edits.safetensors", "civitai",
+                    metadata=meta)
+    assert main(["inspect", str(run / "export" / "edits.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "edit LoRA" in out and "references: 2 images, method index_timestep_zero" in out
+    assert "suggested Turbo strength: 0.8 (file metadata)" in out
+    report = run / "export" / "transfer_report.json"
+    report.write_text(json.dumps({"suggested_turbo_strength": 0.65}))
+    assert main(["inspect", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["suggested_turbo_strength"] == {"value": 0.65, "source": f"{report}; the file's metadata says 0.8"}
+    assert info["references"] == {"count": 2, "method": "index_timestep_zero"}
+
+
 def test_verify_takes_a_run_folder(run_folder, tiny_dir, capsys):
     rc = main(["verify", str(run_folder), "--turbo", str(tiny_dir / "transformer_turbo.safetensors"),
                "--device", "cpu", "--no-diffusers"])
@@ -147,6 +174,19 @@ def test_every_flag_has_help():
             if not action.help:
                 missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
     assert not missing, missing
+
+
+def test_every_flag_with_a_default_says_it():
+    """`COMMAND --help` shows what an option is when it is not given (e.g. extract --format: comfyui)."""
+    silent = []
+    for name, sub in _subparsers(build_parser()).items():
+        for action in sub._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction) or \
+                    action.default in (None, False, [], argparse.SUPPRESS):
+                continue
+            if "default" not in (action.help or "").lower():
+                silent.append(f"{name} {'/'.join(action.option_strings)} (default {action.default!r})")
+    assert not silent, silent
 
 
 # ------------------------------------------------------------------------------------------------ quiet

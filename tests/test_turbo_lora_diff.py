@@ -271,7 +271,7 @@ def test_extract_writes_comfyui_deltas(files, tmp_path, capsys, one_torch_thread
     capsys.readouterr()
     assert main(["extract", str(files.raw), str(files.turbo), "--out", str(tmp_path / "d"), "--deltas", "all",
                  "--format", "diffusers"]) != 0
-    assert "only the comfyui layout" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    assert "Only --format comfyui carries" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_deltas_refused_on_one_byte_and_sharded_weights(files, tmp_path, monkeypatch):
@@ -342,3 +342,51 @@ def test_other_delta_namings_comfyui_maps(files, tmp_path):
     assert len(changed) == 4
     for k in want:
         torch.testing.assert_close(ours[k], want[k], rtol=0, atol=1e-6)
+
+
+def test_inspect_describes_a_turbo_lora_with_deltas(files, tmp_path, capsys):
+    """`inspect` reads what `extract --deltas` writes (and a header-less Comfy-Org-style file): LoRA modules, .diff /
+    .diff_b counts, rank and the base it goes on; the plain-LoRA tools still refuse the file, naming inspect."""
+    import json
+
+    from krea2_train.cli import main
+
+    out = tmp_path / "turbo.safetensors"
+    assert main(["extract", str(files.raw), str(files.turbo), "--out", str(out), "--rank", "4", "--deltas",
+                 "biases"]) == 0
+    keys = list(load_file(out))
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["deltas"] == {"diff": sum(k.endswith(".diff") for k in keys),
+                              "diff_b": sum(k.endswith(".diff_b") for k in keys)} and info["deltas"]["diff_b"] > 0
+    assert info["modules"] == sum(k.endswith(".lora_down.weight") for k in keys)
+    assert max(info["ranks"], key=int) in (4, "4") and info["kind"].startswith("Turbo LoRA")
+    assert "Raw" in info["applies_to"] and not info["diffusers_loadable"]
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"deltas: {info['deltas']['diff']} .diff + {info['deltas']['diff_b']} .diff_b" in text
+    assert "Turbo LoRA" in text and "applies to: Krea 2 Raw" in text
+    # no header saying where it came from: described, but not claimed to be Turbo minus Raw
+    assert main(["inspect", str(files.mixed), "--json"]) == 0
+    mixed = json.loads(capsys.readouterr().out)
+    assert mixed["kind"].startswith("LoRA with full-weight deltas") and mixed["deltas"]["diff_b"] > 0
+    # training / converting / merging read plain LoRAs only: still a clear refusal
+    assert main(["convert", str(out), str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "full-weight delta" in err and "`inspect` describes it" in err
+
+
+def test_extract_deltas_refusal_names_the_reason(files, tmp_path, capsys):
+    """--deltas with a layout other than comfyui: the message says why for that layout and what to use; an unknown
+    --format is refused before any SVD."""
+    from krea2_train.cli import main
+
+    for fmt, why in (("civitai", "written in the comfyui layout only"), ("musubi", "musubi-tuner"),
+                     ("diffusers", "diffusers' Krea 2 loader reads no")):
+        assert main(["extract", str(files.raw), str(files.turbo), "--out", str(tmp_path / "x"), "--deltas", "all",
+                     "--format", fmt]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "use --format comfyui, or --deltas none" in err, err
+    assert main(["extract", str(files.raw), str(files.turbo), "--out", str(tmp_path / "x"), "--format", "nope"]) == 2
+    assert "unknown LoRA format 'nope'" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -157,20 +157,66 @@ def _verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def run_turbo_strength(arg) -> dict | None:
+    """{"value", "source"}: the suggested Turbo strength in the transfer report of the run `arg` is (RUN, RUN/adapter,
+    RUN/export or a file in RUN/export), or None. A report older than the run's adapter is not used (the adapter was
+    trained again after it: the strength belongs to the old weights) and that is said on stderr."""
+    path = Path(arg).expanduser()
+    run = _run_folder(path) or (_run_folder(path.parent) if path.is_file() else None)
+    report = run / "export" / "transfer_report.json" if run is not None else None
+    if report is None or not report.is_file():
+        return None
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    if adapter.exists() and adapter.stat().st_mtime > report.stat().st_mtime:
+        print(f"{report} is older than {adapter} (trained again since): its suggested Turbo strength is not used; "
+              f"run `krea2-train transfer {run} --out {run / 'export'}` to measure it again", file=sys.stderr)
+        return None
+    try:
+        value = json.loads(report.read_text()).get("suggested_turbo_strength")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"{report} is not a readable transfer report ({exc}); delete it or run `krea2-train "
+                        f"transfer {run} --out {run / 'export'}` again") from exc
+    return None if value is None else {"value": float(value), "source": str(report)}
+
+
+def _run_references(arg) -> dict | None:
+    """{"count", "method"} of an edit run's config (for a run folder whose file's header does not say)."""
+    run = _run_folder(Path(arg).expanduser())
+    cfg = _run_config(run) if run is not None else None
+    if cfg is None or not cfg.data.reference:
+        return None
+    from krea2_train.pipeline import reference_count
+
+    return {"count": reference_count(cfg), "method": cfg.train.reference_method}
+
+
 def _inspect(args) -> int:
     from krea2_train.lora.lycoris import comfyui_file_kind
     from krea2_train.lora.tools import format_inspect, inspect_lora
+    from krea2_train.lora.turbo import delta_key_count
     from krea2_train.models.inspect import format_checkpoint, inspect_checkpoint, is_transformer_checkpoint
 
     # every path checked before the first is printed; a Raw/Turbo checkpoint: format, precision per group, variant;
-    # a DoRA/LoKr file is described too, though the plain-LoRA reader in resolve_lora refuses it
-    paths = [p if is_transformer_checkpoint(p) or comfyui_file_kind(p) else resolve_lora(p) for p in args.lora]
-    for path in paths:
+    # a DoRA/LoKr file or a LoRA with .diff/.diff_b deltas (a Turbo LoRA) is described too, though the plain-LoRA
+    # reader in resolve_lora refuses it
+    paths = [(p, p if is_transformer_checkpoint(p) or comfyui_file_kind(p) or delta_key_count(p) else
+              resolve_lora(p)) for p in args.lora]
+    for arg, path in paths:
         if is_transformer_checkpoint(path):
             info = inspect_checkpoint(path)
             _print_json(info) if args.json else print(format_checkpoint(info))
             continue
         info = inspect_lora(path)
+        measured = run_turbo_strength(arg)
+        if measured is not None:  # the run's own measurement; say so when the header was given another figure
+            given = info.get("suggested_turbo_strength")
+            if given and abs(given["value"] - measured["value"]) > 1e-6:
+                measured["source"] += f"; the file's metadata says {given['value']:g}"
+            info["suggested_turbo_strength"] = measured
+        if info.get("references") is None and info.get("kind") is None:
+            refs = _run_references(arg)
+            if refs:
+                info.update(kind="edit LoRA (trained with reference images)", references=refs)
         _print_json(info) if args.json else print(format_inspect(info))
     return 0
 
@@ -183,11 +229,12 @@ def _convert(args) -> int:
     return 0
 
 
-def _report_out(adapter, report, args) -> int:
+def _report_out(adapter, report, args, metadata: dict | None = None) -> int:
     from krea2_train.lora.tools import energy_summary
     from krea2_train.lora.writers import write_lora_file
 
-    path = write_lora_file(adapter, args.dest, args.format, dtype=args.dtype, comfyui_style=args.comfyui_style)
+    path = write_lora_file(adapter, args.dest, args.format, dtype=args.dtype, comfyui_style=args.comfyui_style,
+                           metadata=metadata)
     if args.report:
         from krea2_train.utils.io import write_json_atomic
 
@@ -232,21 +279,36 @@ def _merge(args) -> int:
     return _report_out(adapter, report, args)
 
 
+# Why each layout other than comfyui cannot carry a Turbo LoRA's .diff/.diff_b deltas (`extract --deltas`).
+_NO_DELTAS = {
+    "civitai": "civitai is the comfyui layout plus header metadata for Civitai and kohya tools, and the deltas are "
+               "written in the comfyui layout only; Civitai and ComfyUI take that file as it is (upload it)",
+    "diffusers": "diffusers' Krea 2 loader reads no .diff/.diff_b tensors (it fails on them)",
+    "original": "the original layout is read by diffusers, whose Krea 2 loader reads no .diff/.diff_b tensors",
+    "musubi": "musubi-tuner and kohya tools read no .diff/.diff_b tensors",
+}
+
+
 def _extract(args) -> int:
-    from krea2_train.lora.tools import extract_deltas, extract_lora
+    from krea2_train.lora.tools import extract_deltas, extract_lora, extraction_info
+    from krea2_train.lora.writers import normalize_format
 
     which = getattr(args, "deltas", "none") or "none"
-    if which != "none" and args.format != "comfyui":
-        raise UserError(f"--deltas {which} writes ComfyUI's .diff/.diff_b tensors, which only the comfyui layout "
-                        f"carries (diffusers and musubi loaders read no deltas); use --format comfyui or --deltas none")
+    fmt = normalize_format(args.format)  # an unknown format fails before minutes of SVDs
+    if which != "none" and fmt != "comfyui":
+        raise UserError(f"--deltas {which} cannot be written as --format {args.format}: {_NO_DELTAS[fmt]}. Only "
+                        f"--format comfyui carries the .diff/.diff_b deltas (ComfyUI, preview.turbo and sample "
+                        f"--turbo-lora read them); use --format comfyui, or --deltas none for a plain {fmt} LoRA")
+    info = extraction_info(args.base, args.target)  # in the header: inspect names a Turbo LoRA as one
     deltas = extract_deltas(args.base, args.target, which)  # before the SVDs: a wrong pair fails fast
     adapter, report = extract_lora(args.base, args.target, rank=args.rank, min_energy=args.min_energy)
     if which == "none":
-        return _report_out(adapter, report, args)
+        return _report_out(adapter, report, args, metadata=info)
     from krea2_train.lora.tools import energy_summary
     from krea2_train.lora.turbo import write_turbo_lora
 
-    path = write_turbo_lora(adapter, deltas, args.dest, dtype=args.dtype, comfyui_style=args.comfyui_style)
+    path = write_turbo_lora(adapter, deltas, args.dest, dtype=args.dtype, comfyui_style=args.comfyui_style,
+                            metadata=info)
     if args.report:
         from krea2_train.utils.io import write_json_atomic
 
@@ -318,7 +380,7 @@ def _transfer(args) -> int:
 # --------------------------------------------------------------------------------------------------- parser
 def _output_args(p, default_format="comfyui", dtype_default="bfloat16"):
     p.add_argument("dest", help="output LoRA file")
-    p.add_argument("--format", default=default_format, help=f"output layout: {_FORMAT_HELP}")
+    p.add_argument("--format", default=default_format, help=f"output layout (default {default_format}): {_FORMAT_HELP}")
     p.add_argument("--dtype", default=dtype_default,
                    help=f"weight dtype of the written file (default {dtype_default or 'keep the source dtype'})")
     p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"],
@@ -340,8 +402,8 @@ def register(sub) -> None:
     p.add_argument("--name", help="file name stem (default: the source's)")
     p.add_argument("--turbo", help="Turbo checkpoint: verify every written file on it (fails on any mismatch)")
     p.add_argument("--dtype", default="bfloat16", help="weight dtype of the files (default bfloat16)")
-    p.add_argument("--verify-dtype", default="auto", help="dtype Turbo is loaded in for verification (auto: "
-                   "float32 for small test models, bfloat16 for the real one)")
+    p.add_argument("--verify-dtype", default="auto", help="dtype Turbo is loaded in for verification (default "
+                   "auto: float32 for small test models, bfloat16 for the real one)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"],
                    help="comfyui/civitai: lora_down/up + .alpha (default), or lora_A/B with the scale baked in")
@@ -363,7 +425,7 @@ def register(sub) -> None:
     p.add_argument("--against", help="the trained adapter (a run folder or LoRA file) the file must reproduce; "
                    "default: the file's own contents")
     p.add_argument("--strength", type=float, default=1.0, help="LoRA strength to verify the file at (default 1)")
-    p.add_argument("--dtype", default="auto", help="dtype to load Turbo in (auto: float32 for small test models, "
+    p.add_argument("--dtype", default="auto", help="dtype to load Turbo in (default auto: float32 for small test models, "
                    "bfloat16 for the real one; float32 gives the tightest tolerances)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the cross-check through diffusers' loader")
@@ -380,8 +442,8 @@ def register(sub) -> None:
                        "musubi-tuner)")
     p.add_argument("source", help="LoRA file in any supported layout")
     _output_args(p, dtype_default=None)
-    p.add_argument("--scale", type=float, default=1.0, help="bake this strength into the file (e.g. the suggested "
-                   "Turbo strength from `transfer`)")
+    p.add_argument("--scale", type=float, default=1.0, help="bake this strength into the file (default 1: none; e.g. "
+                   "the suggested Turbo strength from `transfer`)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("resize", help="lower a LoRA's rank by SVD, reporting the energy kept per module")
@@ -396,13 +458,14 @@ def register(sub) -> None:
                        "checkpoint with --into")
     p.add_argument("loras", nargs="+", help="LoRA files, each optionally suffixed :WEIGHT")
     p.add_argument("--out", dest="dest", required=True, help="output LoRA (or checkpoint with --into)")
-    p.add_argument("--format", default="comfyui", help=_FORMAT_HELP)
+    p.add_argument("--format", default="comfyui", help=f"output layout (default comfyui): {_FORMAT_HELP}")
     p.add_argument("--dtype", default="bfloat16", help="weight dtype of the written file (default bfloat16)")
     p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"],
                    help="comfyui/civitai: lora_down/up + .alpha (default), or lora_A/B with the scale baked in")
     p.add_argument("--rank", type=int, help="re-factor the sum to this rank (default: exact concatenation)")
     p.add_argument("--into", help="transformer checkpoint to merge into (writes a full checkpoint)")
-    p.add_argument("--checkpoint-dtype", default="bfloat16", help="matmul dtype of the merged checkpoint")
+    p.add_argument("--checkpoint-dtype", default="bfloat16", help="matmul dtype of the merged checkpoint "
+                   "(default bfloat16)")
     p.add_argument("--report", help="write the per-module rank/energy report to this JSON file")
     p.add_argument("-v", "--verbose", action="store_true", help="print every module's rank and energy kept")
     p.set_defaults(func=_merge)
@@ -414,7 +477,7 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, default=64, help="maximum rank per module (default 64)")
     p.add_argument("--min-energy", type=float, help="per module, the smallest rank keeping this share of the "
                    "energy (0 < E <= 1); capped by --rank")
-    p.add_argument("--format", default="comfyui", help=_FORMAT_HELP)
+    p.add_argument("--format", default="comfyui", help=f"output layout (default comfyui): {_FORMAT_HELP}")
     p.add_argument("--dtype", default="bfloat16", help="weight dtype of the written file (default bfloat16)")
     p.add_argument("--comfyui-style", default="alpha", choices=["alpha", "baked"],
                    help="comfyui/civitai: lora_down/up + .alpha (default), or lora_A/B with the scale baked in")

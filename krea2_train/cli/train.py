@@ -99,7 +99,7 @@ def register(sub) -> None:
     p.set_defaults(func=page)
     p = add_config_command(sub, "estimate", "estimate the peak GPU memory of each training stage, on the CPU, before "
                            "any download (which card the config needs)", estimate)
-    p.add_argument("--gpus", type=int, default=1, help="processes (GPUs); with FSDP the figures are per GPU")
+    p.add_argument("--gpus", type=int, default=1, help="processes (GPUs); with FSDP the figures are per GPU (default 1)")
     p.add_argument("--fsdp", action="store_true", help="estimate FSDP sharding (as train.fsdp: true)")
     p.add_argument("--card", type=float, default=None,
                    help="GPU memory in GB to check against (default: the memory preset's size, else 24)")

@@ -349,8 +349,8 @@ def read_lora_state(state: dict, header: dict | None = None, source: str = "<sta
                 raise LoraFormatError(
                     f"{source}: tensor {key} is a full-weight delta (.diff/.diff_b, ComfyUI's layout; a Turbo LoRA "
                     "from `krea2-train extract --deltas` or Comfy-Org has them). `preview.turbo` and `sample "
-                    "--turbo-lora` apply it as ComfyUI does; the plain-LoRA tools (convert, resize, merge, sample "
-                    "--lora, verify) cannot. For a plain LoRA, extract again without --deltas.")
+                    "--turbo-lora` apply it as ComfyUI does and `inspect` describes it; the plain-LoRA tools (convert, "
+                    "resize, merge, sample --lora, verify) cannot. For a plain LoRA, extract again without --deltas.")
             if marker in key:
                 raise LoraFormatError(f"{source}: tensor {key} is a {what} weight; only plain LoRA (lora_A/lora_B or "
                                       "lora_down/lora_up, optional .alpha) is supported. Re-export it as a plain LoRA.")

@@ -38,39 +38,102 @@ def _module_kind(m: str) -> str:
 def inspect_lora(path) -> dict:
     """Format, rank, alpha, scale, targets, parameter count and header metadata of a LoRA file."""
     from krea2_train.lora.lycoris import comfyui_file_kind
+    from krea2_train.lora.turbo import delta_key_count
 
     kind = comfyui_file_kind(path)
     if kind:
         return _inspect_lycoris(path, kind)
+    if delta_key_count(path):
+        return _inspect_deltas(path)
     lora = read_lora_file(path)
     a = lora.adapter
-    header = {}
-    for k, v in lora.header.items():
-        if k == "modelspec.thumbnail":
-            v = f"<image, {len(v)} characters>"
-        elif len(v) > 300:
-            v = v[:300] + "..."
-        header[k] = v
-    kinds = Counter(_module_kind(m) for m in a.modules)
     comfy_ok, comfy_line = _comfyui_verdict(lora)
     return {
         "path": str(path),
         "layout": lora.layout,
         "alpha_source": lora.alpha_source,
-        "use_rslora": a.use_rslora,
-        "modules": len(a.modules),
-        "ranks": dict(Counter(a.rank(m) for m in a.modules)),
-        "alphas": dict(Counter(_num(a.alpha[m], 6) for m in a.modules)),
-        "scales": dict(Counter(round(a.scale(m), 6) for m in a.modules)),
-        "targets": dict(sorted(kinds.items())),
-        "parameters": a.num_parameters(),
-        "dtype": str(a.dtype).replace("torch.", ""),
+        **_adapter_fields(a),
         "diffusers_loadable": lora.diffusers_problem is None,
         "diffusers_problem": lora.diffusers_problem,
         "comfyui_exact": comfy_ok,
         "comfyui": comfy_line,
         "warnings": lora.warnings,
-        "metadata": header,
+        **_provenance(a.info),
+        "metadata": _shown_header(lora.header),
+    }
+
+
+def _adapter_fields(a: TrainedAdapter) -> dict:
+    return {"use_rslora": a.use_rslora, "modules": len(a.modules),
+            "ranks": dict(Counter(a.rank(m) for m in a.modules)),
+            "alphas": dict(Counter(_num(a.alpha[m], 6) for m in a.modules)),
+            "scales": dict(Counter(round(a.scale(m), 6) for m in a.modules)),
+            "targets": dict(sorted(Counter(_module_kind(m) for m in a.modules).items())),
+            "parameters": a.num_parameters(), "dtype": str(a.dtype).replace("torch.", "")}
+
+
+def _shown_header(header: dict) -> dict:
+    """The header for display: the thumbnail as its size, long values cut at 300 characters."""
+    return {k: f"<image, {len(v)} characters>" if k == "modelspec.thumbnail" else
+            (v[:300] + "..." if len(v) > 300 else v) for k, v in header.items()}
+
+
+def _provenance(info: dict, deltas: bool = False) -> dict:
+    """What the file is and where it goes, from the header we write (`krea2_train.info`: extract's source, an edit
+    LoRA's reference_method / reference_count, the suggested Turbo strength of the run's transfer report). The
+    long info JSON is cut in `metadata`, so these are shown on their own lines."""
+    src = info.get("extracted_from") or {}
+    out = {"kind": None, "applies_to": None, "references": None, "suggested_turbo_strength": None}
+    if is_turbo_lora(info):
+        out["kind"] = "Turbo LoRA (Krea 2 Turbo minus Raw, from `krea2-train extract`)" + (
+            " with full-weight deltas" if deltas else "")
+        out["applies_to"] = "Krea 2 Raw (it turns Raw towards Turbo; not for Turbo itself)"
+    elif src:
+        out["kind"] = f"extracted LoRA ({src.get('target')} minus {src.get('base')})"
+        out["applies_to"] = str(src.get("base"))
+    elif deltas:  # Comfy-Org's Turbo LoRA carries no header saying what it was extracted from
+        out["kind"] = "LoRA with full-weight deltas (ComfyUI's Turbo LoRA layout; the header does not say what it " \
+                      "was extracted from)"
+        out["applies_to"] = "the checkpoint it was extracted from (for a Turbo LoRA: Krea 2 Raw)"
+    else:
+        if info.get("base_model"):  # what a training run's export writes (pipeline.export_settings)
+            out["applies_to"] = f"trained on {info['base_model']}; on Turbo at its suggested Turbo strength"
+        if info.get("reference_method"):
+            out["kind"] = "edit LoRA (trained with reference images)"
+            out["references"] = {"count": int(info.get("reference_count") or 1),
+                                 "method": str(info["reference_method"])}
+        if info.get("turbo_strength") is not None:
+            out["suggested_turbo_strength"] = {"value": float(info["turbo_strength"]), "source": "file metadata"}
+    return out
+
+
+def _inspect_deltas(path) -> dict:
+    """inspect_lora for a LoRA with ComfyUI's full-weight deltas (.diff/.diff_b; a Turbo LoRA from `extract
+    --deltas` or Comfy-Org), read as ComfyUI and `sample --turbo-lora` read it (lora.turbo.read_turbo_lora, which
+    checks every delta patches a Krea 2 parameter). The plain-LoRA tools still refuse it (lora.formats)."""
+    from krea2_train.lora.turbo import delta_key_count, read_turbo_lora
+    from krea2_train.models.loading import open_safetensors
+
+    turbo = read_turbo_lora(path)
+    header = open_safetensors(Path(path))[0].metadata() or {}
+    counts = delta_key_count(path)
+    a = turbo.adapter
+    fields = _adapter_fields(a) if a is not None else {
+        "use_rslora": False, "modules": 0, "ranks": {}, "alphas": {}, "scales": {}, "targets": {}, "parameters": 0,
+        "dtype": str(next(iter(turbo.diffs.values())).dtype).replace("torch.", "")}
+    fields["parameters"] += sum(d.numel() for d in turbo.diffs.values())
+    deltas = f"{counts['.diff']} .diff + {counts['.diff_b']} .diff_b"
+    return {
+        "path": str(path), "layout": "comfyui + full-weight deltas" if a is not None else "full-weight deltas only",
+        "alpha_source": "tensors" if a is not None else "none (no LoRA factors)", **fields,
+        "deltas": {"diff": counts[".diff"], "diff_b": counts[".diff_b"]},
+        "diffusers_loadable": False,
+        "diffusers_problem": "diffusers' Krea 2 loader reads no .diff/.diff_b deltas",
+        "comfyui_exact": None,
+        "comfyui": f"yes: {fields['modules']} LoRA modules + {deltas} deltas (comfy/lora.py load_lora)",
+        "warnings": [],
+        **_provenance(a.info if a is not None else {}, deltas=True),
+        "metadata": _shown_header(header),
     }
 
 
@@ -118,7 +181,18 @@ def _comfyui_verdict(lora):
 
 
 def format_inspect(info: dict) -> str:
-    lines = [f"{info['path']}",
+    about = [f"  {info['kind']}" if info.get("kind") else None,
+             f"  applies to: {info['applies_to']}" if info.get("applies_to") else None,
+             "  deltas: {diff} .diff + {diff_b} .diff_b (full-weight, ComfyUI's layout; diffusers and the plain-LoRA "
+             "tools read none)".format(**info["deltas"]) if info.get("deltas") else None]
+    if info.get("references"):
+        r = info["references"]
+        about.append(f"  references: {r['count']} image{'s' if r['count'] != 1 else ''}, method {r['method']} "
+                     "(give them to `sample --reference` / ComfyUI's ReferenceLatent)")
+    if info.get("suggested_turbo_strength"):
+        s = info["suggested_turbo_strength"]
+        about.append(f"  suggested Turbo strength: {s['value']:g} ({s['source']})")
+    lines = [f"{info['path']}", *(line for line in about if line),
              f"  layout: {info['layout']} (alpha from {info['alpha_source']}{', rsLoRA' if info['use_rslora'] else ''})",
              f"  modules: {info['modules']}, parameters: {info['parameters']:,}, dtype {info['dtype']}",
              f"  rank: {_counts(info['ranks'])}; alpha: {_counts(info['alphas'])}; scale: {_counts(info['scales'])}",
@@ -326,6 +400,32 @@ def _linear_weights(path) -> dict[str, torch.Tensor]:
     """All Linear weights at once (for small models and tests)."""
     w = _LinearWeights(path)
     return {m: w[m] for m in w.modules}
+
+
+def extraction_info(base, target) -> dict:
+    """The header info (`krea2_train.info`) of a LoRA extracted as TARGET - BASE: both files and their variants
+    (models.loading.detect_variant: header or file name), so `inspect` names a Turbo LoRA (Turbo - Raw) as one, and
+    a usage hint saying it goes on BASE (a Civitai header otherwise says "trained on Raw, use on Turbo")."""
+    from krea2_train.models.loading import detect_variant, open_safetensors
+
+    def variant(p):
+        p = Path(p).expanduser()
+        return detect_variant(p, (open_safetensors(p)[0].metadata() or {}) if p.is_file() else {})
+
+    source = {"base": Path(base).name, "target": Path(target).name, "base_variant": variant(base),
+              "target_variant": variant(target)}
+    if (source["base_variant"], source["target_variant"]) == ("raw", "turbo"):
+        hint = ("Turbo LoRA (Krea 2 Turbo minus Raw): apply it to Krea 2 Raw, not Turbo (e.g. strength 0.6, 12 "
+                "steps, CFG 1, euler, shift 1.15).")
+        return {"extracted_from": source, "usage_hint": hint, "base_model_name": "Krea 2 Raw"}
+    hint = f"Extracted LoRA ({source['target']} minus {source['base']}): apply it to {source['base']}."
+    return {"extracted_from": source, "usage_hint": hint, "base_model_name": source["base"]}
+
+
+def is_turbo_lora(info: dict) -> bool:
+    """Whether header info from `extraction_info` says the file is Turbo minus Raw."""
+    src = (info or {}).get("extracted_from") or {}
+    return (src.get("base_variant"), src.get("target_variant")) == ("raw", "turbo")
 
 
 def extract_lora(base, target, rank: int, min_energy: float | None = None,

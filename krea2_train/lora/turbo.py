@@ -93,6 +93,20 @@ def transformer_file_kind(path, key: str = "preview.turbo") -> str:
     raise TurboSourceError(f"config key `{key}`: {p}: {why}. {_fix(key)}.")
 
 
+def delta_key_count(path) -> dict[str, int]:
+    """{".diff": n, ".diff_b": m} of a safetensors file's ComfyUI full-weight deltas, read from the header alone
+    ({} for a file without them or one that is no readable safetensors file: the LoRA reader then says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 - not a safetensors file (or a folder)
+        return {}
+    counts = {s: sum(k.endswith(s) for k in keys) for s in _DIFF_SUFFIXES}
+    return counts if any(counts.values()) else {}
+
+
 def preview_turbo_source(cfg) -> tuple[str, str] | None:
     """What the Turbo preview columns sample with: (kind, path), or None when off. `preview.turbo`: true uses
     `model.turbo` (a checkpoint), a path is a Turbo checkpoint or a Turbo LoRA (told apart by content)."""
