@@ -13,12 +13,12 @@ def test_sample_writes_pngs(tiny_dir, tmp_path, capsys):
                  "--height", "64", "--width", "96", "--seed", "3", "--dtype", "float32", "--out", str(out)])
     assert code == 0
     files = sorted(out.glob("*.png"))
-    assert [f.name for f in files] == ["sample_3_0.png", "sample_3_1.png"]
+    assert [f.name for f in files] == ["a-red-circle_seed3.png", "teal-stripes_seed3.png"]  # prompt + seed
     assert Image.open(files[0]).size == (96, 64)
     # same seed, same image (alone instead of in a batch of two: only float rounding may differ)
     main(["sample", "--models", str(tiny_dir), "--prompt", "a red circle", "--height", "64", "--width", "96",
           "--seed", "3", "--dtype", "float32", "--out", str(tmp_path / "again")])
-    a = np.asarray(Image.open(tmp_path / "again" / "sample_3_0.png"), dtype=np.int16)
+    a = np.asarray(Image.open(tmp_path / "again" / "a-red-circle_seed3.png"), dtype=np.int16)
     b = np.asarray(Image.open(files[0]), dtype=np.int16)
     c = np.asarray(Image.open(files[1]), dtype=np.int16)
     assert np.abs(a - b).max() <= 2 and np.abs(a - c).mean() > 2
@@ -68,8 +68,8 @@ def test_sample_applies_every_lora(tiny_dir, tmp_path):
         for lora in loras:
             args += ["--lora", str(tmp_path / lora / "pytorch_lora_weights.safetensors")]
         assert main(args) == 0
-        (png,) = (tmp_path / out).glob("sample_0_0*.png")  # the name carries each LoRA and its strength
-        assert png.name == "sample_0_0" + "".join("_pytorch_lora_weights@1" for _ in loras) + ".png"
+        (png,) = (tmp_path / out).glob("a-red-circle_seed0*.png")  # the name carries each LoRA and its strength
+        assert png.name == "a-red-circle_seed0" + "".join("_pytorch_lora_weights@1" for _ in loras) + ".png"
         return np.asarray(Image.open(png), dtype=np.int16)
 
     base, with_a, with_both = sample(out="base"), sample("a", out="a"), sample("a", "b", out="ab")
@@ -93,3 +93,50 @@ def test_sample_size_error(tiny_dir, tmp_path, capsys):
                  "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "multiples of 16" in err and "try 64x128" in err
+
+
+def test_sample_uses_a_runs_suggested_turbo_strength(tiny_dir, tmp_path, capsys):
+    """`sample --lora RUN` on Turbo applies the strength RUN/export/transfer_report.json suggests (the same picture
+    as --strength with that value) and says so; --strength wins; off Turbo, or with a report older than the
+    adapter, it is 1.0. The settings used are printed."""
+    import json
+    import os
+    from types import SimpleNamespace
+
+    from test_export_helpers import trained_adapter
+
+    from krea2_train.cli.sample import _strengths
+    from krea2_train.lora.writers import write_lora_file
+
+    run = tmp_path / "runs" / "mystyle"
+    lora = write_lora_file(trained_adapter(tiny_dir, r=4, alpha=4), run / "export" / "mystyle.safetensors",
+                           "comfyui", dtype="float32")
+    report = run / "export" / "transfer_report.json"
+    report.write_text(json.dumps({"suggested_turbo_strength": 0.35}))
+    common = ["sample", "--models", str(tiny_dir), "--prompt", "a red circle", "--height", "64", "--width", "64",
+              "--steps", "2", "--dtype", "float32"]
+
+    def one(out, *extra):
+        assert main([*common, "--out", str(tmp_path / out), *extra]) == 0
+        (png,) = (tmp_path / out).glob("*.png")
+        return png, np.asarray(Image.open(png), dtype=np.int16), capsys.readouterr().out
+
+    png, suggested, said = one("run", "--lora", str(run))
+    assert png.name == "a-red-circle_seed0_mystyle@0.35.png"
+    assert f"at 0.35 (the suggested Turbo strength from {report}" in said
+    assert "2 steps, guidance 0" in said and "64x64 px, seed 0" in said and str(tmp_path / "run") in said
+    _, given, _ = one("given", "--lora", str(lora), "--strength", "0.35")
+    _, full, said = one("full", "--lora", str(run), "--strength", "1")
+    assert np.abs(suggested - given).max() <= 1 and np.abs(suggested - full).mean() > 1
+    assert "at 1 (--strength)" in said
+
+    args = SimpleNamespace(strength=[], lora=[str(run)])
+    assert _strengths(args, [lora], on_turbo=True)[0] == [0.35]
+    assert _strengths(args, [lora], on_turbo=False)[0] == [1.0]  # on Raw: the LoRA's training base
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    adapter.parent.mkdir()
+    adapter.write_bytes(b"")
+    later = report.stat().st_mtime + 10
+    os.utime(adapter, (later, later))  # trained again after the report: its strength is for the old weights
+    assert _strengths(args, [lora], on_turbo=True)[0] == [1.0]
+    assert "is older than" in capsys.readouterr().err

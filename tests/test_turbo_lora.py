@@ -224,7 +224,7 @@ def test_sample_turbo_lora_recipe_end_to_end(tiny_dir, turbo_lora_file, tmp_path
                  "0.6", "--out", str(tmp_path / "a"), *common])
     assert code == 0
     (png,) = (tmp_path / "a").glob("*.png")
-    assert png.name == "sample_4_0_turbolora@0.6_beta.png"
+    assert png.name == "a-red-circle_seed4_turbolora@0.6_beta.png"
     # the same picture as a checkpoint with 0.6 x the Turbo LoRA merged in, sampled on Turbo's schedule
     merged = merge_into_checkpoint([(turbo_lora_file, 0.6)], tiny_dir / "transformer_raw.safetensors",
                                    tmp_path / "merged.safetensors", dtype="float32")

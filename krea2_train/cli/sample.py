@@ -39,8 +39,8 @@ def _sample(args) -> int:
     references = _references(args.reference)  # unreadable files before model loading
     args.reference_method = args.reference_method or _trained_method(args.lora)
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    strengths, why = _strengths(args, loras, on_turbo=variant == "turbo" and turbo_lora is None)
     model = load_transformer(transformer, dtype=args.dtype, device=device)
-    strengths = (args.strength * len(loras) if len(args.strength) == 1 else args.strength) or [1.0] * len(loras)
     names = []
     if loras and not sweep:
         names = apply_loras(model, list(zip(loras, strengths)))
@@ -70,6 +70,15 @@ def _sample(args) -> int:
 
     what = variant if turbo_lora is None else f"raw + turbo lora {args.turbo_lora_strength:g}"
     what += f", {args.scheduler}" if args.scheduler != "simple" else ""
+    # what was used, in one place: a picture alone does not say its strength, steps or seed
+    print(f"sample: {variant} {transformer}"
+          + (f" + Turbo LoRA {args.turbo_lora} at {args.turbo_lora_strength:g}" if turbo_lora is not None else "")
+          + f"; {settings.steps} steps, guidance {settings.guidance:g}, {settings.scheduler} schedule, "
+          f"{settings.width}x{settings.height} px, seed {settings.seed} (each prompt)"
+          + (f", references: {len(references)} ({args.reference_method})" if references else "") + f"; -> {out}/")
+    for lora, s, note in zip(loras, strengths, why):
+        print(f"  LoRA {lora} at " + (f"strengths {', '.join(f'{x:g}' for x in sweep)}" if sweep else
+                                      f"{s:g} ({note})"))
     if sweep:
         from krea2_train.utils.grid import image_grid
 
@@ -89,13 +98,49 @@ def _sample(args) -> int:
     tag = "".join(f"_{Path(lora).stem}@{s:g}" for lora, s in zip(loras, strengths)) if names else ""
     tag = (f"_turbolora@{args.turbo_lora_strength:g}" if turbo_lora is not None else "") + tag
     tag += f"_{args.scheduler}" if args.scheduler != "simple" else ""
-    for i, image in enumerate(images):
+    for prompt, image in zip(args.prompt, images):
         import io
 
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        print(write_bytes_atomic(_fresh(out / f"sample_{settings.seed}_{i}{tag}.png"), buf.getvalue()))
+        print(write_bytes_atomic(_fresh(out / f"{_slug(prompt)}_seed{settings.seed}{tag}.png"), buf.getvalue()))
     return 0
+
+
+def _slug(prompt: str, limit: int = 48) -> str:
+    """A file-name form of a prompt: lower-case words joined by '-', cut at a word near `limit` characters."""
+    import re
+
+    words = re.findall(r"[a-z0-9]+", prompt.lower())
+    slug = ""
+    for w in words:
+        if slug and len(slug) + 1 + len(w) > limit:
+            break
+        slug = f"{slug}-{w}" if slug else w[:limit]
+    return slug or "sample"
+
+
+def _strengths(args, loras, on_turbo: bool) -> tuple[list[float], list[str]]:
+    """Per --lora, the strength to apply and why: --strength when given (one for all, or one each); else, on the
+    Turbo checkpoint, the suggested Turbo strength of a run folder's transfer report (a Raw-trained LoRA acts
+    differently on Turbo), else 1.0."""
+    from krea2_train.cli.export import run_turbo_strength
+
+    if args.strength:
+        given = args.strength * len(loras) if len(args.strength) == 1 else args.strength
+        return list(given), ["--strength"] * len(loras)
+    strengths, why = [], []
+    for arg in args.lora:
+        suggested = run_turbo_strength(arg)
+        if suggested is not None and on_turbo:
+            strengths.append(suggested["value"])
+            why.append(f"the suggested Turbo strength from {suggested['source']}; --strength overrides")
+        else:
+            strengths.append(1.0)
+            why.append("default" if suggested is None else
+                       f"default off Turbo; the suggested {suggested['value']:g} of {suggested['source']} is for "
+                       "the Turbo checkpoint")
+    return strengths, why
 
 
 def _trained_method(loras) -> str:
@@ -173,7 +218,7 @@ def register(sub) -> None:
                         "cropped to --width x --height, in context as ComfyUI's ReferenceLatent gives it")
     p.add_argument("--reference-method", choices=["index", "index_timestep_zero"], default=None,
                    help="how the references enter; default: train.reference_method of a --lora run folder, else index")
-    p.add_argument("--negative", default="", help="negative prompt (used when guidance > 0)")
+    p.add_argument("--negative", default="", help="negative prompt (used when guidance > 0; default none)")
     p.add_argument("--variant", choices=["raw", "turbo"], default=None,
                    help="schedule: turbo = 8 steps, mu 1.15, no guidance; raw = 28 steps, guidance 4.5, shifted "
                         "(default turbo; raw's file with --turbo-lora)")
@@ -184,7 +229,7 @@ def register(sub) -> None:
                    help="strength of --turbo-lora (default 0.6, the recipe's; 1.0 is the whole Turbo - Raw delta)")
     p.add_argument("--scheduler", choices=["simple", "beta"], default="simple",
                    help="sigma schedule: simple (diffusers' Krea 2 schedule = ComfyUI's simple) or ComfyUI's beta "
-                        "(alpha = beta = 0.6 over the model's sigmas)")
+                        "(alpha = beta = 0.6 over the model's sigmas); default simple")
     p.add_argument("--models", help="`micro` (the shipped micro Krea 2), or a folder with "
                    "transformer_{raw,turbo}.safetensors, text_encoder/, vae/ (as written by make-tiny)")
     p.add_argument("--transformer", help="transformer checkpoint (single file or diffusers folder)")
@@ -200,7 +245,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same seed gives the same image on any device)")
     p.add_argument("--lora", action="append", default=[], help="LoRA file or training run folder runs/NAME (repeatable)")
     p.add_argument("--strength", action="append", type=float, default=[],
-                   help="strength per --lora, in order (one value applies to all; default 1.0)")
+                   help="strength per --lora, in order (one value applies to all; default: on Turbo, a run folder's "
+                   "suggested Turbo strength from its transfer report, else 1.0)")
     p.add_argument("--dtype", default="bfloat16", help="weights dtype: bfloat16 (default), float16 or float32")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--out", default="samples", help="output folder for PNGs (default ./samples)")
