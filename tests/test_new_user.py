@@ -112,6 +112,17 @@ def test_inspect_shows_references_and_turbo_strength(tiny_dir, tmp_path, capsys)
     info = json.loads(capsys.readouterr().out)
     assert info["suggested_turbo_strength"] == {"value": 0.65, "source": f"{report}; the file's metadata says 0.8"}
     assert info["references"] == {"count": 2, "method": "index_timestep_zero"}
+    # the trained adapter has no such header: the method comes from the run's config, the count is not guessed
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    shutil.copy(DEMO.parent / "edit_demo.yaml", run / "config.yaml")
+    write_lora_file(trained_adapter(tiny_dir, r=4, alpha=4), run / "adapter" / "adapter_model.safetensors", "comfyui")
+    assert main(["inspect", str(run / "adapter"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    method = OmegaConf.load(run / "config.yaml").train.reference_method
+    assert info["references"] == {"count": None, "method": method} and info["kind"].startswith("edit LoRA")
 
 
 def test_verify_takes_a_run_folder(run_folder, tiny_dir, capsys):

@@ -180,14 +180,13 @@ def run_turbo_strength(arg) -> dict | None:
 
 
 def _run_references(arg) -> dict | None:
-    """{"count", "method"} of an edit run's config (for a run folder whose file's header does not say)."""
+    """{"count": None, "method"} of an edit run's config, for a run file whose header does not say (the trained
+    adapter): the count is the cache's (pipeline.reference_count), which inspect does not scan the data for."""
     run = _run_folder(Path(arg).expanduser())
     cfg = _run_config(run) if run is not None else None
     if cfg is None or not cfg.data.reference:
         return None
-    from krea2_train.pipeline import reference_count
-
-    return {"count": reference_count(cfg), "method": cfg.train.reference_method}
+    return {"count": None, "method": cfg.train.reference_method}
 
 
 def _inspect(args) -> int:

@@ -187,8 +187,9 @@ def format_inspect(info: dict) -> str:
              "tools read none)".format(**info["deltas"]) if info.get("deltas") else None]
     if info.get("references"):
         r = info["references"]
-        about.append(f"  references: {r['count']} image{'s' if r['count'] != 1 else ''}, method {r['method']} "
-                     "(give them to `sample --reference` / ComfyUI's ReferenceLatent)")
+        count = "count not in the file" if r["count"] is None else f"{r['count']} image{'s' if r['count'] != 1 else ''}"
+        about.append(f"  references: {count}, method {r['method']} (give them to `sample --reference` / ComfyUI's "
+                     "ReferenceLatent)")
     if info.get("suggested_turbo_strength"):
         s = info["suggested_turbo_strength"]
         about.append(f"  suggested Turbo strength: {s['value']:g} ({s['source']})")
