@@ -61,6 +61,10 @@ def test_convert_keeps_dtype_and_effect(adapter, tmp_path):
     assert max_delta_error(adapter, lora.adapter) < 2e-2  # bf16 rounding of the factors
     scaled = convert_lora(tmp_path / "m.safetensors", tmp_path / "s.safetensors", "comfyui", scale=1.5)
     assert max_delta_error(adapter.scaled(1.5), read_lora_file(scaled).adapter) < 2e-2
+    # a suggested Turbo strength in the header follows the baked scale (inspect shows it; the effect is linear)
+    write_lora_file(adapter, tmp_path / "t.safetensors", "comfyui", metadata={"turbo_strength": 0.9})
+    baked = read_lora_file(convert_lora(tmp_path / "t.safetensors", tmp_path / "t2.safetensors", "comfyui", scale=1.5))
+    assert baked.adapter.info["turbo_strength"] == pytest.approx(0.9 / 1.5)
 
 
 def test_resize_is_the_best_low_rank_approximation(adapter):

@@ -219,6 +219,8 @@ def convert_lora(src, dst, fmt: str, dtype=None, comfyui_style: str = "alpha", m
     (e.g. the transfer report's suggested Turbo strength, for a file that is right on Turbo at 1.0)."""
     lora = read_lora_file(src)
     adapter = lora.adapter if scale == 1.0 else lora.adapter.scaled(scale)
+    if scale != 1.0 and adapter.info.get("turbo_strength"):  # the same effect on Turbo now takes 1/scale of it
+        adapter.info["turbo_strength"] = round(float(adapter.info["turbo_strength"]) / scale, 4)
     return write_lora_file(adapter, dst, fmt, dtype=dtype or lora.adapter.dtype, metadata=metadata,
                            comfyui_style=comfyui_style)
 
