@@ -121,7 +121,8 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
     """The exported files' name stem and header metadata, as the config asks for them now."""
     name = cfg.export.name or cfg.run_name
     triggers = list(cfg.export.trigger_words) or [d.trigger_word for d in cfg.data.datasets if d.trigger_word]
-    metadata = {"trigger_words": triggers, "resolution": cfg.train.stages[-1].resolution,
+    # resolution: the largest trained (headers, and the exported ComfyUI graph's size)
+    metadata = {"trigger_words": triggers, "resolution": max(st.resolution for st in cfg.train.stages),
                 "steps": cfg.total_steps, "base_model": "Krea 2 Raw"}
     if cfg.preview.prompts:  # the prompt of the ComfyUI workflow written beside the export
         metadata["sample_prompt"] = cfg.preview.prompts[0]

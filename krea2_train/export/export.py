@@ -84,7 +84,7 @@ def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None
     Turbo, text encoder and VAE files in it.
     """
     from krea2_train.export.lycoris import as_lycoris, export_lycoris
-    from krea2_train.lora.workflow import ComfyModels, comfyui_lora_name, reference_nodes, write_workflow
+    from krea2_train.lora.workflow import ComfyModels, comfyui_lora_name, reference_nodes, workflow_size, write_workflow
     from krea2_train.utils.io import write_json_atomic
 
     lycoris = as_lycoris(adapter)
@@ -106,7 +106,8 @@ def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None
     strength = float(info.get("turbo_strength") or 1.0)
     ui, api = write_workflow(out_dir / f"{name}_workflow.json", lora_name, strength=strength,
                              prompt=str(info.get("sample_prompt") or ""), trigger_words=info.get("trigger_words") or (),
-                             models=workflow_models, filename_prefix=name, **reference_nodes(info))
+                             models=workflow_models, filename_prefix=name, **workflow_size(info),
+                             **reference_nodes(info))
     ranks = sorted({adapter.rank(m) for m in adapter.modules})
     manifest = {
         "name": name,
