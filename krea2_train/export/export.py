@@ -188,7 +188,7 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
         # one 12.9B transformer is ever resident; without turbo_path, Turbo waits on the CPU meanwhile.
         transfer_result = transfer_report(adapter, raw_path, transformer, out_dir, turbo_path=turbo_path,
                                           text_encoder=text_encoder, vae=vae, dtype=dtype_,
-                                          device=str(transformer.device), **(transfer_kwargs or {}))
+                                          device=str(transformer.device), **{"name": name, **(transfer_kwargs or {})})
         metadata.setdefault("turbo_strength", transfer_result["suggested_turbo_strength"])
         preview_png = preview_png or transfer_result.get("_preview_png")
     paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png, workflow_models)
