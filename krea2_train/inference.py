@@ -84,11 +84,11 @@ def initial_noise(batch: int, height: int, width: int, seed: int, channels: int 
     return pack_latents(noise)
 
 
-def prompt_noise(count: int, height: int, width: int, seed: int) -> torch.Tensor:
-    """Starting noise for `count` prompts sampled together, each with the noise it gets sampled alone
-    (initial_noise(1, ..., seed)), so a prompt's picture does not depend on the batch: previews sample prompt by
-    prompt, the transfer grid all at once, and the same prompt and seed give the same picture in both."""
-    return initial_noise(1, height, width, seed).repeat(count, 1, 1)
+def prompt_noise(seeds, height: int, width: int) -> torch.Tensor:
+    """Starting noise for a batch, image i with the noise it gets sampled alone at seeds[i] (initial_noise(1, ...)),
+    so its picture does not depend on the batch: previews sample prompt by prompt, the transfer grid all at once,
+    and the same prompt and seed give the same picture in both."""
+    return torch.cat([initial_noise(1, height, width, s) for s in seeds])
 
 
 @torch.no_grad()

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -109,17 +108,18 @@ def _deltas(transformer, lora, strengths, inputs, embeds, mask, grid, references
 
 
 def sample_seeds(model, embeds, mask, settings, seeds, negative=None, **ref_kw) -> torch.Tensor:
-    """Latents of every prompt at each seed (prompts batched per seed), stacked; CFG with `negative` (embeds, mask)
-    when settings.guidance > 0. Each prompt's noise is the one it gets sampled alone (inference.prompt_noise), as
-    previews sample it (train/preview.sample_each): the grid's rows are the previews' for the same prompt and seed."""
+    """Latents of the prompts batched once per entry of `seeds` (an int: every prompt at that seed; a list: one seed
+    per prompt), stacked; CFG with `negative` (embeds, mask) when settings.guidance > 0. Each image's noise is the one
+    it gets sampled alone (inference.prompt_noise), as previews sample it (train/preview.sample_each): the grid's rows
+    are the previews' for the same prompt and seed."""
     from krea2_train.inference import prompt_noise, sample_latents
 
+    neg = negative if settings.guidance > 0 else (None, None)
     out = []
-    for seed in seeds:
-        at = replace(settings, seed=seed)
-        neg = negative if at.guidance > 0 else (None, None)
-        noise = prompt_noise(embeds.shape[0], at.height, at.width, seed)
-        out.append(sample_latents(model, embeds, mask, at, *neg, noise=noise, **ref_kw))
+    for row in seeds:
+        row = [row] * embeds.shape[0] if isinstance(row, int) else list(row)
+        noise = prompt_noise(row, settings.height, settings.width)
+        out.append(sample_latents(model, embeds, mask, settings, *neg, noise=noise, **ref_kw))
     return torch.cat(out)
 
 
@@ -253,8 +253,10 @@ def transfer_report(lora, raw=None, turbo=None, out_dir=None, *, raw_path=None, 
         return to_pil(vae.decode(latents_at(model, strength, [seed])))
 
     raw_images = []
-    # The look fit's samples: other seeds than the pictures that check it, about LOOK_IMAGES images in all
-    fit_seeds = [seed + 1000 + r for r in range(-(-LOOK_IMAGES // len(prompts)))] if pictures else []
+    # The look fit's samples: other seeds than the pictures that check it, about LOOK_IMAGES images in all, each
+    # image its own seed (its own layout: fewer distinct noises and one layout dominates)
+    n = len(prompts)
+    fit_seeds = [[seed + 1000 + r * n + i for i in range(n)] for r in range(-(-LOOK_IMAGES // n))] if pictures else []
     fit_raw = []
 
     def sample_fit(model, strength):

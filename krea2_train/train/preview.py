@@ -190,7 +190,7 @@ def sample_each(model, emb, mask, settings, neg=None, neg_mask=None, refs=None, 
         return t[i:i + 1] if t is not None else None
 
     return torch.cat([sample_latents(model, row(emb, i), row(mask, i), settings, row(neg, i), row(neg_mask, i),
-                                     noise=prompt_noise(1, settings.height, settings.width, settings.seed),
+                                     noise=prompt_noise([settings.seed], settings.height, settings.width),
                                      references=refs[i] if refs else None, reference_method=method)
                       for i in range(emb.shape[0])])
 
