@@ -84,6 +84,13 @@ def initial_noise(batch: int, height: int, width: int, seed: int, channels: int 
     return pack_latents(noise)
 
 
+def prompt_noise(seeds, height: int, width: int) -> torch.Tensor:
+    """Starting noise for a batch, image i with the noise it gets sampled alone at seeds[i] (initial_noise(1, ...)),
+    so its picture does not depend on the batch: previews sample prompt by prompt, the transfer grid all at once,
+    and the same prompt and seed give the same picture in both."""
+    return torch.cat([initial_noise(1, height, width, s) for s in seeds])
+
+
 @torch.no_grad()
 def sample_latents(transformer, embeds, mask, settings: SampleSettings, negative_embeds=None, negative_mask=None,
                    noise: torch.Tensor | None = None, progress: bool = False, references=None,

@@ -121,7 +121,8 @@ def export_settings(cfg, manifest=None) -> tuple[str, dict]:
     """The exported files' name stem and header metadata, as the config asks for them now."""
     name = cfg.export.name or cfg.run_name
     triggers = list(cfg.export.trigger_words) or [d.trigger_word for d in cfg.data.datasets if d.trigger_word]
-    metadata = {"trigger_words": triggers, "resolution": cfg.train.stages[-1].resolution,
+    # resolution: the largest trained (headers, and the exported ComfyUI graph's size)
+    metadata = {"trigger_words": triggers, "resolution": max(st.resolution for st in cfg.train.stages),
                 "steps": cfg.total_steps, "base_model": "Krea 2 Raw"}
     if cfg.preview.prompts:  # the prompt of the ComfyUI workflow written beside the export
         metadata["sample_prompt"] = cfg.preview.prompts[0]
@@ -187,11 +188,13 @@ def export_valid(cfg, manifest=None) -> bool:
         return False
     if cfg.export.transfer_report and not (run / "export" / "transfer_report.json").exists():
         return False
-    # an edit run's reports must have been measured with its references (not text-to-image, as before they were)
+    # an edit run's reports must have been measured with its references (not text-to-image, as before they were),
+    # its style distance labelled as no style result (edit_style_distance, not `style`, as before it was)
     edit = bool(cfg.data.reference)
-    if cfg.export.transfer_report and edit and \
-            "references" not in json.loads((run / "export" / "transfer_report.json").read_text()):
-        return False
+    if cfg.export.transfer_report and edit:
+        transfer = json.loads((run / "export" / "transfer_report.json").read_text())
+        if "references" not in transfer or "style" in transfer:
+            return False
     if cfg.export.verify:
         v = run / "export" / "verify.json"
         if not v.exists() or not all(r.get("ok") and (not edit or r.get("references"))
@@ -249,8 +252,8 @@ def _say_exported(paths) -> None:
 def _transfer_kwargs(cfg, manifest=None) -> dict:
     from krea2_train.evaluate.style import StyleReference
 
-    kwargs = dict(prompts=list(cfg.preview.prompts) or None, height=cfg.preview.resolution,
-                  width=cfg.preview.resolution, seed=cfg.preview.seed,
+    kwargs = dict(name=cfg.export.name or cfg.run_name, prompts=list(cfg.preview.prompts) or None,
+                  height=cfg.preview.resolution, width=cfg.preview.resolution, seed=cfg.preview.seed,
                   style_reference=StyleReference.from_datasets(cfg.data.datasets),
                   sweep=list(cfg.export.strength_sweep), workflow=_workflow_for_pictures(cfg),
                   slider=list(cfg.train.sliders) if cfg.train.mode == "slider" else None)

@@ -140,7 +140,11 @@ def _transfer(run: Path) -> list[str]:
     report = _read_json(run / "export" / "transfer_report.json")
     if not report:
         return []
-    parts = [f"<p>{_e(report.get('reading', ''))}</p>"]
+    reading = str(report.get("reading", ""))
+    if report.get("references") and "style" in report:  # an edit report written before edit_style_distance
+        reading = (reading.split("; on pictures, Turbo matches")[0] + "; the style check does not apply to an edit "
+                   "LoRA (this report predates that note: run `krea2-train transfer RUN` again for it)")
+    parts = [f"<p>{_e(reading)}</p>"]
     grid = run / "export" / str(report.get("grid") or "transfer_grid.png")
     if grid.exists():
         parts.append(f'<img src="{_rel(run, grid)}" alt="Raw vs Turbo grid">')

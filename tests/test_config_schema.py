@@ -70,10 +70,20 @@ def test_wrong_types_name_the_key():
     ("lora.init=pissa", "lora.init", "default, gaussian"),
     ("lora.type=lokr", "export.formats", "['comfyui', 'civitai', 'musubi']"),
     ("data.datasets=[{path: x, caption_dropout: 2}]", "data.datasets[0].caption_dropout", "[0, 1]"),
+    ("data.validation_images=2.5", "data.validation_images", "whole count"),
+    ("data.validation_images=-1", "data.validation_images", "whole count"),
 ])
 def test_impossible_values(override, key, hint):
     msg = err(override)
     assert f"`{key}`" in msg and hint in msg, msg
+
+
+def test_validation_images_is_a_whole_count_or_a_fraction():
+    """A count stays an integer (2.0 in YAML is 2 images, printed so); a fraction stays a fraction."""
+    for value, expected in (("2", 2), ("2.0", 2), ("0.25", 0.25), ("0", 0)):
+        got = load_config(None, PATHS + [f"data.validation_images={value}"]).data.validation_images
+        assert got == expected and type(got) is type(expected), (value, got)
+    assert "validation_images: 2\n" in to_yaml(load_config(None, PATHS + ["data.validation_images=2.0"]))
 
 
 def test_missing_required_and_bad_override_form(tmp_path):

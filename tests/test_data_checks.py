@@ -155,6 +155,16 @@ def test_validation_holdout(tmp_path):
     assert sum(i.split == "validation" for i in scan_data(cfg, [64]).items) == 2
 
 
+def test_summary_counts_read_as_english(tmp_path):
+    img(tmp_path / "only.png")
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(tmp_path))])  # no caption: one warning
+    summary = scan_data(cfg, [64]).summary()
+    assert summary.startswith("1 usable image (") and "1 warning" in summary and "warnings" not in summary
+    img(tmp_path / "two.png", colour=(0, 9, 0))
+    summary = scan_data(cfg, [64]).summary()
+    assert summary.startswith("2 usable images (") and "2 warnings" in summary
+
+
 def test_imagefolder_metadata_jsonl(tmp_path):
     root = tmp_path / "hf"
     img(root / "x1.png", colour=(1, 1, 1))

@@ -135,6 +135,25 @@ def test_export_writes_the_workflow(tiny_dir, tmp_path, formats, lora_name):
     assert manifest["comfyui_workflow"]["ui"] == "w_workflow.json"
 
 
+def test_exported_workflow_runs_at_the_training_resolution(tiny_dir, tmp_path):
+    """The exported graph's size (and an edit graph's reference fit) is the training resolution in the metadata;
+    1024 without one."""
+    from test_export_helpers import trained_adapter
+
+    from krea2_train.export.export import export_lora
+
+    adapter = trained_adapter(tiny_dir, r=4, alpha=8)
+    sizes = {}
+    for res in (128, None):
+        out = tmp_path / str(res)
+        meta = {"reference_method": "index", "reference_count": 1} | ({"resolution": res} if res else {})
+        export_lora(adapter, out, ["comfyui"], meta, name="w")
+        api = json.loads((out / "w_workflow_api.json").read_text())
+        nodes = _by_type(api)
+        sizes[res] = [(nodes[t]["width"], nodes[t]["height"]) for t in ("EmptyLatentImage", "ImageScale")]
+    assert sizes == {128: [(128, 128)] * 2, None: [(1024, 1024)] * 2}
+
+
 @pytest.mark.parametrize("formats", [["diffusers", "comfyui", "civitai"], ["comfyui"], ["musubi", "diffusers"],
                                      ["diffusers"]])
 def test_run_lora_name_is_the_file_the_export_writes(tmp_path, formats):

@@ -157,6 +157,21 @@ def test_export_without_turbo_says_not_verified(run_folder, tmp_path, capsys):
     assert "not verified" in capsys.readouterr().out
 
 
+def test_export_of_a_run_folder_sizes_the_workflow_at_its_training_resolution(run_folder, tmp_path):
+    import json
+
+    (run_folder / "config.yaml").write_text("model: {transformer: a, text_encoder: b, vae: c}\n"
+                                            "train: {stages: [{resolution: 128, steps: 2}, {resolution: 64, steps: 2}]}\n")
+    try:
+        assert main(["export", str(run_folder / "export"), "--out", str(tmp_path / "e"), "--formats", "comfyui",
+                     "--name", "mystyle"]) == 0
+    finally:
+        (run_folder / "config.yaml").unlink()
+    api = json.loads((tmp_path / "e" / "mystyle_workflow_api.json").read_text())
+    (size,) = [n["inputs"] for n in api.values() if n["class_type"] == "EmptyLatentImage"]
+    assert (size["width"], size["height"]) == (128, 128)
+
+
 def test_export_with_turbo_reports_each_file_once(run_folder, tiny_dir, tmp_path, capsys, caplog):
     import logging
 

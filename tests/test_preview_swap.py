@@ -86,3 +86,29 @@ def test_quantised_base_is_refused_before_any_copy(tiny_dir):
     with pytest.raises(TypeError, match="quantised"):
         copy_base_weights(model, tiny_dir / "transformer_turbo.safetensors")
     assert all(torch.equal(before[k], v) for k, v in base_state(model).items())
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_previews_and_the_transfer_grid_sample_a_prompt_alike(tiny_dir, guidance):
+    """The same prompt and seed give the same latents in a preview (prompt by prompt) and in the transfer grid (the
+    prompts batched per seed), for every row, Turbo-like (no CFG) and Raw-like (CFG); plain batched noise would not."""
+    from dataclasses import replace
+
+    from krea2_train.export.transfer import sample_seeds
+    from krea2_train.inference import SampleSettings, sample_latents
+
+    model = lora_model(tiny_dir)
+    gen = torch.Generator().manual_seed(3)
+    emb, neg = torch.randn(2, 2, 5, 12, 32, generator=gen)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    settings = SampleSettings.raw(steps=2, guidance=guidance, height=32, width=32, seed=5)
+    negative = (neg, mask) if guidance else None
+    grid = sample_seeds(model, emb, mask, settings, [5, 6], negative)
+    for k, seed in enumerate((5, 6)):
+        alone = preview.sample_each(model, emb, mask, replace(settings, seed=seed), *(negative or (None, None)))
+        torch.testing.assert_close(grid[2 * k:2 * k + 2], alone, rtol=0, atol=1e-5)
+    batched = sample_latents(model, emb, mask, settings, *(negative or (None, None)))  # one noise draw for both rows
+    assert (batched[1] - grid[1]).abs().max() > 1e-2
+    # the look fit's draws (alike=False) stay the batch's own
+    torch.testing.assert_close(sample_seeds(model, emb, mask, settings, [5], negative, alike=False), batched,
+                               rtol=0, atol=1e-5)

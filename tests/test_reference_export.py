@@ -148,6 +148,12 @@ def test_edit_run_verifies_and_transfers_with_references(tiny_dir, tmp_path, one
     transfer = json.loads((out / "transfer_report.json").read_text())
     assert transfer["references"]["source"] == "preview.references at 64 px"
     assert transfer["references"]["method"] == "index_timestep_zero" and transfer["prompts"] == ["make it red"]
+    # the style distance is kept, labelled, and not read as a style result (it cannot judge an edit)
+    assert "style" not in transfer and "not_a_style_result" in transfer["edit_style_distance"]
+    assert "matched_strength" in transfer["edit_style_distance"]
+    assert "style check does not apply to an edit LoRA" in transfer["reading"]
+    assert "scripts/measure_edit.py" in transfer["reading"] and "matches Raw" not in transfer["reading"]
+    assert transfer["lora"] == cfg.run_name  # what the user calls it, not "adapter"
     grid = Image.open(out / "transfer_grid.png")
     assert grid.width >= 5 * 64  # Reference, Turbo, Turbo + LoRA 1, suggested, Raw + LoRA
     api = json.loads(grid.text["prompt"])
@@ -155,7 +161,8 @@ def test_edit_run_verifies_and_transfers_with_references(tiny_dir, tmp_path, one
     methods = [n["inputs"] for n in api.values() if n["class_type"] == "FluxKontextMultiReferenceLatentMethod"]
     assert methods and methods[0].get("reference_latents_method") == "index_timestep_zero"
 
-    # reports of an edit run measured without references (as before) do not count as up to date
+    # reports of an edit run measured without references (as before) do not count as up to date, nor a transfer
+    # report whose style distance reads as a style result (as before)
     manifest = pipeline.cache(cfg, pipeline.check_data(cfg))
     assert pipeline.export_valid(cfg, manifest)
     for name in ("verify.json", "transfer_report.json"):
@@ -166,6 +173,10 @@ def test_edit_run_verifies_and_transfers_with_references(tiny_dir, tmp_path, one
         (out / name).write_text(json.dumps(data))
         assert not pipeline.export_valid(cfg, manifest)
         (out / name).write_text(saved)
+    saved = (out / "transfer_report.json").read_text()
+    (out / "transfer_report.json").write_text(json.dumps(transfer | {"style": transfer["edit_style_distance"]}))
+    assert not pipeline.export_valid(cfg, manifest)
+    (out / "transfer_report.json").write_text(saved)
     assert pipeline.export_valid(cfg, manifest)
 
     # `krea2-train verify RUN` / `transfer RUN`: the run's references and method, from its cache

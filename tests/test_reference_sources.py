@@ -120,6 +120,48 @@ def test_metadata_per_file_problems(tmp_path):
     assert {"p1.png", "p2.png", "p5.png"} <= {Path(f).name for f in scan.skipped_files()}
 
 
+def test_small_reference_message_names_the_file_sizes_and_a_fix_that_works(tmp_path):
+    """reference_small names the reference by its path in the dataset, sizes as WxH px; its fix is a reference of
+    at least the bucket's size, or (the target as small, upscaled with it) a larger pair, never 'as large as its
+    target' when it already is."""
+    root = _folder_pairs(tmp_path / "data", 2)
+    _image(root / "reference" / "p0.png", 10, size=(40, 40))  # the target is 96x96: only the reference is small
+    _image(root / "p1.png", 1, size=(40, 40))
+    _image(root / "reference" / "p1.png", 11, size=(40, 40))  # as large as its target, both upscaled
+    scan = _scan(_data(root, "data.allow_upscale=true"))
+    small = {Path(p.file).name: p.message for p in scan.problems if p.kind == "reference_small"}
+    assert set(small) == {"p0.png", "p1.png"} and len(scan.items) == 2
+    assert "reference/p0.png (40x40 px)" in small["p0.png"] and "64x64 px at the 64 px stage" in small["p0.png"]
+    assert "at least 64x64 px" in small["p0.png"] and "[" not in small["p0.png"]
+    assert "reference/p1.png (40x40 px)" in small["p1.png"] and "target (40x40 px) is upscaled too" in small["p1.png"]
+    assert "at least" not in small["p1.png"]
+
+
+def test_reference_columns_and_folders_without_data_reference_are_warned(tmp_path, capsys):
+    """data.reference off: a metadata.jsonl reference column and a folder dataset's reference/ folder are named in a
+    warning with the key that reads them as references (check-data CLI too); nothing is said without them."""
+    from krea2_train.cli import main
+
+    meta = _folder_pairs(tmp_path / "meta", 2)
+    (meta / "reference").rename(meta / "inputs")
+    _metadata(meta, [{"file_name": f"p{i}.png", "text": "t", "reference_1": f"inputs/p{i}.png"} for i in range(2)])
+    folder = _folder_pairs(tmp_path / "folder", 2)
+    for root, file in ((meta, meta / "metadata.jsonl"), (folder, folder / "reference")):
+        scan = _scan(_data(root, reference=False))
+        (p,) = [p for p in scan.problems if p.kind == "references_ignored"]
+        assert p.severity == "warning" and p.file == str(file)
+        assert "data.reference: true" in p.message and str(file) in p.message
+    assert "['reference_1']" in next(p.message for p in _scan(_data(meta, reference=False)).problems
+                                     if p.kind == "references_ignored")
+    assert main(["check-data", str(folder), "data.allow_upscale=true"]) == 0
+    assert "references_ignored" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    for i in range(2):
+        _image(plain / f"p{i}.png", i)
+    assert not any(p.kind == "references_ignored" for p in _scan(_data(plain, reference=False)).problems)
+    assert not any(p.kind == "references_ignored" for p in _scan(_data(meta)).problems)  # read as references
+
+
 def test_numbered_columns_and_a_list_column(tmp_path):
     """reference_1 / reference_2 are references 1 and 2; a `references` list column gives the count its rows agree
     on, and a row with another count is reported (reference_count) and skipped; an empty list is missing."""

@@ -75,7 +75,9 @@ def test_export_metadata_of_an_edit_run(tmp_path):
     cfg = load_config(None, ["model.transformer=a", "model.text_encoder=b", "model.vae=c",
                              f"data.datasets=[{{path: {tmp_path}}}]", "data.reference=true",
                              "data.reference_folders=[reference_1,reference_2]", "data.flip=false",
-                             "train.reference_method=index_timestep_zero"])
+                             "train.reference_method=index_timestep_zero",
+                             "train.stages=[{resolution: 128, steps: 2}, {resolution: 64, steps: 2}]"])
     _, meta = export_settings(cfg)
+    assert meta["resolution"] == 128  # the largest trained: the exported graph's size
     assert reference_nodes(meta) == {"references": ["reference_1.png", "reference_2.png"],
                                      "reference_method": "index_timestep_zero"}

@@ -55,6 +55,20 @@ def test_page_shows_every_part_with_relative_links(run_folder):
         assert not ref.startswith(("/", "http")) and (run_folder / ref).exists(), ref
 
 
+def test_an_edit_reports_style_sentence_is_not_shown_as_a_style_result(run_folder):
+    """An edit run's report written before edit_style_distance (a `style` section and its sentence): the page drops
+    the sentence and says the style check does not apply; the new reports' reading is shown as written."""
+    path = run_folder / "export" / "transfer_report.json"
+    old = ("the LoRA acts with similar strength on Turbo (0.99x); on pictures, Turbo matches Raw + LoRA's style at "
+           "strength 0.00; at the suggested strength the LoRA closes -6% of Turbo's gap to the training images")
+    path.write_text(json.dumps({"reading": old, "references": {"count": 1}, "style": {"matched_strength": 0.0}}))
+    page = write_run_page(run_folder).read_text()
+    assert "similar strength on Turbo" in page and "matches Raw" not in page and "closes -6%" not in page
+    assert "style check does not apply to an edit" in page
+    path.write_text(json.dumps({"reading": old, "style": {"matched_strength": 0.0}}))  # text-to-image: as written
+    assert "closes -6%" in write_run_page(run_folder).read_text()
+
+
 def test_page_of_an_empty_run_says_what_is_missing(tmp_path):
     page = write_run_page(tmp_path).read_text()
     assert page.count("not there yet") == 7

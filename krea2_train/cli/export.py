@@ -59,6 +59,10 @@ def _export(args) -> int:
     for key in ("resolution", "steps", "dataset_size", "turbo_strength", "description", "author", "license"):
         if getattr(args, key, None) is not None:
             metadata[key] = getattr(args, key)
+    run = _run_folder(Path(args.source).expanduser())
+    cfg = _run_config(run) if run is not None and "resolution" not in metadata else None
+    if cfg is not None:  # a run folder: its largest trained resolution, for the headers and the workflow's size
+        metadata["resolution"] = max(st.resolution for st in cfg.train.stages)
     preview = Path(args.preview).read_bytes() if args.preview else None
     src = Path(args.source)
     if src.is_dir():  # a run folder (RUN or RUN/adapter): name the files after the run

@@ -13,7 +13,7 @@ dataclasses, defaults).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from krea2_train.config.choices import choice, validate_choices
 from krea2_train.errors import UserError
@@ -107,8 +107,8 @@ class DataConfig:
     max_image_pixels: int = 100_000_000
     # Skip exact duplicate images (same bytes) inside a dataset; always reported.
     skip_duplicates: bool = True
-    # Held-out images for the validation loss: a count (>= 1) or a fraction (< 1). 0: none.
-    validation_images: float = 0
+    # Held-out images for the validation loss: a count (an integer >= 1) or a fraction (< 1). 0: none.
+    validation_images: Union[int, float] = 0
     # Loader worker processes (0: read in the training process).
     num_workers: int = 2
     # Keep the last, smaller batch of each bucket in an epoch.
@@ -138,8 +138,11 @@ def validate_data_config(cfg: DataConfig) -> None:
     need(0 < cfg.min_aspect <= 1 <= cfg.max_aspect, "min_aspect",
          f"/ max_aspect = {cfg.min_aspect} / {cfg.max_aspect}: need 0 < min_aspect <= 1 <= max_aspect")
     need(cfg.max_image_pixels > 0, "max_image_pixels", "must be positive")
-    need(cfg.validation_images >= 0 and (cfg.validation_images < 1 or float(cfg.validation_images).is_integer()),
-         "validation_images", f"= {cfg.validation_images}: use a count (2) or a fraction below 1 (0.1)")
+    v = cfg.validation_images
+    need(not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0 and (v < 1 or float(v).is_integer()),
+         "validation_images", f"= {v}: use a whole count of images (2) or a fraction below 1 (0.1)")
+    if v >= 1:
+        cfg.validation_images = int(v)  # a count: 2.0 in YAML holds out 2 images, and reads so everywhere
     need(cfg.num_workers >= 0, "num_workers", "must be >= 0")
     need(cfg.text_batch_size >= 1 and cfg.vae_batch_size >= 1, "text_batch_size",
          "and data.vae_batch_size must be >= 1")

@@ -72,13 +72,17 @@ class Scan:
         per_res = ", ".join(f"{r}px: {sum(r in i.placements for i in self.items)}" for r in self.resolutions)
         c = self.counts()
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.by_kind().items()))
-        return (f"{len(self.items)} usable images ({n_val} held out for validation; {per_res}); "
-                f"{c['fatal']} fatal, {len(self.skipped_files())} skipped, {c['warning']} warnings"
+        return (f"{_count(len(self.items), 'usable image')} ({n_val} held out for validation; {per_res}); "
+                f"{c['fatal']} fatal, {len(self.skipped_files())} skipped, {_count(c['warning'], 'warning')}"
                 + (f" [{kinds}]" if kinds else ""))
 
     def skipped_files(self) -> set:
         """The files not trained on: every file with an error (each counted once, whatever its problems)."""
         return {p.file for p in self.problems if p.severity == "error"}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def build_caption(caption: str, trigger: Optional[str], position: str, sep: str) -> str:
@@ -165,7 +169,7 @@ def scan_data(data_cfg: DataConfig, resolutions, cache_dir=None, progress: bool 
         prefix = f"data.datasets[{index}]"
         info: dict = {}
         records, found = load_records(ds_cfg, index, list(data_cfg.reference_folders) if data_cfg.reference else None,
-                                      info)
+                                      info, unused_reference_folders=data_cfg.reference_folders)
         problems.extend(found)
         if any(p.severity == "fatal" for p in found):
             continue
@@ -293,7 +297,7 @@ def _reference_item(item: Item, slot, data_cfg: DataConfig, known: dict, problem
         problems.append(Problem("error", "missing_reference", item.name, slot))
         return None
     record = slot
-    path = Path(record.name)
+    shown = _in_dataset(record.name, data_cfg.datasets[item.dataset].path)
     result = _inspect(record, data_cfg.max_image_pixels, known)
     if isinstance(result, ImageProblem):
         problems.append(Problem("error", "unreadable_reference", item.name,
@@ -307,17 +311,34 @@ def _reference_item(item: Item, slot, data_cfg: DataConfig, known: dict, problem
         ref.placements[r] = place(w, h, placement.bucket, "center", rng)
     small = [r for r, p in ref.placements.items() if needs_upscale(w, h, p.bucket)]
     if small:  # an upscaled reference is blurrier than the inputs users will give: a size mismatch worth fixing
+        buckets = ", ".join(f"{ref.placements[r].bucket[0]}x{ref.placements[r].bucket[1]} px at the {r} px stage"
+                            for r in small)
+        need = ref.placements[max(small)].bucket
+        # the target upscaled too (data.allow_upscale): "as large as its target" would not help
+        target_small = any(needs_upscale(item.width, item.height, ref.placements[r].bucket) for r in small)
+        fix = (f"its target ({item.width}x{item.height} px) is upscaled too (data.allow_upscale): use a larger pair "
+               "(or lower the stage resolution)" if target_small
+               else f"use a reference of at least {need[0]}x{need[1]} px, like its target "
+                    f"({item.width}x{item.height} px)")
         problems.append(Problem("warning", "reference_small", item.name,
-                                f"{item.name}: its reference {path.name} ({w}x{h}) is smaller than the "
-                                f"{ref.placements[small[0]].bucket[0]}x{ref.placements[small[0]].bucket[1]} bucket "
-                                f"at {small} px and is upscaled; use a reference as large as its target."))
+                                f"{item.name}: its reference {shown} ({w}x{h} px) is smaller than its bucket "
+                                f"({buckets}) and is upscaled; {fix}."))
     ratio = (w / h) / (item.width / item.height)
     if not 0.8 <= ratio <= 1.25:
         problems.append(Problem("warning", "reference_aspect", item.name,
-                                f"{item.name}: {item.width}x{item.height} but its reference {path.name} is {w}x{h}; "
+                                f"{item.name}: {item.width}x{item.height} px but its reference {shown} is {w}x{h} px; "
                                 "the reference is cropped to the target's bucket, losing part of it. Crop the pair "
                                 "alike."))
     return ref
+
+
+def _in_dataset(name: str, dataset_path) -> str:
+    """A reference file as messages show it: relative to its dataset folder when inside it, else as given."""
+    root = Path(os.path.expanduser(str(dataset_path))).resolve()
+    try:
+        return Path(name).resolve().relative_to(root).as_posix()
+    except (ValueError, OSError):
+        return name
 
 
 # Caption tokens the text encoder keeps: 512 prompt tokens include the 5-token chat suffix (models/text_encoder.py).

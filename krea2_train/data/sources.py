@@ -335,7 +335,34 @@ def _hf_records(ds, cfg: DatasetConfig, index: int, root: Path, kind: str, refer
     if reference_folders is not None:
         _hf_references(ds, records, cfg, index, root, kind, reference_folders, problems,
                        info if info is not None else {})
+    else:
+        problems.extend(_unused_reference_columns(columns, root, kind))
     return records, problems
+
+
+def _unused_reference_columns(columns: list, root: Path, kind: str) -> list[Problem]:
+    """data.reference is off: a warning naming the columns that data.reference: true would read as references (the
+    names `reference_columns_for` finds), so an edit dataset is not trained as text-to-image unawares."""
+    found = [c for c in columns if c in ("reference", LIST_REFERENCE_COLUMN, INSTRUCT_PIX2PIX["reference"])
+             or re.fullmatch(r"reference_[1-9][0-9]*", c)]
+    if not found:
+        return []
+    meta = [root / f for f in ("metadata.jsonl", "metadata.csv", "metadata.parquet") if (root / f).exists()]
+    where = str(meta[0]) if kind == "imagefolder" and meta else str(root)
+    return [Problem("warning", "references_ignored", where,
+                    f"{where}: column(s) {found} hold reference images, but data.reference is false, so they are "
+                    "ignored and this trains a text-to-image LoRA on the targets alone. For an edit LoRA set "
+                    "data.reference: true (on the command line: data.reference=true); otherwise drop the column(s).")]
+
+
+def _unused_reference_folders(root: Path, folders) -> list[Problem]:
+    """data.reference is off: a warning for each reference folder (data.reference_folders) a folder dataset has: its
+    images are read as training images of their own, beside the targets they are the inputs of."""
+    return [Problem("warning", "references_ignored", str(root / sub),
+                    f"{root / sub}: a reference folder (data.reference_folders), but data.reference is false, so "
+                    "its images train as ordinary images beside their targets. For an edit LoRA set data.reference: "
+                    "true (on the command line: data.reference=true); otherwise move the folder out of the dataset.")
+            for sub in folders if (root / str(sub).strip("/")).is_dir()]
 
 
 class _Fatal(Exception):
@@ -345,12 +372,13 @@ class _Fatal(Exception):
 
 
 def load_records(cfg: DatasetConfig, index: int, reference_folders: Optional[list] = None,
-                 info: Optional[dict] = None) -> tuple[list[Record], list[Problem]]:
+                 info: Optional[dict] = None, unused_reference_folders=()) -> tuple[list[Record], list[Problem]]:
     """Records and problems of one configured dataset. A dataset that cannot be read at all is one fatal Problem.
 
     `reference_folders` (data.reference): top-level folders of the dataset that hold references, not images; each
     Record gets its reference slots. `info` (a dict) receives `count` (references per pair) and `source` (where they
-    come from: folders or columns)."""
+    come from: folders or columns). Without `reference_folders` (data.reference off), reference columns and the
+    `unused_reference_folders` (data.reference_folders) a dataset has are warned about: they are not read as such."""
     info = info if info is not None else {}
     root = Path(os.path.expanduser(cfg.path)).resolve()
     key = f"data.datasets[{index}].path"
@@ -372,7 +400,9 @@ def load_records(cfg: DatasetConfig, index: int, reference_folders: Optional[lis
                              "ambiguous_reference")
             if folders is not None:
                 info.update(count=len(folders), source=f"folders {folders}")
-            return folder_records(cfg, index, root, tuple(folders or ()), folders)
+                return folder_records(cfg, index, root, tuple(folders), folders)
+            records, problems = folder_records(cfg, index, root)
+            return records, _unused_reference_folders(root, unused_reference_folders) + problems
         if kind == "imagefolder":
             import datasets
 

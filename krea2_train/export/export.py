@@ -84,7 +84,7 @@ def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None
     Turbo, text encoder and VAE files in it.
     """
     from krea2_train.export.lycoris import as_lycoris, export_lycoris
-    from krea2_train.lora.workflow import ComfyModels, comfyui_lora_name, reference_nodes, write_workflow
+    from krea2_train.lora.workflow import ComfyModels, comfyui_lora_name, reference_nodes, workflow_size, write_workflow
     from krea2_train.utils.io import write_json_atomic
 
     lycoris = as_lycoris(adapter)
@@ -106,7 +106,8 @@ def export_lora(adapter, out_dir, formats=DEFAULT_FORMATS, metadata: dict | None
     strength = float(info.get("turbo_strength") or 1.0)
     ui, api = write_workflow(out_dir / f"{name}_workflow.json", lora_name, strength=strength,
                              prompt=str(info.get("sample_prompt") or ""), trigger_words=info.get("trigger_words") or (),
-                             models=workflow_models, filename_prefix=name, **reference_nodes(info))
+                             models=workflow_models, filename_prefix=name, **workflow_size(info),
+                             **reference_nodes(info))
     ranks = sorted({adapter.rank(m) for m in adapter.modules})
     manifest = {
         "name": name,
@@ -187,7 +188,7 @@ def export_and_verify(adapter, out_dir, turbo_path=None, *, formats=DEFAULT_FORM
         # one 12.9B transformer is ever resident; without turbo_path, Turbo waits on the CPU meanwhile.
         transfer_result = transfer_report(adapter, raw_path, transformer, out_dir, turbo_path=turbo_path,
                                           text_encoder=text_encoder, vae=vae, dtype=dtype_,
-                                          device=str(transformer.device), **(transfer_kwargs or {}))
+                                          device=str(transformer.device), **{"name": name, **(transfer_kwargs or {})})
         metadata.setdefault("turbo_strength", transfer_result["suggested_turbo_strength"])
         preview_png = preview_png or transfer_result.get("_preview_png")
     paths = export_lora(adapter, out_dir, formats, metadata, name, dtype, comfyui_style, preview_png, workflow_models)

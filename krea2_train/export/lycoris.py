@@ -105,7 +105,7 @@ def export_lycoris(adapter, out_dir, formats, metadata: dict | None = None, name
     """Write `adapter` in each format (+ NAME_workflow.json and export.json); {format: path}. A DoRA needs
     `base_weights` (turbo_weights of the Turbo it is for)."""
     from krea2_train.export.export import _sha256, export_path
-    from krea2_train.lora.workflow import ComfyModels, comfyui_lora_name, reference_nodes, write_workflow
+    from krea2_train.lora.workflow import ComfyModels, comfyui_lora_name, reference_nodes, workflow_size, write_workflow
     from krea2_train.lora.writers import normalize_format
     from krea2_train.utils.io import save_safetensors_atomic, write_json_atomic
 
@@ -129,7 +129,8 @@ def export_lycoris(adapter, out_dir, formats, metadata: dict | None = None, name
     strength = float(info.get("turbo_strength") or 1.0)
     ui, api = write_workflow(out_dir / f"{name}_workflow.json", lora_name, strength=strength,
                              prompt=str(info.get("sample_prompt") or ""), trigger_words=info.get("trigger_words") or (),
-                             models=workflow_models, filename_prefix=name, **reference_nodes(info))
+                             models=workflow_models, filename_prefix=name, **workflow_size(info),
+                             **reference_nodes(info))
     kind = adapter.kind.upper()
     files = {}
     for fmt, p in paths.items():

@@ -3,7 +3,8 @@
 The graph is the one Comfy-Org ships (workflow_templates `templates/image_krea2_turbo_t2i.json`), without its
 prompt-enhancer subgraph: UNETLoader (Turbo) -> LoraLoaderModelOnly (this LoRA at the suggested Turbo strength) ->
 KSampler (8 steps, CFG 1, euler, simple) <- CLIPTextEncode (trigger word + prompt; CLIPLoader type `krea2`,
-Qwen3-VL) and ConditioningZeroOut of it as the negative, EmptyLatentImage 1024 x 1024; VAEDecode (VAELoader) ->
+Qwen3-VL) and ConditioningZeroOut of it as the negative, EmptyLatentImage (an exported LoRA's: its training
+resolution, `workflow_size`; else 1024 x 1024); VAEDecode (VAELoader) ->
 SaveImage. Node and input names and widget order are ComfyUI's (nodes.py); tests/test_export_workflow.py pins them.
 
     graph = workflow_graph("my_lora.safetensors", strength=1.2, prompt="a red fox", trigger_words=["zq style"])
@@ -36,6 +37,7 @@ DEFAULT_TEXT_ENCODER = "qwen3vl_4b_fp8_scaled.safetensors"
 DEFAULT_VAE = "qwen_image_vae.safetensors"
 TURBO_STEPS, TURBO_CFG, TURBO_SAMPLER, TURBO_SCHEDULER = 8, 1.0, "euler", "simple"
 DEFAULT_PROMPT = "a photograph"
+DEFAULT_SIZE = 1024  # Krea 2's native resolution: the graph's size when the training resolution is unknown
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,18 @@ def embed_png_chunks(png: bytes, chunks: dict[str, str]) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def workflow_size(metadata: dict) -> dict:
+    """`workflow_graph`'s width and height for an exported LoRA: its training resolution in the export metadata
+    (pipeline.export_settings: the largest trained; `export --resolution`), else 1024. A LoRA trained at 128 px
+    on the micro model is not meant to be run at 1024."""
+    res = (metadata or {}).get("resolution")
+    try:
+        px = int(res)
+    except (TypeError, ValueError):
+        px = DEFAULT_SIZE
+    return {"width": px, "height": px}
 
 
 def reference_nodes(metadata: dict) -> dict:

@@ -102,7 +102,7 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
                     write: bool = True):
     """Render the preview grid; returns {"preview": PIL image} (empty if there are no prompts).
     `write=False`: sample only (an FSDP process other than the main one joins the sampling; nothing decoded)."""
-    from krea2_train.inference import SampleSettings, sample_latents
+    from krea2_train.inference import SampleSettings
     from krea2_train.lora.workflow import embed_png_chunks, run_workflow_chunks
     from krea2_train.utils.grid import grid_image
     from krea2_train.utils.io import write_bytes_atomic
@@ -118,9 +118,7 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     transformer.eval()
     size = dict(height=p.resolution, width=p.resolution, seed=p.seed)
     raw_settings = SampleSettings.raw(steps=p.raw_steps, guidance=p.raw_guidance, **size)
-    lat_raw = [sample_latents(transformer, emb[i:i + 1], mask[i:i + 1], raw_settings, neg[i:i + 1],
-                              neg_mask[i:i + 1], references=refs[i] if refs else None, reference_method=method)
-               for i in range(len(p.prompts))]
+    lat_raw = sample_each(transformer, emb, mask, raw_settings, neg, neg_mask, refs, method)
     transformer.train(was_training)
     latents, labels, lat_turbo = [], [], None
     from krea2_train.lora.turbo import preview_turbo_source
@@ -159,7 +157,7 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
         latents.append(lat_turbo)
         labels.append(f"{turbo_names[1]}, {p.turbo_steps} steps")
     # Raw last: the reference for what the LoRA should do, beside how it is deployed (Turbo with and without it)
-    latents.append(torch.cat(lat_raw))
+    latents.append(lat_raw)
     labels.append(f"Raw + LoRA, {p.raw_steps} steps, CFG {p.raw_guidance:g}")
     if not write:
         return {}
@@ -180,6 +178,21 @@ def render_previews(cfg, transformer, run_dir, step: int, adapter_state: dict | 
     write_steps_grid(Path(run_dir) / "previews")
     log.info("preview: %s", path)
     return {"preview": grid}
+
+
+def sample_each(model, emb, mask, settings, neg=None, neg_mask=None, refs=None, method: str = "index"):
+    """Latents of each prompt sampled on its own (memory: one prompt at a time at full size), stacked; prompt i with
+    refs[i] (edit LoRAs). Its noise is inference.prompt_noise's, as the transfer grid's, so the same prompt and seed
+    give the same picture there."""
+    from krea2_train.inference import prompt_noise, sample_latents
+
+    def row(t, i):
+        return t[i:i + 1] if t is not None else None
+
+    return torch.cat([sample_latents(model, row(emb, i), row(mask, i), settings, row(neg, i), row(neg_mask, i),
+                                     noise=prompt_noise([settings.seed], settings.height, settings.width),
+                                     references=refs[i] if refs else None, reference_method=method)
+                      for i in range(emb.shape[0])])
 
 
 def _second_copy_fits(transformer, device) -> bool:
@@ -259,13 +272,8 @@ def _with_and_without(model, emb, mask, settings, cfg, size, key: str = "", only
     """(Turbo latents without the LoRA, with it). Without it the result never changes during a run: sampled once
     (adapters disabled on the same model, or all but adapter `only`, the Turbo LoRA) and kept. `key` names the
     Turbo source in that cache."""
-    from krea2_train.inference import sample_latents
-
     def run():  # refs: per prompt its reference latents (edit LoRAs), else None
-        return torch.cat([sample_latents(model, emb[i:i + 1], mask[i:i + 1], settings,
-                                         references=refs[i] if refs else None,
-                                         reference_method=_method(cfg))
-                          for i in range(emb.shape[0])])
+        return sample_each(model, emb, mask, settings, refs=refs, method=_method(cfg))
 
     from krea2_train.runtime.sharding import is_sharded
 
