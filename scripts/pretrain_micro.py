@@ -1,6 +1,6 @@
 """Pretrain the micro Krea 2 on the procedural world and ship it (krea2_train/models/micro_weights/).
 
-    python scripts/pretrain_micro.py                 # the full run (about 90 minutes, 1 thread, 2-core CPU), resumable
+    python scripts/pretrain_micro.py                 # the full run (about 2 hours, 1 thread, on a busy 2-core CPU), resumable
     python scripts/pretrain_micro.py --smoke         # a few steps of every stage, into a scratch folder
 
 Stages and their results live under --work; rerunning skips what is done and resumes the stage in progress from its
