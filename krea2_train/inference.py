@@ -363,6 +363,9 @@ class Generator:
         if settings.guidance > 0:
             neg, neg_mask = self.encode([negative_prompt] * len(prompts))
         refs = self.encode_references(references, settings) if references else None
-        latents = sample_latents(self.transformer, embeds, mask, settings, neg, neg_mask, progress=progress,
-                                 references=refs, reference_method=reference_method)
+        # each prompt from the noise it has alone at settings.seed, as previews and the transfer grid draw it, so a
+        # file named by prompt and seed is the same picture however many prompts shared the call
+        noise = prompt_noise([settings.seed] * len(prompts), settings.height, settings.width)
+        latents = sample_latents(self.transformer, embeds, mask, settings, neg, neg_mask, noise=noise,
+                                 progress=progress, references=refs, reference_method=reference_method)
         return to_pil(self.vae.decode(latents))

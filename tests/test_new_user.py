@@ -111,6 +111,10 @@ def test_inspect_shows_references_and_turbo_strength(tiny_dir, tmp_path, capsys)
     assert main(["inspect", str(run), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["suggested_turbo_strength"] == {"value": 0.65, "source": f"{report}; the file's metadata says 0.8"}
+    # the file by name: its own header (a copy rescaled by `convert --scale` keeps the run's report beside it)
+    assert main(["inspect", str(run / "export" / "edits.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["suggested_turbo_strength"] == {"value": 0.8, "source": f"file metadata; {report} says 0.65"}
     assert info["references"] == {"count": 2, "method": "index_timestep_zero"}
     # the trained adapter has no such header: the method comes from the run's config, the count is not guessed
     import shutil

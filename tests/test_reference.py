@@ -1,5 +1,7 @@
 """The reference-latent forward (models/reference.py) against independent computations of ComfyUI's Krea 2 rules."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,12 +234,41 @@ def test_sample_takes_the_method_a_run_trained(tmp_path):
                                        f"train:\n  reference_method: {method}\n")
         return str(d)
 
+    def method(*args):
+        return _trained_method(list(args), list(args))
+
     a, b = run("a", "index_timestep_zero"), run("b", "index")
-    assert _trained_method([a]) == "index_timestep_zero"
-    assert _trained_method([str(tmp_path / "x.safetensors")]) == "index"
-    assert _trained_method([run("c", "index_timestep_zero", reference=False)]) == "index"
+    assert method(a) == "index_timestep_zero"
+    assert method(str(tmp_path / "x.safetensors")) == "index"
+    assert method(run("c", "index_timestep_zero", reference=False)) == "index"
+    (Path(a) / "adapter").mkdir()
+    assert method(str(Path(a) / "adapter")) == "index_timestep_zero"  # the run's adapter folder: its config
     with pytest.raises(UserError, match="--reference-method"):
-        _trained_method([a, b])
+        method(a, b)
+
+
+def test_sample_takes_the_method_an_exported_file_was_trained_with(tiny_dir, tmp_path):
+    """An exported edit LoRA, given as a file (in its run's export folder or downloaded alone), samples with the
+    reference_method its header records, not index (BENCHMARKS: index gives 34% edits where the trained method gives
+    75-80%); the file's header wins over a run config that says otherwise."""
+    from test_export_helpers import trained_adapter
+
+    from krea2_train.cli.sample import _trained_method
+    from krea2_train.lora.writers import write_lora_file
+
+    alone = write_lora_file(trained_adapter(tiny_dir, r=4, alpha=4), tmp_path / "dl" / "edit.safetensors", "civitai",
+                            metadata={"reference_method": "index_timestep_zero", "reference_count": 1})
+    assert _trained_method([str(alone)], [alone]) == "index_timestep_zero"
+    plain = write_lora_file(trained_adapter(tiny_dir, r=4, alpha=4), tmp_path / "dl" / "plain.safetensors", "civitai")
+    assert _trained_method([str(plain)], [plain]) == "index"
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  reference: true\ntrain:\n  reference_method: index_timestep_zero\n")
+    inside = write_lora_file(trained_adapter(tiny_dir, r=4, alpha=4), run / "export" / "e.safetensors", "civitai",
+                             metadata={"reference_method": "index", "reference_count": 1})
+    assert _trained_method([str(inside)], [inside]) == "index"  # its own header, not the run's config
+    bare = write_lora_file(trained_adapter(tiny_dir, r=4, alpha=4), run / "export" / "bare.safetensors", "comfyui")
+    assert _trained_method([str(bare)], [bare]) == "index_timestep_zero"  # no header: the run's config
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(model):

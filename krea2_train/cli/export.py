@@ -183,6 +183,30 @@ def run_turbo_strength(arg) -> dict | None:
     return None if value is None else {"value": float(value), "source": str(report)}
 
 
+def suggested_strength(arg, path) -> dict | None:
+    """{"value", "source"[, "other"]}: the suggested Turbo strength for the LoRA `arg` (resolved to `path`). A file
+    given by name is judged by its own header: it belongs to exactly those weights (`convert --scale` rescales it),
+    while the run's transfer report describes the run's export, not a copy rescaled or converted since. A run folder
+    (or its adapter) is judged by the run's report, the header serving when there is none. Where both exist and
+    differ, "other" says what the other one says."""
+    from krea2_train.lora.tools import inspect_lora
+
+    header = None
+    if Path(path).is_file():
+        try:
+            header = inspect_lora(path).get("suggested_turbo_strength")
+        except Exception:  # noqa: BLE001 - a file inspect cannot read has no header figure; loading it says why
+            header = None
+    report = run_turbo_strength(arg)
+    first, second = (header, report) if Path(arg).expanduser().is_file() else (report, header)
+    if first is None:
+        return second
+    if second is not None and abs(second["value"] - first["value"]) > 1e-6:
+        say = "the file's metadata" if second is header else second["source"]
+        first = {**first, "other": f"{say} says {second['value']:g}"}
+    return first
+
+
 def _run_references(arg) -> dict | None:
     """{"count": None, "method"} of an edit run's config, for a run file whose header does not say (the trained
     adapter): the count is the cache's (pipeline.reference_count), which inspect does not scan the data for."""
@@ -210,12 +234,11 @@ def _inspect(args) -> int:
             _print_json(info) if args.json else print(format_checkpoint(info))
             continue
         info = inspect_lora(path)
-        measured = run_turbo_strength(arg)
-        if measured is not None:  # the run's own measurement; say so when the header was given another figure
-            given = info.get("suggested_turbo_strength")
-            if given and abs(given["value"] - measured["value"]) > 1e-6:
-                measured["source"] += f"; the file's metadata says {given['value']:g}"
-            info["suggested_turbo_strength"] = measured
+        suggested = suggested_strength(arg, path)
+        if suggested is not None:
+            if suggested.get("other"):
+                suggested = {"value": suggested["value"], "source": f"{suggested['source']}; {suggested['other']}"}
+            info["suggested_turbo_strength"] = suggested
         if info.get("references") is None and info.get("kind") is None:
             refs = _run_references(arg)
             if refs:

@@ -37,7 +37,7 @@ def _sample(args) -> int:
         raise UserError("--strengths sweeps one LoRA: give exactly one --lora")
     initial_noise(1, args.height, args.width, 0)  # size errors before minutes of model loading
     references = _references(args.reference)  # unreadable files before model loading
-    args.reference_method = args.reference_method or _trained_method(args.lora)
+    args.reference_method = args.reference_method or _trained_method(args.lora, loras)
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     strengths, why = _strengths(args, loras, on_turbo=variant == "turbo" and turbo_lora is None)
     model = load_transformer(transformer, dtype=args.dtype, device=device)
@@ -124,17 +124,18 @@ def _strengths(args, loras, on_turbo: bool) -> tuple[list[float], list[str]]:
     """Per --lora, the strength to apply and why: --strength when given (one for all, or one each); else, on the
     Turbo checkpoint, the suggested Turbo strength of a run folder's transfer report (a Raw-trained LoRA acts
     differently on Turbo), else 1.0."""
-    from krea2_train.cli.export import run_turbo_strength
+    from krea2_train.cli.export import suggested_strength
 
     if args.strength:
         given = args.strength * len(loras) if len(args.strength) == 1 else args.strength
         return list(given), ["--strength"] * len(loras)
     strengths, why = [], []
-    for arg in args.lora:
-        suggested = run_turbo_strength(arg)
+    for arg, path in zip(args.lora, loras):
+        suggested = suggested_strength(arg, path)
         if suggested is not None and on_turbo:
             strengths.append(suggested["value"])
-            why.append(f"the suggested Turbo strength from {suggested['source']}; --strength overrides")
+            other = f" ({suggested['other']})" if suggested.get("other") else ""
+            why.append(f"the suggested Turbo strength from {suggested['source']}{other}; --strength overrides")
         else:
             strengths.append(1.0)
             why.append("default" if suggested is None else
@@ -143,24 +144,41 @@ def _strengths(args, loras, on_turbo: bool) -> tuple[list[float], list[str]]:
     return strengths, why
 
 
-def _trained_method(loras) -> str:
-    """train.reference_method of the --lora run folders (their config.yaml), else index; two that differ are
-    refused (one sampling pass has one method)."""
+def _trained_method(args_lora, loras) -> str:
+    """The reference method the --lora LoRAs were trained with: an exported file's header (an edit LoRA's
+    reference_method), else the train.reference_method of the run's config.yaml (the run folder, its adapter or
+    export folder, or a file in them), else index; two that differ are refused (one sampling pass has one method)."""
     from krea2_train.errors import UserError
+    from krea2_train.lora.tools import inspect_lora
 
     found = set()
-    for x in loras:
-        cfg = Path(x) / "config.yaml"
-        if Path(x).is_dir() and cfg.exists():
-            from omegaconf import OmegaConf
-
-            data = OmegaConf.to_container(OmegaConf.load(cfg))
-            if (data.get("data") or {}).get("reference"):
-                found.add((data.get("train") or {}).get("reference_method", "index"))
+    for arg, path in zip(args_lora, loras):
+        method = None
+        if Path(path).is_file():
+            try:
+                method = (inspect_lora(path).get("references") or {}).get("method")
+            except Exception:  # noqa: BLE001 - loading the file later says what is wrong with it
+                method = None
+        found.update([method] if method else _config_method(Path(arg)))
     if len(found) > 1:
-        raise UserError(f"the --lora runs were trained with reference methods {sorted(found)}; pick one with "
+        raise UserError(f"the --lora LoRAs were trained with reference methods {sorted(found)}; pick one with "
                         "--reference-method")
     return found.pop() if found else "index"
+
+
+def _config_method(arg: Path) -> list[str]:
+    """[train.reference_method] of the run `arg` belongs to when its config.yaml trains with references, else []."""
+    folder = arg.parent if arg.is_file() else arg
+    folder = folder.parent if folder.name in ("adapter", "export") else folder
+    cfg = folder / "config.yaml"
+    if not cfg.exists():
+        return []
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(cfg))
+    if not (data.get("data") or {}).get("reference"):
+        return []
+    return [(data.get("train") or {}).get("reference_method", "index")]
 
 
 def _references(paths) -> list:
