@@ -183,20 +183,13 @@ def run_turbo_strength(arg) -> dict | None:
     return None if value is None else {"value": float(value), "source": str(report)}
 
 
-def suggested_strength(arg, path) -> dict | None:
-    """{"value", "source"[, "other"]}: the suggested Turbo strength for the LoRA `arg` (resolved to `path`). A file
+def suggested_strength(arg, header: dict | None) -> dict | None:
+    """{"value", "source"[, "other"]}: the suggested Turbo strength for the LoRA `arg`, whose file's header gives
+    `header` ({"value", "source"} or None; lora.tools `suggested_turbo_strength`). A file
     given by name is judged by its own header: it belongs to exactly those weights (`convert --scale` rescales it),
     while the run's transfer report describes the run's export, not a copy rescaled or converted since. A run folder
     (or its adapter) is judged by the run's report, the header serving when there is none. Where both exist and
     differ, "other" says what the other one says."""
-    from krea2_train.lora.tools import inspect_lora
-
-    header = None
-    if Path(path).is_file():
-        try:
-            header = inspect_lora(path).get("suggested_turbo_strength")
-        except Exception:  # noqa: BLE001 - a file inspect cannot read has no header figure; loading it says why
-            header = None
     report = run_turbo_strength(arg)
     first, second = (header, report) if Path(arg).expanduser().is_file() else (report, header)
     if first is None:
@@ -234,7 +227,7 @@ def _inspect(args) -> int:
             _print_json(info) if args.json else print(format_checkpoint(info))
             continue
         info = inspect_lora(path)
-        suggested = suggested_strength(arg, path)
+        suggested = suggested_strength(arg, info.get("suggested_turbo_strength"))
         if suggested is not None:
             if suggested.get("other"):
                 suggested = {"value": suggested["value"], "source": f"{suggested['source']}; {suggested['other']}"}

@@ -125,13 +125,15 @@ def _strengths(args, loras, on_turbo: bool) -> tuple[list[float], list[str]]:
     Turbo checkpoint, the suggested Turbo strength of a run folder's transfer report (a Raw-trained LoRA acts
     differently on Turbo), else 1.0."""
     from krea2_train.cli.export import suggested_strength
+    from krea2_train.lora.tools import header_provenance
 
     if args.strength:
         given = args.strength * len(loras) if len(args.strength) == 1 else args.strength
         return list(given), ["--strength"] * len(loras)
     strengths, why = [], []
     for arg, path in zip(args.lora, loras):
-        suggested = suggested_strength(arg, path)
+        header = header_provenance(path)["suggested_turbo_strength"] if Path(path).is_file() else None
+        suggested = suggested_strength(arg, header)
         if suggested is not None and on_turbo:
             strengths.append(suggested["value"])
             other = f" ({suggested['other']})" if suggested.get("other") else ""
@@ -149,16 +151,11 @@ def _trained_method(args_lora, loras) -> str:
     reference_method), else the train.reference_method of the run's config.yaml (the run folder, its adapter or
     export folder, or a file in them), else index; two that differ are refused (one sampling pass has one method)."""
     from krea2_train.errors import UserError
-    from krea2_train.lora.tools import inspect_lora
+    from krea2_train.lora.tools import header_provenance
 
     found = set()
     for arg, path in zip(args_lora, loras):
-        method = None
-        if Path(path).is_file():
-            try:
-                method = (inspect_lora(path).get("references") or {}).get("method")
-            except Exception:  # noqa: BLE001 - loading the file later says what is wrong with it
-                method = None
+        method = (header_provenance(path)["references"] or {}).get("method") if Path(path).is_file() else None
         found.update([method] if method else _config_method(Path(arg)))
     if len(found) > 1:
         raise UserError(f"the --lora LoRAs were trained with reference methods {sorted(found)}; pick one with "

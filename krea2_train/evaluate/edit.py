@@ -35,7 +35,7 @@ def references(count: int, seed: int = SEED, size: int = world.SIZE) -> list[wor
 @torch.no_grad()
 def sample_edits(transformer, text_encoder, vae, pairs, settings, method: str = "index", batch: int = 16) -> list:
     """PIL outputs, output i sampled from noise seed i with pairs[i]'s reference and instruction."""
-    from krea2_train.inference import initial_noise, sample_latents
+    from krea2_train.inference import prompt_noise, sample_latents
     from krea2_train.models.vae import to_pil
 
     out = []
@@ -46,7 +46,7 @@ def sample_edits(transformer, text_encoder, vae, pairs, settings, method: str = 
         if settings.guidance > 0:
             neg, neg_mask = text_encoder.encode([""] * len(chunk))
         refs = vae.encode(world.to_tensor([p.reference for p in chunk]))
-        noise = torch.cat([initial_noise(1, settings.height, settings.width, start + i) for i in range(len(chunk))])
+        noise = prompt_noise(range(start, start + len(chunk)), settings.height, settings.width)
         latents = sample_latents(transformer, embeds, mask, settings, neg, neg_mask, noise=noise, references=[refs],
                                  reference_method=method)
         out += to_pil(vae.decode(latents))

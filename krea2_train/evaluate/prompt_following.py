@@ -64,7 +64,7 @@ def _shape_of(mask: np.ndarray) -> str:
 def sample_images(transformer, text_encoder, vae, prompts: list[str], settings, seeds: list[int],
                   batch: int = 16) -> list:
     """PIL images for `prompts`, image i from noise seed seeds[i] (batched; same picture as sampling it alone)."""
-    from krea2_train.inference import initial_noise, sample_latents
+    from krea2_train.inference import prompt_noise, sample_latents
     from krea2_train.models.vae import to_pil
 
     images = []
@@ -74,8 +74,7 @@ def sample_images(transformer, text_encoder, vae, prompts: list[str], settings, 
         neg = neg_mask = None
         if settings.guidance > 0:
             neg, neg_mask = text_encoder.encode([""] * len(chunk))
-        noise = torch.cat([initial_noise(1, settings.height, settings.width, seeds[start + i])
-                           for i in range(len(chunk))])
+        noise = prompt_noise(seeds[start:start + len(chunk)], settings.height, settings.width)
         latents = sample_latents(transformer, embeds, mask, settings, neg, neg_mask, noise=noise)
         images += to_pil(vae.decode(latents))
     return images

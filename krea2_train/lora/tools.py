@@ -107,6 +107,17 @@ def _provenance(info: dict, deltas: bool = False) -> dict:
     return out
 
 
+def header_provenance(path) -> dict:
+    """`_provenance` of a LoRA file read from its header alone (kind, references, suggested Turbo strength), as
+    inspect_lora gives it, without reading the tensors: sample asks before it loads the file to apply it."""
+    from krea2_train.lora.formats import _header_info
+    from krea2_train.lora.turbo import delta_key_count
+    from krea2_train.models.loading import open_safetensors
+
+    header = open_safetensors(Path(path))[0].metadata() or {}
+    return _provenance(_header_info(header), deltas=bool(delta_key_count(path)))
+
+
 def _inspect_deltas(path) -> dict:
     """inspect_lora for a LoRA with ComfyUI's full-weight deltas (.diff/.diff_b; a Turbo LoRA from `extract
     --deltas` or Comfy-Org), read as ComfyUI and `sample --turbo-lora` read it (lora.turbo.read_turbo_lora, which
